@@ -1,0 +1,120 @@
+"""The one CPU/GPU switch.
+
+NumPy is the reference backend a student reads; CuPy runs the very same code on a
+GPU. Library code never imports ``numpy``/``cupy`` to *compute*: it asks the array it
+holds which module owns it, ``xp = xp_of(array)``, and calls ``xp.<op>``. Only this
+file and ``minipeft/kernels/`` import CuPy.
+
+The default device comes from the environment variable ``MINIPEFT_DEVICE``
+(``cpu`` | ``cuda`` | ``auto``; unset means ``cpu``). ``auto`` picks CUDA when CuPy and
+a GPU are present.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+_VALID = ("cpu", "cuda", "auto")
+
+
+def _import_cupy():
+    """Return the cupy module or raise a clear error saying how to get it."""
+    try:
+        import cupy  # noqa: F401  (only backend.py and kernels/ import cupy)
+    except ImportError as e:  # pragma: no cover - depends on the machine
+        raise RuntimeError(
+            "device 'cuda' needs CuPy: install it with `pip install -e .[gpu]` "
+            "(cupy-cuda12x / cupy-cuda13x matching your CUDA), or use device='cpu'"
+        ) from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # pragma: no cover
+        raise RuntimeError(f"CuPy is installed but no CUDA GPU is usable: {e}") from e
+    if n == 0:  # pragma: no cover
+        raise RuntimeError("CuPy is installed but no CUDA GPU was found; use device='cpu'")
+    return cupy
+
+
+def cuda_available() -> bool:
+    """True when CuPy imports and at least one GPU is visible."""
+    try:
+        _import_cupy()
+        return True
+    except RuntimeError:
+        return False
+
+
+def resolve_device(device: str | None = None) -> str:
+    """Turn ``None``/``'auto'``/``'cpu'``/``'cuda'`` into ``'cpu'`` or ``'cuda'``."""
+    if device is None:
+        device = os.environ.get("MINIPEFT_DEVICE", "cpu")
+    device = str(device).lower()
+    if device.startswith("cuda:"):
+        device = "cuda"
+    if device not in _VALID:
+        raise ValueError(f"unknown device {device!r}: expected one of {_VALID}")
+    if device == "auto":
+        return "cuda" if cuda_available() else "cpu"
+    if device == "cuda":
+        _import_cupy()
+    return device
+
+
+def default_device() -> str:
+    """The device chosen by ``MINIPEFT_DEVICE`` (``cpu`` when unset)."""
+    return resolve_device(None)
+
+
+def get_xp(device: str | None = None):
+    """The array module for a device: ``numpy`` for cpu, ``cupy`` for cuda."""
+    return _import_cupy() if resolve_device(device) == "cuda" else np
+
+
+def xp_of(array):
+    """The array module that owns ``array`` (numpy for NumPy arrays and scalars)."""
+    mod = type(array).__module__
+    if mod.startswith("cupy"):
+        return _import_cupy()
+    return np
+
+
+def device_of(array) -> str:
+    """``'cuda'`` for a CuPy array, else ``'cpu'``."""
+    return "cuda" if type(array).__module__.startswith("cupy") else "cpu"
+
+
+def to_device(array, device: str):
+    """Move an array to ``device`` (a no-op when it is already there)."""
+    device = resolve_device(device)
+    if device == "cuda":
+        cp = _import_cupy()
+        return cp.asarray(array)
+    if device_of(array) == "cuda":
+        return array.get()
+    return np.asarray(array)
+
+
+def to_numpy(array) -> np.ndarray:
+    """A NumPy copy/view of any backend's array (for printing, saving, plotting)."""
+    return array.get() if device_of(array) == "cuda" else np.asarray(array)
+
+
+def synchronize(device: str | None = None) -> None:
+    """Wait for the GPU to finish queued work (no-op on the CPU); use before timing."""
+    if resolve_device(device or "cpu") == "cuda":
+        _import_cupy().cuda.Stream.null.synchronize()
+
+
+def scatter_add(target, indices, values) -> None:
+    """``target[indices] += values`` with repeated indices accumulated (in place).
+
+    NumPy spells it ``np.add.at``; CuPy ``cupyx.scatter_add``. Used by the backward of
+    embedding lookup and of advanced indexing.
+    """
+    if device_of(target) == "cuda":
+        import cupyx
+
+        cupyx.scatter_add(target, indices, values)
+    else:
+        np.add.at(target, indices, values)

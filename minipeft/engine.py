@@ -1,0 +1,431 @@
+"""A tiny reverse-mode autograd engine: ``Tensor`` + ``Function`` with a context.
+
+The design follows micrograd and minitorch, with PyTorch's names:
+
+* A ``Function`` has ``forward(ctx, *arrays, **kw) -> array`` and
+  ``backward(ctx, grad) -> tuple`` (one gradient per positional input, ``None`` where
+  there is none). The forward and backward of each op sit side by side in
+  ``functional.py``.
+* ``ctx.save_for_backward(*arrays)`` is the only way to keep an array for backward. The
+  engine counts those bytes, so a lesson can print how much memory training holds for
+  backward, now and at peak (``saved_bytes()``, ``peak_saved_bytes()``). Arrays that
+  belong to leaf tensors (parameters, frozen weights, inputs) are not activations and
+  are not counted; each buffer is counted once however many ops keep it.
+* ``ctx.needs_input_grad[i]`` says whether input ``i`` needs a gradient. A frozen
+  weight (``requires_grad=False``) gets no gradient, and a ``Function`` can skip both
+  the gradient compute and the saving of what only that gradient needs. This is
+  where LoRA's savings come from.
+* Under ``no_grad()`` no graph is recorded and nothing is saved.
+
+Backends: ``Tensor.data`` is a NumPy or CuPy array; ops ask ``xp_of(array)``.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any
+
+import numpy as np
+
+from .backend import device_of, to_device, to_numpy, xp_of
+
+# --------------------------------------------------------------------------- state
+
+_state = threading.local()
+
+
+def _grad_enabled() -> bool:
+    return getattr(_state, "grad_enabled", True)
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Run a block without recording a graph (inference, frozen backbones)."""
+    prev = _grad_enabled()
+    _state.grad_enabled = False
+    try:
+        yield
+    finally:
+        _state.grad_enabled = prev
+
+
+@contextlib.contextmanager
+def enable_grad():
+    """Re-enable graph recording inside a ``no_grad`` block."""
+    prev = _grad_enabled()
+    _state.grad_enabled = True
+    try:
+        yield
+    finally:
+        _state.grad_enabled = prev
+
+
+def is_grad_enabled() -> bool:
+    return _grad_enabled()
+
+
+# ------------------------------------------------------ saved-for-backward accounting
+
+
+def _buffer_key(a) -> tuple[int, int]:
+    """(identity of the memory that backs ``a``, its size in bytes)."""
+    base = a
+    while getattr(base, "base", None) is not None:
+        base = base.base
+    if hasattr(base, "nbytes"):
+        return id(base), int(base.nbytes)
+    return id(base), int(np.asarray(base).nbytes)
+
+
+class _SavedLedger:
+    """Counts the bytes held for backward; each buffer once, released with its graph."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, list] = {}  # buffer id -> [nbytes, refcount]
+        self.current = 0
+        self.peak = 0
+
+    def add(self, key: int, nbytes: int) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            self.refs[key] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            entry[1] += 1
+
+    def remove(self, key: int) -> None:
+        entry = self.refs.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.refs[key]
+
+
+_ledger = _SavedLedger()
+
+
+def saved_bytes() -> int:
+    """Bytes currently held for backward by live graphs."""
+    return _ledger.current
+
+
+def peak_saved_bytes() -> int:
+    """Largest ``saved_bytes()`` since the last ``reset_peak_saved_bytes()``."""
+    return _ledger.peak
+
+
+def reset_peak_saved_bytes() -> None:
+    _ledger.peak = _ledger.current
+
+
+# ------------------------------------------------------------------------ Context
+
+
+class Context:
+    """What a ``Function`` keeps between its forward and backward."""
+
+    def __init__(self, needs_input_grad: tuple[bool, ...], leaf_ids: frozenset, record: bool):
+        self.needs_input_grad = needs_input_grad
+        self._leaf_ids = leaf_ids
+        self._record = record
+        self._keys: list[int] = []
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *arrays) -> None:
+        """Keep arrays for backward; activations among them are counted by the engine."""
+        if not self._record:
+            return
+        self.saved_tensors = arrays
+        for a in arrays:
+            if a is None or not hasattr(a, "shape") or id(a) in self._leaf_ids:
+                continue
+            key, nbytes = _buffer_key(a)
+            if key in self._leaf_ids:
+                continue
+            _ledger.add(key, nbytes)
+            self._keys.append(key)
+
+    def release(self) -> None:
+        """Drop saved arrays (after backward, or when the graph dies)."""
+        for key in self._keys:
+            _ledger.remove(key)
+        self._keys = []
+        self.saved_tensors = ()
+
+    def __del__(self):  # the graph was dropped without calling backward
+        try:
+            self.release()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class Function:
+    """Base class of every differentiable op. Subclasses write two static methods."""
+
+    @staticmethod
+    def forward(ctx: Context, *args: Any, **kwargs: Any):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx: Context, grad):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *args: Any, **kwargs: Any) -> "Tensor":
+        arrays = [a.data if isinstance(a, Tensor) else a for a in args]
+        needs = tuple(isinstance(a, Tensor) and a.requires_grad for a in args)
+        record = _grad_enabled() and any(needs)
+        leaf_ids = frozenset(
+            key
+            for a in args
+            if isinstance(a, Tensor) and a._ctx is None
+            for key in (id(a.data), _buffer_key(a.data)[0])
+        ) if record else frozenset()
+        ctx = Context(needs if record else tuple(False for _ in args), leaf_ids, record)
+        out = cls.forward(ctx, *arrays, **kwargs)
+        result = Tensor(out, requires_grad=record)
+        if record:
+            result._ctx = (cls, ctx, tuple(a if isinstance(a, Tensor) else None for a in args))
+        return result
+
+
+# -------------------------------------------------------------------------- Tensor
+
+
+class Tensor:
+    """An n-dimensional array that remembers how it was made.
+
+    ``data``: the NumPy/CuPy array. ``grad``: an array of the same shape after
+    ``backward()`` (leaf tensors that require grad only). ``requires_grad``: whether
+    gradients flow to it.
+    """
+
+    __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
+
+    def __init__(self, data, requires_grad: bool = False, dtype=None):
+        if isinstance(data, Tensor):
+            data = data.data
+        if not hasattr(data, "shape") or not hasattr(data, "dtype"):
+            data = np.asarray(data, dtype=dtype if dtype is not None else None)
+            if dtype is None and data.dtype == np.float64:
+                data = data.astype(np.float32)  # Python floats become float32
+        elif dtype is not None and data.dtype != dtype:
+            data = data.astype(dtype)
+        self.data = data
+        self.grad = None
+        self.requires_grad = bool(requires_grad)
+        self._ctx = None  # (Function class, Context, parent tensors) for non-leaves
+        if self.requires_grad and not xp_of(data).issubdtype(data.dtype, np.floating):
+            raise TypeError(f"only floating tensors can require grad, got dtype {data.dtype}")
+
+    # ---- basic properties
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def ndim(self) -> int:
+        return self.data.ndim
+
+    @property
+    def size(self) -> int:
+        return int(self.data.size)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    @property
+    def device(self) -> str:
+        return device_of(self.data)
+
+    @property
+    def is_leaf(self) -> bool:
+        return self._ctx is None
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        g = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device}{g})"
+
+    def numpy(self) -> np.ndarray:
+        return to_numpy(self.data)
+
+    def item(self) -> float:
+        return float(to_numpy(self.data).reshape(-1)[0]) if self.size == 1 else _not_scalar(self)
+
+    def detach(self) -> "Tensor":
+        """Same data, cut from the graph."""
+        return Tensor(self.data, requires_grad=False)
+
+    def to(self, device: str) -> "Tensor":
+        t = Tensor(to_device(self.data, device), requires_grad=self.requires_grad)
+        return t
+
+    def astype(self, dtype) -> "Tensor":
+        from . import functional as F
+
+        return F.cast(self, dtype)
+
+    def zero_grad(self) -> None:
+        self.grad = None
+
+    # ---- autograd
+    def backward(self, grad=None, retain_graph: bool = False) -> None:
+        """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires grad."""
+        if not self.requires_grad:
+            raise RuntimeError(
+                "backward() on a tensor that does not require grad: no parameter in its graph "
+                "has requires_grad=True (is everything frozen, or did it run under no_grad()?)"
+            )
+        xp = xp_of(self.data)
+        if grad is None:
+            if self.size != 1:
+                raise RuntimeError(f"backward() without a gradient needs a scalar, got shape {self.shape}")
+            grad = xp.ones_like(self.data)
+        elif isinstance(grad, Tensor):
+            grad = grad.data
+        order = _topological_order(self)
+        grads: dict[int, Any] = {id(self): grad}
+        for node in order:
+            g = grads.pop(id(node), None)
+            if g is None:
+                continue
+            if node._ctx is None:
+                if node.requires_grad:
+                    node.grad = g if node.grad is None else node.grad + g
+                continue
+            fn, ctx, parents = node._ctx
+            in_grads = fn.backward(ctx, g)
+            if not isinstance(in_grads, tuple):
+                in_grads = (in_grads,)
+            if not retain_graph:
+                ctx.release()
+                node._ctx = None
+            for p, pg in zip(parents, in_grads):
+                if p is None or pg is None or not p.requires_grad:
+                    continue
+                if pg.shape != p.data.shape:
+                    raise RuntimeError(
+                        f"{fn.__name__}.backward returned shape {pg.shape} for input of shape {p.shape}"
+                    )
+                prev = grads.get(id(p))
+                grads[id(p)] = pg if prev is None else prev + pg
+
+    # ---- operators: defined in functional.py, bound here lazily
+    def __add__(self, o):
+        return _F().add(self, o)
+
+    def __radd__(self, o):
+        return _F().add(o, self)
+
+    def __sub__(self, o):
+        return _F().sub(self, o)
+
+    def __rsub__(self, o):
+        return _F().sub(o, self)
+
+    def __mul__(self, o):
+        return _F().mul(self, o)
+
+    def __rmul__(self, o):
+        return _F().mul(o, self)
+
+    def __truediv__(self, o):
+        return _F().div(self, o)
+
+    def __rtruediv__(self, o):
+        return _F().div(o, self)
+
+    def __neg__(self):
+        return _F().neg(self)
+
+    def __pow__(self, p):
+        return _F().pow(self, p)
+
+    def __matmul__(self, o):
+        return _F().matmul(self, o)
+
+    def __rmatmul__(self, o):
+        return _F().matmul(o, self)
+
+    def __getitem__(self, idx):
+        return _F().getitem(self, idx)
+
+    def sum(self, axis=None, keepdims=False):
+        return _F().sum(self, axis, keepdims)
+
+    def mean(self, axis=None, keepdims=False):
+        return _F().mean(self, axis, keepdims)
+
+    def max(self, axis=None, keepdims=False):
+        return _F().max(self, axis, keepdims)
+
+    def reshape(self, *shape):
+        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
+            shape = tuple(shape[0])
+        return _F().reshape(self, shape)
+
+    def transpose(self, *axes):
+        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
+            axes = tuple(axes[0])
+        return _F().transpose(self, axes or None)
+
+    @property
+    def T(self):
+        return _F().transpose(self, None)
+
+    def exp(self):
+        return _F().exp(self)
+
+    def log(self):
+        return _F().log(self)
+
+    def tanh(self):
+        return _F().tanh(self)
+
+
+def _not_scalar(t: Tensor):
+    raise ValueError(f"item() needs a tensor with one element, got shape {t.shape}")
+
+
+def _F():
+    from . import functional
+
+    return functional
+
+
+def _topological_order(root: Tensor) -> list[Tensor]:
+    """Nodes from ``root`` back to the leaves, each after every node that uses it."""
+    order: list[Tensor] = []
+    seen: set[int] = set()
+    stack = [(root, False)]
+    while stack:  # iterative DFS: deep graphs must not hit the recursion limit
+        node, done = stack.pop()
+        if done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        if node._ctx is not None:
+            for p in node._ctx[2]:
+                if p is not None and p.requires_grad and id(p) not in seen:
+                    stack.append((p, False))
+    order.reverse()
+    return order
+
+
+def tensor(data, requires_grad: bool = False, dtype=None) -> Tensor:
+    """Make a Tensor (Python floats become float32)."""
+    return Tensor(data, requires_grad=requires_grad, dtype=dtype)

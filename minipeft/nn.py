@@ -1,0 +1,312 @@
+"""Modules: parameters and submodules by attribute, like a small ``torch.nn``.
+
+``Module`` registers every ``Parameter``/``Module`` assigned to it, so
+``named_parameters()`` and ``state_dict()`` give the dotted names PEFT methods and
+Hugging Face checkpoints use (``transformer.h.0.attn.c_attn.weight``).
+``get_submodule``/``set_submodule`` are how a PEFT method swaps a layer for its wrapper.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from . import functional as F
+from .backend import get_xp, resolve_device, to_device
+from .engine import Tensor
+
+
+class Parameter(Tensor):
+    """A Tensor that a Module owns and an optimizer may train (requires grad by default)."""
+
+    def __init__(self, data, requires_grad: bool = True):
+        super().__init__(data.data if isinstance(data, Tensor) else data, requires_grad=requires_grad)
+
+    def __repr__(self) -> str:
+        return "Parameter" + super().__repr__()[6:]
+
+
+class Module:
+    """Base class: assign Parameters and Modules as attributes; write ``forward``."""
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_parameters", OrderedDict())
+        object.__setattr__(self, "_modules", OrderedDict())
+        object.__setattr__(self, "training", True)
+
+    def __setattr__(self, name: str, value) -> None:
+        params = self.__dict__.get("_parameters")
+        if params is None:
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
+        params.pop(name, None)
+        self._modules.pop(name, None)
+        if isinstance(value, Parameter):
+            params[name] = value
+        elif isinstance(value, Module):
+            self._modules[name] = value
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name: str) -> None:
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
+        object.__delattr__(self, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- traversal
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        yield prefix, self
+        for name, m in self._modules.items():
+            yield from m.named_modules(f"{prefix}.{name}" if prefix else name)
+
+    def modules(self) -> Iterator["Module"]:
+        for _, m in self.named_modules():
+            yield m
+
+    def children(self) -> Iterator["Module"]:
+        yield from self._modules.values()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True) -> Iterator[tuple[str, Parameter]]:
+        """(dotted name, Parameter) pairs; a parameter shared by two modules appears once."""
+        seen: set[int] = set()
+        mods = self.named_modules(prefix) if recurse else [(prefix, self)]
+        for mname, m in mods:
+            for pname, p in m._parameters.items():
+                if id(p) in seen:
+                    continue
+                seen.add(id(p))
+                yield (f"{mname}.{pname}" if mname else pname), p
+
+    def parameters(self) -> Iterator[Parameter]:
+        for _, p in self.named_parameters():
+            yield p
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.size for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def get_submodule(self, target: str) -> "Module":
+        """The module at dotted path ``target`` ('' is self); KeyError says what exists."""
+        if target == "":
+            return self
+        mod: Module = self
+        for part in target.split("."):
+            if part not in mod._modules:
+                raise KeyError(
+                    f"no submodule {target!r}: {type(mod).__name__} has children {list(mod._modules)}"
+                )
+            mod = mod._modules[part]
+        return mod
+
+    def set_submodule(self, target: str, module: "Module") -> None:
+        """Replace the module at dotted path ``target`` (how PEFT layers are swapped in)."""
+        if not isinstance(module, Module):
+            raise TypeError(f"set_submodule needs a Module, got {type(module).__name__}")
+        parent_name, _, name = target.rpartition(".")
+        parent = self.get_submodule(parent_name)
+        if name not in parent._modules:
+            raise KeyError(f"no submodule {target!r} to replace")
+        setattr(parent, name, module)
+
+    # ---- modes and devices
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", mode)
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    def requires_grad_(self, flag: bool = True) -> "Module":
+        for p in self.parameters():
+            p.requires_grad = flag
+        return self
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def to(self, device: str) -> "Module":
+        """Move every parameter (in place, keeping tied parameters tied)."""
+        device = resolve_device(device)
+        for p in self.parameters():
+            p.data = to_device(p.data, device)
+            if p.grad is not None:
+                p.grad = to_device(p.grad, device)
+        for m in self.modules():
+            m._moved_to(device)
+        return self
+
+    def _moved_to(self, device: str) -> None:
+        """Hook for modules that hold non-parameter arrays (quantized weights, caches)."""
+
+    @property
+    def device(self) -> str:
+        p = next(self.parameters(), None)
+        return "cpu" if p is None else p.device
+
+    # ---- state
+    def state_dict(self) -> "OrderedDict[str, object]":
+        """Name -> array for every parameter and extra state (buffers, quantized codes)."""
+        out: OrderedDict[str, object] = OrderedDict()
+        for name, p in self.named_parameters():
+            out[name] = p.data
+        for mname, m in self.named_modules():
+            for k, arr in m._extra_state().items():
+                out[f"{mname}.{k}" if mname else k] = arr
+        return out
+
+    def _extra_state(self) -> dict:
+        """Non-parameter arrays a module wants saved (e.g. 4-bit codes and absmax)."""
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        if state:
+            raise KeyError(f"{type(self).__name__} has no extra state but got {sorted(state)}")
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> tuple[list, list]:
+        """Copy arrays into parameters by name, checking names and shapes first.
+
+        With ``strict`` any missing or unexpected key or shape mismatch raises one
+        ``ValueError`` that lists them all, and nothing is changed.
+        """
+        own = dict(self.named_parameters())
+        extra_owners = {}
+        for mname, m in self.named_modules():
+            for k in m._extra_state():
+                extra_owners[f"{mname}.{k}" if mname else k] = (m, k)
+        expected = set(own) | set(extra_owners)
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
+        mismatched = []
+        for name, p in own.items():
+            if name in state and tuple(np.shape(state[name])) != p.shape:
+                mismatched.append(f"{name}: checkpoint {tuple(np.shape(state[name]))} vs model {p.shape}")
+        if mismatched or (strict and (missing or unexpected)):
+            lines = []
+            if missing:
+                lines.append(f"missing keys ({len(missing)}): {missing[:20]}")
+            if unexpected:
+                lines.append(f"unexpected keys ({len(unexpected)}): {unexpected[:20]}")
+            if mismatched:
+                lines.append(f"shape mismatches ({len(mismatched)}): {mismatched[:20]}")
+            raise ValueError("load_state_dict failed (model unchanged):\n  " + "\n  ".join(lines))
+        for name, p in own.items():
+            if name in state:
+                arr = to_device(state[name], p.device)
+                p.data = arr.astype(p.dtype, copy=True) if arr.dtype != p.dtype else arr.copy()
+        per_module: dict[int, tuple[Module, dict]] = {}
+        for name, (m, k) in extra_owners.items():
+            if name in state:
+                per_module.setdefault(id(m), (m, {}))[1][k] = state[name]
+        for m, sub in per_module.values():
+            m._load_extra_state(sub)
+        return missing, unexpected
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, m in self._modules.items():
+            sub = repr(m).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {sub}")
+        return lines[0] + ")" if len(lines) == 1 else "\n".join(lines) + "\n)"
+
+
+class ModuleList(Module):
+    """A list of modules registered under '0', '1', ... (GPT-2's ``transformer.h.{i}``)."""
+
+    def __init__(self, modules=()) -> None:
+        super().__init__()
+        for m in modules:
+            self.append(m)
+
+    def append(self, m: Module) -> None:
+        setattr(self, str(len(self._modules)), m)
+
+    def __getitem__(self, i: int) -> Module:
+        return list(self._modules.values())[i]
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(list(self._modules.values()))
+
+
+def _rng(seed_or_rng) -> np.random.Generator:
+    if isinstance(seed_or_rng, np.random.Generator):
+        return seed_or_rng
+    return np.random.default_rng(seed_or_rng)
+
+
+class Linear(Module):
+    """y = x W^T + b with W of shape (out_features, in_features), like ``torch.nn.Linear``.
+
+    Default init is PyTorch's: U(-1/sqrt(in), 1/sqrt(in)) for W and b.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=np.float32,
+                 device: str | None = None):
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"Linear needs positive sizes, got in={in_features}, out={out_features}")
+        self.in_features, self.out_features = in_features, out_features
+        r = _rng(rng)
+        bound = 1.0 / math.sqrt(in_features)
+        xp = get_xp(device or "cpu")
+        self.weight = Parameter(xp.asarray(r.uniform(-bound, bound, (out_features, in_features)).astype(dtype)))
+        self.bias = Parameter(xp.asarray(r.uniform(-bound, bound, out_features).astype(dtype))) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Embedding(Module):
+    def __init__(self, num_embeddings: int, embedding_dim: int, rng=None, dtype=np.float32, std: float = 1.0):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.weight = Parameter((_rng(rng).standard_normal((num_embeddings, embedding_dim)) * std).astype(dtype))
+
+    def forward(self, idx) -> Tensor:
+        return F.embedding(idx, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}"
+
+
+class LayerNorm(Module):
+    def __init__(self, n: int, eps: float = 1e-5, dtype=np.float32):
+        super().__init__()
+        self.eps = eps
+        self.weight = Parameter(np.ones(n, dtype=dtype))
+        self.bias = Parameter(np.zeros(n, dtype=dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Dropout(Module):
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.dropout(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
