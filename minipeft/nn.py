@@ -310,3 +310,69 @@ class Dropout(Module):
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+class ModuleDict(Module):
+    """Modules by string key (peft keeps one LoRA A/B per adapter name: ``lora_A.default``)."""
+
+    def __init__(self, modules: dict | None = None) -> None:
+        super().__init__()
+        for k, m in (modules or {}).items():
+            self[k] = m
+
+    def __setitem__(self, key: str, m: Module) -> None:
+        setattr(self, key, m)
+
+    def __getitem__(self, key: str) -> Module:
+        return self._modules[key]
+
+    def __delitem__(self, key: str) -> None:
+        delattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._modules
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+    def keys(self):
+        return list(self._modules.keys())
+
+    def items(self):
+        return list(self._modules.items())
+
+    def values(self):
+        return list(self._modules.values())
+
+    def __iter__(self):
+        return iter(list(self._modules.keys()))
+
+
+class ParameterDict(Module):
+    """Parameters by string key ((IA)³ keeps ``ia3_l.<adapter>``)."""
+
+    def __setitem__(self, key: str, p: Parameter) -> None:
+        if not isinstance(p, Parameter):
+            raise TypeError(f"ParameterDict holds Parameters, got {type(p).__name__}")
+        setattr(self, key, p)
+
+    def __getitem__(self, key: str) -> Parameter:
+        return self._parameters[key]
+
+    def __delitem__(self, key: str) -> None:
+        delattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._parameters
+
+    def __len__(self) -> int:
+        return len(self._parameters)
+
+    def keys(self):
+        return list(self._parameters.keys())
+
+    def items(self):
+        return list(self._parameters.items())
+
+    def __iter__(self):
+        return iter(list(self._parameters.keys()))
