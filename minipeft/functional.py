@@ -111,7 +111,7 @@ class Mul(Function):
 class Div(Function):
     @staticmethod
     def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
+        ctx.save_for_backward(a if ctx.needs_input_grad[1] else None, b)  # d(a/b)/da needs only b
         ctx.shapes = (_shape(a), _shape(b))
         return a / b
 
@@ -504,7 +504,7 @@ class Transpose(Function):
     @staticmethod
     def forward(ctx, x, axes):
         axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(a % x.ndim for a in axes)
-        ctx.inv = tuple(np.argsort(axes))
+        ctx.inv = tuple(int(i) for i in np.argsort(axes))
         return x.transpose(axes)
 
     @staticmethod
@@ -563,11 +563,18 @@ def broadcast_to(x, shape):
     return BroadcastTo.apply(x, tuple(shape))
 
 
+def _index_item(i, xp):
+    """Tensor -> its array; list or host array -> an integer/bool array on x's backend."""
+    if isinstance(i, Tensor):
+        i = i.data
+    if isinstance(i, list) or (hasattr(i, "shape") and xp_of(i) is not xp):
+        i = xp.asarray(i)
+    return i
+
+
 def getitem(x, idx):
-    if isinstance(idx, Tensor):
-        idx = idx.data
-    if isinstance(idx, tuple):
-        idx = tuple(i.data if isinstance(i, Tensor) else i for i in idx)
+    xp = xp_of(x.data)
+    idx = tuple(_index_item(i, xp) for i in idx) if isinstance(idx, tuple) else _index_item(idx, xp)
     return GetItem.apply(x, idx)
 
 
@@ -675,14 +682,14 @@ class LayerNorm(Function):
         var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
         rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
         xhat = (x - mu) * rstd  # (..., C)
-        nx, nw, _ = ctx.needs_input_grad
+        nx, nw = ctx.needs_input_grad[:2]
         ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
         return xhat * weight + bias
 
     @staticmethod
     def backward(ctx, g):
         xhat, rstd, w = ctx.saved_tensors
-        nx, nw, nb = ctx.needs_input_grad
+        nx, nw, nb = ctx.needs_input_grad[:3]
         lead = tuple(range(g.ndim - 1))
         gw = (g * xhat).sum(axis=lead) if nw else None
         gb = g.sum(axis=lead) if nb else None
@@ -795,7 +802,7 @@ class CrossEntropy(Function):
         grad[xp.arange(n), t] -= 1 - ctx.eps
         if ctx.eps:
             grad -= ctx.eps / ctx.v
-        grad *= (valid[:, None] * (g / max(ctx.count, 1))).astype(grad.dtype)
+        grad *= (valid[:, None] * (g / builtins.max(ctx.count, 1))).astype(grad.dtype)
         return grad, None, None, None
 
 
@@ -856,7 +863,7 @@ class Attention(Function):
             dp = g @ _swap_last(v)  # (B, H, Tq, Tk)
             ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
             if nq:
-                gq = (ds @ k) * dt
+                gq = _unbroadcast((ds @ k) * dt, q.shape)
             if nk:
                 gk = _unbroadcast((_swap_last(ds) @ q) * dt, k.shape)
         return gq, gk, gv, None, None, None
@@ -870,6 +877,7 @@ def scaled_dot_product_attention(q, k, v, causal: bool = True, key_mask=None, sc
         raise ValueError(f"causal attention needs at least as many keys ({k.shape[-2]}) as queries ({q.shape[-2]})")
     if key_mask is not None:
         key_mask = key_mask.data if isinstance(key_mask, Tensor) else key_mask
+        key_mask = xp_of(q.data).asarray(key_mask)  # lists, or a host mask for a GPU q
         if key_mask.shape != (q.shape[0], k.shape[-2]):
             raise ValueError(f"key_mask must have shape (B, Tk) = {(q.shape[0], k.shape[-2])}, got {key_mask.shape}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
