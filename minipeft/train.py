@@ -1,0 +1,318 @@
+"""The one training loop every lesson uses.
+
+Each optimizer step (Goodfellow et al. 2016, Alg. 8.1, with the practical additions of
+GPT-2/nanoGPT-style training):
+
+1. set the learning rate from the schedule (warmup, then constant/linear/cosine);
+2. for each of ``grad_accum_steps`` micro-batches: draw a batch with the trainer's own
+   ``numpy.random.Generator``, compute the loss, and backpropagate ``loss / k``, so the
+   accumulated gradient is the mean over micro-batches (equal to one big batch);
+3. clip the gradients by global norm (optional), take the optimizer step;
+4. every ``eval_every`` steps evaluate (model in eval mode, no graph), every
+   ``checkpoint_every`` steps save a checkpoint (``minipeft.checkpoint``).
+
+Resume is exact on the CPU: a checkpoint holds the weights, optimizer moments and step
+counts, the scheduler's step, the batch generator's state and ``minipeft.random``'s state
+(dropout), so ``train(..., resume=True)`` continues the very same loss trajectory.
+Evaluation saves and restores ``minipeft.random``'s state, so evaluating does not change
+what training sees.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple, Sequence
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from . import random as mp_random
+from .backend import xp_of
+from .engine import Tensor, no_grad
+from .optim import SCHEDULES, AdamW, LRScheduler, Optimizer, clip_grad_norm_, get_schedule
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100  # optimizer steps in the whole run
+    batch_size: int = 8  # sequences per micro-batch (for the batch source; also logged)
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; their gradients are averaged
+    lr: float = 3e-4  # peak learning rate; the schedule sets optimizer.lr every step
+    schedule: str = "cosine"  # 'constant' | 'linear' | 'cosine' (with linear warmup)
+    warmup_steps: int = 0  # steps of linear warmup from 0 to lr
+    min_lr: float = 0.0  # floor of the linear/cosine decay, reached at max_steps
+    weight_decay: float = 0.01  # used when train() builds the AdamW itself (torch's default)
+    grad_clip: float | None = 1.0  # max global L2 norm of the gradients; None = no clipping
+    eval_every: int = 0  # evaluate every N steps (and at the end); 0 = only at the end
+    eval_batches: int = 10  # batches averaged by the built-in evaluation (get_eval_batch)
+    checkpoint_every: int = 0  # save every N steps (and at the end); 0 = never
+    checkpoint_dir: str | None = None  # where step_XXXXXXXX/ checkpoints go
+    keep_checkpoints: int | None = None  # keep only the newest N checkpoints; None = keep all
+    seed: int = 0  # seeds the batch generator and minipeft.random (dropout)
+    log_every: int = 0  # print a log line every N steps; 0 = none (the progress bar shows it)
+    progress: bool = True  # tqdm progress bar with loss and tokens/s
+
+    def __post_init__(self):
+        for name in ("max_steps", "batch_size", "grad_accum_steps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "checkpoint_every", "log_every", "seed"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or v < 0:
+                raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.checkpoint_every and not self.checkpoint_dir:
+            raise ValueError("checkpoint_every is set but checkpoint_dir is not: say where checkpoints go")
+        if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Build from a dict, refusing unknown keys (with the list of known ones)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+# Fields that change the loss trajectory: a resume must use the same values.
+_TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "lr", "schedule", "warmup_steps", "min_lr",
+                      "grad_clip", "seed")
+
+
+class StepRecord(NamedTuple):
+    step: int  # optimizer steps completed (1 for the first)
+    train_loss: float  # mean loss over this step's micro-batches
+    lr: float  # learning rate used by this step
+    tokens_per_sec: float  # tokens in this step's batches / wall time of the step
+
+
+@dataclass
+class TrainResult:
+    history: list[StepRecord] = field(default_factory=list)
+    eval_history: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics)
+    grad_norms: list[float] = field(default_factory=list)  # before clipping (empty without clipping)
+    step_times: list[float] = field(default_factory=list)  # seconds per optimizer step
+    final: dict = field(default_factory=dict)  # last train loss, last eval metrics, throughput
+    wall_time: float = 0.0  # seconds spent in this call of train()
+    resumed_from: int | None = None  # step of the checkpoint resumed from
+
+    @property
+    def losses(self) -> list[float]:
+        return [h.train_loss for h in self.history]
+
+
+def default_loss_fn(model, batch) -> Tensor:
+    """``model(x, targets=y).loss`` for a batch ``(x, y)``."""
+    x, y = batch
+    return model(x, targets=y).loss
+
+
+def count_tokens(batch) -> int:
+    """Tokens in a batch: elements of the input ids ((x, y) -> x.size; dict -> 'input_ids')."""
+    if isinstance(batch, dict):
+        batch = batch.get("input_ids", next(iter(batch.values()), None))
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0] if batch else None
+    return int(getattr(batch, "size", 0) or 0)
+
+
+def evaluate_loss(model, get_batch, num_batches: int, seed: int, loss_fn=None) -> float:
+    """Mean loss over ``num_batches`` batches from a fresh Generator(seed): the same batches every call."""
+    loss_fn = loss_fn or default_loss_fn
+    rng = np.random.default_rng(seed)
+    total = 0.0
+    for _ in range(num_batches):
+        total += float(loss_fn(model, get_batch(rng)).item())
+    return total / num_batches
+
+
+def _scalar_loss(loss) -> Tensor:
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"loss_fn must return a minipeft Tensor, got {type(loss).__name__}")
+    if loss.size != 1:
+        raise ValueError(f"loss must be a scalar, got shape {loss.shape}")
+    return loss
+
+
+def _restore_cpu_rng(state: dict) -> None:
+    """Put minipeft.random's CPU stream back without resetting other devices' generators."""
+    if mp_random.get_state()["seed"] != state["seed"]:  # eval_fn reseeded: restore everything
+        mp_random.set_state(state)
+    else:
+        mp_random.generator("cpu").bit_generator.state = state["cpu"]
+
+
+def _progress_bar(config: TrainConfig, start: int):
+    if not config.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, leave=True)
+
+
+def _restore(resume, config, model, optimizer, scheduler, rng) -> tuple[int, dict | None]:
+    if resume is True or resume == "auto":
+        if not config.checkpoint_dir:
+            raise ValueError("resume needs config.checkpoint_dir (where to look for checkpoints)")
+        path = ckpt.latest_checkpoint(config.checkpoint_dir)
+        if path is None:
+            if resume == "auto":
+                return 0, None
+            root = Path(config.checkpoint_dir)
+            what = "does not exist" if not root.exists() else "holds no complete step_XXXXXXXX checkpoint"
+            raise FileNotFoundError(f"cannot resume: checkpoint_dir {str(root)!r} {what}; "
+                                    "train without resume=True first (or pass resume='auto')")
+    else:
+        path = Path(resume)
+    state = ckpt.read_state(path)
+    saved = state["extra"].get("config", {})
+    diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS
+            if k in saved and saved[k] != getattr(config, k)]
+    if diff:
+        raise ValueError(f"cannot resume from {str(path)!r} with a different config (the trajectory would "
+                         f"differ): {diff}")
+    state = ckpt.load_checkpoint(path, model, optimizer, scheduler, rng_state={"batch": rng})
+    return int(state["step"]), state["extra"]
+
+
+def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config: TrainConfig | None = None,
+          eval_fn: Callable | None = None, loss_fn: Callable | None = None,
+          callbacks: Sequence[Callable] = (), get_eval_batch: Callable | None = None,
+          resume: bool | str = False) -> TrainResult:
+    """Train ``model`` for ``config.max_steps`` optimizer steps; return a ``TrainResult``.
+
+    ``get_batch(rng)`` returns a batch (``(x, y)`` by default) drawn with the trainer's
+    ``numpy.random.Generator``. ``optimizer``: default ``AdamW`` over the trainable
+    parameters with ``config.weight_decay``; its ``lr`` is set by the schedule.
+    ``loss_fn(model, batch) -> scalar Tensor`` (default ``model(x, targets=y).loss``).
+    ``eval_fn(model) -> float | dict`` and/or ``get_eval_batch(rng)`` (mean loss over
+    ``config.eval_batches`` fixed batches) run every ``eval_every`` steps and at the end.
+    ``callbacks``: ``cb(step, info) -> bool|None`` after every step; ``True`` stops training.
+    ``resume``: ``True`` continues from the newest checkpoint in ``config.checkpoint_dir``
+    (error if none), ``'auto'`` does so if one exists, a path resumes from that checkpoint.
+    Seeds ``minipeft.random`` with ``config.seed`` (the dropout stream) at the start.
+    """
+    config = config or TrainConfig()
+    if not callable(get_batch):
+        raise TypeError(f"get_batch must be a callable get_batch(rng) -> batch, got {type(get_batch).__name__}")
+    loss_fn = loss_fn or default_loss_fn
+    optimizer = optimizer or AdamW(model, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = LRScheduler(optimizer, get_schedule(config.schedule, config.lr, config.warmup_steps,
+                                                    config.max_steps, config.min_lr))
+    rng = np.random.default_rng(config.seed)
+    mp_random.manual_seed(config.seed)
+    result = TrainResult()
+    start = 0
+    if resume:
+        start, extra = _restore(resume, config, model, optimizer, scheduler, rng)
+        if extra is not None:
+            result.resumed_from = start
+            result.history = [StepRecord(*h) for h in extra.get("history", [])]
+            result.eval_history = [(int(s), dict(m)) for s, m in extra.get("eval_history", [])]
+            result.grad_norms = list(extra.get("grad_norms", []))
+            result.step_times = list(extra.get("step_times", []))
+
+    def run_eval(step: int) -> None:
+        if eval_fn is None and get_eval_batch is None:
+            return
+        rng_state = mp_random.get_state()  # eval must not shift the dropout stream training sees
+        model.eval()
+        metrics: dict = {}
+        with no_grad():
+            if get_eval_batch is not None:
+                metrics["val_loss"] = evaluate_loss(model, get_eval_batch, max(1, config.eval_batches),
+                                                    config.seed + 1, loss_fn)
+            if eval_fn is not None:
+                out = eval_fn(model)
+                metrics.update(out if isinstance(out, dict) else {"val_loss": float(out)})
+        model.train()
+        _restore_cpu_rng(rng_state)
+        result.eval_history.append((step, metrics))
+        if bar is not None:
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def save(step: int) -> None:
+        extra = {"config": dataclasses.asdict(config), "history": [list(h) for h in result.history],
+                 "eval_history": [[s, m] for s, m in result.eval_history], "grad_norms": result.grad_norms,
+                 "step_times": result.step_times}
+        ckpt.save_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir, step), model, optimizer, scheduler,
+                             step=step, extra=extra, rng_state={"batch": rng})
+        if config.keep_checkpoints is not None:
+            import shutil
+
+            for _, old in ckpt.list_checkpoints(config.checkpoint_dir)[:-config.keep_checkpoints]:
+                shutil.rmtree(old)
+
+    n_before = len(result.step_times)
+    bar = _progress_bar(config, start)
+    model.train()
+    t_start = time.perf_counter()
+    step = start
+    try:
+        while step < config.max_steps:
+            t0 = time.perf_counter()
+            lr = optimizer.lr
+            optimizer.zero_grad()
+            loss_sum, tokens = 0.0, 0
+            for _ in range(config.grad_accum_steps):
+                batch = get_batch(rng)
+                tokens += count_tokens(batch)
+                loss = _scalar_loss(loss_fn(model, batch))
+                xp = xp_of(loss.data)
+                loss.backward(xp.full(loss.shape, 1.0 / config.grad_accum_steps, dtype=loss.dtype))
+                loss_sum += float(loss.item())
+            train_loss = loss_sum / config.grad_accum_steps
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}: lower lr "
+                                         f"(now {lr:g}) or set grad_clip")
+            if config.grad_clip is not None:
+                result.grad_norms.append(clip_grad_norm_(optimizer.params, config.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            dt = time.perf_counter() - t0
+            result.step_times.append(dt)
+            result.history.append(StepRecord(step, train_loss, lr, tokens / dt if dt > 0 else float("inf")))
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
+            if config.log_every and step % config.log_every == 0:
+                line = f"step {step:>6} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens / dt:,.0f} tok/s"
+                (bar.write if bar is not None else print)(line)
+            if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
+                run_eval(step)
+            if config.checkpoint_dir and ((config.checkpoint_every and step % config.checkpoint_every == 0)
+                                          or (config.checkpoint_every and step == config.max_steps)):
+                save(step)
+            info = {"loss": train_loss, "lr": lr, "model": model, "optimizer": optimizer, "result": result}
+            if any(cb(step, info) is True for cb in callbacks):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    result.wall_time = time.perf_counter() - t_start
+    new_times = result.step_times[n_before:]
+    new_steps = result.history[n_before:]
+    result.final = {
+        "steps": step,
+        "train_loss": result.history[-1].train_loss if result.history else float("nan"),
+        "tokens_per_sec": float(np.median([h.tokens_per_sec for h in new_steps])) if new_steps else float("nan"),
+        "sec_per_step": float(np.median(new_times)) if new_times else float("nan"),
+        **(result.eval_history[-1][1] if result.eval_history else {}),
+    }
+    return result
