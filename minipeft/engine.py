@@ -188,8 +188,31 @@ class Function:
         out = cls.forward(ctx, *arrays, **kwargs)
         result = Tensor(out, requires_grad=record)
         if record:
-            result._ctx = (cls, ctx, tuple(a if isinstance(a, Tensor) else None for a in args))
+            # parents: a leaf that requires grad is kept (it receives .grad); a non-leaf is
+            # represented by its _Node only, so its output array can be freed unless saved
+            parents = tuple(
+                (a if a._ctx is None else a._ctx) if isinstance(a, Tensor) and a.requires_grad else None
+                for a in args
+            )
+            result._ctx = _Node(cls, ctx, parents, result.shape)
         return result
+
+
+class _Node:
+    """The graph's record of how a non-leaf tensor was made: its Function, context and
+    parents (leaf Tensors or other _Nodes), but not its data. Holding the graph therefore
+    holds only what ``save_for_backward`` kept (and the leaves), as the ledger says."""
+
+    __slots__ = ("fn", "ctx", "parents", "shape", "freed")
+    requires_grad = True
+
+    def __init__(self, fn, ctx: Context, parents: tuple, shape: tuple):
+        self.fn, self.ctx, self.parents, self.shape, self.freed = fn, ctx, parents, shape, False
+
+    def free(self) -> None:
+        self.ctx.release()
+        self.parents = ()
+        self.freed = True
 
 
 # -------------------------------------------------------------------------- Tensor
@@ -214,11 +237,13 @@ class Tensor:
                 data = data.astype(np.float32)  # Python floats become float32
         elif dtype is not None and data.dtype != dtype:
             data = data.astype(dtype)
+        if isinstance(data, np.generic):  # NumPy reductions return scalars: keep an array
+            data = np.asarray(data)
         self.data = data
         self.grad = None
         self.requires_grad = bool(requires_grad)
-        self._ctx = None  # (Function class, Context, parent tensors) for non-leaves
-        if self.requires_grad and not xp_of(data).issubdtype(data.dtype, np.floating):
+        self._ctx = None  # _Node (Function, Context, parents) for non-leaves
+        if self.requires_grad and not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"only floating tensors can require grad, got dtype {data.dtype}")
 
     # ---- basic properties
@@ -292,29 +317,40 @@ class Tensor:
             if self.size != 1:
                 raise RuntimeError(f"backward() without a gradient needs a scalar, got shape {self.shape}")
             grad = xp.ones_like(self.data)
-        elif isinstance(grad, Tensor):
-            grad = grad.data
-        order = _topological_order(self)
-        grads: dict[int, Any] = {id(self): grad}
+        else:
+            grad = xp.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
+            if grad.shape != self.shape:
+                raise ValueError(f"backward(grad): grad has shape {grad.shape} but the tensor has {self.shape}")
+        root = self if self._ctx is None else self._ctx
+        order = _topological_order(root)
+        grads: dict[int, Any] = {id(root): grad}
         for node in order:
             g = grads.pop(id(node), None)
             if g is None:
                 continue
-            if node._ctx is None:
+            if isinstance(node, Tensor):  # a leaf
                 if node.requires_grad:
-                    node.grad = g if node.grad is None else node.grad + g
+                    if isinstance(g, np.generic):
+                        g = np.asarray(g)
+                    # copy: g may be shared with another leaf or the caller (in-place safe)
+                    node.grad = g.copy() if node.grad is None else node.grad + g
                 continue
-            fn, ctx, parents = node._ctx
+            if node.freed:
+                raise RuntimeError(
+                    f"backward through a graph that was already freed (at {node.fn.__name__}): "
+                    "its saved arrays were released by an earlier backward(); pass "
+                    "retain_graph=True to the first backward to go through it twice"
+                )
+            fn, ctx, parents = node.fn, node.ctx, node.parents
             in_grads = fn.backward(ctx, g)
             if not isinstance(in_grads, tuple):
                 in_grads = (in_grads,)
             if not retain_graph:
-                ctx.release()
-                node._ctx = None
+                node.free()
             for p, pg in zip(parents, in_grads):
                 if p is None or pg is None or not p.requires_grad:
                     continue
-                if pg.shape != p.data.shape:
+                if pg.shape != p.shape:
                     raise RuntimeError(
                         f"{fn.__name__}.backward returned shape {pg.shape} for input of shape {p.shape}"
                     )
@@ -404,9 +440,10 @@ def _F():
     return functional
 
 
-def _topological_order(root: Tensor) -> list[Tensor]:
-    """Nodes from ``root`` back to the leaves, each after every node that uses it."""
-    order: list[Tensor] = []
+def _topological_order(root) -> list:
+    """Graph nodes (_Nodes and leaf Tensors) from ``root`` back to the leaves, each
+    after every node that uses it."""
+    order: list = []
     seen: set[int] = set()
     stack = [(root, False)]
     while stack:  # iterative DFS: deep graphs must not hit the recursion limit
@@ -418,8 +455,8 @@ def _topological_order(root: Tensor) -> list[Tensor]:
             continue
         seen.add(id(node))
         stack.append((node, True))
-        if node._ctx is not None:
-            for p in node._ctx[2]:
+        if isinstance(node, _Node):
+            for p in node.parents:
                 if p is not None and p.requires_grad and id(p) not in seen:
                     stack.append((p, False))
     order.reverse()

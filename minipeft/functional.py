@@ -811,6 +811,8 @@ def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: fl
     targets = targets.data if isinstance(targets, Tensor) else targets
     xp = xp_of(logits.data)
     targets = xp.asarray(targets)
+    if targets.dtype.kind not in "iu":
+        raise TypeError(f"cross_entropy: targets must be integer class indices, got dtype {targets.dtype}")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(f"cross_entropy: targets shape {targets.shape} != logits shape without V {logits.shape[:-1]}")
     if not 0.0 <= label_smoothing < 1.0:

@@ -40,12 +40,16 @@ class Module:
         params = self.__dict__.get("_parameters")
         if params is None:
             raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() first")
-        params.pop(name, None)
-        self._modules.pop(name, None)
+        # replacing keeps the name's position (ModuleList order, state_dict order)
         if isinstance(value, Parameter):
+            self._modules.pop(name, None)
             params[name] = value
         elif isinstance(value, Module):
+            params.pop(name, None)
             self._modules[name] = value
+        else:
+            params.pop(name, None)
+            self._modules.pop(name, None)
         object.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
