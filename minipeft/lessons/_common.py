@@ -1,0 +1,118 @@
+"""What every lesson shares: its flags, its report, its figures.
+
+A lesson is a module ``minipeft.lessons.<name>`` with ``main(argv=None) -> dict``. It
+parses the common flags (``--device``, ``--quick``, ``--figures DIR``, ``--seed``,
+``--json FILE``), computes or measures its numbers, prints a report in which each
+course number stands beside minipeft's own, and returns the key numbers as a dict
+(tests and notebooks read that dict).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..backend import resolve_device
+
+
+@dataclass
+class LessonArgs:
+    device: str  # 'cpu' or 'cuda'
+    quick: bool  # seconds-long run for tests, notebooks and CI
+    figures: Path | None  # where to write figures (None: none written)
+    seed: int  # every random choice of the lesson derives from it
+    json: Path | None  # where to write the returned dict as JSON
+    extra: argparse.Namespace = field(default_factory=argparse.Namespace)  # lesson-specific flags
+
+
+def parse_args(argv, description: str, add_arguments=None) -> LessonArgs:
+    """Parse the common flags (and a lesson's own, added by ``add_arguments(parser)``)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default=os.environ.get("MINIPEFT_DEVICE", "cpu"),
+                   help="cpu | cuda | auto (default: $MINIPEFT_DEVICE or cpu)")
+    p.add_argument("--quick", action="store_true", help="a seconds-long run (tests, notebooks, CI)")
+    p.add_argument("--figures", type=Path, default=None, metavar="DIR", help="write the lesson's figures here")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
+    if add_arguments is not None:
+        add_arguments(p)
+    ns = p.parse_args(argv)
+    common = {"device", "quick", "figures", "seed", "json"}
+    extra = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in common})
+    return LessonArgs(resolve_device(ns.device), ns.quick, ns.figures, ns.seed, ns.json, extra)
+
+
+class Report:
+    """A lesson's printed report: sections, and rows of (what, course, minipeft)."""
+
+    def __init__(self, title: str, stream=None):
+        self.stream = stream or sys.stdout
+        self.t0 = time.perf_counter()
+        self._print("=" * 78)
+        self._print(title)
+        self._print("=" * 78)
+
+    def _print(self, s: str = "") -> None:
+        print(s, file=self.stream, flush=True)
+
+    def section(self, title: str) -> None:
+        self._print()
+        self._print(f"-- {title} " + "-" * max(0, 74 - len(title)))
+
+    def text(self, s: str) -> None:
+        self._print(s)
+
+    def compare(self, rows, headers=("", "course", "minipeft")) -> None:
+        """Rows of (label, course value, minipeft value); values pre-formatted or numbers."""
+        self.table(rows, headers)
+
+    def table(self, rows, headers) -> None:
+        cells = [[_fmt(c) for c in headers]] + [[_fmt(c) for c in r] for r in rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+        for j, r in enumerate(cells):
+            line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            self._print("  " + line.rstrip())
+            if j == 0:
+                self._print("  " + "  ".join("-" * w for w in widths))
+
+    def done(self) -> None:
+        self._print()
+        self._print(f"(finished in {time.perf_counter() - self.t0:.1f} s)")
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        if v == 0:
+            return "0"
+        a = abs(v)
+        if a >= 1e5 or a < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:,.4g}" if a < 100 else f"{v:,.1f}"
+    if isinstance(v, int):
+        return f"{v:,d}"
+    return str(v)
+
+
+def save_figure(fig, args: LessonArgs, name: str) -> Path | None:
+    """Write ``fig`` as ``<figures>/<name>.png`` when ``--figures`` was given."""
+    if args.figures is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    args.figures.mkdir(parents=True, exist_ok=True)
+    path = args.figures / f"{name}.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def finish(result: dict, args: LessonArgs) -> dict:
+    """Write the result dict as JSON if asked, and return it."""
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2, default=float))
+    return result
