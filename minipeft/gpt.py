@@ -1,0 +1,565 @@
+"""GPT-2 in one file: config, model, generation, Hugging Face checkpoints.
+
+The architecture of GPT-2 (Radford et al. 2019, section 2.3): GPT's decoder-only
+transformer (Radford et al. 2018) with LayerNorm moved to the input of each sub-block
+("pre-LN"), a final LayerNorm ``ln_f``, learned positions, GELU (tanh form), a head tied
+to the token embedding, and residual projections initialised with std 0.02 / sqrt(2 L).
+One block, with the names of the GPT-2 checkpoint (methods.md section 0.1)::
+
+    a = ln_1(x);  q, k, v = split(attn.c_attn(a))     # (B, T, C) -> 3 x (B, T, C)
+    x = x + attn.c_proj(softmax(q k^T / sqrt(D) + causal mask) v)
+    x = x + mlp.c_proj(gelu(mlp.c_fc(ln_2(x))))       # C -> 4C -> C
+
+Parameter names are GPT-2's exactly (``transformer.h.0.attn.c_attn.weight`` ...), so
+peft ``target_modules`` and adapter keys match Hugging Face's. ``Linear.weight`` is
+``(out, in)``; the checkpoint's Conv1D layout ``(in, out)`` is transposed at load/save.
+
+The forward has the extension points PEFT methods need, so they never patch it:
+``inputs_embeds_prefix`` (prompt tuning), ``prefix_key_values`` (prefix tuning),
+``output_hidden_states`` (side tuning); LoRA, adapters and (IA)^3 swap a submodule
+(``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) with ``set_submodule``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import functional as F
+from .backend import to_numpy, xp_of
+from .engine import Tensor, no_grad
+from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
+
+# 256 bytes + <|endoftext|>, <|pad|>, <|bos|>: minipeft.data.tokenizer.ByteTokenizer
+BYTE_VOCAB_SIZE = 259
+GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE vocabulary
+_DTYPES = ("float32", "float64", "float16")
+
+
+@dataclass
+class GPTConfig:
+    """Shape of a GPT-2-style model. Defaults are the tiny CPU model (``T0``)."""
+
+    vocab_size: int = BYTE_VOCAB_SIZE  # minipeft's byte tokenizer; GPT-2 uses 50257
+    block_size: int = 128  # longest sequence = number of learned positions (HF n_positions)
+    n_layer: int = 2  # transformer blocks
+    n_head: int = 2  # attention heads; n_embd must be a multiple of it
+    n_embd: int = 64  # model width C
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd, as GPT-2
+    dropout: float = 0.0  # on the embeddings and after each c_proj (GPT-2 used 0.1); none in attention
+    layer_norm_epsilon: float = 1e-5  # GPT-2's LayerNorm epsilon
+    bias: bool = True  # biases in the Linear layers (GPT-2 has them; LayerNorms always do)
+    tie_word_embeddings: bool = True  # lm_head shares transformer.wte's weight, as GPT-2
+    dtype: str = "float32"  # parameter dtype: float32, float64 (gradient checks) or float16
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {v!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}"
+            )
+        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer)) or self.n_inner <= 0):
+            raise ValueError(f"GPTConfig.n_inner must be None (4 * n_embd) or a positive integer, got {self.n_inner!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
+
+    @property
+    def d_ff(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        """Build from a dict; unknown keys are an error (a typo must not pass silently)."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"unknown GPTConfig keys {unknown}; known keys are {known}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        """A named shape from ``CONFIGS`` (the T0..T3 ladder, GPT-2 sizes), with overrides."""
+        if name not in CONFIGS:
+            raise ValueError(f"unknown GPT preset {name!r}; known presets are {sorted(CONFIGS)}")
+        return cls.from_dict({**CONFIGS[name], **overrides})
+
+
+# The tiny ladder of methods.md section 0.3 (byte vocabulary) and GPT-2's released shapes.
+CONFIGS: dict[str, dict] = {
+    "T0": dict(n_layer=2, n_embd=64, n_head=2, block_size=128),
+    "T1": dict(n_layer=4, n_embd=128, n_head=4, block_size=256),
+    "T2": dict(n_layer=6, n_embd=256, n_head=4, block_size=256),
+    "T3": dict(n_layer=8, n_embd=384, n_head=6, block_size=512),
+    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
+    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
+    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
+}
+CONFIGS["tiny"] = CONFIGS["T0"]
+CONFIGS["small-cpu"] = CONFIGS["T1"]
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # (B, P + T, V): P prompt-embedding positions, then the T tokens
+    loss: Tensor | None = None  # mean cross-entropy over the T token positions (scalar)
+    hidden_states: list | None = None  # L + 1 Tensors (B, P + T, C), Hugging Face's convention
+    past_key_values: list | None = None  # per layer (k, v) arrays (B, H, S, D), for the next call
+
+
+# ------------------------------------------------------------------------- modules
+
+
+def _param(rng, shape, std: float, dtype: str) -> Parameter:
+    """N(0, std^2) drawn in float64 then cast (so float32 and float64 models agree); zeros without rng."""
+    return Parameter(np.zeros(shape, dtype) if rng is None else (rng.standard_normal(shape) * std).astype(dtype))
+
+
+def _linear(n_in: int, n_out: int, bias: bool, std: float, rng, dtype: str) -> Linear:
+    """An ``nn.Linear`` with GPT-2's init: weight (out, in) ~ N(0, std^2), bias 0."""
+    lin = Linear(1, 1, bias=bias, rng=0)  # a cheap shell: its PyTorch-style init is replaced below
+    lin.in_features, lin.out_features = n_in, n_out
+    lin.weight = _param(rng, (n_out, n_in), std, dtype)
+    lin.bias = Parameter(np.zeros(n_out, dtype)) if bias else None
+    return lin
+
+
+def _embedding(n: int, dim: int, std: float, rng, dtype: str) -> Embedding:
+    emb = Embedding(1, 1, rng=0)  # a cheap shell, as above
+    emb.num_embeddings, emb.embedding_dim = n, dim
+    emb.weight = _param(rng, (n, dim), std, dtype)
+    return emb
+
+
+class CausalSelfAttention(Module):
+    def __init__(self, cfg: GPTConfig, rng) -> None:
+        super().__init__()
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)  # GPT-2's scaled residual init
+        self.c_attn = _linear(cfg.n_embd, 3 * cfg.n_embd, cfg.bias, 0.02, rng, cfg.dtype)
+        self.c_proj = _linear(cfg.n_embd, cfg.n_embd, cfg.bias, proj_std, rng, cfg.dtype)
+        self.resid_dropout = Dropout(cfg.dropout)
+        self.n_head = cfg.n_head
+
+    def forward(self, x, prefix_kv=None, past_kv=None, key_mask=None, use_cache=False):
+        B, T, C = x.shape
+        H, D = self.n_head, C // self.n_head
+        qkv = self.c_attn(x)  # (B, T, 3C)
+        q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in F.split(qkv, C, axis=-1))  # (B, H, T, D)
+        if past_kv is not None:  # cached keys/values of earlier positions (arrays)
+            k = F.concatenate([Tensor(past_kv[0]), k], axis=2)  # (B, H, S + T, D)
+            v = F.concatenate([Tensor(past_kv[1]), v], axis=2)
+        if prefix_kv is not None:  # prefix tuning's learned keys/values, in front of everything
+            pk, pv = (F.cast(p if isinstance(p, Tensor) else Tensor(p), k.dtype) for p in prefix_kv)
+            if pk.shape[0] != B:
+                pk, pv = F.broadcast_to(pk, (B,) + pk.shape[1:]), F.broadcast_to(pv, (B,) + pv.shape[1:])
+            k = F.concatenate([pk, k], axis=2)  # (B, H, P + S + T, D)
+            v = F.concatenate([pv, v], axis=2)
+        present = (k.data, v.data) if use_cache else None
+        y = F.scaled_dot_product_attention(q, k, v, causal=True, key_mask=key_mask)  # (B, H, T, D)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y)), present
+
+
+class MLP(Module):
+    def __init__(self, cfg: GPTConfig, rng) -> None:
+        super().__init__()
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
+        self.c_fc = _linear(cfg.n_embd, cfg.d_ff, cfg.bias, 0.02, rng, cfg.dtype)
+        self.c_proj = _linear(cfg.d_ff, cfg.n_embd, cfg.bias, proj_std, rng, cfg.dtype)
+        self.dropout = Dropout(cfg.dropout)
+
+    def forward(self, x):
+        h = F.gelu(self.c_fc(x))  # (B, T, 4C)
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(Module):
+    def __init__(self, cfg: GPTConfig, rng) -> None:
+        super().__init__()
+        self.ln_1 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=cfg.dtype)
+        self.attn = CausalSelfAttention(cfg, rng)
+        self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=cfg.dtype)
+        self.mlp = MLP(cfg, rng)
+
+    def forward(self, x, prefix_kv=None, past_kv=None, key_mask=None, use_cache=False):
+        a, present = self.attn(self.ln_1(x), prefix_kv, past_kv, key_mask, use_cache)
+        x = x + a  # (B, T, C)
+        x = x + self.mlp(self.ln_2(x))
+        return x, present
+
+
+class Transformer(Module):
+    """``transformer.*`` of the checkpoint: wte, wpe, h.{i}, ln_f."""
+
+    def __init__(self, cfg: GPTConfig, rng) -> None:
+        super().__init__()
+        self.wte = _embedding(cfg.vocab_size, cfg.n_embd, 0.02, rng, cfg.dtype)
+        self.wpe = _embedding(cfg.block_size, cfg.n_embd, 0.02, rng, cfg.dtype)  # HF: 0.02 as well
+        self.drop = Dropout(cfg.dropout)
+        self.h = ModuleList(Block(cfg, rng) for _ in range(cfg.n_layer))
+        self.ln_f = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=cfg.dtype)
+
+
+class GPT(Module):
+    """GPT-2 language model. ``GPT(config, seed=0)`` draws GPT-2's initialisation."""
+
+    def __init__(self, config: GPTConfig | None = None, seed=0, init_weights: bool = True) -> None:
+        super().__init__()
+        cfg = config if config is not None else GPTConfig()
+        if isinstance(cfg, dict):
+            cfg = GPTConfig.from_dict(cfg)
+        if not isinstance(cfg, GPTConfig):
+            raise TypeError(f"GPT needs a GPTConfig (or a dict of its fields), got {type(cfg).__name__}")
+        self.config = cfg
+        rng = (seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)) if init_weights else None
+        self.transformer = Transformer(cfg, rng)
+        if cfg.tie_word_embeddings:
+            self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, False, 0.0, None, cfg.dtype)
+            self.lm_head.weight = self.transformer.wte.weight  # the same Parameter: tied
+        else:
+            self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, False, 0.02, rng, cfg.dtype)
+
+    def num_parameters(self, trainable_only: bool = False, non_embedding: bool = False) -> int:
+        """Parameter count; ``non_embedding`` leaves out wte, wpe and lm_head (Kaplan et al.'s N)."""
+        skip = {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} if non_embedding else set()
+        return sum(p.size for n, p in self.named_parameters()
+                   if n not in skip and (p.requires_grad or not trainable_only))
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, idx, targets=None, *, inputs_embeds_prefix=None, prefix_key_values=None,
+                attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                output_hidden_states=False, ignore_index=-100, label_smoothing=0.0) -> GPTOutput:
+        """Logits for token ids ``idx`` (B, T); the loss when ``targets`` (B, T) are given.
+
+        ``targets`` are already shifted (nanoGPT's convention: ``targets[:, t]`` is the token
+        after ``idx[:, t]``); ``ignore_index`` entries count for nothing.
+
+        * ``inputs_embeds_prefix`` (B or 1, P, C): rows prepended to the token embeddings
+          before ``wpe`` is added (prompt tuning, as peft + HF: the prompt takes positions
+          0..P-1, the tokens P..P+T-1). Logits cover all P + T positions; the loss only
+          the last T.
+        * ``prefix_key_values``: per layer ``(k, v)`` of shape (B or 1, H, P, D) prepended to
+          that layer's keys and values (prefix tuning). As when HF gets the prefix as
+          ``past_key_values``, the tokens' positions start at P.
+        * ``past_key_values``: the ``past_key_values`` of an earlier call with ``use_cache``
+          (arrays, (B, H, S, D); they include that call's prefix); positions continue at S.
+        * ``attention_mask``: 1 keep / 0 padding, (B, T) over the tokens or (B, S + T) over
+          the cached positions then the tokens. Prefix and prompt positions are always kept.
+        * ``position_ids``: (P + T,) or (B, P + T) positions of the new rows (default:
+          consecutive, after any prefix and cache).
+        * ``output_hidden_states``: L + 1 Tensors as Hugging Face returns them: the embedding
+          output, the outputs of blocks 1..L-1, and ``ln_f`` applied to block L's output.
+        """
+        cfg, wte = self.config, self.transformer.wte.weight
+        xp = xp_of(wte.data)
+        idx = self._check_idx(idx, xp)
+        B, T = idx.shape
+        n_prefix = self._check_layers_kv(prefix_key_values, "prefix_key_values", B, trainable=True)
+        n_past = self._check_layers_kv(past_key_values, "past_key_values", B, trainable=False)
+        x = self.transformer.wte(idx)  # (B, T, C)
+        n_prompt = 0
+        if inputs_embeds_prefix is not None:
+            pe = inputs_embeds_prefix if isinstance(inputs_embeds_prefix, Tensor) else Tensor(inputs_embeds_prefix)
+            if pe.ndim != 3 or pe.shape[0] not in (1, B) or pe.shape[2] != cfg.n_embd:
+                raise ValueError(f"inputs_embeds_prefix must have shape ({B} or 1, P, {cfg.n_embd}), got {pe.shape}")
+            if pe.shape[0] != B:
+                pe = F.broadcast_to(pe, (B,) + pe.shape[1:])
+            n_prompt = pe.shape[1]
+            x = F.concatenate([F.cast(pe, x.dtype), x], axis=1)  # (B, P + T, C)
+        offset, n_new = n_prefix + n_past, n_prompt + T
+        if position_ids is None:
+            pos = xp.arange(offset, offset + n_new)  # (P + T,)
+            last = offset + n_new
+        else:
+            pos = xp.asarray(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
+            if pos.shape not in ((n_new,), (B, n_new)) or pos.dtype.kind not in "iu":
+                raise ValueError(f"position_ids must be integers of shape ({n_new},) or ({B}, {n_new}), got "
+                                 f"{pos.dtype} {pos.shape}")
+            last = int(pos.max()) + 1 if pos.size else 0
+        if last > cfg.block_size:
+            raise ValueError(
+                f"sequence too long: positions reach {last} (prefix {n_prefix} + cache {n_past} + prompt "
+                f"{n_prompt} + tokens {T}) but block_size is {cfg.block_size}; shorten the input or build the "
+                f"model with a larger GPTConfig.block_size")
+        x = self.transformer.drop(x + self.transformer.wpe(pos))  # (B, P + T, C)
+        key_mask = self._key_mask(attention_mask, xp, B, T, n_prefix, n_past, n_prompt)  # (B, Tk) or None
+        hidden = [] if output_hidden_states else None
+        presents = [] if use_cache else None
+        for i, block in enumerate(self.transformer.h):
+            if hidden is not None:
+                hidden.append(x)
+            x, present = block(x, prefix_key_values[i] if prefix_key_values else None,
+                               past_key_values[i] if past_key_values else None, key_mask, use_cache)
+            if presents is not None:
+                presents.append(present)
+        x = self.transformer.ln_f(x)  # (B, P + T, C)
+        if hidden is not None:
+            hidden.append(x)
+        logits = self.lm_head(x)  # (B, P + T, V)
+        loss = None
+        if targets is not None:
+            t = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
+            if t.shape != (B, T):
+                raise ValueError(f"targets must have the shape of idx {(B, T)}, got {t.shape}")
+            tok_logits = logits[:, n_prompt:, :] if n_prompt else logits  # (B, T, V)
+            loss = F.cross_entropy(tok_logits, t, ignore_index=ignore_index, label_smoothing=label_smoothing)
+        return GPTOutput(logits, loss, hidden, presents)
+
+    def _check_idx(self, idx, xp):
+        idx = xp.asarray(idx.data if isinstance(idx, Tensor) else idx)
+        if idx.ndim != 2 or idx.dtype.kind not in "iu":
+            raise ValueError(f"idx must be integer token ids of shape (B, T), got a {idx.dtype} array of "
+                             f"shape {idx.shape} (one sequence: pass idx[None])")
+        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids in "
+                             f"[{int(idx.min())}, {int(idx.max())}]")
+        return idx
+
+    def _check_layers_kv(self, kv, what, B, trainable) -> int:
+        """Check a per-layer list of (k, v); return its length P (or S)."""
+        if kv is None:
+            return 0
+        cfg = self.config
+        if len(kv) != cfg.n_layer:
+            raise ValueError(f"{what} must hold one (k, v) pair per layer ({cfg.n_layer}), got {len(kv)}")
+        n = None
+        for i, pair in enumerate(kv):
+            if len(pair) != 2:
+                raise ValueError(f"{what}[{i}] must be a (k, v) pair")
+            for t in pair:
+                s = tuple(t.shape)
+                ok_b = s[:1] == (B,) or (trainable and s[:1] == (1,))
+                same_p = n is None or s[2] == n
+                if len(s) != 4 or not ok_b or s[1] != cfg.n_head or s[3] != cfg.head_dim or not same_p:
+                    raise ValueError(f"{what}[{i}] tensors must have shape ({B}{' or 1' if trainable else ''}, "
+                                     f"{cfg.n_head}, P, {cfg.head_dim}) with one P for all layers, got {s}")
+                n = s[2]
+        return n
+
+    @staticmethod
+    def _key_mask(attention_mask, xp, B, T, n_prefix, n_past, n_prompt):
+        if attention_mask is None:
+            return None
+        m = xp.asarray(attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask)
+        if m.shape not in ((B, T), (B, n_past + T)):
+            raise ValueError(f"attention_mask must have shape (B, T) = {(B, T)} or (B, S + T) = {(B, n_past + T)} "
+                             f"with S = {n_past} cached positions, got {m.shape}")
+        m = m.astype(bool)
+        past = m[:, :n_past] if m.shape[1] == n_past + T else xp.ones((B, n_past), bool)
+        ones = xp.ones((B, n_prefix), bool), xp.ones((B, n_prompt), bool)
+        return xp.concatenate([ones[0], past, ones[1], m[:, -T:] if T else m[:, :0]], axis=1)  # (B, Tk)
+
+    # ---------------------------------------------------------------- generate
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None,
+                 prefix_key_values=None, inputs_embeds_prefix=None, use_cache: bool = True):
+        """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + n) ids.
+
+        Greedy (argmax), or sampling at ``temperature`` from the ``top_k`` most likely
+        tokens with ``seed`` (int or numpy Generator). A row that emitted ``eos_token_id``
+        keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
+        marks left padding (positions then count only kept tokens, as HF's generate).
+        The key/value cache is used until the sequence fills ``block_size``; after that
+        each step reruns the last window that fits (nanoGPT's crop).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if not greedy and not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+        V, block_size = self.config.vocab_size, self.config.block_size
+        if top_k is not None and not 1 <= top_k <= V:
+            raise ValueError(f"top_k must be in [1, {V}], got {top_k}")
+        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+        xp = xp_of(self.transformer.wte.weight.data)
+        out = self._check_idx(idx, xp)  # (B, T)
+        B = out.shape[0]
+        masked = attention_mask is not None
+        tmask = xp.asarray(to_numpy(attention_mask)).astype(bool) if masked else xp.ones(out.shape, bool)
+        if tmask.shape != out.shape:
+            raise ValueError(f"attention_mask must have the shape of idx {out.shape}, got {tmask.shape}")
+        n_kv = 0 if prefix_key_values is None else int(prefix_key_values[0][0].shape[2])
+        n_prompt = 0 if inputs_embeds_prefix is None else int(inputs_embeds_prefix.shape[1])
+        n_fixed = n_kv + n_prompt  # positions taken by the prefixes
+        budget = block_size - n_fixed  # tokens that fit after them
+        if budget < 1:
+            raise ValueError(f"prefixes of {n_fixed} positions leave no room in block_size {block_size}")
+        done = np.zeros(B, bool)
+        past = cache_mask = n_kept = None
+        was_training = self.training
+        self.eval()
+        try:
+            with no_grad():
+                for _ in range(max_new_tokens):
+                    if not use_cache or past is None or past[0][0].shape[2] + 1 > block_size:
+                        win, wmask = out[:, -budget:], tmask[:, -budget:]  # (B, Tw): the window that fits
+                        pos = None
+                        if masked:  # HF generate's positions: count only kept tokens
+                            prompt_pos = xp.broadcast_to(xp.arange(n_kv, n_fixed)[None, :], (B, n_prompt))
+                            tok_pos = n_fixed + xp.maximum(xp.cumsum(wmask, axis=1) - 1, 0)
+                            pos = xp.concatenate([prompt_pos, tok_pos], axis=1)  # (B, P + Tw)
+                        o = self(win, prefix_key_values=prefix_key_values, inputs_embeds_prefix=inputs_embeds_prefix,
+                                 attention_mask=wmask if masked else None, position_ids=pos, use_cache=use_cache)
+                        cache_mask = xp.concatenate([xp.ones((B, n_fixed), bool), wmask], axis=1)  # (B, S)
+                        n_kept = wmask.sum(axis=1)  # (B,)
+                    else:  # one new token against the cache
+                        cache_mask = xp.concatenate([cache_mask, xp.ones((B, 1), bool)], axis=1)  # (B, S + 1)
+                        pos = (n_fixed + n_kept)[:, None] if masked else None
+                        o = self(out[:, -1:], past_key_values=past, use_cache=True, position_ids=pos,
+                                 attention_mask=cache_mask if masked else None)
+                        n_kept = n_kept + 1
+                    past = o.past_key_values
+                    logits = to_numpy(o.logits.data[:, -1, :]).astype(np.float64)  # (B, V)
+                    nxt = _pick(logits, greedy, temperature, top_k, rng)  # (B,)
+                    if eos_token_id is not None:
+                        nxt = np.where(done, eos_token_id, nxt)
+                        done |= nxt == eos_token_id
+                    out = xp.concatenate([out, xp.asarray(nxt, dtype=out.dtype)[:, None]], axis=1)  # (B, T + 1)
+                    tmask = xp.concatenate([tmask, xp.ones((B, 1), bool)], axis=1)
+                    if eos_token_id is not None and done.all():
+                        break
+        finally:
+            self.train(was_training)
+        return out
+
+    # ---------------------------------------------------------------- Hugging Face files
+    @classmethod
+    def from_hf(cls, path, dtype: str = "float32", dropout: float | None = None) -> "GPT":
+        """Load a Hugging Face GPT-2 directory (``config.json`` + ``model.safetensors``).
+
+        Keys may carry the ``transformer.`` prefix or not; Conv1D weights (in, out) are
+        transposed to (out, in); the ``attn.bias`` causal buffers are skipped; a stored
+        ``lm_head.weight`` must equal ``wte`` when the embeddings are tied. ``dropout``
+        defaults to the checkpoint's ``resid_pdrop``. The model is returned in eval mode,
+        as ``from_pretrained`` does (call ``.train()`` before fine-tuning).
+        """
+        path = os.fspath(path)
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{cfg_file} not found: from_hf needs a Hugging Face GPT-2 directory "
+                                    f"(config.json + model.safetensors)")
+        with open(cfg_file) as f:
+            hf = json.load(f)
+        if hf.get("model_type", "gpt2") != "gpt2":
+            raise ValueError(f"{cfg_file}: model_type is {hf.get('model_type')!r}, only 'gpt2' is supported")
+        for key, want in (("activation_function", "gelu_new"), ("scale_attn_weights", True),
+                          ("scale_attn_by_inverse_layer_idx", False), ("add_cross_attention", False)):
+            if hf.get(key, want) != want:
+                raise ValueError(f"{cfg_file}: {key}={hf[key]!r} is not GPT-2's ({want!r}); "
+                                 f"minipeft's GPT cannot run it")
+        config = GPTConfig(
+            vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
+            n_inner=hf.get("n_inner"), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+            dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
+            tie_word_embeddings=hf.get("tie_word_embeddings", True), dtype=dtype)
+        model = cls(config, init_weights=False)
+        model.load_state_dict(_from_hf_state(_read_safetensors(path), config))
+        return model.eval()
+
+    def save_hf(self, path) -> None:
+        """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` can load."""
+        cfg = self.config
+        if not cfg.bias:
+            raise ValueError("save_hf: Hugging Face GPT-2 always has biases; this model has bias=False")
+        from safetensors.numpy import save_file
+
+        os.makedirs(path, exist_ok=True)
+        eos = GPT2_VOCAB_SIZE - 1 if cfg.vocab_size == GPT2_VOCAB_SIZE else None  # GPT-2's <|endoftext|>
+        hf = {
+            "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.n_embd, "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head, "n_inner": cfg.n_inner, "layer_norm_epsilon": cfg.layer_norm_epsilon,
+            "activation_function": "gelu_new", "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout,
+            "attn_pdrop": 0.0,  # minipeft has no dropout on attention probabilities
+            "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_word_embeddings,
+            "bos_token_id": eos, "eos_token_id": eos, "use_cache": True, "dtype": cfg.dtype,
+        }
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        tensors = {}
+        for name, arr in self.state_dict().items():
+            if name == "lm_head.weight" and cfg.tie_word_embeddings:
+                continue
+            a = to_numpy(arr)
+            tensors[name] = np.ascontiguousarray(a.T if _is_conv1d(name) else a)  # Conv1D is (in, out)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+
+
+_CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+
+
+def _is_conv1d(name: str) -> bool:
+    return name.endswith(_CONV1D)
+
+
+def _read_safetensors(path: str) -> dict:
+    from safetensors.numpy import load_file
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):  # sharded checkpoint
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        out = {}
+        for s in shards:
+            out.update(load_file(os.path.join(path, s)))
+        return out
+    hint = " (found a pickle checkpoint, which minipeft never reads: convert it to safetensors)" if any(
+        os.path.isfile(os.path.join(path, n)) for n in ("pytorch_model.bin", "model.bin")) else ""
+    raise FileNotFoundError(f"no model.safetensors in {path}{hint}")
+
+
+def _from_hf_state(raw: dict, cfg: GPTConfig) -> dict:
+    """HF GPT-2 tensors -> minipeft state dict names, (out, in) layout, config dtype."""
+    state, lm_head = {}, None
+    for key, arr in raw.items():
+        name = key if key.startswith(("transformer.", "lm_head.")) else "transformer." + key
+        if name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older checkpoints, not parameters
+        if name == "lm_head.weight":
+            lm_head = arr
+            continue
+        arr = arr.astype(cfg.dtype)
+        state[name] = np.ascontiguousarray(arr.T) if _is_conv1d(name) and arr.ndim == 2 else arr
+    if lm_head is not None:
+        if not cfg.tie_word_embeddings:
+            state["lm_head.weight"] = lm_head.astype(cfg.dtype)
+        elif "transformer.wte.weight" in state and not np.array_equal(
+                lm_head.astype(cfg.dtype), state["transformer.wte.weight"]):
+            raise ValueError("checkpoint has tie_word_embeddings=true but lm_head.weight differs from wte.weight; "
+                             "set tie_word_embeddings=false in config.json to load an untied head")
+    return state
+
+
+def _pick(logits: np.ndarray, greedy: bool, temperature: float, top_k, rng: np.random.Generator) -> np.ndarray:
+    """Next token per row of ``logits`` (B, V): argmax, or a top-k sample at ``temperature``."""
+    if greedy:
+        return logits.argmax(axis=-1)
+    z = logits / temperature
+    if top_k is not None:
+        kth = np.sort(z, axis=-1)[:, -top_k][:, None]  # (B, 1): the k-th largest logit
+        z = np.where(z < kth, -np.inf, z)
+    p = np.exp(z - z.max(axis=-1, keepdims=True))
+    cdf = np.cumsum(p, axis=-1)  # (B, V), unnormalised
+    u = rng.random(len(z))[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), z.shape[-1] - 1)  # inverse-CDF sample
