@@ -118,3 +118,50 @@ def scatter_add(target, indices, values) -> None:
         cupyx.scatter_add(target, indices, values)
     else:
         np.add.at(target, indices, values)
+
+
+class DeviceMemoryTracker:
+    """Current and peak bytes allocated on the GPU while active (CuPy memory hook).
+
+    ``with DeviceMemoryTracker() as t: ...`` then ``t.peak`` / ``t.current`` (bytes,
+    counted from the allocations CuPy's pool hands out, relative to entering). On the
+    CPU it is a no-op that reports 0.
+    """
+
+    def __init__(self, device: str = "cuda"):
+        self.device = resolve_device(device)
+        self.current = 0
+        self.peak = 0
+        self._hook = None
+
+    def __enter__(self):
+        if self.device == "cuda":
+            cp = _import_cupy()
+            from cupy.cuda import memory_hook
+
+            tracker = self
+
+            class _Hook(memory_hook.MemoryHook):
+                name = "minipeft_peak"
+
+                def malloc_postprocess(self, device_id, size, mem_size, mem_ptr, pmem_id):
+                    tracker.current += mem_size
+                    tracker.peak = max(tracker.peak, tracker.current)
+
+                def free_postprocess(self, device_id, mem_size, mem_ptr, pmem_id):
+                    tracker.current -= mem_size
+
+            cp.cuda.Stream.null.synchronize()
+            self._hook = _Hook()
+            self._hook.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._hook is not None:
+            _import_cupy().cuda.Stream.null.synchronize()
+            self._hook.__exit__(*exc)
+            self._hook = None
+        return False
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
