@@ -11,11 +11,12 @@ from .blockwise import (QuantState, bits_per_parameter, dequantize_4bit, dequant
                         double_dequantize, double_quantize, quantize_4bit, quantize_blockwise,
                         quantize_fp4, quantize_nf4, unpack_4bit)
 from .codes import (DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, FP4, INT4, NF4, create_dynamic_map,
-                    create_normal_map, fp4_index, get_4bit_type, linspace_f32, midpoints,
-                    nearest_code_index, nf4_from_normal_map, worst_case_error)
+                    NF4_THRESHOLDS, create_normal_map, fp4_index, get_4bit_type, linspace_f32,
+                    midpoints, nearest_code_index, nf4_from_normal_map, nf4_index,
+                    worst_case_error)
 from .floats import (BFLOAT16, FLOAT16, FLOAT32, FloatFormat, bfloat16_bits_to_float32,
                      float16_bits_to_float32, float32_to_bfloat16_bits, float32_to_float16_bits,
-                     round_to_bfloat16, round_to_float16)
+                     flush_subnormals, round_to_bfloat16, round_to_float16)
 from .int8 import (MM_DEQUANT_CONST, int8_linear_matmul, int8_mm_dequant,
                    int8_vectorwise_dequant, int8_vectorwise_quant, llm_int8_matmul, matmul_8bit,
                    outlier_columns)
@@ -30,11 +31,11 @@ __all__ = [
     # codes
     "NF4", "FP4", "INT4", "DYNAMIC_SIGNED", "DYNAMIC_UNSIGNED", "create_normal_map",
     "nf4_from_normal_map", "create_dynamic_map", "get_4bit_type", "linspace_f32", "midpoints",
-    "worst_case_error", "nearest_code_index", "fp4_index",
+    "worst_case_error", "nearest_code_index", "fp4_index", "nf4_index", "NF4_THRESHOLDS",
     # floats
     "FloatFormat", "FLOAT32", "FLOAT16", "BFLOAT16", "float32_to_bfloat16_bits",
     "bfloat16_bits_to_float32", "float32_to_float16_bits", "float16_bits_to_float32",
-    "round_to_bfloat16", "round_to_float16",
+    "round_to_bfloat16", "round_to_float16", "flush_subnormals",
     # int8
     "MM_DEQUANT_CONST", "int8_vectorwise_quant", "int8_vectorwise_dequant",
     "int8_linear_matmul", "int8_mm_dequant", "matmul_8bit", "llm_int8_matmul",

@@ -13,13 +13,15 @@ the float32 block constants c are themselves quantized to 8 bits in blocks of 25
 after subtracting their mean, which takes the scale cost from 32/64 = 0.5 to
 8/64 + 32/(64*256) = 0.127 bits per parameter.
 
-Everything follows bitsandbytes' CUDA kernels bit for bit: float32 absmax per block,
-``x * float32(1/absmax)`` (a reciprocal, then a multiply), nearest code by float32
-midpoints with bitsandbytes' tie rules (NF4: lower index; 8-bit: even index; FP4: its
-literal thresholds, ties to the smaller magnitude), two 4-bit indices per byte with the
-even element in the high nibble, odd lengths padded with 0.0, all-zero blocks stored as
-index 0 with absmax 0 (the CUDA result; they dequantize to zeros, except under double
-quantization, whose reconstructed absmax is not exactly 0 - as in bitsandbytes). Only the float32
+Everything follows bitsandbytes' CUDA kernels bit for bit: float32 in flush-to-zero mode
+(the kernels are built with ``--use_fast_math``: subnormals read and written as +-0),
+absmax per block, ``x * float32(1/absmax)`` (a reciprocal, then a multiply), the nearest
+code with bitsandbytes' tie rules (8-bit: float32 midpoints, even index on a tie; NF4 and
+FP4: the CUDA literal thresholds, ties to the lower index / smaller magnitude), two 4-bit
+indices per byte with the even element in the high nibble, odd lengths padded with 0.0,
+FP4 index 0b1000 decoded as -0.0, all-zero blocks stored as index 0 with absmax 0 (the
+CUDA result; they dequantize to zeros, except under double quantization, whose
+reconstructed absmax is not exactly 0 - as in bitsandbytes). Only the float32
 mean used as the double-quantization offset can differ by an ulp from PyTorch's CUDA
 reduction (its summation order is not reproducible); see :func:`double_quantize`.
 
@@ -36,7 +38,9 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_device, to_numpy, xp_of
-from .codes import DYNAMIC_SIGNED, fp4_index, get_4bit_type, nearest_code_index
+from .codes import (DYNAMIC_SIGNED, FP4_MAGNITUDE, NF4, fp4_index, get_4bit_type,
+                    nearest_code_index, nf4_index)
+from .floats import flush_subnormals
 
 _F32 = np.float32
 _FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
@@ -164,13 +168,14 @@ def _quiet(xp):
 def _to_blocks(A, blocksize: int):
     """Flatten row-major, pad with zeros to whole blocks; absmax and ``x * (1/absmax)``.
 
-    As in the CUDA kernel the reciprocal of a zero absmax is inf, and ``0 * inf`` is NaN:
-    every element of an all-zero block (and a zero in a block whose absmax is below
-    2**-128, where the reciprocal overflows) comes out NaN, which fails every comparison
-    of CUDA's search and lands on index 0 (see :func:`_nan_to_zero_index`).
+    In flush-to-zero float32, as the CUDA kernel: subnormal inputs count as +-0 (a block
+    of subnormals has absmax 0), and a subnormal reciprocal or product becomes +-0. The
+    reciprocal of a zero absmax is inf and ``0 * inf`` is NaN: every element of an
+    all-zero block comes out NaN, which fails every comparison of CUDA's search and lands
+    on index 0 (see :func:`_nan_to_zero_index`).
     """
     xp = xp_of(A)
-    flat = A.reshape(-1).astype(xp.float32)
+    flat = flush_subnormals(A.reshape(-1).astype(xp.float32))
     n = flat.size
     n_blocks = -(-n // blocksize)
     blocks = xp.zeros(n_blocks * blocksize, dtype=xp.float32)
@@ -178,7 +183,8 @@ def _to_blocks(A, blocksize: int):
     blocks = blocks.reshape(n_blocks, blocksize)                       # (n_blocks, B)
     absmax = xp.abs(blocks).max(axis=1)                                # (n_blocks,)
     with _quiet(xp):
-        scaled = blocks * (xp.float32(1) / absmax)[:, None]            # reciprocal, then multiply
+        recip = flush_subnormals(xp.float32(1) / absmax)               # reciprocal, then multiply
+        scaled = flush_subnormals(blocks * recip[:, None])
     return scaled, absmax, n
 
 
@@ -189,7 +195,7 @@ def _nan_to_zero_index(idx, scaled):
 
 
 def _from_blocks(values, absmax, blocksize: int, n: int, shape, dtype):
-    """``values * absmax[block]`` in float32, cast once to ``dtype``, in ``shape``."""
+    """``values * absmax[block]`` in flush-to-zero float32, cast once to ``dtype``, in ``shape``."""
     xp = xp_of(values)
     n_blocks = absmax.size
     if n_blocks != -(-n // blocksize):
@@ -197,7 +203,8 @@ def _from_blocks(values, absmax, blocksize: int, n: int, shape, dtype):
                          f"need {-(-n // blocksize)}; is the QuantState from another tensor?")
     padded = xp.zeros(n_blocks * blocksize, dtype=xp.float32)
     padded[:n] = values
-    out = padded.reshape(n_blocks, blocksize) * absmax.astype(xp.float32)[:, None]
+    scale = flush_subnormals(absmax.astype(xp.float32))[:, None]
+    out = flush_subnormals(padded.reshape(n_blocks, blocksize) * scale)
     return out.reshape(-1)[:n].astype(dtype).reshape(shape)
 
 
@@ -308,6 +315,8 @@ def quantize_4bit(A, *, blocksize: int = 64, compress_statistics: bool = False,
     scaled, absmax, n = _to_blocks(A, blocksize)                       # (n_blocks, B)
     if quant_type == "fp4":
         idx = fp4_index(scaled)
+    elif quant_type == "nf4":
+        idx = nf4_index(scaled)
     else:
         idx = nearest_code_index(scaled, code, tie="lower")
     idx = _nan_to_zero_index(idx, scaled).astype(xp.uint8)
@@ -331,7 +340,12 @@ def unpack_4bit(packed, n: int):
 
 
 def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
-    """Inverse of :func:`quantize_4bit`: ``code[q] * absmax[block]`` in float32, cast once."""
+    """Inverse of :func:`quantize_4bit`: ``code[q] * absmax[block]`` in float32, cast once.
+
+    NF4 and FP4 decode as bitsandbytes' CUDA kernel does, from its built-in tables rather
+    than ``quant_state.code``: FP4 is ``magnitude[q & 7] * absmax * sign`` with the sign
+    from bit 3, so index 0b1000 gives -0.0 (bitsandbytes' code tensor holds +0.0 there).
+    """
     if np.dtype(A.dtype) != np.uint8:
         raise TypeError(f"dequantize_4bit expects packed uint8 bytes, got {A.dtype}")
     if quant_state is None or quant_state.quant_type not in QUANT_TYPES_4BIT:
@@ -343,9 +357,17 @@ def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = double_dequantize(absmax, quant_state.offset, quant_state.state2)
-    table = xp.asarray(quant_state.code, dtype=xp.float32)
+    table = xp.asarray(_DECODE_4BIT.get(quant_state.quant_type, quant_state.code),
+                       dtype=xp.float32)
     out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
     return _from_blocks(table[idx], absmax, bs, n, quant_state.shape, out_dtype)
+
+
+# What the CUDA dequantizer multiplies absmax by, per 4-bit index: NF4 its table; FP4 the
+# magnitude of the low 3 bits times the sign of bit 3 (a sign flip is exact, so the order
+# of the two products does not matter, and index 8 is 0 * -1 = -0.0).
+_DECODE_4BIT = {"nf4": NF4,
+                "fp4": np.concatenate([FP4_MAGNITUDE, -FP4_MAGNITUDE]).astype(_F32)}
 
 
 def quantize_nf4(A, *, blocksize: int = 64, compress_statistics: bool = False):

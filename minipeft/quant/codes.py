@@ -15,8 +15,9 @@ stores, for every element, the index of the nearest code value.
   signed for signed data (and the nested absmax of double quantization), unsigned for
   Adam's second moment.
 
-:func:`nearest_code_index` and :func:`fp4_index` map scaled values to indices with
-bitsandbytes' tie rules (vectorized ``searchsorted``, NumPy or CuPy).
+:func:`nearest_code_index`, :func:`nf4_index` and :func:`fp4_index` map scaled values to
+indices with bitsandbytes' tie rules (vectorized ``searchsorted``, NumPy or CuPy); the
+4-bit ones use the float32 thresholds the CUDA kernels compare against.
 
 The float32 arithmetic matters: bitsandbytes builds its tables with PyTorch's float32
 ``linspace``; :func:`linspace_f32` reproduces that kernel, so the constructions below
@@ -49,11 +50,27 @@ NF4 = _frozen([
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 ])
+# The CUDA quantizer dQuantizeNF4 compares x against 15 float literals (strict >, so a
+# value on a threshold goes to the lower index). The literals are the float64 midpoints
+# of neighbouring NF4 values, printed to 16-17 digits with an ``f`` suffix; the compiler
+# rounds each *decimal* literal once to float32. Four of the float64 midpoints sit exactly
+# half-way between two float32 numbers, so the printed decimal lies just above or below
+# that tie and picks a side: at indices 0, 8, 12 and 14 the thresholds are 1 ulp from the
+# float32 midpoints ``(c[i] + c[i+1]) / 2`` (and from ``np.float32(float(literal))``,
+# which rounds twice). Checked against bitsandbytes 0.50.2: the float32 midpoints 0, 12
+# and 14 are quantized to the *upper* index there.
+NF4_THRESHOLDS = _frozen([
+    -0.84809643, -0.6106329, -0.45999527, -0.33967942, -0.2346074, -0.13791174,
+    -0.045525018, 0.03979015, 0.120255254, 0.20352125, 0.29201376, 0.38931254,
+    0.5016634, 0.6427869, 0.8614784,
+])
 
-# FP4: bitsandbytes' table is [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, ...] / 12 (float32).
+# FP4: bitsandbytes' table is [0, 0.0625, 8, 12, 4, 6, 2, 3, -0, ...] / 12 (float32). Its
+# "-0" is a Python int, so entry 8 is +0.0 in the tensor bitsandbytes returns (checked
+# against the fixture made by bitsandbytes 0.50.2).
 # Index bits: s e1 e0 m; low 3 bits select the magnitude, bit 3 the sign.
 _FP4_TIMES_12 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                 -0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+                 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
 FP4 = _frozen(np.asarray(_FP4_TIMES_12, _F32) / _F32(12))
 FP4_MAGNITUDE = _frozen(FP4[:8])
 # The CUDA quantizer dQuantizeFP4 compares |x| against these float32 literals (strict >);
@@ -287,6 +304,16 @@ def nearest_code_index(scaled, code, tie: str = "lower"):
         on_mid = (pos < mids.size) & (scaled == mids[xp.minimum(pos, mids.size - 1)])
         pos = pos + (on_mid & (pos % 2 == 1))
     return xp.asarray(first_index.astype(np.int64))[pos]
+
+
+def nf4_index(scaled):
+    """bitsandbytes' NF4 index of each scaled value (its CUDA ``dQuantizeNF4`` tree).
+
+    The number of :data:`NF4_THRESHOLDS` strictly below x: a value on a threshold goes to
+    the lower index. NaN (an all-zero block's 0 * inf) is handled by the caller.
+    """
+    xp = xp_of(scaled)
+    return xp.searchsorted(xp.asarray(NF4_THRESHOLDS), scaled, side="left")
 
 
 def fp4_index(scaled):

@@ -17,6 +17,9 @@ Conversions round to nearest, ties to even, on the integer bit patterns (``uint3
 view): overflow becomes inf, results below the smallest normal become subnormals (or
 zero), NaN stays NaN. NumPy has no bfloat16 dtype, so bfloat16 values travel as their
 ``uint16`` bit patterns (or as float32 arrays holding bfloat16-representable values).
+
+:func:`flush_subnormals` emulates CUDA's flush-to-zero mode, which bitsandbytes' kernels
+run in (they are compiled with ``--use_fast_math``).
 """
 from __future__ import annotations
 
@@ -169,3 +172,15 @@ def round_to_bfloat16(x):
 def round_to_float16(x):
     """float32 ``x`` rounded to the nearest float16 value, returned as float32."""
     return float16_bits_to_float32(float32_to_float16_bits(x))
+
+
+def flush_subnormals(x):
+    """float32 ``x`` with subnormals (0 < |x| < 2**-126) replaced by a zero of the same sign.
+
+    This is CUDA's flush-to-zero mode (``-ftz=true``, implied by ``--use_fast_math``, which
+    bitsandbytes' kernels are built with): ``.ftz`` instructions read a subnormal operand as
+    +-0 and write a subnormal result as +-0. Normal values, zeros, inf and NaN pass unchanged.
+    """
+    xp = xp_of(x)
+    tiny = xp.float32(np.finfo(np.float32).tiny)                      # 2**-126
+    return xp.where(xp.abs(x) < tiny, xp.copysign(xp.float32(0), x), x).astype(xp.float32)

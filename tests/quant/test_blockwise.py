@@ -216,11 +216,17 @@ def test_nearest_code_index_is_argmin_away_from_ties(seed, size):
 
 
 def test_tie_rules():
-    mids = C.midpoints(C.NF4)
-    # NF4: a value exactly on a midpoint goes to the lower index (CUDA's x > t tree)
-    x = np.concatenate([[1.0], mids]).astype(np.float32)
+    # NF4: a value exactly on a threshold goes to the lower index (CUDA's x > t tree). The
+    # thresholds are CUDA's float literals, 1 ulp off the float32 midpoints at 0, 8, 12, 14:
+    # bitsandbytes 0.50.2 puts the float32 midpoints 0, 12, 14 on the upper index (fixture
+    # bnb_quant, q4.ties.nf4.bs64 elements 257, 269, 271), so they are not "ties" there.
+    x = np.concatenate([[1.0], C.NF4_THRESHOLDS]).astype(np.float32)
     packed, _ = B.quantize_4bit(x, blocksize=64, quant_type="nf4")
     np.testing.assert_array_equal(B.unpack_4bit(packed, x.size), [15] + list(range(15)))
+    x = np.concatenate([[1.0], C.midpoints(C.NF4)]).astype(np.float32)
+    packed, _ = B.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    expect = np.arange(15) + np.isin(np.arange(15), [0, 12, 14])
+    np.testing.assert_array_equal(B.unpack_4bit(packed, x.size), [15] + list(expect))
     # 8-bit: on a midpoint, the even index of the two neighbours
     dmids = C.midpoints(C.DYNAMIC_SIGNED)
     x = np.concatenate([[1.0], dmids]).astype(np.float32)
@@ -444,3 +450,29 @@ def test_double_quantize_with_a_given_offset_and_state_to_cpu():
     moved = state.to("cpu")
     assert moved is not state and moved.state2 is not state.state2
     np.testing.assert_array_equal(B.dequantize_4bit(packed, moved), B.dequantize_4bit(packed, state))
+
+
+# ----------------------------------------------------------------------------- CUDA float details
+def test_fp4_index_8_decodes_to_negative_zero():
+    """bitsandbytes' CUDA FP4 decoder multiplies by the sign bit: 0b1000 -> -0.0."""
+    x = np.array([1.0, -0.001, 0.0, -0.5], np.float32)
+    packed, state = B.quantize_4bit(x, blocksize=64, quant_type="fp4")
+    np.testing.assert_array_equal(B.unpack_4bit(packed, 4), [3, 8, 0, 13])
+    deq = B.dequantize_4bit(packed, state)
+    assert np.signbit(deq[1]) and deq[1] == 0.0 and not np.signbit(deq[2])
+    assert deq[3] == -0.5 * 1.0
+
+
+def test_flush_to_zero_like_cuda():
+    """Subnormal inputs count as zero (fixture q8/q4.subnormal: absmax 0, every index 0)."""
+    x = np.ones(128, np.float32)
+    x[:64] = np.float32(3e-40) * np.linspace(-1, 1, 64, dtype=np.float32)   # subnormals
+    for quant_type in ("nf4", "fp4"):
+        packed, state = B.quantize_4bit(x, blocksize=64, quant_type=quant_type)
+        assert state.absmax[0] == 0 and np.all(packed[:32] == 0)
+    q, state = B.quantize_blockwise(x, blocksize=64)
+    assert state.absmax[0] == 0 and np.all(q[:64] == 0)
+    # a subnormal scaled value is -0 (not < 0), so FP4 keeps no sign bit for it
+    y = np.array([1e30, -1e-10, -1e30], np.float32)                     # -1e-10/1e30 underflows
+    packed, _ = B.quantize_4bit(y, blocksize=64, quant_type="fp4")
+    np.testing.assert_array_equal(B.unpack_4bit(packed, 3), [3, 0, 11])

@@ -160,3 +160,14 @@ def test_backends_agree(xp, to_xp):
     h = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     np.testing.assert_array_equal(to_numpy(F.float16_bits_to_float32(to_xp(h))).view(np.uint32),
                                   F.float16_bits_to_float32(h).view(np.uint32))
+
+
+def test_flush_subnormals():
+    tiny = np.finfo(np.float32).tiny
+    x = np.array([tiny, -tiny, tiny / 2, -tiny / 2, 1e-45, 0.0, -0.0, 1.0, np.inf, np.nan],
+                 np.float32)
+    y = F.flush_subnormals(x)
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y[:2], x[:2])
+    assert np.all(y[2:7] == 0) and list(np.signbit(y[2:7])) == [False, True, False, False, True]
+    assert y[7] == 1.0 and y[8] == np.inf and np.isnan(y[9])
