@@ -1,4 +1,4 @@
-"""Optimizers, learning-rate schedules and gradient clipping.
+"""Optimizers and gradient clipping: SGD, AdamW and the update rules they share.
 
 * SGD with momentum (Polyak 1964; Nesterov as in Sutskever et al. 2013), written the
   way ``torch.optim.SGD`` computes it: ``b <- mu*b + (1-dampening)*g``, ``p <- p - lr*b``
@@ -11,11 +11,7 @@
       p <- p - lr/(1-b1^t) * m / (sqrt(v)/sqrt(1-b2^t) + eps)
 
   The update is the pure function ``adamw_update`` so that 8-bit and paged AdamW
-  (bitsandbytes) can reuse it on dequantized states.
-* Schedules ``lr(step) -> float`` with linear warmup, as Hugging Face's
-  ``get_{constant,linear,cosine}_schedule_with_warmup`` (``step`` counts optimizer steps
-  already taken, so the first step with warmup uses lr 0 just as there), plus an
-  optional floor ``min_lr``; ``LRScheduler`` applies one to an optimizer and has state.
+  (bitsandbytes; ``adamw8bit.py``, ``paged.py``) reuse it on dequantized or paged states.
 * ``clip_grad_norm_``: scale all gradients so that their global L2 norm is at most
   ``max_norm`` (Pascanu et al. 2013), as ``torch.nn.utils.clip_grad_norm_``.
 
@@ -25,14 +21,12 @@ Everything works on NumPy and CuPy arrays alike (``xp = xp_of(array)``).
 """
 from __future__ import annotations
 
-import functools
 import math
-from typing import Callable
 
 import numpy as np
 
-from .backend import to_device, xp_of
-from .engine import Tensor
+from ..backend import to_device, xp_of
+from ..engine import Tensor
 
 # ------------------------------------------------------------------ update rules
 
@@ -172,6 +166,13 @@ class Optimizer:
             "state": {n: dict(st) for n, st in self.state.items()},
         }
 
+    def _state_shape(self, key: str, p: Tensor, hparams: dict) -> tuple:
+        """Shape the state array ``key`` must have for parameter ``p`` (its own by default).
+
+        ``hparams`` are the saved ones (a block size, say, may change the expected shape).
+        """
+        return tuple(p.shape)
+
     def check_state_dict(self, sd: dict) -> None:
         """Raise ``ValueError`` listing every way ``sd`` does not fit this optimizer."""
         problems = []
@@ -193,8 +194,11 @@ class Optimizer:
             for k in self._array_keys:
                 if k not in st:
                     continue
-                if tuple(st[k].shape) != own[name].shape:
-                    problems.append(f"{name}.{k}: saved {tuple(st[k].shape)} vs parameter {own[name].shape}")
+                want = self._state_shape(k, own[name], sd.get("hparams", {}))
+                if tuple(st[k].shape) != want:
+                    shape = tuple(own[name].shape)
+                    problems.append(f"{name}.{k}: saved {tuple(st[k].shape)} vs "
+                                    + (f"parameter {shape}" if want == shape else f"{want} for parameter {shape}"))
             extra = set(st) - set(self._array_keys) - {"step"}
             if extra:
                 problems.append(f"{name}: unknown state keys {sorted(extra)}")
@@ -320,112 +324,3 @@ def clip_grad_norm_(params, max_norm: float) -> float:
         for p in ps:
             p.grad = p.grad * p.grad.dtype.type(coef)
     return total
-
-
-# ---------------------------------------------------------------------- schedules
-
-
-def _warmup(step: int, warmup_steps: int) -> float | None:
-    return step / max(1, warmup_steps) if step < warmup_steps else None
-
-
-def _constant(step: int, *, lr: float, warmup_steps: int) -> float:
-    w = _warmup(step, warmup_steps)
-    return lr * (1.0 if w is None else w)
-
-
-def _linear(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    w = _warmup(step, warmup_steps)
-    if w is not None:
-        return lr * w
-    frac = max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))  # 1 -> 0
-    return min_lr + (lr - min_lr) * frac
-
-
-def _cosine(step: int, *, lr: float, warmup_steps: int, total_steps: int, min_lr: float) -> float:
-    w = _warmup(step, warmup_steps)
-    if w is not None:
-        return lr * w
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # 0 -> 1
-    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _check_schedule(lr, warmup_steps, total_steps, min_lr):
-    if not lr >= 0:
-        raise ValueError(f"lr must be >= 0, got {lr}")
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if total_steps is not None and warmup_steps > total_steps:
-        raise ValueError(f"warmup_steps ({warmup_steps}) must not exceed total_steps ({total_steps})")
-    if not 0 <= min_lr <= lr:
-        raise ValueError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
-
-
-def constant_schedule(lr: float, warmup_steps: int = 0) -> Callable[[int], float]:
-    """lr(step): linear warmup from 0, then constant ``lr``."""
-    _check_schedule(lr, warmup_steps, None, 0.0)
-    return functools.partial(_constant, lr=float(lr), warmup_steps=int(warmup_steps))
-
-
-def linear_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> Callable[[int], float]:
-    """lr(step): warmup, then linear decay to ``min_lr`` at ``total_steps``."""
-    _check_schedule(lr, warmup_steps, total_steps, min_lr)
-    return functools.partial(_linear, lr=float(lr), warmup_steps=int(warmup_steps),
-                             total_steps=int(total_steps), min_lr=float(min_lr))
-
-
-def cosine_schedule(lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> Callable[[int], float]:
-    """lr(step): warmup, then half a cosine down to ``min_lr`` at ``total_steps`` (SGDR, Loshchilov & Hutter 2017)."""
-    _check_schedule(lr, warmup_steps, total_steps, min_lr)
-    return functools.partial(_cosine, lr=float(lr), warmup_steps=int(warmup_steps),
-                             total_steps=int(total_steps), min_lr=float(min_lr))
-
-
-SCHEDULES = ("constant", "linear", "cosine")
-
-
-def get_schedule(name: str, lr: float, warmup_steps: int = 0, total_steps: int | None = None,
-                 min_lr: float = 0.0) -> Callable[[int], float]:
-    """A schedule by name: 'constant', 'linear' or 'cosine' (the latter two need ``total_steps``)."""
-    if name == "constant":
-        return constant_schedule(lr, warmup_steps)
-    if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule {name!r}: expected one of {SCHEDULES}")
-    if total_steps is None:
-        raise ValueError(f"schedule {name!r} needs total_steps")
-    fn = linear_schedule if name == "linear" else cosine_schedule
-    return fn(lr, warmup_steps, total_steps, min_lr)
-
-
-class LRScheduler:
-    """Sets ``optimizer.lr = schedule(t)`` where ``t`` counts ``step()`` calls so far.
-
-    Call ``scheduler.step()`` after each ``optimizer.step()`` (PyTorch's order).
-    """
-
-    def __init__(self, optimizer: Optimizer, schedule: Callable[[int], float]):
-        if not callable(schedule):
-            raise TypeError(f"schedule must be a callable lr(step) -> float, got {type(schedule).__name__}")
-        self.optimizer, self.schedule = optimizer, schedule
-        self.last_step = 0
-        self._apply()
-
-    def _apply(self) -> None:
-        self.optimizer.lr = float(self.schedule(self.last_step))
-
-    def get_lr(self) -> float:
-        return self.optimizer.lr
-
-    def step(self) -> None:
-        self.last_step += 1
-        self._apply()
-
-    def state_dict(self) -> dict:
-        return {"last_step": self.last_step}
-
-    def load_state_dict(self, sd: dict) -> None:
-        if "last_step" not in sd:
-            raise ValueError(f"scheduler state needs 'last_step', got keys {sorted(sd)}")
-        self.last_step = int(sd["last_step"])
-        self._apply()
-
