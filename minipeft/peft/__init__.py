@@ -91,9 +91,24 @@ from .lora import LoraConfig, LoraLayer  # noqa: E402  (importing a method modul
 from .loha import LoHaConfig, LoHaLayer
 from .lokr import LoKrConfig, LoKrLayer
 from .vera import VeraConfig, VeraLayer
+from .io import from_pretrained, load_adapter, save_adapter  # peft-format adapter files
 
 __all__ = [
     "get_peft_model", "PeftModel", "PeftConfig", "PeftMethod", "BaseTunerLayer", "ModulesToSaveWrapper",
     "TunerModel", "REGISTRY", "CONFIG_CLASSES", "register",
     "LoraConfig", "LoraLayer", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer", "VeraConfig", "VeraLayer",
+]
+
+# adapters, (IA)³, prompt and prefix tuning, selective fine-tuning (importing registers them)
+from .adapters import BottleneckConfig, BottleneckLayer, HoulsbyConfig, PfeifferConfig  # noqa: E402
+from .ia3 import IA3Config, IA3Layer  # noqa: E402
+from .prefix_tuning import (PrefixTuningConfig, load_prefix_prompt_embeddings,  # noqa: E402
+                            prefix_prompt_embeddings, remove_reparameterization)
+from .prompt_tuning import PromptTuningConfig  # noqa: E402
+from .selective import BitFitConfig, FullFineTuningConfig, TopKBlocksConfig  # noqa: E402
+
+__all__ += [
+    "BottleneckConfig", "BottleneckLayer", "HoulsbyConfig", "PfeifferConfig", "IA3Config", "IA3Layer",
+    "PromptTuningConfig", "PrefixTuningConfig", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings",
+    "remove_reparameterization", "BitFitConfig", "TopKBlocksConfig", "FullFineTuningConfig",
 ]
