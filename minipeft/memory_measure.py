@@ -23,9 +23,6 @@ from . import engine
 from .backend import DeviceMemoryTracker, synchronize
 from .memory import MemoryBreakdown, format_bytes
 
-_CONSTANT_KEYS = ("absmax", "quant_map", "code", "offset", "SCB", "scale")
-
-
 @dataclass
 class MeasuredMemory:
     weights_trainable: int  # bytes of parameters that require grad
@@ -61,13 +58,16 @@ def model_bytes(model) -> dict:
         seen.add(id(p.data))
         out["weights_trainable" if p.requires_grad else "weights_frozen"] += int(p.data.nbytes)
     for _, m in model.named_modules():
-        for key, arr in m._extra_state().items():
-            if not hasattr(arr, "nbytes") or id(arr) in seen:
+        held = getattr(m, "_held_arrays", None)
+        if held is None:
+            continue
+        # quantized layers: the first array is the stored (packed) weight, the rest are
+        # their constants (absmax, nested absmax, offset, code tables; shared tables once)
+        for i, arr in enumerate(held()):
+            if id(arr) in seen:
                 continue
             seen.add(id(arr))
-            last = key.rsplit(".", 1)[-1]
-            is_const = any(k in last for k in _CONSTANT_KEYS) or "quant_state" in key
-            out["quant_constants" if is_const else "weights_frozen"] += int(arr.nbytes)
+            out["weights_frozen" if i == 0 else "quant_constants"] += int(arr.nbytes)
     return out
 
 

@@ -46,3 +46,19 @@ def test_model_bytes_counts_tied_weights_once():
     m = GPT(GPTConfig.preset("T0"), seed=0)
     assert sum(model_bytes(m).values()) == sum(p.data.nbytes for p in m.parameters())
     assert set(CATEGORIES) >= set(model_bytes(m))
+
+
+def test_qlora_step_matches_prediction():
+    from minipeft.quant.modules import quantize_model
+
+    cfg = GPTConfig.preset("T0")
+    model = GPT(cfg, seed=0)
+    quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, verbose=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    meas = measure_training_step(model, _batch(), opt)
+    pred = estimate_memory(cfg, MethodConfig(method="qlora", targets=("c_attn", "c_proj", "c_fc"), r=4),
+                           TrainConfig(batch_size=B, seq_len=T, ledger_view=True))
+    for name, p, m, _ in compare(pred, meas):
+        assert m == pytest.approx(p, rel=0.10), f"qlora {name}: measured {m} vs predicted {p}"
+    assert meas.weights_frozen < GPT(cfg, seed=0).num_parameters() * 4 / 2  # 4-bit codes, not fp32

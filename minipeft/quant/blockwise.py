@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from ..backend import to_device, to_numpy, xp_of
+from ..kernels import quant4bit as _k4, quant8bit as _k8  # CUDA twins, used for CuPy arrays
 from .codes import (DYNAMIC_SIGNED, FP4_MAGNITUDE, NF4, fp4_index, get_4bit_type,
                     nearest_code_index, nf4_index)
 from .floats import flush_subnormals
@@ -231,6 +232,8 @@ def quantize_blockwise(A, code=None, *, blocksize: int = 4096, nested: bool = Fa
     """
     _check_input(A, "quantize_blockwise")
     blocksize = _check_blocksize(blocksize)
+    if (hit := _k8.maybe_cuda_quantize_blockwise(A, code, blocksize, nested)) is not None:
+        return hit
     xp = xp_of(A)
     code = xp.asarray(DYNAMIC_SIGNED if code is None else code, dtype=xp.float32)
     if code.ndim != 1 or not 2 <= code.size <= 256:
@@ -264,6 +267,9 @@ def dequantize_blockwise(A, quant_state: QuantState | None = None, *, absmax=Non
                                  code=DYNAMIC_SIGNED if code is None else code,
                                  blocksize=blocksize, dtype=np.dtype(np.float32))
     bs = _check_blocksize(quant_state.blocksize)
+    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
+    if (hit := _k8.maybe_cuda_dequantize_blockwise(A, quant_state, out_dtype)) is not None:
+        return hit
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = double_dequantize(absmax, quant_state.offset, quant_state.state2)
@@ -310,6 +316,8 @@ def quantize_4bit(A, *, blocksize: int = 64, compress_statistics: bool = False,
     blocksize = _check_blocksize(blocksize)
     if quant_type not in QUANT_TYPES_4BIT:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
+    if (hit := _k4.maybe_cuda_quantize_4bit(A, blocksize, quant_type, compress_statistics)) is not None:
+        return hit
     xp = xp_of(A)
     code = xp.asarray(get_4bit_type(quant_type))
     scaled, absmax, n = _to_blocks(A, blocksize)                       # (n_blocks, B)
@@ -352,6 +360,9 @@ def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
         raise ValueError("dequantize_4bit needs the QuantState returned by quantize_4bit")
     xp = xp_of(A)
     bs = _check_blocksize(quant_state.blocksize)
+    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
+    if (hit := _k4.maybe_cuda_dequantize_4bit(A, quant_state, out_dtype)) is not None:
+        return hit
     n = int(np.prod(quant_state.shape, dtype=np.int64))
     idx = unpack_4bit(A, n)
     absmax = quant_state.absmax

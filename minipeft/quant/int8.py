@@ -32,6 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import xp_of
+from ..kernels import quant8bit as _k8  # CUDA twin, used for CuPy arrays
 
 MM_DEQUANT_CONST = np.float32(6.200012e-05)    # == float32(1 / 127**2), bitsandbytes' CUDA value
 INV_127 = np.float32(1.0 / 127.0)              # 7.874015718698502e-3
@@ -78,6 +79,8 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
     _check_float(A, "int8_vectorwise_quant")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
+    if (hit := _k8.maybe_cuda_int8_vectorwise_quant(A, threshold)) is not None:
+        return hit
     xp = xp_of(A)
     rows = A.reshape(-1, A.shape[-1]).astype(xp.float32)              # (N, K)
     cols = None

@@ -1,0 +1,280 @@
+"""The quantization RawKernels agree bit for bit with their NumPy twins.
+
+minipeft/kernels/quant4bit.py and quant8bit.py against minipeft.quant.blockwise and
+minipeft.quant.int8 (run on NumPy): packed bytes, codes, absmax, the nested state of
+double quantization and dequantized values are compared as raw bits, on random inputs of
+many shapes (odd lengths, all-zero blocks, subnormals, values exactly on the decision
+thresholds), every block size, float16 and float32. All tests need CuPy and a GPU.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minipeft.backend import to_numpy
+from minipeft.quant import blockwise as B
+from minipeft.quant import codes as C
+from minipeft.quant import int8 as I8
+
+pytestmark = pytest.mark.gpu
+
+BLOCKSIZES = [32, 64, 128, 256, 512, 1024, 2048, 4096]
+SHAPES = [(1,), (7,), (64,), (65,), (1001,), (3, 4097), (33, 129), (2, 3, 2048), (70001,)]
+
+
+@pytest.fixture(scope="module")
+def cp():
+    from minipeft.backend import get_xp
+
+    return get_xp("cuda")
+
+
+@pytest.fixture(scope="module")
+def k4():
+    from minipeft.kernels import quant4bit
+
+    return quant4bit
+
+
+@pytest.fixture(scope="module")
+def k8():
+    from minipeft.kernels import quant8bit
+
+    return quant8bit
+
+
+def bits(a) -> np.ndarray:
+    """The raw bits of an array (either backend), flattened, as unsigned integers."""
+    a = np.ascontiguousarray(to_numpy(a)).reshape(-1)
+    return a.view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[a.dtype.itemsize])
+
+
+def assert_same(gpu, ref, what=""):
+    g, r = to_numpy(gpu), np.asarray(to_numpy(ref))
+    assert g.dtype == r.dtype, f"{what}: dtype {g.dtype} != {r.dtype}"
+    assert g.shape == r.shape, f"{what}: shape {g.shape} != {r.shape}"
+    gb, rb = bits(g), bits(r)
+    bad = np.flatnonzero(gb != rb)
+    assert bad.size == 0, (f"{what}: {bad.size} of {gb.size} differ, first at {bad[:5]}: "
+                           f"{g.reshape(-1)[bad[:5]]} vs {r.reshape(-1)[bad[:5]]}")
+
+
+def make_input(seed: int, shape, dtype, blocksize: int, thresholds=None) -> np.ndarray:
+    """Random data with the hard cases: zero blocks, subnormals, wide scales, ties."""
+    rng = np.random.default_rng(seed)
+    n = int(np.prod(shape))
+    if thresholds is None:
+        x = rng.standard_normal(n) * np.exp(rng.uniform(-3, 3, n))
+    else:                                                             # absmax 1: s == x exactly
+        x = rng.uniform(-1, 1, n)
+        x = np.where(rng.random(n) < 0.3, rng.choice(np.concatenate([thresholds, -thresholds]),
+                                                       size=n), x)
+        x[::blocksize] = 1.0
+    if n > 2 * blocksize:
+        x[blocksize: 2 * blocksize] = 0.0                            # an all-zero block
+    if n > 8:
+        start = int(rng.integers(0, n - 4))
+        x[start: start + int(rng.integers(1, 300))] = 0.0             # zeros anywhere
+    if dtype == np.float32 and n > 40:
+        x[rng.integers(0, n, size=5)] = 3e-39                         # subnormal inputs
+        if n > 3 * blocksize:
+            x[2 * blocksize: 3 * blocksize] = rng.uniform(-1e-39, 1e-39, blocksize)
+        x[-1] = 2e38 if n > 4 * blocksize else x[-1]                  # reciprocal flushed
+    if dtype == np.float16:
+        x = np.clip(x, -6e4, 6e4)
+    return x.astype(dtype).reshape(shape)
+
+
+def assert_states_equal(g, r):
+    assert g.shape == r.shape and g.blocksize == r.blocksize
+    assert g.quant_type == r.quant_type and np.dtype(g.dtype) == np.dtype(r.dtype)
+    assert_same(g.absmax, r.absmax, "absmax")
+    assert_same(g.code, r.code, "code")
+    assert g.nested == r.nested
+    if r.nested:
+        assert_same(g.offset, r.offset, "offset")
+        assert_states_equal(g.state2, r.state2)
+
+
+# ---------------------------------------------------------------------------------------
+# 4-bit
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_4bit_quantize_and_dequantize_match_twin(cp, k4, blocksize, quant_type, dtype, compress):
+    thr = k4.decision_table(quant_type)[0]
+    thr = thr[np.isfinite(thr)]
+    for i, shape in enumerate(SHAPES):
+        x = make_input(1000 * blocksize + i, shape, dtype, blocksize, thr if i % 2 else None)
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(x), blocksize, quant_type, compress)
+        rpacked, rstate = B.quantize_4bit(x, blocksize=blocksize, quant_type=quant_type,
+                                          compress_statistics=compress)
+        assert_same(packed, rpacked, f"packed {shape}")
+        assert_states_equal(state, rstate)
+        for out in (np.float16, np.float32):
+            y = k4.dequantize_4bit_cuda(packed, state, out)
+            assert_same(y, B.dequantize_4bit(rpacked, rstate, dtype=out), f"dequant {shape} {out}")
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4", "int4"])
+def test_4bit_dequantize_random_bytes(cp, k4, quant_type, nested):
+    """Every byte value (FP4's -0 included), absmax with zeros and subnormals."""
+    rng = np.random.default_rng(7)
+    for n, bs in [(1, 32), (9, 64), (4097, 64), (100_003, 128), (2 * 4096 + 1, 4096)]:
+        packed = rng.integers(0, 256, size=((n + 1) // 2, 1), dtype=np.uint8)
+        n_blocks = -(-n // bs)
+        absmax = (rng.random(n_blocks) * 10).astype(np.float32)
+        absmax[rng.random(n_blocks) < 0.1] = 0.0
+        absmax[rng.random(n_blocks) < 0.05] = 1e-39
+        state = B.QuantState(absmax=absmax, shape=(n,), code=C.get_4bit_type(quant_type),
+                             blocksize=bs, quant_type=quant_type, dtype=np.dtype(np.float32))
+        if nested:
+            state.absmax, state.offset, state.state2 = B.double_quantize(absmax, blocksize=256)
+        for out in (np.float16, np.float32):
+            y = k4.dequantize_4bit_cuda(cp.asarray(packed), state.to("cuda"), out)
+            assert_same(y, B.dequantize_4bit(packed, state, dtype=out), f"n={n} {out}")
+
+
+def test_4bit_large_tensor(cp, k4):
+    """Many CUDA blocks and the unrolled tail: a (1000, 4099) weight, NF4, block 64, both."""
+    x = make_input(3, (1000, 4099), np.float16, 64)
+    for compress in (False, True):
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", compress)
+        rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4",
+                                          compress_statistics=compress)
+        assert_same(packed, rpacked, "packed")
+        assert_states_equal(state, rstate)
+        assert_same(k4.dequantize_4bit_cuda(packed, state), B.dequantize_4bit(rpacked, rstate))
+        run = k4.prepare_dequantize_4bit(packed, state, np.float32)
+        for _ in range(2):
+            assert_same(run(), B.dequantize_4bit(rpacked, rstate, dtype=np.float32))
+
+
+def test_4bit_unaligned_views(cp, k4):
+    """Inputs that start off a 16-byte boundary, and non-contiguous inputs."""
+    x = make_input(5, (2000,), np.float32, 64)
+    xd = cp.asarray(x)
+    for view, ref in ((xd[1:], x[1:]), (xd[::2], x[::2])):
+        packed, state = k4.quantize_4bit_cuda(view, 64, "nf4", False)
+        rpacked, rstate = B.quantize_4bit(np.ascontiguousarray(ref), blocksize=64, quant_type="nf4")
+        assert_same(packed, rpacked, "packed")
+        pd = cp.asarray(rpacked).reshape(-1)
+        # a packed array that starts at an odd byte
+        buf = cp.concatenate([cp.zeros(1, cp.uint8), pd])[1:].reshape(-1, 1)
+        assert_same(k4.dequantize_4bit_cuda(buf, rstate.to("cuda")), B.dequantize_4bit(rpacked, rstate))
+
+
+# ---------------------------------------------------------------------------------------
+# 8-bit block-wise
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_8bit_blockwise_match_twin(cp, k8, blocksize, dtype, nested):
+    mids = C.midpoints(C.DYNAMIC_SIGNED)
+    for i, shape in enumerate(SHAPES):
+        x = make_input(2000 * blocksize + i, shape, dtype, blocksize, mids if i % 2 else None)
+        q, state = k8.quantize_blockwise_cuda(cp.asarray(x), blocksize=blocksize, nested=nested)
+        rq, rstate = B.quantize_blockwise(x, blocksize=blocksize, nested=nested)
+        assert_same(q, rq, f"codes {shape}")
+        assert_states_equal(state, rstate)
+        for out in (np.float16, np.float32):
+            y = k8.dequantize_blockwise_cuda(q, state, out)
+            assert_same(y, B.dequantize_blockwise(rq, rstate, dtype=out), f"dequant {shape} {out}")
+
+
+@pytest.mark.parametrize("code_name", ["udynamic", "nf4", "int4", "short"])
+def test_8bit_other_codes(cp, k8, code_name):
+    """Any code of 2..256 values: unsigned map, 16-value codes, unsorted Int4, 5 values."""
+    code = (np.asarray([-1, -0.25, 0, 0.5, 1], np.float32) if code_name == "short"
+            else np.asarray(C.CODES[code_name], np.float32))
+    mids = C.midpoints(code)
+    for i, shape in enumerate(SHAPES[:7]):
+        x = make_input(30 + i, shape, np.float32, 256, mids if i % 2 else None)
+        if code_name == "udynamic":
+            x = np.abs(x)
+        q, state = k8.quantize_blockwise_cuda(cp.asarray(x), cp.asarray(code), blocksize=256)
+        rq, rstate = B.quantize_blockwise(x, code, blocksize=256)
+        assert_same(q, rq, f"codes {shape}")
+        assert_states_equal(state, rstate)
+        assert_same(k8.dequantize_blockwise_cuda(q, state), B.dequantize_blockwise(rq, rstate))
+
+
+def test_double_quantize_matches_twin(cp, k8):
+    rng = np.random.default_rng(11)
+    for n in (1, 255, 256, 257, 10_000):
+        absmax = (rng.random(n) * rng.uniform(0.1, 100)).astype(np.float32)
+        q2, offset, state2 = k8.double_quantize_cuda(cp.asarray(absmax), blocksize=256)
+        rq2, roffset, rstate2 = B.double_quantize(absmax, blocksize=256)
+        assert_same(q2, rq2, "q2")
+        assert_same(offset, roffset, "offset")
+        assert_states_equal(state2, rstate2)
+
+
+# ---------------------------------------------------------------------------------------
+# Row-wise int8
+@pytest.mark.parametrize("threshold", [0.0, 2.5, 6.0])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_int8_vectorwise_quant_matches_twin(cp, k8, dtype, threshold):
+    rng = np.random.default_rng(int(threshold * 10) + (dtype == np.float16))
+    for shape in [(1, 1), (1, 7), (5, 33), (64, 4096), (3, 17, 129), (300, 1001), (2049,)]:
+        x = rng.standard_normal(shape) * rng.uniform(0.1, 3)
+        flat = x.reshape(-1, shape[-1])
+        flat[rng.random(flat.shape) < 0.002] *= 40                    # outliers
+        if flat.shape[0] > 2:
+            flat[0] = 0.0                                             # an all-zero row
+            flat[1, :3] = threshold if threshold else 1.0             # on the threshold
+        x = x.astype(dtype)
+        q, stats, cols = k8.int8_vectorwise_quant_cuda(cp.asarray(x), threshold)
+        rq, rstats, rcols = I8.int8_vectorwise_quant(x, threshold)
+        assert_same(q, rq, f"q {shape}")
+        assert_same(stats, rstats, f"stats {shape}")
+        if rcols is None:
+            assert cols is None
+        else:
+            np.testing.assert_array_equal(to_numpy(cols), rcols)
+
+
+# ---------------------------------------------------------------------------------------
+# Hooks and errors
+def test_hooks_only_take_cupy(cp, k4, k8):
+    x = make_input(1, (300,), np.float32, 64)
+    assert k4.maybe_cuda_quantize_4bit(x, 64, "nf4", False) is None
+    assert k8.maybe_cuda_quantize_blockwise(x, None, 256, False) is None
+    assert k8.maybe_cuda_int8_vectorwise_quant(x.reshape(3, 100), 0.0) is None
+    rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4")
+    assert k4.maybe_cuda_dequantize_4bit(rpacked, rstate, np.float32) is None
+    packed, state = k4.maybe_cuda_quantize_4bit(cp.asarray(x), 64, "nf4", True)
+    rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert_same(packed, rpacked)
+    assert_same(k4.maybe_cuda_dequantize_4bit(packed, state, np.float16),
+                B.dequantize_4bit(rpacked, rstate, dtype=np.float16))
+
+
+def test_blockwise_on_cupy_matches_kernels(cp, k4, k8):
+    """minipeft.quant.blockwise on a CuPy array (kernel path once hooked in) = the kernels."""
+    x = cp.asarray(make_input(2, (5, 999), np.float32, 64))
+    packed, state = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    kpacked, kstate = k4.quantize_4bit_cuda(x, 64, "nf4", True)
+    assert_same(packed, kpacked)
+    assert_states_equal(state, kstate)
+    assert_same(B.dequantize_4bit(packed, state), k4.dequantize_4bit_cuda(kpacked, kstate))
+    q, s8 = B.quantize_blockwise(x, blocksize=256, nested=True)
+    kq, ks8 = k8.quantize_blockwise_cuda(x, blocksize=256, nested=True)
+    assert_same(q, kq)
+    assert_same(B.dequantize_blockwise(q, s8), k8.dequantize_blockwise_cuda(kq, ks8))
+
+
+def test_bad_input_raises(cp, k4, k8):
+    with pytest.raises(TypeError, match="CuPy"):
+        k4.quantize_4bit_cuda(np.ones(64, np.float32))
+    with pytest.raises(ValueError, match="NaN"):
+        k4.quantize_4bit_cuda(cp.asarray([1.0, np.nan], dtype=cp.float32))
+    with pytest.raises(ValueError, match="blocksize"):
+        k8.quantize_blockwise_cuda(cp.ones(64, cp.float32), blocksize=100)
+    with pytest.raises(TypeError):
+        k4.quantize_4bit_cuda(cp.ones(64, cp.float64))
+    packed, state = k4.quantize_4bit_cuda(cp.ones(64, cp.float32), 64, "nf4")
+    with pytest.raises(ValueError, match="packed bytes"):
+        k4.dequantize_4bit_cuda(packed[:-1], state)
