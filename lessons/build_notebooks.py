@@ -70,6 +70,79 @@ NOTEBOOKS["01_pretraining"] = ("Lesson 1 — Pretraining the base model", [
 ])
 
 
+NOTEBOOKS["02_quantization"] = ("Lesson 2 — Quantization: absmax, blocks, NF4, bfloat16, LLM.int8()", [
+    md("Quantization stores numbers in fewer bits: an index into a small table of values (a *code*) "
+       "and a scale. This lesson builds every idea of the course from minipeft's own quantizers, "
+       "which agree with bitsandbytes bit for bit, and measures each claim."),
+    md("**Absmax and zero-point.** Absmax scales by the largest |x| into [-127, 127]; zero-point "
+       "scales by the range and shifts, so skewed data (ReLU outputs) uses all 256 codes:"),
+    code("from minipeft.quant import zeropoint_quantize\nshow_source(zeropoint_quantize)"),
+    md("**Blocks.** One scale per block of 64 values keeps an outlier from ruining the precision of "
+       "the whole tensor. `quantize_4bit` finds each block's absmax, scales by its reciprocal and "
+       "picks the nearest code (NF4: quantiles of a normal distribution):"),
+    code("from minipeft.quant import NF4, FP4, INT4, quantize_4bit\n"
+         "print('NF4 ', NF4.round(4))\nprint('FP4 ', FP4.round(4))\nprint('Int4', INT4.round(4))\n"
+         "show_source(quantize_4bit)"),
+    md("**Double quantization** quantizes the float32 block scales again (8 bits, blocks of 256), "
+       "which takes their cost from 0.5 to 0.127 bits per parameter:"),
+    code("from minipeft.quant import bits_per_parameter\nshow_source(bits_per_parameter)"),
+    md("**A quantized layer.** `Linear4bit` keeps only the packed codes and their `QuantState`. Its "
+       "autograd Function dequantizes the weight in forward and *again* in backward, so it saves "
+       "nothing for backward: QLoRA's memory goes to the adapters, not to a float copy of the base."),
+    code("from minipeft.quant.modules import MatMul4bit, quantize_model\nshow_source(MatMul4bit)"),
+    md("Run the lesson: each section prints the course's number next to minipeft's."),
+    code("from minipeft.lessons import quantization\nresult = quantization.main(ARGS)"),
+    code("c = result['codes_4bit']\n"
+         "print(f\"mean |error| at block 64: NF4 {c['nf4']['abs']:.4f} (bnb 0.0728), \"\n"
+         "      f\"FP4 {c['fp4']['abs']:.4f} (bnb 0.0965), Int4 {c['int4']['abs']:.4f}\")\n"
+         "print(f\"scale overhead: {result['overhead']['plain']} -> {result['overhead']['double_quant']:.3f} \"\n"
+         "      \"bits per parameter\")\n"
+         "for name in ['quant_absmax_vs_zeropoint', 'quant_blockwise_outlier', 'quant_4bit_codes',\n"
+         "             'quant_scale_overhead']:\n"
+         "    display(Image(filename=str(FIGURES / f'{name}.png')))"),
+    md("**bfloat16 vs float16.** Same 16 bits: bfloat16 keeps float32's 8 exponent bits (range), "
+       "float16 keeps 10 fraction bits (precision). Values float16 cannot hold become inf or 0:"),
+    code("display(Image(filename=str(FIGURES / 'quant_bf16_vs_fp16.png')))"),
+    md("**LLM.int8().** In large models a few hidden dimensions hold huge values (outlier features). "
+       "They stretch every row's int8 scale; the mixed-precision decomposition sends those columns "
+       "through a float matmul and the rest through int8. minipeft's tiny model has no such features "
+       "(they emerge at billions of parameters), so the lesson also plants them, without changing the "
+       "model's function, to show what int8 does with them:"),
+    code("from minipeft.quant import matmul_8bit\nshow_source(matmul_8bit)"),
+    code("for name in ['quant_outlier_features', 'quant_llm_int8_errors', 'quant_tiny_model']:\n"
+         "    display(Image(filename=str(FIGURES / f'{name}.png')))"),
+    md("**Exercises.** (1) Change the outlier in section 2 from 40 to 400: which block sizes still "
+       "keep the other values? (2) `quantize_model(model, quant_type='nf4', blocksize=4096)`: how much "
+       "does the validation loss move, and how many bytes do you save? (3) Plant outliers with a "
+       "larger gain (`_planted(..., s=100)`): when does LLM.int8() stop recovering the fp32 loss, "
+       "and why do the int8-dequantized outlier *weights* matter then?"),
+])
+
+
+NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer, and where the memory goes", [
+    md("QLoRA (Dettmers et al. 2023) makes fine-tuning fit: the frozen base is stored in 4-bit "
+       "NormalFloat with double quantization, LoRA adapters train on every linear layer, and "
+       "optimizer state can be paged out. This notebook follows `python -m minipeft.lessons.qlora`."),
+    md("The frozen 4-bit layer dequantizes its weight on the fly, in forward *and* in backward, "
+       "so the dequantized weight is never kept for backward:"),
+    code("from minipeft.quant import modules\nshow_source(modules.MatMul4bit)"),
+    md("Before training anything: the course's memory arithmetic, each figure computed from its "
+       "inputs by `minipeft.memory`:"),
+    code("from minipeft.memory import format_course_figures\nprint(format_course_figures())"),
+    md("Now the lesson: full fine-tuning, LoRA and QLoRA adapt the English base model to Python "
+       "code. For each, one real training step is measured by category and printed beside the "
+       "calculator's prediction; then 8-bit and paged AdamW, and what merging a QLoRA adapter does."),
+    code("from minipeft.lessons import qlora\nresult = qlora.main(ARGS)"),
+    code("for m, r in result['methods'].items():\n"
+         "    print(f\"{m:6s} trainable {r['trainable']:>8,}  val loss {r['val_loss']:.3f}  \"\n"
+         "          f\"activations {r['measured']['activations']:>10,} B\")\n"
+         "display(Image(filename=str(FIGURES / 'qlora_loss.png')))\n"
+         "display(Image(filename=str(FIGURES / 'qlora_memory.png')))"),
+    md("**Exercise.** Rerun with `--size small --device cuda` on a GPU: which category grows with "
+       "the model, which with the batch? Where does QLoRA's saving come from at that size?"),
+])
+
+
 def main() -> None:
     for stem, (title, cells) in NOTEBOOKS.items():
         path = HERE / f"{stem}.ipynb"
