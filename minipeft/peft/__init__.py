@@ -112,3 +112,5 @@ __all__ += [
     "PromptTuningConfig", "PrefixTuningConfig", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings",
     "remove_reparameterization", "BitFitConfig", "TopKBlocksConfig", "FullFineTuningConfig",
 ]
+from .side_tuning import LSTConfig, QSTConfig, SideTuningConfig, held_leaf_bytes, set_alpha  # noqa: E402
+__all__ += ["SideTuningConfig", "LSTConfig", "QSTConfig", "set_alpha", "held_leaf_bytes"]
