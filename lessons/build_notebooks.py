@@ -31,6 +31,8 @@ def notebook(title: str, cells: list) -> nbformat.NotebookNode:
     nb.cells = [new_markdown_cell(f"# {title}"), new_code_cell(SETUP)]
     for kind, text in cells:
         nb.cells.append(new_markdown_cell(text) if kind == "md" else new_code_cell(text))
+    for i, cell in enumerate(nb.cells):  # stable ids: rebuilding an unchanged notebook changes nothing
+        cell.id = f"cell-{i:02d}"
     return nb
 
 
@@ -140,6 +142,159 @@ NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer, an
          "display(Image(filename=str(FIGURES / 'qlora_memory.png')))"),
     md("**Exercise.** Rerun with `--size small --device cuda` on a GPU: which category grows with "
        "the model, which with the batch? Where does QLoRA's saving come from at that size?"),
+])
+
+
+NOTEBOOKS["06_side_tuning"] = ("Lesson 6 — Side tuning: QST against QLoRA, and where the activations go", [
+    md("LoRA and QLoRA train few parameters, so gradients and optimizer state shrink. But they "
+       "still back-propagate through the whole base model, and backward needs the activations "
+       "every layer saved. **Side tuning** trains a small network *beside* the frozen backbone: "
+       "information flows from the base to the side network and never back, so the backbone runs "
+       "without a graph and keeps nothing for backward. QST (Quantized Side Tuning) also stores the "
+       "backbone in 4-bit NF4. This notebook follows `python -m minipeft.lessons.side_tuning`."),
+    md("The whole method is one forward: the backbone under `no_grad`, returning every layer's "
+       "hidden state, then the side network's graph alone:"),
+    code("from minipeft.peft import side_tuning\n"
+         "show_source(side_tuning.SideTuningMethod.forward)\n"
+         "show_source(side_tuning.SideTuningMethod.side_logits)"),
+    md("The side network: a downsample from every backbone layer, gated ladder connections "
+       "`mu = sigmoid(gate / T)` that start at 0.5, GPT-2 blocks of width d/r, and an upsample back "
+       "to d. QST's output mix `alpha * h_L + (1 - alpha) * side` starts at alpha = 1, so step 0 *is* "
+       "the base model:"),
+    code("show_source(side_tuning.SideNetwork.forward)"),
+    code("import copy, numpy as np\n"
+         "from minipeft.gpt import GPT, GPTConfig\n"
+         "from minipeft.peft import QSTConfig, get_peft_model\n"
+         "from minipeft.quant.modules import quantize_model\n"
+         "base = GPT(GPTConfig.preset('T0')).eval()\n"
+         "nf4 = copy.deepcopy(base); quantize_model(nf4)               # what QST does to the backbone\n"
+         "qst = get_peft_model(copy.deepcopy(base), QSTConfig())\n"
+         "idx = np.random.default_rng(0).integers(0, 256, (2, 16))\n"
+         "print('QST at step 0 == the NF4 base:', np.array_equal(qst(idx).logits.data, nf4(idx).logits.data))\n"
+         "qst.print_trainable_parameters()"),
+    md("The backbone's hidden states are made without a graph, so the engine's ledger does not "
+       "count them as saved activations; but a trainable downsample keeps its input for its weight "
+       "gradient, so they still sit in memory. `held_leaf_bytes` walks the graph and measures them:"),
+    code("from minipeft import engine\nfrom minipeft.peft import held_leaf_bytes\n"
+         "s0 = engine.saved_bytes()\nloss = qst(idx, targets=idx).loss\n"
+         "print(f'saved for backward (ledger): {engine.saved_bytes() - s0:,} B; '\n"
+         "      f'backbone states held: {held_leaf_bytes(loss, qst):,} B')\nloss.backward()\n"
+         "print('backbone parameters with a gradient:', "
+         "sum(p.grad is not None for p in qst.get_base_model().parameters()))"),
+    md("Now the lesson: full fine-tuning, LoRA, QLoRA, LST and QST adapt the English base to "
+       "Python code; one training step of each is measured by category as the batch and the "
+       "sequence grow, beside the course's QST-vs-QLoRA table."),
+    code("from minipeft.lessons import side_tuning as lesson\nresult = lesson.main(ARGS)"),
+    code("q = result['qst_vs_qlora']\n"
+         "print(f\"at batch {q['batch']}: QLoRA/QST activations {q['activation_ratio']:.2f}x, total \"\n"
+         "      f\"{q['total_ratio']:.2f}x (course: {result['course']['avg_memory_ratio']:.2f}x); \"\n"
+         "      f\"QST - QLoRA val loss {q['loss_gap']:+.3f} nats/token\")\n"
+         "display(Image(filename=str(FIGURES / 'side_tuning_memory.png')))"),
+    md("**Exercises.** (1) At this tiny width the side network's attention probabilities "
+       "(heads x T per position, independent of the width) and the loss's softmax dominate its "
+       "activations: rerun with `QSTConfig(side_num_heads=1)` and see what changes. (2) Try "
+       "`downsample='avgpool'`: no downsample weights, so which backbone states are still held? "
+       "(3) On a GPU, `--size small --device cuda`: how does QLoRA/QST change with d = 128?"),
+])
+
+
+NOTEBOOKS["04_peft_methods"] = ("Lesson 4 — Every PEFT method on one task, and when adapters beat full fine-tuning", [
+    md("The course sorts PEFT methods into families (Lialin et al. 2023): **selective** methods "
+       "train a subset of the base's own weights (BitFit, the top blocks), **reparameterization** "
+       "methods train a low-rank or structured update of the weights (LoRA, rsLoRA, DoRA, LoHa, "
+       "LoKr, VeRA), and **additive** methods add new modules or inputs (Houlsby and Pfeiffer "
+       "adapters, (IA)³, prefix and prompt tuning). This notebook follows "
+       "`python -m minipeft.lessons.peft_methods`: every method adapts the same English base model "
+       "to Python code, with the same budget, through one API."),
+    md("Each method is one config for `get_peft_model`; these are the ones the lesson uses:"),
+    code("from minipeft.lessons import peft_methods\nshow_source(peft_methods.method_config)"),
+    md("Applied to the tiny base, each trains a very different number of parameters "
+       "(peft's own `print_trainable_parameters` format):"),
+    code("from minipeft import pretrained\n"
+         "base = pretrained.load('tiny', 'english', quick=QUICK, progress=False)\n"
+         "for name in peft_methods.METHODS:\n"
+         "    print(f'{name:9s}', end=' ')\n"
+         "    peft_methods.build(name, base).print_trainable_parameters()"),
+    md("Prefix tuning trains its prefix through a small MLP (Li & Liang §4.3: optimizing the prefix "
+       "directly is unstable) and then keeps only the prefix the MLP computes:"),
+    code("from minipeft.peft import prefix_tuning\nshow_source(prefix_tuning.remove_reparameterization)"),
+    md("Memory is measured on one real training step, by category: the weights, the gradients, "
+       "AdamW's two moments, and the activations the engine saved for backward:"),
+    code("from minipeft import memory_measure\nshow_source(memory_measure.measure_training_step)"),
+    md("Now the lesson. Part 1 trains every method with the same steps and batches, each at its own "
+       "peak learning rate (`peft_methods.LR`), and checks that each one lowers the base's loss. Part 2 "
+       "compares Houlsby adapters with full fine-tuning as the training set shrinks and across "
+       "learning rates; part 3 compares prompt tuning with full fine-tuning on bases of two sizes."),
+    code("result = peft_methods.main(ARGS)"),
+    code("base = result['base_val_loss']\n"
+         "for name, r in sorted(result['methods'].items(), key=lambda kv: kv[1]['val_loss']):\n"
+         "    print(f\"{r['label']:20s} {r['trainable']:>8,} trainable  val {r['val_loss']:.3f} \"\n"
+         "          f\"({r['val_loss'] - base:+.3f})  {r['ms_per_step']:5.0f} ms/step  \"\n"
+         "          f\"activations {r['memory']['activations'] / 1e3:7.0f} kB\")\n"
+         "print('did not lower the base loss:', result['not_lowered'] or 'none')\n"
+         "display(Image(filename=str(FIGURES / 'peft_methods.png')))"),
+    md("Loss against trainable parameters is not a straight line: methods with a thousand parameters "
+       "can beat methods with ten thousand, and the memory panel shows why few trainable parameters "
+       "do not mean little memory: every method except full fine-tuning keeps activations for "
+       "backward through the frozen model, and at this size they dominate."),
+    code("display(Image(filename=str(FIGURES / 'peft_methods_adapters.png')))\n"
+         "print(result['adapters_vs_full']['sensitivity'])"),
+    code("for r in result['scale']:\n"
+         "    print(f\"{r['size']:6s} N={r['params']:>9,}  prompt - full = {r['gap']:+.3f} nats, \"\n"
+         "          f\"prompt tuning recovers {100 * r['recovered']:.0f}% of full FT's gain\")\n"
+         "display(Image(filename=str(FIGURES / 'peft_methods_scale.png')))"),
+    md("**Exercises.** (1) The learning rates in `peft_methods.LR` were picked by a small sweep: "
+       "rerun with `--lr prompt=0.3` (the prompt-tuning paper's constant LR) or `--lr vera=3e-2` and "
+       "see how far each method moves. (2) Give LoRA a rank of 1 and Houlsby a bottleneck of 2: which "
+       "loses more? (3) On a GPU, `--device cuda` adds a third, larger base to part 3: does prompt "
+       "tuning's share of full fine-tuning's gain keep growing?"),
+])
+
+
+NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving LoRA in mixed batches", [
+    md("A LoRA adapter is a few megabytes next to a base model of gigabytes. The course's point: fine-tune "
+       "many adapters on one base model and, at inference, use the $A, B$ of each task with the shared "
+       "base weights — *much cheaper than serving $n$ full fine-tuned models*. LoRAX, Punica and S-LoRA "
+       "serve hundreds to thousands of adapters on one GPU this way. The trick: in a batch where every "
+       "request names its own adapter, the base GEMM $xW_0^T$ is still one GEMM for the whole batch; only "
+       "the small LoRA part is gathered per row."),
+    md("**BGMV** (batched gather matrix-vector, for decoding: one token per request) gathers each row's "
+       "$A_i, B_i$ and adds $s_i (x A_i^T) B_i^T$. **SGMV** (segmented, for the prefill) sorts the batch "
+       "by adapter so each adapter's rows are contiguous and runs one small GEMM pair per segment. Ranks "
+       "differ between adapters, so every adapter is padded with zeros to a common rank $r_{max}$: zero "
+       "rows of $A$ and zero columns of $B$ change nothing. The NumPy twins:"),
+    code("from minipeft import serve\nshow_source(serve.bgmv_reference)\nshow_source(serve.sgmv_reference)"),
+    md("On a GPU the same two operations are CUDA RawKernels (`minipeft/kernels/bgmv.cu`): BGMV fuses "
+       "shrink and expand in one block per row; SGMV reads a tile of an adapter's weights into shared "
+       "memory once for up to 32 rows. `tests/kernels/test_bgmv.py` checks them against the twins."),
+    code("from minipeft.kernels import bgmv\nshow_source(bgmv.maybe_cuda_bgmv)"),
+    md("The server wraps every served Linear in a `MultiLoraLinear`: base output first, then BGMV or SGMV "
+       "with the slot of each row:"),
+    code("show_source(serve.MultiLoraLinear.forward)"),
+    md("Adapters live in *slots* on the device, as many as a memory budget allows; the rest wait in host "
+       "memory (S-LoRA's design). A batch that needs an adapter not on the device evicts the least "
+       "recently used one. Requests naming an unknown adapter, or an adapter made for another base, get "
+       "their own error; the rest of the batch runs."),
+    code("show_source(serve.LoraServer._make_resident)"),
+    md("Run the lesson. It checks that each request of a mixed batch gets exactly the tokens of its "
+       "adapter merged into the base and decoded alone, then measures throughput and latency as the "
+       "number of adapters $N$ grows, against (a) the base alone, (b) one merged model per adapter served "
+       "one at a time, (c) a loop over adapters in sub-batches (peft's mixed-batch path):"),
+    code("from minipeft.lessons import serving\nresult = serving.main(ARGS)"),
+    code("for n, r in zip(result['ns'], result['ratio_mixed_vs_base']):\n"
+         "    print(f'N = {n:4d}: mixed batch decodes at {r:.2f}x the base model alone')\n"
+         "display(Image(filename=str(FIGURES / 'serving_throughput.png')))"),
+    md("Memory: the base once plus $N$ adapters, against $N$ merged copies of the model:"),
+    code("m = result['memory']\n"
+         "print(f\"one adapter: {m['adapter_bytes'] / 2**20:.2f} MiB, the base: {m['base_fp32'] / 2**20:.2f} MiB \"\n"
+         "      f\"(NF4: {m['base_nf4'] / 2**20:.2f} MiB)\")\n"
+         "display(Image(filename=str(FIGURES / 'serving_memory.png')))"),
+    md("**Exercises.** (1) Run `python -m minipeft.lessons.serving --device cuda --base gpt2 --ns 1,10,100 "
+       "--batch 128` on a GPU: where does the mixed batch stand against the base alone, and why does "
+       "(b) fall behind as $N$ grows? (2) Build a server with `ServeConfig(max_rank=64)`: how many slots "
+       "does the same budget hold, and what does padding every adapter to rank 64 cost in memory and "
+       "time? (3) Send Zipf-distributed traffic through a pool with 4 slots (section 4 of the lesson): "
+       "how does the hit rate change with the Zipf exponent?"),
 ])
 
 
