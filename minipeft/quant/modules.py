@@ -176,9 +176,9 @@ class _QuantLinear(Module):
         """Parameters the quantized weight stands for (peft counts a 4-bit weight at its full size)."""
         return self.in_features * self.out_features
 
-    def _check_shape(self, W) -> None:
-        if tuple(W.shape) != (self.out_features, self.in_features):
-            raise ValueError(f"{type(self).__name__}: state is for a weight of shape {tuple(W.shape)}, "
+    def _check_shape(self, shape) -> None:
+        if tuple(shape) != (self.out_features, self.in_features):
+            raise ValueError(f"{type(self).__name__}: state is for a weight of shape {tuple(shape)}, "
                              f"but this layer is ({self.out_features}, {self.in_features})")
 
 
@@ -230,7 +230,7 @@ class Linear4bit(_QuantLinear):
         if set(state) != own:
             raise KeyError(f"Linear4bit state needs keys {sorted(own)}, got {sorted(state)}")
         qs = QuantState.from_dict({k[len("weight."):]: v for k, v in state.items() if k != "weight"})
-        self._check_shape(np.empty(qs.shape, dtype=np.uint8))
+        self._check_shape(qs.shape)
         packed = state["weight"]
         if np.dtype(packed.dtype) != np.uint8 or packed.size != (self.in_features * self.out_features + 1) // 2:
             raise ValueError(f"Linear4bit: 'weight' must be {(self.in_features * self.out_features + 1) // 2} "
@@ -291,7 +291,7 @@ class Linear8bitLt(_QuantLinear):
         if set(state) != {"weight", "SCB"}:
             raise KeyError(f"Linear8bitLt state needs keys ['SCB', 'weight'], got {sorted(state)}")
         CB, SCB = state["weight"], state["SCB"]
-        self._check_shape(CB)
+        self._check_shape(CB.shape)
         if np.dtype(CB.dtype) != np.int8 or tuple(SCB.shape) != (self.out_features,):
             raise ValueError(f"Linear8bitLt: expected int8 'weight' and 'SCB' of shape ({self.out_features},), "
                              f"got {CB.dtype} and {tuple(SCB.shape)}")
