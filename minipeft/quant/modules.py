@@ -336,7 +336,7 @@ def model_nbytes(*models: Module) -> int:
                 arrays += held()
     for a in arrays:
         b = _buffer(a)
-        seen[id(b)] = int(getattr(b, "nbytes", np.asarray(b).nbytes))
+        seen[id(b)] = int((b.nbytes if hasattr(b, "nbytes") else np.asarray(b).nbytes))
     return sum(seen.values())
 
 
