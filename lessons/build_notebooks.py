@@ -297,6 +297,185 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
        "how does the hit rate change with the Zipf exponent?"),
 ])
 
+NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretraining on English is worth in Python", [
+    md("Why fine-tune at all? Hernandez et al. (2021), *Scaling Laws for Transfer*, put a number on "
+       "it: the **effective data transferred** $D_T$ — how many *more* bytes of Python a model "
+       "trained from scratch would need to match a model of the same size pretrained on English "
+       "and fine-tuned on $D_F$ bytes. In the low-data regime it is a power law in the "
+       "fine-tuning data and the non-embedding parameters $N$:\n\n"
+       "$$D_T = k\\,(D_F)^{\\alpha}\\,(N)^{\\beta},$$\n\n"
+       "with $k = 1.9\\times10^4$, $\\alpha = 0.18$, $\\beta = 0.38$ for text → Python in the paper. "
+       "This notebook follows `python -m minipeft.lessons.transfer`, which measures all three on "
+       "models minipeft trains itself."),
+    md("$D_T$ is read off a curve: train from scratch on Python sets of many sizes $D$ (each run "
+       "stopped early at its best validation loss), then ask where that loss-versus-data curve "
+       "reaches the fine-tuned model's loss. minipeft makes the curve monotone, interpolates "
+       "$\\log L$ linearly in $\\log D$ and flags losses outside the curve's range:"),
+    code("from minipeft import transfer as T\nshow_source(T.data_for_loss)"),
+    md("On a made-up scratch curve $L(D) = (10^8/D)^{0.3}$, a fine-tuned model that reaches the "
+       "loss of $10^5$ bytes with only $10^3$ has $D_T = 99{,}000$ — a multiplier of 100:"),
+    code("curve = {D: (1e8 / D) ** 0.3 for D in (1e3, 1e4, 1e5, 1e6)}\n"
+         "T.effective_data_transferred(curve, {1e3: (1e8 / 1e5) ** 0.3})"),
+    md("The fit is least squares of $\\log D_T = \\log k + \\alpha\\log D_F + \\beta\\log N$ "
+       "(scipy's `curve_fit`), with standard errors from its covariance:"),
+    code("show_source(T.fit_transfer)"),
+    md("The grids. Small models cost little per step, so they get more steps: every run of a grid "
+       "gets roughly the same compute. `--quick` is for CI; the default is the CPU grid (about ten "
+       "minutes on 2 cores); `--device cuda` runs the GPU grid, up to T2 (4.7M parameters) and "
+       "the whole 7 MB of Python. Every run is cached on disk, so running again redoes nothing."),
+    code("for name, g in T.GRIDS.items():\n"
+         "    Ns = [T.non_embedding_params(s) for s in g.sizes]\n"
+         "    print(f\"{name:5s} sizes {', '.join(g.sizes)} (N {min(Ns):,}..{max(Ns):,}); \"\n"
+         "          f\"scratch D {min(g.scratch_D):,}..{max(g.scratch_D):,}; D_F {min(g.finetune_D):,}..\"\n"
+         "          f\"{max(g.finetune_D):,}; steps per size {g.steps or g.config.max_steps}\")"),
+    md("Run the lesson. For each size it pretrains two bases — on English, and on English mixed "
+       "50/50 with C headers (code, but not Python) — then trains from scratch and fine-tunes."),
+    code("from minipeft.lessons import transfer as lesson\nresult = lesson.main(ARGS)"),
+    code("for src, f in result['fits'].items():\n"
+         "    p = f['paper']\n"
+         "    print(f\"{src:9s} minipeft: k {f['k']:.3g}, alpha {f['alpha']:.3f} ± {f['alpha_err']:.3f}, \"\n"
+         "          f\"beta {f['beta']:.3f} ± {f['beta_err']:.3f}   paper: k {p['k']:.2g}, alpha {p['alpha']}, \"\n"
+         "          f\"beta {p['beta']}\")\n"
+         "display(Image(filename=str(FIGURES / 'transfer_loss_vs_data.png')))"),
+    md("Each panel is one model size. The fine-tuned models start ahead; the red arrow is $D_T$ "
+       "at the smallest $D_F$: the extra data the scratch model needs to reach the same loss. "
+       "Next, $D_T$ against $D_F$ with the fitted lines (filled markers were fitted; open "
+       "triangles are lower bounds, where the fine-tuned model beat every scratch run):"),
+    code("display(Image(filename=str(FIGURES / 'transfer_dt_vs_df.png')))\n"
+         "display(Image(filename=str(FIGURES / 'transfer_multiplier.png')))"),
+    md("The effective data multiplier $(D_F + D_T)/D_F \\approx k N^{\\beta} / D_F^{1-\\alpha}$ falls "
+       "as $D_F$ grows: pretraining matters most when fine-tuning data is scarce. The lesson also "
+       "checks **ossification** (does a small pretrained model end *worse* than scratch at the "
+       "largest $D_F$?) and whether the source closer to Python transfers more at low data:"),
+    code("for o in result['ossification']:\n"
+         "    print(o)\n"
+         "for k, v in result['targets'].items():\n"
+         "    print(('yes ' if v else 'NO  ') + k)"),
+    md("**What differs from the paper, and why.** Tokens are bytes (a 259-symbol vocabulary, so no "
+       "tokenizer favours English or code), so losses are nats per byte and $D$ counts bytes. The "
+       "models are tiny (N from 888 to 4.7M against the paper's millions to billions) and so is the "
+       "data: under 2 MB of English and 7 MB of Python against the paper's 24B and 22B characters. "
+       "Every run has a step cap, so at large $D$ the scratch models run out of compute before data "
+       "and their curve flattens; there a fine-tuned model often beats every scratch run and gets "
+       "only a lower bound. The fit is one least-squares fit on the low-data points, not the "
+       "paper's fit of the logit of $D_T/D_E$. Expect the signs and orders of magnitude of "
+       "$\\alpha$ and $\\beta$, not the paper's digits."),
+    md("**Exercises.** (1) `T.analyze(results, low_data_fraction=1.0)` fits every in-range point: "
+       "how do $\\alpha$ and $\\beta$ move once the high-data points come in? (2) Raise a size's "
+       "step cap in a grid of your own (`dataclasses.replace(T.GRIDS['cpu'], steps=...)`): where "
+       "does the scratch curve stop flattening, and what happens to the lower bounds? (3) Compare "
+       "the zero-shot Python loss of the two bases in the report: which source is closer to "
+       "Python, and how does that show in $k$ and $\\alpha$?"),
+])
+
+
+NOTEBOOKS["03_lora"] = ("Lesson 3 — LoRA: what it trains, which rank suffices, and why merging is free", [
+    md("LoRA (Hu et al. 2021) freezes a pretrained weight $W_0 \\in \\mathbb{R}^{d \\times k}$ and learns its "
+       "update as the product of two thin matrices: $h = W_0 x + \\frac{\\alpha}{r} B A x$ with "
+       "$B \\in \\mathbb{R}^{d \\times r}$ zero and $A \\in \\mathbb{R}^{r \\times k}$ random at the start, so "
+       "training starts from the base model. This notebook follows `python -m minipeft.lessons.lora`, "
+       "which adapts minipeft's tiny English base model to Python code."),
+    md("The LoRA layer adds a scaled low-rank branch to the frozen layer's output; "
+       "`get_delta_weight` is the weight change that branch stands for:"),
+    code("from minipeft.peft import LoraLayer\n"
+         "show_source(LoraLayer.adapter_forward)\n"
+         "show_source(LoraLayer.get_delta_weight)"),
+    md("**What LoRA trains.** A $d \\times k$ weight has $dk$ entries; LoRA trains $r(d + k)$. "
+       "The course's example (a $512 \\times 64$ weight with $r = 8$), counted on a real `LoraLayer`:"),
+    code("from minipeft.lessons import lora\n"
+         "ex = lora.course_example(d=512, k=64, r=8)\n"
+         "print(f\"W: {ex['full']:,}  A: {ex['A']:,}  B: {ex['B']:,}  -> {100 * ex['reduction']:.1f}% fewer\")"),
+    md("**Merging.** $W = W_0 + \\frac{\\alpha}{r} B A$ is an ordinary weight. After `merge_and_unload()` "
+       "the model is a plain GPT that runs exactly the base model's operations:"),
+    code("from minipeft.peft.tuner import BaseTunerLayer\nshow_source(BaseTunerLayer.merge)"),
+    md("Now the lesson. It prints the parameter counts, sweeps the rank next to full fine-tuning, "
+       "times forward passes, and looks at the singular values of the full fine-tuning update."),
+    code("result = lora.main(ARGS)"),
+    md("**The rank sweep.** On the left, validation loss against $r$, with full fine-tuning and the "
+       "untrained base as lines. On the right, the shape of the curve (the loss above the sweep's best) "
+       "beside the paper's GPT-2 M on E2E. In the paper the curve is flat by $r = 16$. Does it flatten "
+       "here, where $r = 32$ is already half of each matrix's full rank?"),
+    code("for r in result['ranks']:\n"
+         "    v = result['rank_sweep'][str(r)]\n"
+         "    print(f\"r={r:3d}  trainable {v['trainable']:>7,}  val loss {v['val_loss']:.3f}\")\n"
+         "print(f\"full fine-tuning {result['full_ft']['val_loss']:.3f}, base {result['base_val_loss']:.3f}\")\n"
+         "display(Image(filename=str(FIGURES / 'lora_rank_sweep.png')))"),
+    md("**Latency.** The merged model takes as long as the base. Unmerged, every adapted layer runs "
+       "two extra thin matmuls, and a bottleneck adapter adds layers in sequence. Both cost the most, "
+       "relative to the work, at batch size 1:"),
+    code("display(Image(filename=str(FIGURES / 'lora_latency.png')))"),
+    md("**Why can a low rank be enough?** Take the update that *full* fine-tuning makes, "
+       "$\\Delta W = W_{ft} - W_0$, and look at its singular values. Compare them with a random matrix "
+       "of the same shape and norm: how much of $\\|\\Delta W\\|_F^2$ do the top $r$ directions hold? "
+       "The paper's subspace similarity "
+       "$\\phi(i, j) = \\|U_1^{(i)\\top} U_2^{(j)}\\|_F^2 / \\min(i, j)$ then asks whether LoRA's "
+       "$\\Delta W = \\frac{\\alpha}{r} B A$ points along the same directions as the full update:"),
+    code("show_source(lora.subspace_similarity)\n"
+         "display(Image(filename=str(FIGURES / 'lora_spectra.png')))"),
+    md("**Exercises.** (1) Adapt attention only, as the paper does: set "
+       "`lora.TARGETS = ('attn.c_attn',)` and rerun. Does a small $r$ suffice more often there? "
+       "(2) Set `lora.LR['lora'] = 3e-3` and rerun. Which ranks lose the most? With "
+       "$\\alpha = 2r$, how does the size of the update depend on $r$? (3) Time the models at batch 64 "
+       "with `lora.time_forward`. What happens to the unmerged layer's overhead, and why?"),
+])
+
+
+NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: five ways to fine-tune, scored as the challenge scores them", [
+    md("The course's table compares full fine-tuning, fine-tuning the top two blocks, adapters, prefix tuning "
+       "and LoRA on GPT-2 Medium and the E2E NLG data: a meaning representation (MR) such as "
+       "`name[The Eagle], eatType[pub], area[riverside]` goes in, a sentence about the restaurant comes out. "
+       "This notebook follows `python -m minipeft.lessons.e2e`, which runs all five from one pretrained base."),
+    md("**The data.** Without a file the lesson uses a synthetic set with the E2E attributes and varied "
+       "phrasings; `--data ../shared/data/e2e/devset.csv` uses the real dev set. Either way the split is by "
+       "MR, so no MR is seen in training and in testing. Each example is written as microsoft/LoRA writes it, "
+       "and the loss covers the text only:"),
+    code("from minipeft.data.e2e import synthetic_e2e, format_prompt\n"
+         "data = synthetic_e2e(3, seed=0)\n"
+         "for mr, refs in zip(data.mrs, data.refs):\n"
+         "    print(format_prompt(mr) + refs[0])"),
+    md("**Decoding.** Beam search keeps the $K$ best partial outputs by summed log-probability; a finished "
+       "output is ranked by $\\log P(Y) / |Y|^{\\alpha}$ (the length penalty). The key/value cache is computed "
+       "once for the prompts and then *indexed* by the beam each survivor came from:"),
+    code("from minipeft import decoding\nshow_source(decoding.beam_search)"),
+    md("Greedy decoding is beam search with $K = 1$. Beam search can find outputs greedy decoding misses: "
+       "a first token that looks worse may lead to a much better continuation. On the same model, the beam's "
+       "outputs never score lower than greedy's:"),
+    code("import numpy as np\n"
+         "from minipeft.gpt import GPT, GPTConfig\n"
+         "m = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=2, vocab_size=12), seed=3)\n"
+         "x = np.random.default_rng(3).integers(1, 12, (4, 5))\n"
+         "g = decoding.greedy_search(m, x, 6, eos_token_id=0)[:, 5:]\n"
+         "beams, scores = decoding.beam_search(m, x, 4, 6, eos_token_id=0, length_penalty=0.0, return_scores=True)\n"
+         "for row, gr, b, s in zip(x, g, beams, scores):\n"
+         "    cut = list(gr[:list(gr).index(0) + 1]) if 0 in gr else list(gr)\n"
+         "    print(f\"greedy {decoding.sequence_log_prob(m, row, cut):7.3f}   beam {s:7.3f}\")"),
+    md("**The metrics** are those of the E2E challenge's scorer: BLEU and NIST on mteval's tokenization, "
+       "ROUGE-L ($\\beta = 1.2$) and CIDEr-D on the COCO tokenization:"),
+    code("from minipeft import metrics\nshow_source(metrics.e2e_scores)"),
+    md("Now the lesson: every method trains for the same number of steps, decodes the held-out MRs with "
+       "beam search and is scored; then LoRA is trained at ranks 1 to 64. On a laptop the base is tiny and "
+       "the budget short, so compare the *ranking* with the course's, not the absolute numbers."),
+    code("from minipeft.lessons import e2e\nresult = e2e.main(ARGS)"),
+    code("for k, r in result['methods'].items():\n"
+         "    print(f\"{r['label']:<22} {r['trainable']:>8,} params  BLEU {100 * r['BLEU']:6.2f}  \"\n"
+         "          f\"ROUGE-L {100 * r['ROUGE_L']:6.2f}  CIDEr {r['CIDEr']:.3f}\")\n"
+         "display(Image(filename=str(FIGURES / 'e2e_methods.png')))"),
+    md("**Training curves.** Which methods are still improving when the budget ends?"),
+    code("display(Image(filename=str(FIGURES / 'e2e_train_loss.png')))"),
+    md("**The LoRA rank.** In the course, validation loss stops improving near $r = 16$ and BLEU peaks at "
+       "$r = 4$. Here $\\alpha$ is fixed at 32, so the update's scale $\\alpha / r$ shrinks as $r$ grows:"),
+    code("display(Image(filename=str(FIGURES / 'e2e_lora_rank.png')))"),
+    md("**Score any model on any E2E file.** With `--save DIR` the lesson writes the base, every adapter and "
+       "the test MRs; the evaluation command decodes every MR of a CSV and prints the metric table:\n\n"
+       "```\npython -m minipeft.lessons.e2e --save runs/e2e\n"
+       "python -m minipeft.evaluate --adapter runs/e2e/lora --data runs/e2e/test.csv --beam 5\n"
+       "python -m minipeft.evaluate --adapter runs/e2e/lora --data ../shared/data/e2e/devset.csv\n```"),
+    md("**Exercises.** (1) Rerun with `--data ../shared/data/e2e/devset.csv`: do the real references rank the "
+       "methods the same way? (2) Evaluate one adapter with `--beam 1`, `--beam 5` and `--beam 10`: how much "
+       "does the beam add, and at what cost in time? (3) Set the length penalty to 0 and to 2: what happens to "
+       "the outputs' length and to BLEU's brevity penalty?"),
+])
+
 
 def main() -> None:
     for stem, (title, cells) in NOTEBOOKS.items():
