@@ -10,7 +10,13 @@ PyTorch side: ``transformers.GPT2LMHeadModel`` (SDPA attention by default, the p
 user would otherwise pick), or a small hand-written GPT-2 in torch when transformers is
 missing. ``--mode lora``: LoRA r=8, alpha=8 on ``c_attn`` in both (``minipeft.peft`` and
 ``peft.get_peft_model``; a hand-written LoRA layer where either library is unavailable),
-everything else frozen; the LoRA A/B weights are copied too.
+everything else frozen; the LoRA A/B weights are copied too. ``--mode qlora`` (QLoRA,
+Dettmers et al. 2023): every block's linear layers (``c_attn``, ``attn.c_proj``, ``c_fc``,
+``mlp.c_proj``) quantized to NF4 (block size 64, double quantization, float32 compute),
+LoRA r=8 on all of them; minipeft's ``quantize_model`` + ``get_peft_model`` against
+``bitsandbytes.nn.Linear4bit`` (the layers ``transformers`` would swap in) + peft. Both
+quantize the same float32 weights, and minipeft's NF4 codes are bitsandbytes' bit for
+bit, so the losses still agree.
 
 Timing (DESIGN.md, "Performance and memory"): ``--warmup`` steps, then ``--steps`` timed
 steps per framework, run in alternating blocks of ``--block`` so that a load change on a
@@ -55,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cpu: NumPy vs torch CPU; cuda: minipeft on CuPy vs torch CUDA")
     ap.add_argument("--config", default="T1", help="GPTConfig preset: T0, T1, T2, T3, gpt2 (default T1)")
-    ap.add_argument("--mode", choices=("full", "lora"), default="full",
-                    help="full fine-tuning, or LoRA r=8 on c_attn with the rest frozen")
+    ap.add_argument("--mode", choices=("full", "lora", "qlora"), default="full",
+                    help="full fine-tuning; LoRA r=8 on c_attn with the rest frozen; or QLoRA: NF4 base "
+                         "(bitsandbytes on the torch side) + LoRA r=8 on every linear layer of the blocks")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's block_size)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per framework (default 20)")
@@ -112,11 +119,13 @@ import numpy as np  # noqa: E402  (after the thread environment is set)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from minipeft import functional as MF  # noqa: E402
+from minipeft.backend import to_numpy  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
 from minipeft.nn import Module, Parameter  # noqa: E402
 from minipeft.optim import AdamW  # noqa: E402
 
-LORA_R, LORA_ALPHA = 8, 8  # LoRA rank and alpha for --mode lora (scaling alpha / r = 1)
+LORA_R, LORA_ALPHA = 8, 8  # LoRA rank and alpha for --mode lora/qlora (scaling alpha / r = 1)
+QLORA_TARGETS = ["c_attn", "c_proj", "c_fc"]  # --mode qlora: every linear layer of the blocks (not lm_head)
 BETAS, EPS, WEIGHT_DECAY = (0.9, 0.999), 1e-8, 0.01  # AdamW hyperparameters (torch's defaults)
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
@@ -140,19 +149,38 @@ class _MiniLoRA(Module):
         return self.base_layer(x) + MF.linear(MF.linear(x, self.lora_A), self.lora_B) * self.scaling
 
 
-def build_minipeft(cfg: GPTConfig, mode: str, seed: int):
-    """The model (GPT, or its LoRA-wrapped form) and a note on how LoRA was applied."""
+def build_minipeft(cfg: GPTConfig, mode: str, seed: int, device: str = "cpu"):
+    """``(model, note, float_state)``: the model (GPT, or its LoRA/QLoRA-wrapped form), a note
+    on how it was built, and the float weights of the plain GPT (NumPy) for the torch copy."""
     model = GPT(cfg, seed=seed)
     model.train()
+    float_state = {k: to_numpy(v).copy() for k, v in model.state_dict().items()}
     if mode == "full":
-        return model, "full fine-tuning"
+        return model, "full fine-tuning", float_state
+    if mode == "qlora":
+        from minipeft.peft import LoraConfig, get_peft_model
+        from minipeft.quant.modules import Linear4bit, quantize_model
+
+        model.to(device)  # quantize where the model will run (the CUDA kernel on a GPU)
+        if device == "cuda":  # quantize_model's byte report (model_nbytes) calls np.asarray on CuPy arrays:
+            for name, lin in [(n, m) for n, m in model.named_modules() if n.startswith("transformer.h.")
+                              and type(m).__name__ == "Linear"]:  # ... so swap the layers as it would
+                q = Linear4bit(lin, quant_type="nf4", blocksize=64, compress_statistics=True)
+                q.train(lin.training)
+                model.set_submodule(name, q)
+        else:
+            quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True)
+        pm = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                              target_modules=list(QLORA_TARGETS)), rng=np.random.default_rng(seed))
+        pm.train()
+        return pm, "minipeft quantize_model (NF4, blocksize 64, double quant) + get_peft_model", float_state
     try:
         from minipeft.peft import LoraConfig, get_peft_model
 
         pm = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
                                               target_modules=["c_attn"]), rng=np.random.default_rng(seed))
         pm.train()
-        return pm, "minipeft.peft.get_peft_model"
+        return pm, "minipeft.peft.get_peft_model", float_state
     except Exception as e:  # the peft package is still being written: freeze by hand
         print(f"[minipeft] minipeft.peft unusable ({type(e).__name__}: {e}); using a hand-written LoRA layer")
         model = GPT(cfg, seed=seed)
@@ -162,16 +190,16 @@ def build_minipeft(cfg: GPTConfig, mode: str, seed: int):
         rng = np.random.default_rng(seed)
         for block in model.transformer.h:
             block.attn.c_attn = _MiniLoRA(block.attn.c_attn, LORA_R, LORA_ALPHA, rng)
-        return model, "hand-written LoRA (minipeft.peft unusable)"
+        return model, "hand-written LoRA (minipeft.peft unusable)", float_state
 
 
 def lora_arrays(named) -> dict:
-    """{(layer, 'A' | 'B'): array} from (name, array) pairs of LoRA weights of either framework."""
+    """{(layer, module, 'A' | 'B'): array} from (name, array) pairs of LoRA weights of either framework."""
     out = {}
     for name, arr in named:
-        m = re.search(r"\.h\.(\d+)\..*lora_([AB])\b", name)
+        m = re.search(r"\.h\.(\d+)\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\..*lora_([AB])\b", name)
         if m:
-            out[(int(m.group(1)), m.group(2))] = arr
+            out[(int(m.group(1)), m.group(2), m.group(3))] = arr
     return out
 
 
@@ -259,7 +287,26 @@ class _TorchLoRA:
         return LoRA()
 
 
-def build_torch(torch, cfg: GPTConfig, mini_model, mode: str, attn_impl: str, device: str):
+def _bnb_4bit(torch, model, device: str, conv1d: bool = True) -> str:
+    """Swap every block's Conv1D for ``bitsandbytes.nn.Linear4bit`` (NF4, block size 64, double
+    quantization, float32 compute), as ``transformers``' ``replace_with_bnb_linear`` does."""
+    import bitsandbytes as bnb
+
+    for blk in model.transformer.h:
+        for parent, name in ((blk.attn, "c_attn"), (blk.attn, "c_proj"), (blk.mlp, "c_fc"), (blk.mlp, "c_proj")):
+            conv = getattr(parent, name)
+            w = (conv.weight.data.t() if conv1d else conv.weight.data).contiguous().cpu()  # (out, in)
+            lin = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=conv.bias is not None, compute_dtype=torch.float32,
+                                    compress_statistics=True, quant_type="nf4")
+            lin.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4",
+                                           blocksize=64)
+            if conv.bias is not None:
+                lin.bias = torch.nn.Parameter(conv.bias.data.clone().cpu(), requires_grad=False)
+            setattr(parent, name, lin.to(device))  # quantizes on the move to the GPU
+    return f"bitsandbytes {bnb.__version__} Linear4bit (nf4, blocksize 64, double quant, float32 compute)"
+
+
+def build_torch(torch, cfg: GPTConfig, float_state: dict, mini_model, mode: str, attn_impl: str, device: str):
     """The torch model with minipeft's weights, and notes on what it is."""
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -275,12 +322,8 @@ def build_torch(torch, cfg: GPTConfig, mini_model, mode: str, attn_impl: str, de
         model, kind, conv1d = _hand_gpt2(torch, cfg), "hand-written torch GPT-2 (transformers missing)", False
     if cfg.dropout:
         raise ValueError("the benchmark needs dropout=0 so both frameworks compute the same function")
-    base = mini_model.base_model.model if hasattr(mini_model, "base_model") else mini_model
     state = {}
-    for name, arr in base.state_dict().items():
-        if ".lora_" in name:
-            continue
-        name = name.replace(".base_layer.", ".")  # a hand-wrapped c_attn
+    for name, arr in float_state.items():
         a = np.asarray(arr)
         state[name] = torch.from_numpy(np.ascontiguousarray(a.T if conv1d and name.endswith(_CONV1D) else a))
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -288,6 +331,14 @@ def build_torch(torch, cfg: GPTConfig, mini_model, mode: str, attn_impl: str, de
     if missing or unexpected:
         raise RuntimeError(f"weight copy into torch failed: missing {missing}, unexpected {unexpected}")
     model.train()
+    if mode == "qlora":
+        import peft
+
+        model.to(device)
+        kind += " + " + _bnb_4bit(torch, model, device, conv1d)
+        pcfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(QLORA_TARGETS))
+        model = peft.get_peft_model(model, pcfg)
+        kind += f" + peft {peft.__version__} get_peft_model"
     if mode == "lora":
         try:
             import peft
@@ -302,7 +353,8 @@ def build_torch(torch, cfg: GPTConfig, mini_model, mode: str, attn_impl: str, de
             for blk in model.transformer.h:
                 blk.attn.c_attn = _TorchLoRA.wrap(torch, blk.attn.c_attn, cfg.n_embd, 3 * cfg.n_embd)
             kind += " + hand-written LoRA (peft missing)"
-        src = lora_arrays((n, np.asarray(p.data)) for n, p in mini_model.named_parameters() if "lora_" in n)
+    if mode in ("lora", "qlora"):
+        src = lora_arrays((n, to_numpy(p.data)) for n, p in mini_model.named_parameters() if "lora_" in n)
         dst = lora_arrays((n, p) for n, p in model.named_parameters() if "lora_" in n)
         if set(src) != set(dst):
             raise RuntimeError(f"LoRA layers differ: minipeft {sorted(src)} vs torch {sorted(dst)}")
@@ -372,7 +424,7 @@ def summarize(ts: list[float], tokens: int) -> dict:
             "min_s": float(min(ts)), "tokens_per_s": tokens / float(med)}
 
 
-def model_flops(cfg: GPTConfig, B: int, T: int, mode: str) -> float:
+def model_flops(cfg: GPTConfig, B: int, T: int, mode: str) -> float:  # qlora counts as lora
     """Kaplan et al. 2020 (table 1): forward 2N + 2 L T C flops per token, N the matmul weights.
 
     Backward costs 2x forward for activation gradients + weight gradients (full) or ~1x
@@ -562,8 +614,8 @@ def main(argv=None) -> dict:
     print(f"model: {args.config} {cfg.n_layer} layers, C={cfg.n_embd}, H={cfg.n_head}, V={cfg.vocab_size}; "
           f"batch {B} x {T} = {tokens} tokens/step")
 
-    mini, mini_kind = build_minipeft(cfg, args.mode, args.seed)
-    tmodel, torch_kind = build_torch(torch, cfg, mini, args.mode, args.torch_attn, args.device)
+    mini, mini_kind, float_state = build_minipeft(cfg, args.mode, args.seed, args.device)
+    tmodel, torch_kind = build_torch(torch, cfg, float_state, mini, args.mode, args.torch_attn, args.device)
     rng = np.random.default_rng(args.seed + 1)
     data = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int64)
     idx, tgt = np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])

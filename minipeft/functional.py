@@ -6,6 +6,11 @@ used in every transformer block (linear, layer norm, attention, cross-entropy) a
 fused Functions: they save exactly what their backward needs, which keeps the engine's
 count of bytes held for backward meaningful.
 
+On float32 CuPy arrays GELU, LayerNorm, CrossEntropy and the softmax inside Attention run
+as fused RawKernels (``minipeft/kernels/``), for which the code below is the NumPy twin
+they are tested against; ``MINIPEFT_KERNELS=0`` turns them off. Everything else, and every
+NumPy or float64 array, runs the code written here.
+
 References: GELU tanh form (Hendrycks & Gimpel 2016, eq. in §2, as GPT-2 uses it);
 layer norm (Ba et al. 2016); scaled dot-product attention (Vaswani et al. 2017, eq. 1);
 label smoothing (Szegedy et al. 2016, §7).
@@ -19,6 +24,7 @@ import numpy as np
 
 from .backend import scatter_add, xp_of
 from .engine import Function, Tensor
+from .kernels import use_fused
 
 # ------------------------------------------------------------------------ helpers
 
@@ -41,6 +47,11 @@ def _unbroadcast(grad, shape):
     if axes:
         grad = grad.sum(axis=axes, keepdims=True)
     return grad.reshape(shape)
+
+
+def _on_gpu(a) -> bool:
+    """True for a CuPy array (without importing CuPy)."""
+    return type(a).__module__.startswith("cupy")
 
 
 def _shape(a):
@@ -271,12 +282,20 @@ class GELU(Function):
     def forward(ctx, x):
         xp = _xp(x)
         ctx.save_for_backward(x)
+        if use_fused(x):  # float32 CuPy: one fused kernel (minipeft/kernels/gelu.cu), this code's twin
+            from .kernels.gelu import gelu_forward
+
+            return gelu_forward(x)
         u = _GELU_C * (x + 0.044715 * x * x * x)
         return 0.5 * x * (1 + xp.tanh(u))
 
     @staticmethod
     def backward(ctx, g):
         (x,) = ctx.saved_tensors
+        if use_fused(x) and g.dtype == x.dtype:
+            from .kernels.gelu import gelu_backward
+
+            return (gelu_backward(x, g),)
         xp = xp_of(x)
         u = _GELU_C * (x + 0.044715 * x * x * x)
         t = xp.tanh(u)
@@ -382,7 +401,10 @@ class Linear(Function):
         nx, nw = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if nw else None, w if nx else None)
         ctx.x_shape = x.shape
-        y = x @ w.T  # (..., out)
+        if x.ndim > 2 and _on_gpu(x):  # CuPy: one 2-D GEMM, not a batched one over the leading axes
+            y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
+        else:
+            y = x @ w.T  # (..., out)
         if b is not None:
             y = y + b
         return y
@@ -391,7 +413,12 @@ class Linear(Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        gx = g @ w if needs[0] else None  # (..., in)
+        gx = None
+        if needs[0]:
+            if g.ndim > 2 and _on_gpu(g):  # CuPy: one 2-D GEMM (see forward)
+                gx = (g.reshape(-1, g.shape[-1]) @ w).reshape(ctx.x_shape)  # (..., in)
+            else:
+                gx = g @ w  # (..., in)
         gw = gb = None
         if needs[1]:
             g2 = g.reshape(-1, g.shape[-1])
@@ -678,11 +705,17 @@ class LayerNorm(Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         xp = _xp(x)
+        nx, nw = ctx.needs_input_grad[:2]
+        if use_fused(x, weight, bias):  # float32 CuPy: minipeft/kernels/layernorm.cu, this code's twin
+            from .kernels.layernorm import layernorm_forward
+
+            y, xhat, rstd = layernorm_forward(x, weight, bias, eps)
+            ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
+            return y
         mu = x.mean(axis=-1, keepdims=True)
         var = ((x - mu) ** 2).mean(axis=-1, keepdims=True)
         rstd = 1.0 / xp.sqrt(var + eps)  # (..., 1)
         xhat = (x - mu) * rstd  # (..., C)
-        nx, nw = ctx.needs_input_grad[:2]
         ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
         return xhat * weight + bias
 
@@ -690,6 +723,15 @@ class LayerNorm(Function):
     def backward(ctx, g):
         xhat, rstd, w = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
+        if xhat is not None and use_fused(xhat) and g.dtype == xhat.dtype:
+            from .kernels import layernorm as K
+
+            gw = gb = gx = None
+            if nw or nb:
+                gw, gb = K.layernorm_backward_params(g, xhat)  # column sums, one pass
+            if nx:
+                gx = K.layernorm_backward_x(g, xhat, rstd, w)
+            return gx, gw if nw else None, gb if nb else None, None
         lead = tuple(range(g.ndim - 1))
         gw = (g * xhat).sum(axis=lead) if nw else None
         gb = g.sum(axis=lead) if nb else None
@@ -778,6 +820,13 @@ class CrossEntropy(Function):
     def forward(ctx, logits, targets, ignore_index, label_smoothing):
         xp = _xp(logits)
         n, v = logits.shape
+        if use_fused(logits):  # float32 CuPy: minipeft/kernels/cross_entropy.cu, this code's twin
+            from .kernels.cross_entropy import cross_entropy_forward
+
+            loss, probs, safe_t, valid, count = cross_entropy_forward(logits, targets, ignore_index, label_smoothing)
+            ctx.count, ctx.eps, ctx.v = count, label_smoothing, v  # count stays on the GPU: no sync
+            ctx.save_for_backward(probs, safe_t, valid)
+            return loss
         z = logits - logits.max(axis=-1, keepdims=True)
         lse = xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
         logp = z - lse  # (N, V)
@@ -796,6 +845,10 @@ class CrossEntropy(Function):
     @staticmethod
     def backward(ctx, g):
         probs, t, valid = ctx.saved_tensors
+        if not isinstance(ctx.count, int):  # the fused forward ran (count is a device array)
+            from .kernels.cross_entropy import cross_entropy_backward
+
+            return cross_entropy_backward(g, probs, t, valid, ctx.count, ctx.eps), None, None, None
         xp = xp_of(probs)
         n = probs.shape[0]
         grad = probs.copy()
@@ -838,6 +891,17 @@ class Attention(Function):
     def forward(ctx, q, k, v, causal, key_mask, scale):
         xp = _xp(q)
         tq, tk = q.shape[-2], k.shape[-2]
+        ctx.scale = scale
+        ctx.fused = False
+        if q.ndim == 4 and use_fused(q, k, v, contiguous=False):  # minipeft/kernels/attention_softmax.cu
+            from .kernels.attention_softmax import attn_softmax_forward
+
+            s = q @ _swap_last(k)  # (B, H, Tq, Tk), a fresh C-contiguous array
+            if s.shape[:2] == q.shape[:2] and s.flags.c_contiguous:
+                p = attn_softmax_forward(s, scale, causal, key_mask)  # in place: scale, mask, softmax
+                ctx.fused = True
+                ctx.save_for_backward(q, k, v, p)
+                return p @ v  # (B, H, Tq, D)
         s = (q @ _swap_last(k)) * q.dtype.type(scale)  # (B, H, Tq, Tk)
         allowed = None
         if causal:
@@ -850,7 +914,6 @@ class Attention(Function):
         s = s - s.max(axis=-1, keepdims=True)
         p = xp.exp(s)
         p /= p.sum(axis=-1, keepdims=True)  # (B, H, Tq, Tk)
-        ctx.scale = scale
         ctx.save_for_backward(q, k, v, p)
         return p @ v  # (B, H, Tq, D)
 
@@ -861,6 +924,13 @@ class Attention(Function):
         dt = g.dtype.type(ctx.scale)
         gv = _unbroadcast(_swap_last(p) @ g, v.shape) if nv else None
         gq = gk = None
+        if (nq or nk) and ctx.fused and g.dtype == p.dtype:
+            from .kernels.attention_softmax import attn_softmax_backward
+
+            ds = attn_softmax_backward(p, g @ _swap_last(v), ctx.scale)  # (B, H, Tq, Tk), scale folded in
+            gq = _unbroadcast(ds @ k, q.shape) if nq else None
+            gk = _unbroadcast(_swap_last(ds) @ q, k.shape) if nk else None
+            return gq, gk, gv, None, None, None
         if nq or nk:
             dp = g @ _swap_last(v)  # (B, H, Tq, Tk)
             ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))

@@ -1,0 +1,50 @@
+"""Compile a ``.cu`` file of this folder once per device (NVRTC) and hand out its kernels."""
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+THREADS = 256  # threads per CUDA block of the fused kernels
+MAX_GRID = 132 * 32  # grid-stride kernels launch at most this many blocks (H100: 132 SMs)
+
+
+def cupy():
+    import cupy as cp  # only kernels/ and backend.py import cupy
+
+    return cp
+
+
+@functools.lru_cache(maxsize=None)
+def _module(filename: str, device_id: int):
+    with open(os.path.join(_HERE, filename), encoding="utf-8") as f:
+        return cupy().RawModule(code=f.read(), options=("-std=c++17",))
+
+
+@functools.lru_cache(maxsize=None)
+def _function(filename: str, name: str, device_id: int):
+    return _module(filename, device_id).get_function(name)
+
+
+def kernel(filename: str, name: str):
+    """The kernel ``name`` of ``minipeft/kernels/<filename>``, compiled for the current device."""
+    return _function(filename, name, cupy().cuda.runtime.getDevice())
+
+
+def blocks(n: int, per_block: int = THREADS) -> int:
+    """Grid size of a grid-stride loop over ``n`` items."""
+    return int(max(1, min(MAX_GRID, -(-int(n) // per_block))))
+
+
+def f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def i32(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def i64(x: int) -> np.int64:
+    return np.int64(x)
