@@ -14,6 +14,8 @@ category, beside ``minipeft.memory.estimate_memory``'s prediction:
 * gradients, optimizer state, bytes saved for backward (engine ledger) — measured;
 * device peak: bytes in use before the step + the peak the CuPy pool handed out during it
   (this also contains the temporaries of forward and backward, which no category holds).
+  The measured step is the second one, so the optimizer state already exists, as in every
+  step of a real run after the first.
 
 ``--largest`` walks a ladder of GPT shapes (2.7B ... 65B) and reports the largest whose
 QLoRA step ran without running out of device memory.
@@ -55,7 +57,8 @@ def build(cfg: GPTConfig, method: str, device: str, seed: int = 0):
     rng = xp.random.default_rng(seed)
     model = GPT(cfg, init_weights=False)  # zero-filled host arrays, never touched: no host memory used
     proj_std = 0.02 / math.sqrt(2 * cfg.n_layer)
-    for name, mod in list(model.named_modules()):
+    for name in [n for n, _ in model.named_modules()]:  # names only: no reference keeps a replaced layer alive
+        mod = model.get_submodule(name)
         for pname, p in list(mod._parameters.items()):
             if p is None:
                 continue
@@ -70,8 +73,8 @@ def build(cfg: GPTConfig, method: str, device: str, seed: int = 0):
                 p.data = xp.zeros(p.shape, np.float32)
         if method == "qlora" and isinstance(mod, Linear) and name.endswith(LINEARS):
             model.set_submodule(name, Linear4bit(mod, quant_type="nf4", blocksize=64, compress_statistics=True))
-            del mod
-            gc.collect()
+            mod.weight.data = None  # drop the full-precision weight now, not at the end of the build
+        del mod
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     model.to(device)
@@ -103,7 +106,8 @@ def run_one(cfg, method, device, batch, seq) -> dict:
     x = xp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)))
     y = xp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)))
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    before = device_in_use(device)
+    measure_training_step(model, (x, y), opt)  # first step: creates the optimizer state
+    before = device_in_use(device)  # steady state: weights and optimizer state in place
     meas = measure_training_step(model, (x, y), opt)
     mcfg = MethodConfig(method=method, targets=LINEARS, r=8, blocksize=64, double_quant=True)
     pred = estimate_memory(cfg, mcfg, TrainConfig(batch_size=batch, seq_len=seq, ledger_view=True))
@@ -152,7 +156,7 @@ def main(argv=None):
         props = cp.cuda.runtime.getDeviceProperties(0)
         print(f"GPU {props['name'].decode()}, {props['totalGlobalMem'] / 2**30:.1f} GiB; cupy {cp.__version__}")
     rows = []
-    for name in a.models.split(","):
+    for name in filter(None, a.models.split(",")):
         cfg = GPTConfig.preset(name)
         cfg = replace(cfg, block_size=max(cfg.block_size, a.seq))
         for method in a.methods.split(","):

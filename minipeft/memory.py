@@ -424,7 +424,6 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
     trainable = [k for _, k, tr, _ in tensors if tr]
     w_tr = sum(trainable) * wb
     w_fr = q_c = 0
-    n_quantized = 0
     for _, k, tr, q in tensors:
         if tr:
             continue
@@ -433,11 +432,9 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
             w_fr += (k + 1) // 2
             q_c += (nb + 4 * -(-nb // 256) + 4) if m.double_quant else 4 * nb
             q_c += 16 * 4  # each quantized tensor's state carries its 16-entry float32 code table
-            n_quantized += 1
+            q_c += 256 * 4 if m.double_quant else 0  # and the 8-bit dynamic map of its nested absmax
         else:
             w_fr += k * fb
-    if n_quantized and m.double_quant:
-        q_c += 256 * 4  # one 8-bit dynamic map (float32) for the nested absmax, shared by all tensors
     if raw and quantize:  # a raw count is one 'tensor': use the per-parameter rate
         q_c = math.ceil(tensors[0][1] * quant_constant_bits(m.blocksize, m.double_quant) / 8)
     opt = t.optimizer.replace("paged_", "")

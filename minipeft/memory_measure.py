@@ -61,12 +61,10 @@ def model_bytes(model) -> dict:
         held = getattr(m, "_held_arrays", None)
         if held is None:
             continue
-        # quantized layers: the first array is the stored (packed) weight, the rest are
-        # their constants (absmax, nested absmax, offset, code tables; shared tables once)
+        # quantized layers: the first array is the stored (packed) weight, the rest are its
+        # constants (absmax, nested absmax, offset, code tables), counted per layer as
+        # bitsandbytes keeps them per QuantState (whether or not two layers share a table)
         for i, arr in enumerate(held()):
-            if id(arr) in seen:
-                continue
-            seen.add(id(arr))
             out["weights_frozen" if i == 0 else "quant_constants"] += int(arr.nbytes)
     return out
 

@@ -84,9 +84,9 @@ def test_qlora_base_storage():
     n_lin = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072)  # block linear weights: the quantized ones
     assert lora.weights_frozen - q.weights_frozen == 4 * n_lin - n_lin // 2
     per_layer_blocks = [768 * 2304 // 64, 768 * 768 // 64, 768 * 3072 // 64, 768 * 3072 // 64]
-    # per tensor: absmax codes, nested absmax, offset, and its 16-entry code table; plus one
-    # shared 256-entry dynamic map for the nested absmax
-    assert q.quant_constants == 12 * sum(nb + 4 * -(-nb // 256) + 4 + 64 for nb in per_layer_blocks) + 1024
+    # per tensor: absmax codes, nested absmax, offset, its 16-entry code table and the
+    # 256-entry dynamic map of the nested absmax
+    assert q.quant_constants == 12 * sum(nb + 4 * -(-nb // 256) + 4 + 64 + 1024 for nb in per_layer_blocks)
     plain = estimate_memory("gpt2", MethodConfig("qlora", double_quant=False))
     assert plain.quant_constants == 12 * sum(4 * nb + 64 for nb in per_layer_blocks)
     assert q.activations == lora.activations and q.gradients == lora.gradients
