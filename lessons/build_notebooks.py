@@ -357,9 +357,14 @@ NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretra
        "data: under 2 MB of English and 7 MB of Python against the paper's 24B and 22B characters. "
        "Every run has a step cap, so at large $D$ the scratch models run out of compute before data "
        "and their curve flattens; there a fine-tuned model often beats every scratch run and gets "
-       "only a lower bound. The fit is one least-squares fit on the low-data points, not the "
-       "paper's fit of the logit of $D_T/D_E$. Expect the signs and orders of magnitude of "
-       "$\\alpha$ and $\\beta$, not the paper's digits."),
+       "only a lower bound. The \"English\" is the docstrings of the very library whose code is "
+       "the target, far closer to Python than the paper's web text: the bases predict Python well "
+       "before any fine-tuning, and at the smallest $D_F$ fine-tuning adds little to that zero-shot "
+       "transfer, so $D_T$ is nearly flat there and $\\alpha$ comes out near zero on small grids "
+       "(the paper's law has no zero-shot term). For the same reason English + C, with half as much "
+       "of that English, need not beat English alone. The fit is one least-squares fit on the "
+       "low-data points, not the paper's fit of the logit of $D_T/D_E$. Compare signs, orders of "
+       "magnitude and the shape of the curves, not the paper's digits."),
     md("**Exercises.** (1) `T.analyze(results, low_data_fraction=1.0)` fits every in-range point: "
        "how do $\\alpha$ and $\\beta$ move once the high-data points come in? (2) Raise a size's "
        "step cap in a grid of your own (`dataclasses.replace(T.GRIDS['cpu'], steps=...)`): where "

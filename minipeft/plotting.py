@@ -735,13 +735,18 @@ def transfer_dt_vs_df(points: list, fits: dict, sizes: dict, title: str = ""):
             lb = [p for p in pts if p["flag"] == "above_range" and p["D_T"] > 0]
             if lb:
                 ax.plot([p["D_F"] for p in lb], [p["D_T"] for p in lb], "^", color=colors[s], mfc="none", ms=7)
-            dfs = np.array(sorted({p["D_F"] for p in pts}), dtype=float)
+            neg = [p["D_F"] for p in pts if p["flag"] == "negative"]
+            if neg:  # no place on a log axis: a marker on the bottom edge
+                ax.plot(neg, [0.02] * len(neg), "v", color=colors[s], ms=7, transform=ax.get_xaxis_transform(),
+                        clip_on=False)
+            dfs = np.array(sorted({p["D_F"] for p in pts if p.get("in_fit")}), dtype=float)
             if dfs.size and np.isfinite(fit.get("alpha", np.nan)) and np.isfinite(fit.get("beta", np.nan)):
                 x = np.geomspace(dfs.min(), dfs.max(), 50)
                 ax.plot(x, fit["k"] * x ** fit["alpha"] * float(N) ** fit["beta"], "-", color=colors[s], lw=1.2)
             ax.plot([], [], "o-", color=colors[s], label=f"{s} (N = {N:,})")
-        ax.plot([], [], "^", color="gray", mfc="none", label="lower bound (beyond scratch curve)")
-        ax.plot([], [], "o", color="gray", mfc="none", label="not fitted")
+        ax.plot([], [], "o", color="gray", mfc="none", label="not fitted (outside the low-data regime)")
+        ax.plot([], [], "^", color="gray", mfc="none", label="lower bound (beats every scratch run)")
+        ax.plot([], [], "v", color="gray", label="$D_T \\leq 0$: worse than scratch")
         if np.isfinite(fit.get("alpha", np.nan)):
             txt = (f"fit: k = {fit['k']:.3g}, $\\alpha$ = {fit['alpha']:.3f} ± {fit['alpha_err']:.3f}, "
                    f"$\\beta$ = {fit['beta']:.3f} ± {fit['beta_err']:.3f}")
@@ -754,11 +759,12 @@ def transfer_dt_vs_df(points: list, fits: dict, sizes: dict, title: str = ""):
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning data $D_F$ (Python bytes)")
         ax.set_title(f"pretrained on {src}", fontsize=10)
-        ax.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("effective data transferred $D_T$ (bytes)")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8, frameon=False)
     return fig
 
 
@@ -778,13 +784,18 @@ def transfer_multiplier(points: list, fits: dict, sizes: dict, title: str = ""):
             if ok:
                 ax.plot([p["D_F"] for p in ok], [p["multiplier"] for p in ok], "o-", color=colors[s], ms=5,
                         lw=1.2, label=f"{s} (N = {N:,})")
-            lb = [p for p in pts if p["flag"] == "above_range"]
+            lb = [p for p in pts if p["flag"] == "above_range" and p["D_T"] > 0]
             if lb:
                 ax.plot([p["D_F"] for p in lb], [p["multiplier"] for p in lb], "^", color=colors[s], mfc="none")
-            if pts and np.isfinite(fit.get("alpha", np.nan)) and np.isfinite(fit.get("beta", np.nan)):
-                x = np.geomspace(pts[0]["D_F"], pts[-1]["D_F"], 50)
+            fitted = [p["D_F"] for p in pts if p.get("in_fit")]
+            if fitted and np.isfinite(fit.get("alpha", np.nan)) and np.isfinite(fit.get("beta", np.nan)):
+                x = np.geomspace(min(fitted), max(fitted), 50)
                 ax.plot(x, 1 + fit["k"] * float(N) ** fit["beta"] / x ** (1 - fit["alpha"]), ":", color=colors[s])
         ax.axhline(1.0, color="gray", lw=1, ls="--")
+        ax.text(0.99, 1.0, "no transfer ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                fontsize=7, color="gray")
+        ax.plot([], [], "^", color="gray", mfc="none", label="lower bound")
+        ax.plot([], [], ":", color="gray", label="fit: $1 + k N^\\beta / D_F^{1-\\alpha}$")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning data $D_F$ (Python bytes)")
@@ -807,8 +818,8 @@ def e2e_method_table(ours: dict, course: dict, base_name: str = "minipeft", titl
         ax.grid(True, alpha=0.3, which="both")
         xs, ys = [p[0] for p in pts.values()], [p[1] for p in pts.values()]
         ax.scatter(xs, ys, s=40, zorder=3, color="tab:blue" if pts is ours else "tab:orange")
-        for (lab, (x, y)) in pts.items():
-            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7.5)
+        for i, (lab, (x, y)) in enumerate(pts.items()):
+            ax.annotate(lab, (x, y), textcoords="offset points", xytext=(4, 4 if i % 2 == 0 else -11), fontsize=7.5)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters")
         ax.set_ylabel("BLEU (x100)")
