@@ -452,6 +452,7 @@ def peft_methods_tradeoff(results: dict, base_loss: float, title: str = ""):
     lo, hi = a0.get_xlim()
     a0.set_xlim(lo, hi * 2.5)  # room for the labels of the largest methods
     a0.text(hi * 2.4, base_loss, "base model (no fine-tuning) ", va="bottom", ha="right", fontsize=8, color="gray")
+    a0.set_title("loss against trainable parameters", fontsize=10)
     a0.legend(fontsize=8, loc="best")
     fig.tight_layout()  # final axes positions first: the labels are placed in display space
     _label_points(a0, [results[n]["trainable"] for n in names], [results[n]["val_loss"] for n in names],
@@ -460,12 +461,15 @@ def peft_methods_tradeoff(results: dict, base_loss: float, title: str = ""):
     y = np.arange(len(names))[::-1]
     left = np.zeros(len(names))
     colors = plt.get_cmap("tab10")
+    biggest = max(sum(results[n]["memory"].get(c, 0) for c in cats) for n in names)
+    unit, unit_name = next((u, nm) for u, nm in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB"), (1, "B")) if biggest >= u)
     for i, c in enumerate(cats):
-        v = np.array([results[n]["memory"].get(c, 0) for n in names], dtype=float) / 1e3
+        v = np.array([results[n]["memory"].get(c, 0) for n in names], dtype=float) / unit
         a1.barh(y, v, left=left, height=0.65, color=colors(i), label=c.replace("_", " "))
         left += v
     a1.set_yticks(y, [results[n]["label"] for n in names], fontsize=8)
-    a1.set_xlabel("one training step, measured (kB)")
+    a1.set_xlabel(f"one training step, measured ({unit_name})")
+    a1.set_title("where one training step's memory goes", fontsize=10)
     a1.grid(True, alpha=0.3, axis="x")
     a1.legend(fontsize=8, loc="lower right")
     if title:
@@ -489,11 +493,11 @@ def adapters_vs_full(data: dict, lr: dict, base_loss: float, labels: dict | None
         ax.set_xscale("log")
         ax.axhline(base_loss, ls="--", lw=1, color="gray")
     for m, pts in data.items():
-        a0.plot([p["tokens"] for p in pts], [p["best_val"] for p in pts], "o-", label=labels.get(m, m))
-    a0.text(a0.get_xlim()[0], base_loss, "  base model", va="bottom", fontsize=8, color="gray")
+        a0.errorbar([p["tokens"] for p in pts], [p["best_val"] for p in pts], yerr=[p.get("std", 0) for p in pts],
+                    fmt="o-", capsize=3, label=labels.get(m, m))
     a0.set_xlabel("fine-tuning tokens (bytes of Python)")
     a0.set_ylabel("best validation loss (nats/token)")
-    a0.set_title("as the training set shrinks", fontsize=10)
+    a0.set_title("as the training set shrinks (early stopping; mean, std over seeds)", fontsize=10)
     a0.legend(fontsize=8)
     for m, curve in lr.items():
         xs = np.array(list(curve), dtype=float)
@@ -505,6 +509,8 @@ def adapters_vs_full(data: dict, lr: dict, base_loss: float, labels: dict | None
     a1.set_ylabel("final validation loss (nats/token)")
     a1.set_title("sensitivity to the learning rate", fontsize=10)
     a1.legend(fontsize=8)
+    for ax in (a0, a1):
+        ax.text(ax.get_xlim()[0], base_loss, "  base model", va="bottom", fontsize=8, color="gray")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -523,17 +529,25 @@ def prompt_tuning_scale(rows: list, title: str = ""):
         ax.grid(True, alpha=0.3)
         ax.set_xscale("log")
         ax.set_xlabel("base model, non-embedding parameters N")
+        ax.set_xticks(n, [f"{r['size']}\n{r['params']:,}" for r in rows])
+        ax.minorticks_off()
+        ax.set_xlim(min(n) / 1.6, max(n) * 1.6)
     for key, style, label in (("base", "s--", "base (no fine-tuning)"), ("prompt", "o-", "prompt tuning"),
                               ("full", "o-", "full fine-tuning")):
         a0.plot(n, [r[key] for r in rows], style, label=label)
-    for r in rows:
-        a0.annotate(r["size"], (r["params"], r["base"]), xytext=(4, 4), textcoords="offset points", fontsize=8)
     a0.set_ylabel("validation loss on Python (nats/token)")
+    a0.set_title("fine-tuned from bases of growing size", fontsize=10)
     a0.legend(fontsize=8)
-    a1.plot(n, [100 * r["recovered"] for r in rows], "o-", color="tab:red")
+    rec = [100 * r["recovered"] for r in rows]
+    a1.plot(n, rec, "o-", color="tab:red")
+    for x, v in zip(n, rec):
+        a1.annotate(f"{v:.0f}%", (x, v), xytext=(0, 7), textcoords="offset points", ha="center", fontsize=9)
     a1.axhline(100, ls="--", lw=1, color="gray")
+    a1.text(min(n) / 1.5, 100, " = full fine-tuning (Lester et al.: reached at 11B)", va="bottom", fontsize=8,
+            color="gray")
     a1.set_ylabel("prompt tuning's share of full FT's gain (%)")
-    a1.set_ylim(0, 110)
+    a1.set_title("(base - prompt) / (base - full)", fontsize=10)
+    a1.set_ylim(min(0, min(rec) - 5), 110)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
