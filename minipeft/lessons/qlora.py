@@ -212,8 +212,6 @@ def _budget(base) -> int:
 
 def _merge_study(qlora_model, base, val_tok, s) -> dict:
     """Validation loss of the QLoRA model as trained and after each way of merging it."""
-    from ..gpt import GPT
-
     out = {"QLoRA as trained (NF4 base + LoRA)": _val_loss(qlora_model, val_tok, s["block"], s["val_batches"])}
     deltas = {}
     with no_grad():
@@ -233,7 +231,6 @@ def _merge_study(qlora_model, base, val_tok, s) -> dict:
     quantize_model(requant, quant_type="nf4", blocksize=64, compress_statistics=True, verbose=False)
     out["merged, then re-quantized to NF4"] = _val_loss(requant, val_tok, s["block"], s["val_batches"])
     out["original base (no adapter)"] = _val_loss(base, val_tok, s["block"], s["val_batches"])
-    assert isinstance(base, GPT)
     return out
 
 
