@@ -97,6 +97,7 @@ __all__ = [
     "get_peft_model", "PeftModel", "PeftConfig", "PeftMethod", "BaseTunerLayer", "ModulesToSaveWrapper",
     "TunerModel", "REGISTRY", "CONFIG_CLASSES", "register",
     "LoraConfig", "LoraLayer", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer", "VeraConfig", "VeraLayer",
+    "save_adapter", "load_adapter", "from_pretrained",
 ]
 
 # adapters, (IA)³, prompt and prefix tuning, selective fine-tuning (importing registers them)
