@@ -126,11 +126,9 @@ def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", q
                          f"for windows of {spec.block_size}; give a larger file")
     tc = TrainConfig(max_steps=spec.max_steps, batch_size=spec.batch_size, lr=spec.lr, schedule="cosine",
                      warmup_steps=spec.warmup_steps, min_lr=spec.lr / 10, weight_decay=0.1, grad_clip=1.0,
-                     seed=seed, progress=progress)
+                     eval_every=max(spec.max_steps // 20, 1), seed=seed, progress=progress)
     t0 = time.perf_counter()
     val_before = validation_loss(model, val_tokens, spec.block_size)
-    eval_every = max(spec.max_steps // 20, 1)
-    tc.eval_every = eval_every
     result = train(model, lambda rng: lm_batches(train_tokens, spec.batch_size, spec.block_size, rng), config=tc,
                    eval_fn=lambda m: validation_loss(m, val_tokens, spec.block_size, max_batches=4))
     val_after = validation_loss(model, val_tokens, spec.block_size)
