@@ -363,28 +363,85 @@ def grid_jobs(grid: TransferGrid) -> list[tuple]:
     return jobs
 
 
+def _run_job(job) -> dict | None:
+    """One job of a parallel grid, in a worker process: ``None`` if it would start past the deadline."""
+    kind, size, D, src, cfg, device, cache, deadline = job
+    if kind == "base":  # build (or read) a base model: fine-tuning runs wait for these
+        if not (base_path(size, src, cfg, cache) / "meta.json").is_file() and time.time() > deadline:
+            return None
+        return {"kind": "base", "size": size, "source": src, **load_base(size, src, cfg, device, cache)[1]}
+    if not run_path(run_spec(kind, size, D, src, cfg), cache).is_file() and time.time() > deadline:
+        return None
+    return run(kind, size, D, src, cfg, device, cache)
+
+
+def _parallel(jobs: list[tuple], workers: int):
+    """Yield ``(index, result)`` as ``workers`` spawned processes finish ``jobs`` (any order)."""
+    import multiprocessing as mp
+
+    # spawn, not fork: a forked CUDA context is unusable, and fresh processes read BLAS settings anew
+    with mp.get_context("spawn").Pool(workers, maxtasksperchild=None) as pool:
+        yield from pool.imap_unordered(_indexed_job, list(enumerate(jobs)))
+
+
+def _indexed_job(item):
+    i, job = item
+    return i, _run_job(job)
+
+
 def run_grid(grid: TransferGrid, device: str = "cpu", cache: Path | None = None, budget_s: float | None = None,
-             log=print) -> tuple[list[dict], int]:
+             log=print, jobs: int = 1) -> tuple[list[dict], int]:
     """Every run of ``grid`` (cached ones are read back); returns ``(results, runs_left)``.
 
     With ``budget_s``, no new run starts once that many seconds have passed; running the
     same grid again continues where it stopped, since finished runs are cached.
+
+    With ``jobs > 1``, that many worker processes share the runs (on a GPU they share the
+    device: these small models leave it mostly idle, waiting on the host). Phase one
+    pretrains the bases and runs the scratch runs, largest models first; phase two
+    fine-tunes, once every base exists. The results are the same as with ``jobs=1``; only
+    the seconds each run took change, since runs compete for the cores.
     """
-    t0, results, left = time.perf_counter(), [], 0
-    jobs = grid_jobs(grid)
-    for i, (kind, size, D, src) in enumerate(jobs):
-        cfg = grid.config_for(size)
-        cached = run_path(run_spec(kind, size, D, src, cfg), cache).is_file()
-        if not cached and budget_s is not None and time.perf_counter() - t0 > budget_s:
-            left += 1
-            continue
-        r = run(kind, size, D, src, cfg, device, cache, log)
-        results.append(r)
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    t0, order = time.perf_counter(), grid_jobs(grid)
+    deadline = math.inf if budget_s is None else time.time() + budget_s
+    found: dict[int, dict] = {}
+
+    def report(i, r):
+        kind, size, D, src = order[i]
+        found[i] = r
         if log:
             how = "cached" if r["cached"] else f"{r['seconds']:.1f} s"
-            log(f"[{i + 1:>3}/{len(jobs)}] {kind:8s} {size:5s} {src or '':9s} D={D:>9,}: loss {r['loss']:.4f} "
+            log(f"[{i + 1:>3}/{len(order)}] {kind:8s} {size:5s} {src or '':9s} D={D:>9,}: loss {r['loss']:.4f} "
                 f"(best step {r['best_step']}/{r['steps']}, {r['epochs_at_best']:.1f} epochs) {how}")
-    return results, left
+
+    if jobs == 1:
+        for i, (kind, size, D, src) in enumerate(order):
+            cfg = grid.config_for(size)
+            cached = run_path(run_spec(kind, size, D, src, cfg), cache).is_file()
+            if cached or time.perf_counter() - t0 <= (math.inf if budget_s is None else budget_s):
+                report(i, run(kind, size, D, src, cfg, device, cache, log))
+    else:
+        rank = {s: k for k, s in enumerate(grid.sizes)}
+        bases = [("base", s, 0, src) for s in reversed(grid.sizes) for src in grid.sources]
+        first = sorted((i for i, j in enumerate(order) if j[0] == "scratch"),
+                       key=lambda i: (-rank[order[i][1]], -order[i][2]))  # biggest runs first: balance the tail
+        phase1 = bases + [order[i] for i in first]
+        ids1 = [None] * len(bases) + first
+        for phase, ids in ((phase1, ids1), ([order[i] for i in range(len(order)) if order[i][0] == "finetune"],
+                                            [i for i in range(len(order)) if order[i][0] == "finetune"])):
+            work = [(k, s, D, src, grid.config_for(s), device, cache, deadline) for k, s, D, src in phase]
+            for n, r in _parallel(work, jobs):
+                if r is None:
+                    continue
+                if ids[n] is None:
+                    if log:
+                        log(f"  base {r['size']} on {r['source']}: {r['source_val_loss']:.3f} nats/byte on its "
+                            f"source, {r['python_test_loss_zero_shot']:.3f} on Python ({r['seconds']:.0f} s)")
+                else:
+                    report(ids[n], r)
+    return [found[i] for i in sorted(found)], len(order) - len(found)
 
 
 # ---- measuring D_T ------------------------------------------------------------------------------

@@ -252,3 +252,18 @@ def test_run_grid_budget_leaves_runs_for_the_next_call(tmp_path):
     assert [r["D"] for r in results] == [2000] and results[0]["loss"] == done["loss"] and left == 2
     results, left = T.run_grid(grid, cache=tmp_path, log=None)
     assert len(results) == 3 and left == 0
+
+
+def test_run_grid_in_parallel_workers_gives_the_serial_results(tmp_path):
+    grid = T.TransferGrid(("L1d8",), (2000, 3000), (2000,), sources=("english",), config=TINY)
+    serial, left = T.run_grid(grid, cache=tmp_path / "serial", log=None)
+    assert left == 0
+    lines = []
+    parallel, left = T.run_grid(grid, cache=tmp_path / "parallel", log=lines.append, jobs=2)
+    assert left == 0 and len(parallel) == len(serial) == 3
+    for a, b in zip(serial, parallel):
+        assert (a["kind"], a["D"], a["source"]) == (b["kind"], b["D"], b["source"])
+        assert a["loss"] == b["loss"] and a["best_step"] == b["best_step"]
+    assert any("base L1d8 on english" in line for line in lines) and sum("finetune" in x for x in lines) == 1
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        T.run_grid(grid, cache=tmp_path / "serial", log=None, jobs=0)

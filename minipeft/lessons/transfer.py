@@ -1,7 +1,7 @@
 """Lesson: scaling laws for transfer -- what is pretraining on English worth in Python bytes?
 
 ``python -m minipeft.lessons.transfer [--quick] [--device cuda] [--figures DIR] [--cache DIR]
-[--budget-minutes M] [--replot FILE]``
+[--budget-minutes M] [--jobs J] [--replot FILE]``
 
 Hernandez et al. (2021), *Scaling Laws for Transfer* (arXiv 2102.01293): train models of
 several sizes on Python from scratch and fine-tuned from a base pretrained on English,
@@ -12,8 +12,9 @@ D_T off its own scratch curves, fits k, alpha, beta, and sets them beside the pa
 
 Grids (``minipeft.transfer.GRIDS``): ``--quick`` (seconds, for CI), the default CPU grid
 (4 sizes, N 888..100K, D_F 1e3..1e6; about ten minutes on 2 cores), and ``--device cuda``
-(4 sizes, N 12.8K..4.7M, D up to 7e6 bytes). Every run is cached: running again redoes
-nothing, and a run cut short (``--budget-minutes``) continues where it stopped.
+(4 sizes, N 12.8K..4.7M, D up to 5e6 bytes). Every run is cached: running again redoes
+nothing, and a run cut short (``--budget-minutes``) continues where it stopped;
+``--jobs J`` shares the runs among J worker processes.
 
 What differs from the paper, and why:
 
@@ -71,6 +72,8 @@ def _add_arguments(p):
     p.add_argument("--cache", type=Path, default=None, help="run cache (default $MINIPEFT_CACHE/transfer)")
     p.add_argument("--budget-minutes", type=float, default=None,
                    help="start no new run after this many minutes; run again to continue")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="worker processes sharing the runs (GPU: 4-8 keep the device busy; CPU: one per core)")
     p.add_argument("--replot", type=Path, default=None, metavar="FILE",
                    help="report and redraw from a saved transfer_data.json, training nothing")
 
@@ -222,7 +225,7 @@ def main(argv=None) -> dict:
         rep = Report(f"Scaling laws for transfer: English -> Python ({name} grid, {args.device})")
         t0, c0 = time.perf_counter(), time.process_time()
         results, left = T.run_grid(grid, args.device, x.cache, None if x.budget_minutes is None
-                                   else 60 * x.budget_minutes, log=rep.text)
+                                   else 60 * x.budget_minutes, log=rep.text, jobs=x.jobs)
         bases = []
         for s in grid.sizes:
             for src in grid.sources:
@@ -238,7 +241,7 @@ def main(argv=None) -> dict:
                          "finetune_D": list(grid.finetune_D), "sources": list(grid.sources),
                          "config": dataclasses.asdict(grid.config),
                          "steps": {k: list(v) for k, v in grid.steps.items()}},
-                "runs": len(results), "runs_left": left,
+                "runs": len(results), "runs_left": left, "jobs": x.jobs,
                 "new_run_seconds": sum(r["seconds"] for r in results if not r["cached"]),
                 "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
                 "bases": [{k: b[k] for k in ("size", "source", "source_val_loss", "python_test_loss_zero_shot",
@@ -253,8 +256,9 @@ def main(argv=None) -> dict:
     if args.figures is not None:
         rep.text(f"data behind the figures: {args.figures / 'transfer_data.json'} (redraw: --replot FILE)")
     if x.replot is None:
-        rep.text(f"\n{data['runs']} runs ({sum(not r['cached'] for r in results)} new), wall "
-                 f"{data['wall_seconds']:.0f} s, CPU {data['cpu_seconds']:.0f} s")
+        rep.text(f"\n{data['runs']} runs ({sum(not r['cached'] for r in results)} new, "
+                 f"{data['new_run_seconds']:.0f} s of run time in {x.jobs} process(es)), wall "
+                 f"{data['wall_seconds']:.0f} s")
     rep.done()
     f = data["analysis"]["fits"]
     src0 = next(iter(f), None)
