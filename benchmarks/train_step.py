@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mode", choices=("full", "lora", "qlora"), default="full",
                     help="full fine-tuning; LoRA r=8 on c_attn with the rest frozen; or QLoRA: NF4 base "
                          "(bitsandbytes on the torch side) + LoRA r=8 on every linear layer of the blocks")
+    ap.add_argument("--compute-dtype", choices=("float32", "float16"), default="float32",
+                    help="float16: 16-bit matmuls with float32 master weights and dynamic loss scaling on "
+                         "both sides (minipeft.amp.autocast + GradScaler; torch.autocast + torch.amp.GradScaler)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's block_size)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per framework (default 20)")
@@ -118,6 +121,7 @@ import numpy as np  # noqa: E402  (after the thread environment is set)
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
+from minipeft import amp  # noqa: E402
 from minipeft import functional as MF  # noqa: E402
 from minipeft.backend import to_numpy  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
@@ -368,8 +372,14 @@ def build_torch(torch, cfg: GPTConfig, float_state: dict, mini_model, mode: str,
 # ----------------------------------------------------------------------- stepping
 
 
-def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float):
-    """Two closures that run one training step each and return the loss (a scalar array/tensor)."""
+def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, compute_dtype: str = "float32"):
+    """Two closures that run one training step each and return the loss (a scalar array/tensor).
+
+    With ``compute_dtype='float16'`` each side runs its own mixed precision: 16-bit matmuls
+    under autocast, float32 weights and AdamW state, the loss scaled by a dynamic scaler
+    (both start at 2^16) and a step skipped on overflow.
+    """
+    half = compute_dtype == "float16"
     if device == "cuda":
         import cupy as cp
 
@@ -387,19 +397,28 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float):
     tgt_t = torch.from_numpy(tgt_np).to(device)
     V = mini.config.vocab_size if hasattr(mini, "config") else tmodel.config.vocab_size
 
+    scaler_m = amp.GradScaler(enabled=half)
+    scaler_t = torch.amp.GradScaler(device, enabled=half)
+
     def step_mini():
         opt_m.zero_grad()
-        loss = mini(idx_m, targets=tgt_m).loss
-        loss.backward()
-        opt_m.step()
+        with amp.autocast(compute_dtype):
+            loss = mini(idx_m, targets=tgt_m).loss
+        scaler_m.scale_loss(loss).backward()
+        found_inf = scaler_m.unscale_(opt_m.params)
+        if not found_inf:
+            opt_m.step()
+        scaler_m.update(found_inf)
         return loss
 
     def step_torch():
         opt_t.zero_grad(set_to_none=True)
-        logits = tmodel(input_ids=idx_t).logits  # (B, T, V)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, V), tgt_t.reshape(-1))
-        loss.backward()
-        opt_t.step()
+        with torch.autocast(device, dtype=torch.float16, enabled=half):
+            logits = tmodel(input_ids=idx_t).logits  # (B, T, V)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), tgt_t.reshape(-1))
+        scaler_t.scale(loss).backward()
+        scaler_t.step(opt_t)
+        scaler_t.update()
         return loss
 
     n_m = sum(p.size for _, p in opt_m.named_params)
@@ -606,9 +625,10 @@ def main(argv=None) -> dict:
                     **{v: os.environ.get(v) for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}},
         "loadavg_start": _loadavg(),
         "config": args.config, "gpt_config": cfg.to_dict(), "mode": args.mode, "batch": B, "seq": T,
-        "tokens_per_step": tokens, "lr": args.lr,
+        "tokens_per_step": tokens, "lr": args.lr, "compute_dtype": args.compute_dtype,
     }
-    print(f"# minipeft vs PyTorch: one training step (fwd + loss + bwd + AdamW), {args.mode}")
+    print(f"# minipeft vs PyTorch: one training step (fwd + loss + bwd + AdamW), {args.mode}, "
+          f"{args.compute_dtype} compute")
     for k in ("command", "date", "device", "device_name", "versions", "threads", "loadavg_start"):
         print(f"{k}: {header[k]}")
     print(f"model: {args.config} {cfg.n_layer} layers, C={cfg.n_embd}, H={cfg.n_head}, V={cfg.vocab_size}; "
@@ -619,7 +639,8 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(args.seed + 1)
     data = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int64)
     idx, tgt = np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
-    step_m, step_t, sync_m, sync_t, n_m, n_t = make_steppers(torch, mini, tmodel, idx, tgt, args.device, args.lr)
+    step_m, step_t, sync_m, sync_t, n_m, n_t = make_steppers(torch, mini, tmodel, idx, tgt, args.device, args.lr,
+                                                             args.compute_dtype)
     print(f"minipeft: {mini_kind}; trainable parameters {n_m:,}")
     print(f"torch:    {torch_kind}; trainable parameters {n_t:,}")
     if n_m != n_t:
@@ -633,7 +654,8 @@ def main(argv=None) -> dict:
     print("loss check (step: minipeft, torch, |diff|, rel):")
     for i, c in enumerate(check, 1):
         print(f"  {i}: {c['minipeft']:.7f} {c['torch']:.7f} {c['abs_diff']:.2e} {c['rel_diff']:.2e}")
-    ok = check[0]["rel_diff"] <= 1e-5
+    tol = 1e-5 if args.compute_dtype == "float32" else 2e-3  # float16 products round to 11 bits
+    ok = check[0]["rel_diff"] <= tol
     print(f"first-step losses agree to {check[0]['rel_diff']:.1e} relative: {'OK' if ok else 'MISMATCH'}")
 
     for _ in range(args.warmup):

@@ -22,6 +22,7 @@ import math
 
 import numpy as np
 
+from . import amp
 from .backend import scatter_add, xp_of
 from .engine import Function, Tensor
 from .kernels import use_fused
@@ -364,22 +365,31 @@ def _swap_last(a):
 
 
 class MatMul(Function):
-    """Batched ``a @ b`` (both at least 2-D; leading dims broadcast)."""
+    """Batched ``a @ b`` (both at least 2-D; leading dims broadcast); 16-bit under :func:`amp.autocast`."""
 
     @staticmethod
     def forward(ctx, a, b):
         if a.ndim < 2 or b.ndim < 2:
             raise ValueError(f"matmul needs inputs with >= 2 dims, got shapes {a.shape} and {b.shape}")
         na, nb = ctx.needs_input_grad
+        dt = ctx.amp = amp.autocast_dtype(a, b)
+        if dt:
+            a, b = amp.to_compute(a, dt), amp.to_compute(b, dt)
         ctx.save_for_backward(b if na else None, a if nb else None)
         ctx.shapes = (a.shape, b.shape)
-        return a @ b
+        return amp.gemm(a, b, dt) if dt else a @ b
 
     @staticmethod
     def backward(ctx, g):
         b, a = ctx.saved_tensors
         sa, sb = ctx.shapes
         na, nb = ctx.needs_input_grad
+        dt = ctx.amp
+        if dt:
+            g = amp.to_compute(g, dt)
+            ga = _unbroadcast(amp.gemm(g, _swap_last(b), dt), sa) if na else None
+            gb = _unbroadcast(amp.gemm(_swap_last(a), g, dt), sb) if nb else None
+            return ga, gb
         ga = _unbroadcast(g @ _swap_last(b), sa) if na else None
         gb = _unbroadcast(_swap_last(a) @ g, sb) if nb else None
         return ga, gb
@@ -394,14 +404,21 @@ class Linear(Function):
 
     A frozen ``W`` needs no gradient, so ``x`` is not saved for it: dL/dx = g W needs
     only ``W`` (a weight, not an activation). That is the saving LoRA relies on.
+    Under :func:`amp.autocast` the three products run in 16 bits and the 16-bit ``x``
+    and ``W`` are what is saved; the bias is added in float32.
     """
 
     @staticmethod
     def forward(ctx, x, w, b=None):
         nx, nw = ctx.needs_input_grad[:2]
+        dt = ctx.amp = amp.autocast_dtype(x, w)
+        if dt:
+            x, w = amp.to_compute(x, dt), amp.to_compute(w, dt)
         ctx.save_for_backward(x if nw else None, w if nx else None)
         ctx.x_shape = x.shape
-        if x.ndim > 2 and _on_gpu(x):  # CuPy: one 2-D GEMM, not a batched one over the leading axes
+        if dt:
+            y = amp.gemm_2d(x, w.T, dt)  # (..., out) float32
+        elif x.ndim > 2 and _on_gpu(x):  # CuPy: one 2-D GEMM, not a batched one over the leading axes
             y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
         else:
             y = x @ w.T  # (..., out)
@@ -413,16 +430,21 @@ class Linear(Function):
     def backward(ctx, g):
         x, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
+        dt = ctx.amp
+        gc = amp.to_compute(g, dt) if dt else g  # the 16-bit gradient (loss scaling keeps it from underflowing)
         gx = None
         if needs[0]:
-            if g.ndim > 2 and _on_gpu(g):  # CuPy: one 2-D GEMM (see forward)
+            if dt:
+                gx = amp.gemm_2d(gc, w, dt)  # (..., in) float32
+            elif g.ndim > 2 and _on_gpu(g):  # CuPy: one 2-D GEMM (see forward)
                 gx = (g.reshape(-1, g.shape[-1]) @ w).reshape(ctx.x_shape)  # (..., in)
             else:
                 gx = g @ w  # (..., in)
         gw = gb = None
         if needs[1]:
-            g2 = g.reshape(-1, g.shape[-1])
-            gw = g2.T @ x.reshape(-1, x.shape[-1])  # (out, in)
+            g2 = gc.reshape(-1, g.shape[-1])
+            x2 = x.reshape(-1, x.shape[-1])
+            gw = amp.gemm(g2.T, x2, dt) if dt else g2.T @ x2  # (out, in)
         if len(needs) > 2 and needs[2]:
             gb = g.reshape(-1, g.shape[-1]).sum(axis=0)
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)
@@ -893,16 +915,21 @@ class Attention(Function):
         tq, tk = q.shape[-2], k.shape[-2]
         ctx.scale = scale
         ctx.fused = False
-        if q.ndim == 4 and use_fused(q, k, v, contiguous=False):  # minipeft/kernels/attention_softmax.cu
+        fused = q.ndim == 4 and use_fused(q, k, v, contiguous=False)
+        dt = ctx.amp = amp.autocast_dtype(q, k, v)  # 16-bit products; scores and probabilities stay float32
+        mm = (lambda a, b: amp.gemm(a, b, dt)) if dt else (lambda a, b: a @ b)  # noqa: E731
+        if dt:
+            q, k, v = (amp.to_compute(t, dt) for t in (q, k, v))
+        if fused:  # minipeft/kernels/attention_softmax.cu
             from .kernels.attention_softmax import attn_softmax_forward
 
-            s = q @ _swap_last(k)  # (B, H, Tq, Tk), a fresh C-contiguous array
+            s = mm(q, _swap_last(k))  # (B, H, Tq, Tk), a fresh C-contiguous float32 array
             if s.shape[:2] == q.shape[:2] and s.flags.c_contiguous:
                 p = attn_softmax_forward(s, scale, causal, key_mask)  # in place: scale, mask, softmax
                 ctx.fused = True
                 ctx.save_for_backward(q, k, v, p)
-                return p @ v  # (B, H, Tq, D)
-        s = (q @ _swap_last(k)) * q.dtype.type(scale)  # (B, H, Tq, Tk)
+                return mm(amp.to_compute(p, dt) if dt else p, v)  # (B, H, Tq, D)
+        s = mm(q, _swap_last(k)) * np.float32(scale) if dt else (q @ _swap_last(k)) * q.dtype.type(scale)
         allowed = None
         if causal:
             allowed = xp.arange(tk)[None, :] <= (tk - tq) + xp.arange(tq)[:, None]  # (Tq, Tk)
@@ -915,29 +942,37 @@ class Attention(Function):
         p = xp.exp(s)
         p /= p.sum(axis=-1, keepdims=True)  # (B, H, Tq, Tk)
         ctx.save_for_backward(q, k, v, p)
-        return p @ v  # (B, H, Tq, D)
+        return mm(amp.to_compute(p, dt) if dt else p, v)  # (B, H, Tq, D)
 
     @staticmethod
     def backward(ctx, g):
         q, k, v, p = ctx.saved_tensors
         nq, nk, nv = ctx.needs_input_grad[:3]
-        dt = g.dtype.type(ctx.scale)
-        gv = _unbroadcast(_swap_last(p) @ g, v.shape) if nv else None
+        dt = ctx.amp
+        if dt:  # 16-bit operands, float32 results
+            mm = lambda a, b: amp.gemm(a, b, dt)  # noqa: E731
+            c = lambda a: amp.to_compute(a, dt)  # noqa: E731
+            g = c(g)
+        else:
+            mm = lambda a, b: a @ b  # noqa: E731
+            c = lambda a: a  # noqa: E731
+        dt_scale = np.float32(ctx.scale) if dt else g.dtype.type(ctx.scale)
+        gv = _unbroadcast(mm(_swap_last(c(p)), g), v.shape) if nv else None
         gq = gk = None
-        if (nq or nk) and ctx.fused and g.dtype == p.dtype:
+        if (nq or nk) and ctx.fused and (dt or g.dtype == p.dtype):
             from .kernels.attention_softmax import attn_softmax_backward
 
-            ds = attn_softmax_backward(p, g @ _swap_last(v), ctx.scale)  # (B, H, Tq, Tk), scale folded in
-            gq = _unbroadcast(ds @ k, q.shape) if nq else None
-            gk = _unbroadcast(_swap_last(ds) @ q, k.shape) if nk else None
+            ds = c(attn_softmax_backward(p, mm(g, _swap_last(v)), ctx.scale))  # (B, H, Tq, Tk), scale folded in
+            gq = _unbroadcast(mm(ds, k), q.shape) if nq else None
+            gk = _unbroadcast(mm(_swap_last(ds), q), k.shape) if nk else None
             return gq, gk, gv, None, None, None
         if nq or nk:
-            dp = g @ _swap_last(v)  # (B, H, Tq, Tk)
-            ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
+            dp = mm(g, _swap_last(v))  # (B, H, Tq, Tk)
+            ds = c(p * (dp - (dp * p).sum(axis=-1, keepdims=True)))
             if nq:
-                gq = _unbroadcast((ds @ k) * dt, q.shape)
+                gq = _unbroadcast(mm(ds, k) * dt_scale, q.shape)
             if nk:
-                gk = _unbroadcast((_swap_last(ds) @ q) * dt, k.shape)
+                gk = _unbroadcast(mm(_swap_last(ds), q) * dt_scale, k.shape)
         return gq, gk, gv, None, None, None
 
 

@@ -8,6 +8,9 @@ GPT-2/nanoGPT-style training):
    ``numpy.random.Generator``, compute the loss, and backpropagate ``loss / k``, so the
    accumulated gradient is the mean over micro-batches (equal to one big batch);
 3. clip the gradients by global norm (optional), take the optimizer step;
+   with ``compute_dtype='float16'`` the forward runs under ``minipeft.amp.autocast``, the
+   backward starts from the loss scale, and the gradients are unscaled first; a step
+   whose gradients overflowed is skipped (``minipeft.amp.GradScaler``);
 4. every ``eval_every`` steps evaluate (model in eval mode, no graph), every
    ``checkpoint_every`` steps save a checkpoint (``minipeft.checkpoint``).
 
@@ -33,6 +36,7 @@ from . import checkpoint as ckpt
 from . import random as mp_random
 from .backend import xp_of
 from .engine import Tensor, no_grad
+from .amp import GradScaler, autocast, check_compute_dtype
 from .optim import SCHEDULES, AdamW, LRScheduler, Optimizer, clip_grad_norm_, get_schedule
 
 
@@ -55,6 +59,7 @@ class TrainConfig:
     seed: int = 0  # seeds the batch generator and minipeft.random (dropout)
     log_every: int = 0  # print a log line every N steps; 0 = none (the progress bar shows it)
     progress: bool = True  # tqdm progress bar with loss and tokens/s
+    compute_dtype: str = "float32"  # matmul precision: 'float16' adds dynamic loss scaling (minipeft.amp)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum_steps"):
@@ -65,6 +70,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or v < 0:
                 raise ValueError(f"TrainConfig.{name} must be a non-negative integer, got {v!r}")
+        check_compute_dtype(self.compute_dtype)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup_steps > self.max_steps:
@@ -90,7 +96,7 @@ class TrainConfig:
 
 # Fields that change the loss trajectory: a resume must use the same values.
 _TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "lr", "schedule", "warmup_steps", "min_lr",
-                      "grad_clip", "seed")
+                      "grad_clip", "seed", "compute_dtype")
 
 
 class StepRecord(NamedTuple):
@@ -106,6 +112,7 @@ class TrainResult:
     eval_history: list[tuple[int, dict]] = field(default_factory=list)  # (step, metrics)
     grad_norms: list[float] = field(default_factory=list)  # before clipping (empty without clipping)
     step_times: list[float] = field(default_factory=list)  # seconds per optimizer step
+    skipped_steps: int = 0  # float16 steps skipped because a scaled gradient overflowed
     final: dict = field(default_factory=dict)  # last train loss, last eval metrics, throughput
     wall_time: float = 0.0  # seconds spent in this call of train()
     resumed_from: int | None = None  # step of the checkpoint resumed from
@@ -216,11 +223,14 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
                                                     config.max_steps, config.min_lr))
     rng = np.random.default_rng(config.seed)
     mp_random.manual_seed(config.seed)
+    scaler = GradScaler(enabled=config.compute_dtype == "float16")  # float16 gradients need loss scaling
     result = TrainResult()
     start = 0
     if resume:
         start, extra = _restore(resume, config, model, optimizer, scheduler, rng)
         if extra is not None:
+            if "grad_scaler" in extra:
+                scaler.load_state_dict(extra["grad_scaler"])
             result.resumed_from = start
             result.history = [StepRecord(*h) for h in extra.get("history", [])]
             result.eval_history = [(int(s), dict(m)) for s, m in extra.get("eval_history", [])]
@@ -249,7 +259,7 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     def save(step: int) -> None:
         extra = {"config": dataclasses.asdict(config), "history": [list(h) for h in result.history],
                  "eval_history": [[s, m] for s, m in result.eval_history], "grad_norms": result.grad_norms,
-                 "step_times": result.step_times}
+                 "step_times": result.step_times, "grad_scaler": scaler.state_dict()}
         ckpt.save_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir, step), model, optimizer, scheduler,
                              step=step, extra=extra, rng_state={"batch": rng})
         if config.keep_checkpoints is not None:
@@ -272,17 +282,22 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
             for _ in range(config.grad_accum_steps):
                 batch = get_batch(rng)
                 tokens += count_tokens(batch)
-                loss = _scalar_loss(loss_fn(model, batch))
+                with autocast(config.compute_dtype):  # backward runs in the precision each op recorded
+                    loss = _scalar_loss(loss_fn(model, batch))
                 xp = xp_of(loss.data)
-                loss.backward(xp.full(loss.shape, 1.0 / config.grad_accum_steps, dtype=loss.dtype))
+                loss.backward(xp.full(loss.shape, scaler.scale / config.grad_accum_steps, dtype=loss.dtype))
                 loss_sum += float(loss.item())
             train_loss = loss_sum / config.grad_accum_steps
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}: lower lr "
                                          f"(now {lr:g}) or set grad_clip")
-            if config.grad_clip is not None:
-                result.grad_norms.append(clip_grad_norm_(optimizer.params, config.grad_clip))
-            optimizer.step()
+            found_inf = scaler.unscale_(optimizer.params)  # float16: an overflow skips this update
+            if not found_inf:
+                if config.grad_clip is not None:
+                    result.grad_norms.append(clip_grad_norm_(optimizer.params, config.grad_clip))
+                optimizer.step()
+            scaler.update(found_inf)
+            result.skipped_steps = scaler.skipped_steps
             scheduler.step()
             step += 1
             dt = time.perf_counter() - t0
@@ -313,6 +328,7 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         "train_loss": result.history[-1].train_loss if result.history else float("nan"),
         "tokens_per_sec": float(np.median([h.tokens_per_sec for h in new_steps])) if new_steps else float("nan"),
         "sec_per_step": float(np.median(new_times)) if new_times else float("nan"),
+        "skipped_steps": result.skipped_steps,
         **(result.eval_history[-1][1] if result.eval_history else {}),
     }
     return result

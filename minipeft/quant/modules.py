@@ -31,58 +31,46 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..amp import COMPUTE_DTYPES, autocast_dtype, gemm_2d, round_to_compute, to_compute
+from ..amp import check_compute_dtype as _check_compute_dtype
 from ..backend import device_of, to_device, xp_of
 from ..engine import Function, Tensor
 from ..nn import Linear, Module, Parameter
 from .blockwise import QUANT_TYPES_4BIT, QuantState, dequantize_4bit, quantize_4bit
-from .floats import round_to_bfloat16
 from .int8 import int8_vectorwise_dequant, int8_vectorwise_quant, matmul_8bit
 
-COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _check_compute_dtype(compute_dtype) -> str:
-    name = compute_dtype if isinstance(compute_dtype, str) else np.dtype(compute_dtype).name
-    if name not in COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
-    return name
-
-
-def round_to_compute(a, compute_dtype: str):
-    """Round ``a`` to the values ``compute_dtype`` can hold (kept in a float32 array).
-
-    float16/bfloat16 compute is emulated the way tensor cores run it: operands rounded to
-    16 bits, products accumulated in float32, the result rounded to 16 bits. NumPy and
-    CuPy have no bfloat16 dtype; its rounding comes from :mod:`minipeft.quant.floats`.
-    """
-    if compute_dtype == "float32":
-        return a
-    xp = xp_of(a)
-    a32 = a.astype(xp.float32)
-    if compute_dtype == "float16":
-        return a32.astype(xp.float16).astype(xp.float32)
-    return round_to_bfloat16(a32)
-
-
 def _linear_compute(x, w, b, compute_dtype: str):
-    """``x @ w.T + b`` in ``compute_dtype`` (float32 accumulation), returned in x's dtype."""
+    """``x @ w.T + b`` in ``compute_dtype`` (float32 accumulation), returned in x's dtype.
+
+    16-bit compute is :mod:`minipeft.amp`'s: a real float16 GEMM on the GPU, rounding
+    emulation elsewhere; the bias is added to the rounded product and the sum rounded again,
+    as a 16-bit framework does.
+    """
     if compute_dtype == "float32":
         w = w.astype(x.dtype, copy=False)
         y = x @ w.T                                                    # (..., out)
         return y if b is None else y + b.astype(x.dtype, copy=False)
-    r = lambda a: round_to_compute(a, compute_dtype)                  # noqa: E731
-    y = r(x) @ r(w).T                                                  # (..., out) float32
+    y = gemm_2d(to_compute(x, compute_dtype), to_compute(w, compute_dtype).T, compute_dtype)  # (..., out)
     if b is not None:
-        y = y + r(b)
-    return r(y).astype(x.dtype)
+        y = round_to_compute(y + round_to_compute(b, compute_dtype), compute_dtype)
+    return y.astype(x.dtype)
 
 
 def _grad_input(g, w, compute_dtype: str):
     """``dL/dx = g @ w`` in ``compute_dtype``, returned in g's dtype."""
     if compute_dtype == "float32":
         return g @ w.astype(g.dtype, copy=False)                       # (..., in)
-    r = lambda a: round_to_compute(a, compute_dtype)                  # noqa: E731
-    return r(r(g) @ r(w)).astype(g.dtype)
+    return gemm_2d(to_compute(g, compute_dtype), to_compute(w, compute_dtype), compute_dtype).astype(g.dtype)
+
+
+def _effective_compute_dtype(x, compute_dtype: str) -> str:
+    """The layer's own ``compute_dtype``; a float32 layer follows an active :func:`amp.autocast`."""
+    return compute_dtype if compute_dtype != "float32" else (autocast_dtype(x) or "float32")
+
+
+def _weight_dtype(x, compute_dtype: str):
+    """Dequantize straight to float16 where the product runs in real float16 (the GPU)."""
+    return np.float16 if compute_dtype == "float16" and type(x).__module__.startswith("cupy") else np.float32
 
 
 class MatMul4bit(Function):
@@ -95,8 +83,9 @@ class MatMul4bit(Function):
 
     @staticmethod
     def forward(ctx, x, b=None, *, packed, quant_state, compute_dtype):
+        compute_dtype = _effective_compute_dtype(x, compute_dtype)
         ctx.packed, ctx.quant_state, ctx.compute_dtype = packed, quant_state, compute_dtype
-        w = dequantize_4bit(packed, quant_state, dtype=np.float32)     # (out, in)
+        w = dequantize_4bit(packed, quant_state, dtype=_weight_dtype(x, compute_dtype))  # (out, in)
         return _linear_compute(x, w, b, compute_dtype)                 # (..., out)
 
     @staticmethod
@@ -104,7 +93,7 @@ class MatMul4bit(Function):
         needs = ctx.needs_input_grad
         gx = gb = None
         if needs[0]:
-            w = dequantize_4bit(ctx.packed, ctx.quant_state, dtype=np.float32)  # again, not saved
+            w = dequantize_4bit(ctx.packed, ctx.quant_state, dtype=_weight_dtype(g, ctx.compute_dtype))  # again
             gx = _grad_input(g, w, ctx.compute_dtype)                  # (..., in)
         if len(needs) > 1 and needs[1]:
             gb = g.reshape(-1, g.shape[-1]).sum(axis=0)                # (out,)

@@ -1,0 +1,181 @@
+"""Mixed precision: 16-bit matrix products, float32 master weights, dynamic loss scaling.
+
+Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
+
+* **16-bit products** (§3): the operands of every matrix product are rounded to float16 (or
+  bfloat16), the products are accumulated in float32 and the result is rounded to 16 bits.
+  That is what a GPU's tensor cores do, many times faster than float32 arithmetic.
+* **float32 master weights** (§3.1): parameters and optimizer state stay float32; a
+  16-bit copy of a weight is made for each product. Updates much smaller than a weight
+  (lr x grad < 2^-11 of it) would vanish if the weight itself were float16.
+* **Loss scaling** (§3.2): float16 cannot hold magnitudes below 2^-24, where small
+  activation gradients fall. Multiplying the loss by ``S`` scales every gradient by ``S``;
+  the weight gradients are divided by ``S`` again before the update. :class:`GradScaler`
+  picks ``S`` dynamically: halve it and skip the step when a gradient overflows to
+  inf/nan, double it after ``growth_interval`` clean steps (as NVIDIA Apex and PyTorch do).
+* Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
+  stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
+
+How it runs here. Under ``with autocast("float16"):`` the float32 matrix products of
+:mod:`minipeft.functional` (``linear``, ``matmul`` and both products inside attention)
+take this path. On the GPU a float16 product is a real CuPy float16 GEMM (cuBLAS, tensor
+cores, float32 accumulation) and the operands saved for backward are float16, which also
+halves their memory. NumPy has no fast float16 GEMM and neither library has bfloat16, so
+elsewhere the product is *emulated*: operands rounded to 16-bit values held in float32, a
+float32 product, the result rounded (:func:`round_to_compute`). Both give the same
+numbers up to the order of the float32 sums, so the CPU tests stand for the GPU path.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import numpy as np
+
+from .backend import xp_of
+
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+_autocast: list[str] = []  # stack of active autocast dtypes (innermost last)
+
+
+def check_compute_dtype(compute_dtype) -> str:
+    """The name of a compute dtype (``'float32'``, ``'float16'`` or ``'bfloat16'``); raise otherwise."""
+    name = compute_dtype if isinstance(compute_dtype, str) else np.dtype(compute_dtype).name
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return name
+
+
+@contextlib.contextmanager
+def autocast(dtype: str = "float16", enabled: bool = True):
+    """Run the float32 matrix products inside the block in ``dtype`` (see the module docstring).
+
+    Ops record the dtype they ran in, so their backward runs in it too, also outside the block.
+    """
+    dtype = check_compute_dtype(dtype)
+    _autocast.append(dtype if enabled else "float32")
+    try:
+        yield
+    finally:
+        _autocast.pop()
+
+
+def autocast_dtype(*arrays) -> str | None:
+    """The active autocast dtype if it changes a product of ``arrays`` (all float32), else None."""
+    if not _autocast or _autocast[-1] == "float32":
+        return None
+    if all(a.dtype == np.float32 for a in arrays):
+        return _autocast[-1]
+    return None
+
+
+def _real_float16(a, compute_dtype: str) -> bool:
+    """True where a 16-bit product runs in real float16: float16 on a CuPy array."""
+    return compute_dtype == "float16" and type(a).__module__.startswith("cupy")
+
+
+def round_to_compute(a, compute_dtype: str):
+    """Round ``a`` to the values ``compute_dtype`` can hold, kept in a float32 array (emulation)."""
+    if compute_dtype == "float32":
+        return a
+    xp = xp_of(a)
+    a32 = a.astype(xp.float32, copy=False)
+    if compute_dtype == "float16":
+        return a32.astype(xp.float16).astype(xp.float32)
+    from .quant.floats import round_to_bfloat16  # lazy: minipeft.quant imports this module's users
+
+    return round_to_bfloat16(a32)
+
+
+def to_compute(a, compute_dtype: str):
+    """An operand of a 16-bit product: a float16 array on the GPU, else rounded float32 values."""
+    if compute_dtype == "float32":
+        return a
+    if _real_float16(a, compute_dtype):
+        return a if a.dtype == np.float16 else a.astype(np.float16)
+    return round_to_compute(a, compute_dtype)
+
+
+def gemm(a, b, compute_dtype: str):
+    """``a @ b`` of two :func:`to_compute` operands: float32 accumulation, the result rounded
+    to ``compute_dtype`` and returned as float32."""
+    y = a @ b
+    if compute_dtype == "float32":
+        return y
+    if y.dtype == np.float16:  # a real float16 GEMM: cuBLAS already rounded the float32 sums
+        return y.astype(np.float32)
+    return round_to_compute(y, compute_dtype)
+
+
+def gemm_2d(a, b, compute_dtype: str):
+    """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n), as one 2-D product on the GPU."""
+    if a.ndim > 2 and type(a).__module__.startswith("cupy"):  # one GEMM, not a batch over the leading axes
+        return gemm(a.reshape(-1, a.shape[-1]), b, compute_dtype).reshape(a.shape[:-1] + (b.shape[1],))
+    return gemm(a, b, compute_dtype)
+
+
+class GradScaler:
+    """Dynamic loss scaling (Micikevicius et al. 2018, §3.2), with PyTorch's defaults.
+
+    ``loss.backward(scaler.scale)`` (or ``scaler.scale_loss(loss).backward()``) starts the
+    backward pass from ``S``; then ``found_inf = scaler.unscale_(params)`` divides the
+    gradients by ``S`` and reports an overflow; skip the optimizer step if it did; and
+    ``scaler.update(found_inf)`` picks the next ``S``: halved after an overflow, doubled after
+    ``growth_interval`` steps in a row without one.
+    """
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000, enabled: bool = True) -> None:
+        if not (init_scale > 0 and math.isfinite(init_scale)):
+            raise ValueError(f"init_scale must be a positive finite number, got {init_scale!r}")
+        if not growth_factor > 1 or not 0 < backoff_factor < 1:
+            raise ValueError(f"need growth_factor > 1 and 0 < backoff_factor < 1, got {growth_factor}, "
+                             f"{backoff_factor}")
+        if not (isinstance(growth_interval, int) and growth_interval >= 1):
+            raise ValueError(f"growth_interval must be an int >= 1, got {growth_interval!r}")
+        self.scale = float(init_scale) if enabled else 1.0
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.enabled = enabled
+        self.good_steps = 0  # steps since the last overflow (or growth)
+        self.skipped_steps = 0  # optimizer steps skipped for an overflow, over the whole run
+
+    def scale_loss(self, loss):
+        """``loss * S`` (a Tensor): backpropagating it scales every gradient by ``S``."""
+        return loss * self.scale if self.enabled else loss
+
+    def unscale_(self, params) -> bool:
+        """Divide every gradient by ``S`` in place; True if any is inf or nan (one device sync)."""
+        grads = [p.grad for p in params if getattr(p, "grad", None) is not None]
+        if not self.enabled or not grads:
+            return False
+        inv = 1.0 / self.scale
+        bad = None
+        for g in grads:
+            g *= g.dtype.type(inv)
+            xp = xp_of(g)
+            nf = ~xp.isfinite(g).all()
+            bad = nf if bad is None else (bad | nf)
+        return bool(bad)
+
+    def update(self, found_inf: bool) -> None:
+        """The next scale: ``S * backoff_factor`` after an overflow, ``S * growth_factor`` after
+        ``growth_interval`` clean steps."""
+        if not self.enabled:
+            return
+        if found_inf:
+            self.scale *= self.backoff_factor
+            self.good_steps = 0
+            self.skipped_steps += 1
+        else:
+            self.good_steps += 1
+            if self.good_steps >= self.growth_interval:
+                self.scale *= self.growth_factor
+                self.good_steps = 0
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "good_steps": self.good_steps, "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self.good_steps = float(state["scale"]), int(state["good_steps"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
