@@ -88,11 +88,31 @@ def round_to_compute(a, compute_dtype: str):
     return round_to_bfloat16(a32)
 
 
+_cupy_fp32_accumulation = False
+
+
+def use_float32_accumulation() -> None:
+    """Make CuPy's float16 matmuls accumulate in float32 (cuBLAS ``CUBLAS_COMPUTE_32F``).
+
+    CuPy's default compute type for float16 may let cuBLAS sum in float16, which loses
+    about log2(k) bits over a k-long dot product; mixed precision training needs float32
+    sums (Micikevicius et al. 2018, §3.3). Set once, for the process, on the first use.
+    """
+    global _cupy_fp32_accumulation
+    if not _cupy_fp32_accumulation:
+        import cupy
+        from cupy._core import _routines_linalg
+
+        cupy._core.set_compute_type(np.float16, _routines_linalg.COMPUTE_TYPE_FP32)
+        _cupy_fp32_accumulation = True
+
+
 def to_compute(a, compute_dtype: str):
     """An operand of a 16-bit product: a float16 array on the GPU, else rounded float32 values."""
     if compute_dtype == "float32":
         return a
     if _real_float16(a, compute_dtype):
+        use_float32_accumulation()
         return a if a.dtype == np.float16 else a.astype(np.float16)
     return round_to_compute(a, compute_dtype)
 

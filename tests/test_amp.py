@@ -195,11 +195,19 @@ def test_gpu_float16_products_are_real_float16_gemms():
     a0, b0 = rng.normal(size=(256, 1024)).astype(np.float32), rng.normal(size=(1024, 128)).astype(np.float32)
     a, b = amp.to_compute(cp.asarray(a0), "float16"), amp.to_compute(cp.asarray(b0), "float16")
     assert a.dtype == b.dtype == cp.float16
+    from cupy._core import _routines_linalg
+
+    assert cp._core.get_compute_type(np.float16) == _routines_linalg.COMPUTE_TYPE_FP32
     y = amp.gemm(a, b, "float16").get()
-    ref = r16(r16(a0).astype(np.float64) @ r16(b0).astype(np.float64))  # exact sums, rounded once
-    # float32 accumulation: within one float16 ulp of the exactly summed product
-    ulp = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float32)
-    assert np.all(np.abs(y - ref) <= ulp + 1e-6)
+    a16, b16 = r16(a0).astype(np.float64), r16(b0).astype(np.float64)
+    ref = r16(a16 @ b16)  # exact sums, rounded once
+    # float32 accumulation: one float16 rounding plus float32's worst-case sum error, k u |a| |b|
+    # with u = 2^-24 (float16 sums, u = 2^-11, would be off by ~2^13 times more)
+    ulp = np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64)
+    bound = ulp + 1024 * 2.0 ** -24 * (np.abs(a16) @ np.abs(b16))
+    err = np.abs(y - ref)
+    assert np.all(err <= bound), f"{np.mean(err > bound):.1%} of the entries exceed the float32-sum bound"
+    assert np.mean(err == 0) > 0.5  # and mostly it is the correctly rounded product
 
 
 @pytest.mark.gpu
