@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 import train_step as TS  # noqa: E402
+from minipeft import amp  # noqa: E402
 from minipeft.engine import Function  # noqa: E402
 from minipeft.gpt import GPTConfig  # noqa: E402
 from minipeft.kernels import fused_enabled  # noqa: E402
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--compute-dtype", choices=("float32", "float16"), default="float32",
+                    help="float16: the step under minipeft.amp.autocast with a GradScaler (as train_step.py)")
     ap.add_argument("--top", type=int, default=15, help="rows of each table (default 15)")
     ap.add_argument("--no-kernel-trace", action="store_true", help="skip the torch.profiler kernel trace")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results here")
@@ -192,12 +195,17 @@ def profile_mode(torch, cp, cfg, mode, args):
     data = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int64)
     idx, tgt = cp.asarray(data[:, :-1]), cp.asarray(data[:, 1:])
     sync = cp.cuda.Device().synchronize
+    scaler = amp.GradScaler(enabled=args.compute_dtype == "float16")
 
     def step():
         opt.zero_grad()
-        loss = mini(idx, targets=tgt).loss
-        loss.backward()
-        opt.step()
+        with amp.autocast(args.compute_dtype):
+            loss = mini(idx, targets=tgt).loss
+        scaler.scale_loss(loss).backward()
+        found_inf = scaler.unscale_(opt.params)
+        if not found_inf:
+            opt.step()
+        scaler.update(found_inf)
         return loss
 
     for _ in range(args.warmup):
@@ -228,7 +236,7 @@ def profile_mode(torch, cp, cfg, mode, args):
         timer.restore()
     inst_ms = 1e3 * statistics.median(tsi)
     in_ops = sum(r["ms"] for r in ops)
-    res = {"mode": mode, "minipeft_impl": kind, "step_ms": step_ms, "step_ms_all": [1e3 * t for t in ts],
+    res = {"mode": mode, "compute_dtype": args.compute_dtype, "minipeft_impl": kind, "step_ms": step_ms, "step_ms_all": [1e3 * t for t in ts],
            "loss": loss, "instrumented_step_ms": inst_ms, "ops": ops, "ops_total_ms": in_ops,
            "outside_ops_ms": inst_ms - in_ops,
            "tokens_per_s": B * T / (step_ms / 1e3)}

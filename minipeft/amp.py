@@ -16,9 +16,11 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
 * Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
   stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
 
-How it runs here. Under ``with autocast("float16"):`` the float32 matrix products of
-:mod:`minipeft.functional` (``linear``, ``matmul`` and both products inside attention)
-take this path. On the GPU a float16 product is a real CuPy float16 GEMM (cuBLAS, tensor
+How it runs here. Under ``with autocast("float16"):`` the float32 2-D matrix products of
+:mod:`minipeft.functional` (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) and
+of the quantized layers take this path. Attention's batched (B, H) products stay float32:
+CuPy has no float16 batched GEMM (it converts to float32 and back), so there 16 bits
+would only add rounding and conversions. On the GPU a float16 product is a real CuPy float16 GEMM (cuBLAS, tensor
 cores, float32 accumulation) and the operands saved for backward are float16, which also
 halves their memory. NumPy has no fast float16 GEMM and neither library has bfloat16, so
 elsewhere the product is *emulated*: operands rounded to 16-bit values held in float32, a
