@@ -421,12 +421,13 @@ class Linear(Function):
     def forward(ctx, x, w, b=None):
         nx, nw = ctx.needs_input_grad[:2]
         dt = ctx.amp = amp.autocast_dtype(x, w)
-        if dt:
-            x, w = amp.to_compute(x, dt), amp.to_compute(w, dt)
+        out = ctx.out_features = w.shape[0]
+        if dt:  # W zero-padded to a multiple of 8 rows (tensor-core kernels; see amp.aligned)
+            x, w = amp.to_compute(x, dt), amp.to_compute_padded(w, dt, amp.aligned(out), axis=0)  # (out8, in)
         ctx.save_for_backward(x if nw else None, w if nx else None)
         ctx.x_shape = x.shape
         if dt:
-            y = amp.gemm_2d(x, w.T, dt)  # (..., out) float32
+            y = amp.gemm_2d(x, w.T, dt, cols=out)  # (..., out) float32
         elif x.ndim > 2 and _on_gpu(x):  # CuPy: one 2-D GEMM, not a batched one over the leading axes
             y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))  # (..., out)
         else:
@@ -440,7 +441,9 @@ class Linear(Function):
         x, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dt = ctx.amp
-        gc = amp.to_compute(g, dt) if dt else g  # the 16-bit gradient (loss scaling keeps it from underflowing)
+        out = ctx.out_features
+        # the 16-bit gradient (loss scaling keeps it from underflowing), padded like W: (..., out8)
+        gc = amp.to_compute_padded(g, dt, amp.aligned(out)) if dt else g
         gx = None
         if needs[0]:
             if dt:
@@ -451,9 +454,9 @@ class Linear(Function):
                 gx = g @ w  # (..., in)
         gw = gb = None
         if needs[1]:
-            g2 = gc.reshape(-1, g.shape[-1])
+            g2 = gc.reshape(-1, gc.shape[-1])
             x2 = x.reshape(-1, x.shape[-1])
-            gw = amp.gemm(g2.T, x2, dt) if dt else g2.T @ x2  # (out, in)
+            gw = amp.gemm(g2.T, x2, dt, rows=out) if dt else g2.T @ x2  # (out, in)
         if len(needs) > 2 and needs[2]:
             gb = _sum_rows(g.reshape(-1, g.shape[-1]))  # (out,)
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)

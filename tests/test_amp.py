@@ -43,11 +43,12 @@ def test_autocast_is_scoped_and_only_touches_float32():
     assert amp.autocast_dtype(x32) is None
 
 
-@pytest.mark.parametrize("compute_dtype", ["float16", "bfloat16"])
-def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_xp, compute_dtype):
+@pytest.mark.parametrize("compute_dtype,out", [("float16", 16), ("bfloat16", 16), ("float16", 13)])
+def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_xp, compute_dtype, out):
+    """out = 13: W and the gradient are zero-padded to 16 rows/columns inside; same numbers."""
     rng = np.random.default_rng(0)
-    x0, w0, b0 = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 24), (16, 24), (16,)))
-    g0 = rng.normal(size=(2, 5, 16)).astype(np.float32)
+    x0, w0, b0 = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 24), (out, 24), (out,)))
+    g0 = rng.normal(size=(2, 5, out)).astype(np.float32)
     x, w, b = (Tensor(to_xp(a), requires_grad=True) for a in (x0, w0, b0))
     with amp.autocast(compute_dtype):
         y = F.linear(x, w, b)
@@ -56,10 +57,11 @@ def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_
     # operands rounded, float32 sums, result rounded; the bias added in float32
     np.testing.assert_allclose(_np(y.data), r(r(x0) @ r(w0).T) + b0, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(_np(x.grad), r(r(g0) @ r(w0)), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(_np(w.grad), r(r(g0).reshape(-1, 16).T @ r(x0).reshape(-1, 24)), rtol=1e-6,
+    np.testing.assert_allclose(_np(w.grad), r(r(g0).reshape(-1, out).T @ r(x0).reshape(-1, 24)), rtol=1e-6,
                                atol=1e-6)
     np.testing.assert_allclose(_np(b.grad), g0.sum(axis=(0, 1)), rtol=1e-5)
     assert y.dtype == x.grad.dtype == w.grad.dtype == np.float32  # float32 out, float32 master gradients
+    assert y.shape == (2, 5, out) and w.grad.shape == (out, 24) and y.data.flags.c_contiguous
     eps = 2.0 ** -8 if compute_dtype == "float16" else 2.0 ** -5
     y32 = x0 @ w0.T + b0
     np.testing.assert_allclose(_np(y.data), y32, rtol=eps, atol=eps * np.abs(y32).max())
