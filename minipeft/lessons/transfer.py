@@ -48,6 +48,15 @@ What differs from the paper, and why:
 
 So k, alpha and beta are not expected to equal the paper's; the report states which of the
 paper's qualitative findings (methods.md §16.5) hold in this run.
+
+The committed GPU run (``figures/transfer_data.json``, H100, 2026-11-22, 80 runs; logs in
+``benchmarks/results/h100-2026-11-22/transfer_gpu_part{1,2}.log``) fits English -> Python
+alpha = 0.065 ± 0.024, beta = 0.261 ± 0.021 and English + C -> Python alpha = 0.067 ±
+0.030, beta = 0.351 ± 0.027 (paper: 0.18 / 0.096 and 0.38). Both are positive and of the
+paper's order. Alpha is smaller than the paper's, for the zero-shot reason above. The
+multiplier falls with D_F and rises with N; the smallest model (L1d32) ossifies when
+fine-tuned from English + C. English + C transfers more than English only for the
+largest model (T2), at every D_F.
 """
 from __future__ import annotations
 
