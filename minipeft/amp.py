@@ -84,7 +84,8 @@ def round_to_compute(a, compute_dtype: str):
     xp = xp_of(a)
     a32 = a.astype(xp.float32, copy=False)
     if compute_dtype == "float16":
-        return a32.astype(xp.float16).astype(xp.float32)
+        with np.errstate(over="ignore"):  # beyond 65504 is inf, as on the GPU; GradScaler handles it
+            return a32.astype(xp.float16).astype(xp.float32)
     from .quant.floats import round_to_bfloat16  # lazy: minipeft.quant imports this module's users
 
     return round_to_bfloat16(a32)
@@ -145,7 +146,8 @@ def gemm(a, b, compute_dtype: str, rows: int | None = None, cols: int | None = N
     """``a @ b`` of two :func:`to_compute` operands: float32 accumulation, the result rounded
     to ``compute_dtype`` and returned as float32; ``rows``/``cols`` keep only the leading
     rows/columns (of a product of padded operands)."""
-    y = a @ b
+    with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
+        y = a @ b
     if rows is not None or cols is not None:
         y = y[..., slice(rows), slice(cols)]
     if compute_dtype == "float32":
