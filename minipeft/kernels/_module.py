@@ -28,9 +28,10 @@ def _function(filename: str, name: str, device_id: int):
     return _module(filename, device_id).get_function(name)
 
 
-def kernel(filename: str, name: str):
-    """The kernel ``name`` of ``minipeft/kernels/<filename>``, compiled for the current device."""
-    return _function(filename, name, cupy().cuda.runtime.getDevice())
+def kernel(filename: str, name: str, device_id: int | None = None):
+    """The kernel ``name`` of ``minipeft/kernels/<filename>``, compiled for ``device_id``
+    (default: the current device)."""
+    return _function(filename, name, cupy().cuda.runtime.getDevice() if device_id is None else int(device_id))
 
 
 def blocks(n: int, per_block: int = THREADS) -> int:

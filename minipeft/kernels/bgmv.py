@@ -18,38 +18,19 @@ False otherwise (the caller then runs the twin), never raising for an unsupporte
 """
 from __future__ import annotations
 
-import functools
-import os
-
 import numpy as np
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bgmv.cu")
+from ._module import cupy as _cupy, kernel
+
 THREADS = 256        # threads per block of every kernel (the SGMV kernels assume exactly 256)
 TM, TO = 32, 128     # SGMV rows per tile, expand outputs per block; must match bgmv.cu
 RMAX = 64            # largest padded rank of the SGMV kernels; must match bgmv.cu
 SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory BGMV may ask for without opting in
 
 
-def _cupy():
-    import cupy  # only kernels/ and backend.py import cupy
-
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def _module(device_id: int):
-    """The compiled RawModule (NVRTC, once per device)."""
-    with open(_SOURCE, encoding="utf-8") as f:
-        return _cupy().RawModule(code=f.read(), options=("-std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _function(device_id: int, name: str):
-    return _module(device_id).get_function(name)
-
-
 def _kernel(name: str):
-    return _function(_cupy().cuda.runtime.getDevice(), name)
+    """The kernel ``name`` of ``bgmv.cu``, compiled once per device (:mod:`minipeft.kernels._module`)."""
+    return kernel("bgmv.cu", name)
 
 
 def _usable(cp, *arrays) -> bool:

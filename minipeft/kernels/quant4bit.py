@@ -19,38 +19,19 @@ and ``None`` otherwise (the NumPy path then runs).
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
 from ..backend import device_of
+from ._module import cupy as _cupy, kernel
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant4bit.cu")
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
 UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
 
 
-def _cupy():
-    import cupy  # only kernels/ and backend.py import cupy
-
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def _module(device_id: int):
-    """The compiled RawModule (NVRTC, once per device)."""
-    cp = _cupy()
-    with open(_SOURCE, encoding="utf-8") as f:
-        return cp.RawModule(code=f.read(), options=("-std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _function(device_id: int, name: str):
-    return _module(device_id).get_function(name)
-
-
 def _kernel(name: str):
-    return _function(_cupy().cuda.runtime.getDevice(), name)
+    """The kernel ``name`` of ``quant4bit.cu``, compiled once per device (:mod:`minipeft.kernels._module`)."""
+    return kernel("quant4bit.cu", name)
 
 
 def _log2(b: int) -> int:
@@ -223,12 +204,12 @@ def _dequantize_launch(A, quant_state, dtype, out=None):
     chunks = -(-((n + 1) // 2) // 4)                                   # 4 packed bytes each
     grid = max(1, -(-chunks // (THREADS * UNROLL)))
     args = (packed, np.int64(n)) + ptrs + (np.int32(_log2(bs)), np.int32(_log2(bs2)), out)
-    return _function(dev, name), (grid,), (THREADS,), args, out
+    return kernel("quant4bit.cu", name, dev), (grid,), (THREADS,), args, out
 
 
 def _launch_dequantize_4bit(A, quant_state, dtype):
-    kernel, grid, block, args, out = _dequantize_launch(A, quant_state, dtype)
-    kernel(grid, block, args)
+    fn, grid, block, args, out = _dequantize_launch(A, quant_state, dtype)
+    fn(grid, block, args)
     return out
 
 
@@ -242,10 +223,10 @@ def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
     from ..quant import blockwise as bw
 
     dt = bw._check_out_dtype(quant_state.dtype if out_dtype is None else out_dtype)
-    kernel, grid, block, args, out = _dequantize_launch(packed, quant_state, dt)
+    fn, grid, block, args, out = _dequantize_launch(packed, quant_state, dt)
 
     def run():
-        kernel(grid, block, args)
+        fn(grid, block, args)
         return out
 
     return run

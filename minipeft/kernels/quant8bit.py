@@ -20,38 +20,19 @@ for a CuPy array, ``None`` otherwise.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 
 from ..backend import device_of, to_numpy
+from ._module import cupy as _cupy, kernel
 
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quant8bit.cu")
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
 UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
 
 
-def _cupy():
-    import cupy  # only kernels/ and backend.py import cupy
-
-    return cupy
-
-
-@functools.lru_cache(maxsize=None)
-def _module(device_id: int):
-    """The compiled RawModule (NVRTC, once per device)."""
-    cp = _cupy()
-    with open(_SOURCE, encoding="utf-8") as f:
-        return cp.RawModule(code=f.read(), options=("-std=c++17",))
-
-
-@functools.lru_cache(maxsize=None)
-def _function(device_id: int, name: str):
-    return _module(device_id).get_function(name)
-
-
 def _kernel(name: str):
-    return _function(_cupy().cuda.runtime.getDevice(), name)
+    """The kernel ``name`` of ``quant8bit.cu``, compiled once per device (:mod:`minipeft.kernels._module`)."""
+    return kernel("quant8bit.cu", name)
 
 
 def _log2(b: int) -> int:
