@@ -198,15 +198,7 @@ def profile_mode(torch, cp, cfg, mode, args):
     scaler = amp.GradScaler(enabled=args.compute_dtype == "float16")
 
     def step():
-        opt.zero_grad()
-        with amp.autocast(args.compute_dtype):
-            loss = mini(idx, targets=tgt).loss
-        scaler.scale_loss(loss).backward()
-        found_inf = scaler.unscale_(opt.params)
-        if not found_inf:
-            opt.step()
-        scaler.update(found_inf)
-        return loss
+        return TS.minipeft_step(mini, opt, scaler, idx, tgt, args.compute_dtype)
 
     for _ in range(args.warmup):
         step()

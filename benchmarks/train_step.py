@@ -372,6 +372,21 @@ def build_torch(torch, cfg: GPTConfig, float_state: dict, mini_model, mode: str,
 # ----------------------------------------------------------------------- stepping
 
 
+def minipeft_step(model, optimizer, scaler, idx, tgt, compute_dtype: str = "float32"):
+    """One minipeft training step, what ``train()`` does without clipping: forward under
+    ``amp.autocast``, backward from the scaled loss, the AdamW step unless a gradient
+    overflowed, the next loss scale. Returns the loss Tensor."""
+    optimizer.zero_grad()
+    with amp.autocast(compute_dtype):
+        loss = model(idx, targets=tgt).loss
+    scaler.scale_loss(loss).backward()
+    found_inf = scaler.unscale_(optimizer.params)
+    if not found_inf:
+        optimizer.step()
+    scaler.update(found_inf)
+    return loss
+
+
 def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, compute_dtype: str = "float32"):
     """Two closures that run one training step each and return the loss (a scalar array/tensor).
 
@@ -401,15 +416,7 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, c
     scaler_t = torch.amp.GradScaler(device, enabled=half)
 
     def step_mini():
-        opt_m.zero_grad()
-        with amp.autocast(compute_dtype):
-            loss = mini(idx_m, targets=tgt_m).loss
-        scaler_m.scale_loss(loss).backward()
-        found_inf = scaler_m.unscale_(opt_m.params)
-        if not found_inf:
-            opt_m.step()
-        scaler_m.update(found_inf)
-        return loss
+        return minipeft_step(mini, opt_m, scaler_m, idx_m, tgt_m, compute_dtype)
 
     def step_torch():
         opt_t.zero_grad(set_to_none=True)
