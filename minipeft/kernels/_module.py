@@ -49,3 +49,25 @@ def i32(x: int) -> np.int32:
 
 def i64(x: int) -> np.int64:
     return np.int64(x)
+
+
+def log2(b: int) -> int:
+    """log2 of a power of two (block sizes are passed to the kernels as shifts)."""
+    return int(b).bit_length() - 1
+
+
+def aligned_to(cp, a, align: int):
+    """``a`` as a C-contiguous CuPy array whose data starts on an ``align``-byte boundary
+    (itself when it already is one: the kernels only need the pointer)."""
+    if not (isinstance(a, cp.ndarray) and a.flags.c_contiguous and a.data.ptr % align == 0):
+        a = cp.ascontiguousarray(a)
+        if a.data.ptr % align:
+            a = a.copy()
+    return a
+
+
+def as_f32(cp, a):
+    """``a`` as a C-contiguous float32 CuPy array (itself when it already is one)."""
+    if isinstance(a, cp.ndarray) and a.dtype == cp.float32 and a.flags.c_contiguous:
+        return a
+    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))

@@ -23,7 +23,8 @@ import functools
 import numpy as np
 
 from ..backend import device_of
-from ._module import cupy as _cupy, kernel
+from ._module import aligned_to, as_f32, kernel, log2
+from ._module import cupy as _cupy
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
 UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
@@ -32,10 +33,6 @@ UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL 
 def _kernel(name: str):
     """The kernel ``name`` of ``quant4bit.cu``, compiled once per device (:mod:`minipeft.kernels._module`)."""
     return kernel("quant4bit.cu", name)
-
-
-def _log2(b: int) -> int:
-    return int(b).bit_length() - 1
 
 
 # ---------------------------------------------------------------------------------------
@@ -100,23 +97,6 @@ def _device_code(quant_type: str, device_id: int):
     return _cupy().asarray(codes.get_4bit_type(quant_type))
 
 
-def _aligned(cp, a, align: int):
-    """``a`` as a C-contiguous CuPy array whose data starts on an ``align``-byte boundary
-    (itself when it already is one: the kernels only need the pointer)."""
-    if not (isinstance(a, cp.ndarray) and a.flags.c_contiguous and a.data.ptr % align == 0):
-        a = cp.ascontiguousarray(a)
-        if a.data.ptr % align:
-            a = a.copy()
-    return a
-
-
-def _f32(cp, a):
-    """``a`` as a C-contiguous float32 CuPy array (itself when it already is one)."""
-    if isinstance(a, cp.ndarray) and a.dtype == cp.float32 and a.flags.c_contiguous:
-        return a
-    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))
-
-
 # ---------------------------------------------------------------------------------------
 # Quantize
 def _launch_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistics: bool):
@@ -124,7 +104,7 @@ def _launch_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistic
 
     cp = _cupy()
     dev = cp.cuda.runtime.getDevice()
-    x = _aligned(cp, A, 16)                                            # contiguous, n values
+    x = aligned_to(cp, A, 16)                                            # contiguous, n values
     n = x.size
     n_blocks = -(-n // blocksize)
     packed = cp.empty(((n + 1) // 2, 1), dtype=cp.uint8)               # ((n+1)//2, 1)
@@ -134,7 +114,7 @@ def _launch_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistic
     threads = max(THREADS, group)
     grid = -(-(n_blocks * group) // threads)
     name = "quantize_4bit_f16" if x.dtype == cp.float16 else "quantize_4bit_f32"
-    _kernel(name)((grid,), (threads,), (x, np.int64(n), np.int32(_log2(blocksize)), thr, imap,
+    _kernel(name)((grid,), (threads,), (x, np.int64(n), np.int32(log2(blocksize)), thr, imap,
                                          np.int32(fp4), packed, absmax))
     state = bw.QuantState(absmax=absmax, shape=tuple(A.shape),
                           code=_device_code(quant_type, dev).copy(), blocksize=blocksize,
@@ -175,7 +155,7 @@ def _dequantize_launch(A, quant_state, dtype, out=None):
     bs = int(qs.blocksize)
     shape = tuple(qs.shape)
     n = int(np.prod(shape, dtype=np.int64))
-    packed = _aligned(cp, A, 4)
+    packed = aligned_to(cp, A, 4)
     if packed.size != (n + 1) // 2:
         raise ValueError(f"{n} values need {(n + 1) // 2} packed bytes, got {packed.size}")
     n_blocks = -(-n // bs)
@@ -184,7 +164,7 @@ def _dequantize_launch(A, quant_state, dtype, out=None):
                          f"need {n_blocks}; is the QuantState from another tensor?")
     decode = _device_decode(qs.quant_type, dev)
     if decode is None:
-        decode = _f32(cp, qs.code)
+        decode = as_f32(cp, qs.code)
         if decode.size != 16:
             raise ValueError(f"a 4-bit code has 16 values, got {decode.size}")
     if out is None:
@@ -197,13 +177,13 @@ def _dequantize_launch(A, quant_state, dtype, out=None):
         ptrs = (decode, absmax2, qabsmax, code2, absmax2, offset)
         name = "dequantize_4bit_f16_nested" if half else "dequantize_4bit_f32_nested"
     else:
-        absmax = _f32(cp, qs.absmax)
+        absmax = as_f32(cp, qs.absmax)
         bs2 = 256
         ptrs = (decode, absmax, packed, decode, absmax, decode)        # unused slots: any pointer
         name = "dequantize_4bit_f16" if half else "dequantize_4bit_f32"
     chunks = -(-((n + 1) // 2) // 4)                                   # 4 packed bytes each
     grid = max(1, -(-chunks // (THREADS * UNROLL)))
-    args = (packed, np.int64(n)) + ptrs + (np.int32(_log2(bs)), np.int32(_log2(bs2)), out)
+    args = (packed, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)), out)
     return kernel("quant4bit.cu", name, dev), (grid,), (THREADS,), args, out
 
 

@@ -24,7 +24,8 @@ import functools
 import numpy as np
 
 from ..backend import device_of, to_numpy
-from ._module import cupy as _cupy, kernel
+from ._module import aligned_to, as_f32, kernel, log2
+from ._module import cupy as _cupy
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
 UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
@@ -33,27 +34,6 @@ UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL 
 def _kernel(name: str):
     """The kernel ``name`` of ``quant8bit.cu``, compiled once per device (:mod:`minipeft.kernels._module`)."""
     return kernel("quant8bit.cu", name)
-
-
-def _log2(b: int) -> int:
-    return int(b).bit_length() - 1
-
-
-def _aligned(cp, a, align: int):
-    """``a`` as a C-contiguous CuPy array whose data starts on an ``align``-byte boundary
-    (itself when it already is one: the kernels only need the pointer)."""
-    if not (isinstance(a, cp.ndarray) and a.flags.c_contiguous and a.data.ptr % align == 0):
-        a = cp.ascontiguousarray(a)
-        if a.data.ptr % align:
-            a = a.copy()
-    return a
-
-
-def _f32(cp, a):
-    """``a`` as a C-contiguous float32 CuPy array (itself when it already is one)."""
-    if isinstance(a, cp.ndarray) and a.dtype == cp.float32 and a.flags.c_contiguous:
-        return a
-    return cp.ascontiguousarray(cp.asarray(a, dtype=cp.float32))
 
 
 # ---------------------------------------------------------------------------------------
@@ -94,7 +74,7 @@ def _device_search_table(code_bytes: bytes, device_id: int):
 
 def _table256(cp, code):
     """The code as 256 float32 values on the device (NaN past a shorter code)."""
-    t = _f32(cp, code).reshape(-1)
+    t = as_f32(cp, code).reshape(-1)
     if t.size == 256:
         return t
     if t.size > 256:
@@ -110,7 +90,7 @@ def _launch_quantize(A, code_host: np.ndarray, blocksize: int, offset=None):
     ``code_host`` is the code as a NumPy array (its search table is cached by value).
     """
     cp = _cupy()
-    x = _aligned(cp, A, 16)                                            # contiguous, n values
+    x = aligned_to(cp, A, 16)                                            # contiguous, n values
     n = x.size
     n_blocks = -(-n // blocksize)
     q = cp.empty(n, dtype=cp.uint8)
@@ -122,7 +102,7 @@ def _launch_quantize(A, code_host: np.ndarray, blocksize: int, offset=None):
     grid = -(-(n_blocks * group) // threads)
     off = absmax if offset is None else cp.asarray(offset, dtype=cp.float32).reshape(1)
     name = "quantize_8bit_f16" if x.dtype == cp.float16 else "quantize_8bit_f32"
-    _kernel(name)((grid,), (threads,), (x, np.int64(n), np.int32(_log2(blocksize)), mids, imap,
+    _kernel(name)((grid,), (threads,), (x, np.int64(n), np.int32(log2(blocksize)), mids, imap,
                                          np.int32(n_mids), off, np.int32(offset is not None),
                                          q, absmax))
     return q, absmax
@@ -178,15 +158,15 @@ def nested_arrays(quant_state):
     """``(qabsmax uint8, code2 float32[256], absmax2 float32, offset float32 (one value), blocksize2)``."""
     cp = _cupy()
     s2 = quant_state.state2
-    return (_aligned(cp, cp.asarray(quant_state.absmax, dtype=cp.uint8), 1), _table256(cp, s2.code),
-            _f32(cp, s2.absmax), _f32(cp, quant_state.offset), int(s2.blocksize))
+    return (aligned_to(cp, cp.asarray(quant_state.absmax, dtype=cp.uint8), 1), _table256(cp, s2.code),
+            as_f32(cp, s2.absmax), as_f32(cp, quant_state.offset), int(s2.blocksize))
 
 
 def _launch_dequantize_blockwise(A, quant_state, dtype):
     cp = _cupy()
     qs = quant_state
     bs = int(qs.blocksize)
-    q = _aligned(cp, A, 4)
+    q = aligned_to(cp, A, 4)
     n = q.size
     n_blocks = -(-n // bs)
     if qs.absmax.size != n_blocks:
@@ -200,14 +180,14 @@ def _launch_dequantize_blockwise(A, quant_state, dtype):
         args = (code, absmax2, qabsmax, code2, absmax2, offset)
         name = "dequantize_8bit_f16_nested" if half else "dequantize_8bit_f32_nested"
     else:
-        absmax = _f32(cp, qs.absmax)
+        absmax = as_f32(cp, qs.absmax)
         bs2 = bs
         args = (code, absmax, q, code, absmax, code)                   # unused slots: any pointer
         name = "dequantize_8bit_f16" if half else "dequantize_8bit_f32"
     chunks = -(-n // 4)                                                # 4 codes per chunk
     grid = max(1, -(-chunks // (THREADS * UNROLL)))
     _kernel(name)((grid,), (THREADS,), (q, np.int64(n)) + args
-                  + (np.int32(_log2(bs)), np.int32(_log2(bs2)), out))
+                  + (np.int32(log2(bs)), np.int32(log2(bs2)), out))
     return out.reshape(A.shape)
 
 
@@ -234,7 +214,7 @@ def _launch_int8_vectorwise_quant(A, threshold: float):
     from ..quant.int8 import outlier_columns
 
     cp = _cupy()
-    x = _aligned(cp, A, 4)
+    x = aligned_to(cp, A, 4)
     K = int(A.shape[-1])
     rows = x.size // K
     q = cp.empty((rows, K), dtype=cp.int8)                             # (N, K)
