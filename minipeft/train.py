@@ -14,6 +14,12 @@ GPT-2/nanoGPT-style training):
 4. every ``eval_every`` steps evaluate (model in eval mode, no graph), every
    ``checkpoint_every`` steps save a checkpoint (``minipeft.checkpoint``).
 
+``label_smoothing`` (Szegedy et al. 2016, §7; the LoRA paper's E2E recipe uses 0.1)
+smooths the *training* targets only: every evaluation reports the plain cross-entropy.
+``EarlyStopping`` is the callback that stops on a validation metric; it ignores the
+evaluations made before ``min_step`` (set it to the warm-up), so it cannot fire while the
+learning rate is still rising, and it can keep the weights of the best evaluation.
+
 Resume is exact on the CPU: a checkpoint holds the weights, optimizer moments and step
 counts, the scheduler's step, the batch generator's state and ``minipeft.random``'s state
 (dropout), so ``train(..., resume=True)`` continues the very same loss trajectory.
@@ -60,6 +66,8 @@ class TrainConfig:
     log_every: int = 0  # print a log line every N steps; 0 = none (the progress bar shows it)
     progress: bool = True  # tqdm progress bar with loss and tokens/s
     compute_dtype: str = "float32"  # matmul precision: 'float16' adds dynamic loss scaling (minipeft.amp)
+    label_smoothing: float = 0.0  # training targets (1-eps) one-hot + eps/V (Szegedy et al. 2016); eval stays plain CE
+    run_name: str = "train"  # names the progress bar and log lines (say which method / seed a run is)
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum_steps"):
@@ -83,6 +91,10 @@ class TrainConfig:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not: say where checkpoints go")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:
             raise ValueError(f"keep_checkpoints must be >= 1 or None, got {self.keep_checkpoints}")
+        eps = self.label_smoothing
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating)) or not 0.0 <= eps < 1.0:
+            raise ValueError(f"TrainConfig.label_smoothing must be a number in [0, 1) (0.1 in the LoRA paper's "
+                             f"E2E recipe; 0 = plain cross-entropy), got {eps!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -96,7 +108,7 @@ class TrainConfig:
 
 # Fields that change the loss trajectory: a resume must use the same values.
 _TRAJECTORY_FIELDS = ("batch_size", "grad_accum_steps", "lr", "schedule", "warmup_steps", "min_lr",
-                      "grad_clip", "seed", "compute_dtype")
+                      "grad_clip", "seed", "compute_dtype", "label_smoothing")
 
 
 class StepRecord(NamedTuple):
@@ -122,10 +134,29 @@ class TrainResult:
         return [h.train_loss for h in self.history]
 
 
-def default_loss_fn(model, batch) -> Tensor:
-    """``model(x, targets=y).loss`` for a batch ``(x, y)``."""
+def default_loss_fn(model, batch, label_smoothing: float = 0.0) -> Tensor:
+    """``model(x, targets=y).loss`` for a batch ``(x, y)`` (with ``label_smoothing`` when it is not 0)."""
     x, y = batch
+    if label_smoothing:
+        return model(x, targets=y, label_smoothing=label_smoothing).loss
     return model(x, targets=y).loss
+
+
+def _smoothed(loss_fn: Callable, eps: float) -> Callable:
+    """The training loss: ``loss_fn`` with ``label_smoothing=eps`` (evaluation keeps ``loss_fn`` itself)."""
+    if not eps:
+        return loss_fn
+    import inspect
+
+    try:
+        params = inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: no signature to read
+        params = {}
+    if "label_smoothing" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        raise ValueError(f"TrainConfig.label_smoothing={eps} but loss_fn {getattr(loss_fn, '__name__', loss_fn)!r} "
+                         "takes no label_smoothing keyword: add a `label_smoothing: float = 0.0` parameter to it "
+                         "(evaluation calls it without one), or set label_smoothing=0")
+    return lambda model, batch: loss_fn(model, batch, label_smoothing=eps)
 
 
 def count_tokens(batch) -> int:
@@ -168,7 +199,7 @@ def _progress_bar(config: TrainConfig, start: int):
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=config.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True,
+    return tqdm(total=config.max_steps, initial=start, desc=config.run_name, unit="step", dynamic_ncols=True,
                 file=sys.stderr, leave=True)
 
 
@@ -197,6 +228,72 @@ def _restore(resume, config, model, optimizer, scheduler, rng) -> tuple[int, dic
     return int(state["step"]), state["extra"]
 
 
+class EarlyStopping:
+    """A ``train()`` callback: stop once ``patience`` evaluations in a row did not beat the best one.
+
+    Only evaluations at steps ``>= min_step`` count, for the best as for the patience: with
+    ``min_step`` = the warm-up steps, early stopping cannot fire (nor pick a checkpoint) while
+    the learning rate is still rising, where a flat loss means a small step, not a finished
+    run. An evaluation beats the best when ``metric`` falls by more than ``min_delta``. With
+    ``keep_best`` the trainable weights of the best evaluation are copied, and
+    ``restore_best(model)`` puts them back after training: the model then is the checkpoint
+    that early stopping selected. ``stopped_at`` is the step training stopped at (None: ran out).
+
+    The metric should come from a validation slice that is not the one you report: selecting
+    the step on the reported slice biases the reported number downward.
+    """
+
+    def __init__(self, patience: int, min_step: int = 0, metric: str = "val_loss", min_delta: float = 0.0,
+                 keep_best: bool = False):
+        if isinstance(patience, bool) or not isinstance(patience, (int, np.integer)) or patience < 1:
+            raise ValueError(f"EarlyStopping.patience must be a positive integer (evaluations without "
+                             f"improvement before stopping), got {patience!r}")
+        if isinstance(min_step, bool) or not isinstance(min_step, (int, np.integer)) or min_step < 0:
+            raise ValueError(f"EarlyStopping.min_step must be a non-negative integer (e.g. the warm-up steps), "
+                             f"got {min_step!r}")
+        if not min_delta >= 0:
+            raise ValueError(f"EarlyStopping.min_delta must be >= 0, got {min_delta!r}")
+        self.patience, self.min_step, self.metric = int(patience), int(min_step), metric
+        self.min_delta, self.keep_best = float(min_delta), keep_best
+        self.best: float = math.inf  # best metric among the counted evaluations
+        self.best_step: int | None = None  # the step of that evaluation (the selected checkpoint)
+        self.bad_evals = 0  # counted evaluations since the best
+        self.stopped_at: int | None = None
+        self._best_state: dict | None = None
+
+    def __call__(self, step: int, info: dict) -> bool | None:
+        hist = info["result"].eval_history
+        if not hist or hist[-1][0] != step or step < self.min_step:
+            return None  # no evaluation at this step, or one inside warm-up: it does not count
+        metrics = hist[-1][1]
+        if self.metric not in metrics:
+            raise KeyError(f"EarlyStopping watches {self.metric!r} but the evaluation at step {step} returned "
+                           f"{sorted(metrics)}; pass metric= one of those")
+        value = float(metrics[self.metric])
+        if value < self.best - self.min_delta:
+            self.best, self.best_step, self.bad_evals = value, step, 0
+            if self.keep_best:
+                self._best_state = {n: p.data.copy() for n, p in info["model"].named_parameters() if p.requires_grad}
+        else:
+            self.bad_evals += 1  # NaN never improves
+        if self.bad_evals >= self.patience:
+            self.stopped_at = step
+            return True
+        return None
+
+    def restore_best(self, model) -> int:
+        """Put the best evaluation's trainable weights back into ``model``; return its step."""
+        if not self.keep_best:
+            raise ValueError("restore_best needs EarlyStopping(keep_best=True)")
+        if self._best_state is None:
+            raise ValueError(f"no evaluation at step >= min_step ({self.min_step}) was seen: evaluate after the "
+                             "warm-up (eval_every, max_steps) or lower min_step")
+        params = dict(model.named_parameters())
+        for name, data in self._best_state.items():
+            params[name].data[...] = data
+        return self.best_step
+
+
 def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config: TrainConfig | None = None,
           eval_fn: Callable | None = None, loss_fn: Callable | None = None,
           callbacks: Sequence[Callable] = (), get_eval_batch: Callable | None = None,
@@ -207,9 +304,12 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     ``numpy.random.Generator``. ``optimizer``: default ``AdamW`` over the trainable
     parameters with ``config.weight_decay``; its ``lr`` is set by the schedule.
     ``loss_fn(model, batch) -> scalar Tensor`` (default ``model(x, targets=y).loss``).
+    With ``config.label_smoothing`` > 0 training calls ``loss_fn(model, batch, label_smoothing=eps)``;
+    evaluation always calls ``loss_fn(model, batch)`` (plain cross-entropy).
     ``eval_fn(model) -> float | dict`` and/or ``get_eval_batch(rng)`` (mean loss over
     ``config.eval_batches`` fixed batches) run every ``eval_every`` steps and at the end.
-    ``callbacks``: ``cb(step, info) -> bool|None`` after every step; ``True`` stops training.
+    ``callbacks``: ``cb(step, info) -> bool|None`` after every step; ``True`` stops training
+    (``EarlyStopping`` is one).
     ``resume``: ``True`` continues from the newest checkpoint in ``config.checkpoint_dir``
     (error if none), ``'auto'`` does so if one exists, a path resumes from that checkpoint.
     Seeds ``minipeft.random`` with ``config.seed`` (the dropout stream) at the start.
@@ -217,7 +317,8 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     config = config or TrainConfig()
     if not callable(get_batch):
         raise TypeError(f"get_batch must be a callable get_batch(rng) -> batch, got {type(get_batch).__name__}")
-    loss_fn = loss_fn or default_loss_fn
+    loss_fn = loss_fn or default_loss_fn  # evaluation: plain cross-entropy
+    train_loss_fn = _smoothed(loss_fn, config.label_smoothing)  # training: with label smoothing, if any
     optimizer = optimizer or AdamW(model, lr=config.lr, weight_decay=config.weight_decay)
     scheduler = LRScheduler(optimizer, get_schedule(config.schedule, config.lr, config.warmup_steps,
                                                     config.max_steps, config.min_lr))
@@ -254,7 +355,7 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         _restore_cpu_rng(rng_state)
         result.eval_history.append((step, metrics))
         if bar is not None:
-            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+            bar.write(f"[{config.run_name}] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def save(step: int) -> None:
         extra = {"config": dataclasses.asdict(config), "history": [list(h) for h in result.history],
@@ -283,7 +384,7 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
                 batch = get_batch(rng)
                 tokens += count_tokens(batch)
                 with autocast(config.compute_dtype):  # backward runs in the precision each op recorded
-                    loss = _scalar_loss(loss_fn(model, batch))
+                    loss = _scalar_loss(train_loss_fn(model, batch))
                 xp = xp_of(loss.data)
                 loss.backward(xp.full(loss.shape, scaler.scale / config.grad_accum_steps, dtype=loss.dtype))
                 loss_sum += float(loss.item())
@@ -307,7 +408,8 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
                 bar.update(1)
                 bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:,.0f}")
             if config.log_every and step % config.log_every == 0:
-                line = f"step {step:>6} | loss {train_loss:.4f} | lr {lr:.2e} | {tokens / dt:,.0f} tok/s"
+                line = (f"[{config.run_name}] step {step:>6} | loss {train_loss:.4f} | lr {lr:.2e} | "
+                        f"{tokens / dt:,.0f} tok/s")
                 (bar.write if bar is not None else print)(line)
             if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
                 run_eval(step)

@@ -495,6 +495,22 @@ def test_cross_entropy(mk, xp, ignore_index, eps):
         np.testing.assert_allclose(npy(logits.grad).reshape(-1, 5), tl.grad.numpy(), rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_gradient_is_softmax_minus_smoothed_targets(mk, xp, eps):
+    # d loss / d z = (softmax(z) - (1 - eps) onehot(y) - eps / V) / (non-ignored rows); 0 on ignored rows
+    logits = mk(4, 6)
+    t = np.array([2, -100, 5, 0])
+    loss = F.cross_entropy(logits, asarray_on(xp, t), label_smoothing=eps)
+    loss.backward()
+    z = npy(logits)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = p - eps / 6
+    want[np.arange(4), np.where(t < 0, 0, t)] -= 1 - eps
+    want[t < 0] = 0.0
+    np.testing.assert_allclose(npy(logits.grad), want / 3, rtol=1e-10, atol=1e-14)
+
+
 def test_cross_entropy_large_logits(mk, xp):
     logits = mk(data=[[1000.0, 0.0, -1000.0], [0.0, 1000.0, 999.0]])
     loss = F.cross_entropy(logits, asarray_on(xp, np.array([0, 2])))

@@ -9,7 +9,7 @@ from minipeft.checkpoint import latest_checkpoint, list_checkpoints
 from minipeft.engine import Tensor
 from minipeft.nn import Dropout, Linear, Module
 from minipeft.optim import SGD, AdamW
-from minipeft.train import TrainConfig, count_tokens, train
+from minipeft.train import EarlyStopping, TrainConfig, count_tokens, evaluate_loss, train
 
 D, V = 8, 5
 
@@ -162,3 +162,131 @@ def test_config_and_input_errors():
         train(Tiny(), get_batch, config=cfg(), loss_fn=lambda m, b: 1.0)
     with pytest.raises(FloatingPointError, match="lower lr"):
         train(Tiny(), get_batch, config=cfg(), loss_fn=lambda m, b: m(*b).logits.sum() * float("nan"))
+
+
+# ------------------------------------------------------------------ label smoothing
+
+
+class SmoothTiny(Tiny):
+    """Tiny whose forward takes ``label_smoothing`` as GPT.forward does."""
+
+    def forward(self, x, targets=None, label_smoothing=0.0):
+        logits = self.fc2(self.drop(F.relu(self.fc1(Tensor(x)))))  # (B, T, V)
+        loss = None if targets is None else F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return SimpleNamespace(logits=logits, loss=loss)
+
+
+def _hand_ce(logits, t, eps):
+    """(1 - eps) * CE(y) + eps * mean_j(-log p_j), averaged over the tokens (NumPy, float64)."""
+    z = logits.reshape(-1, V).astype(np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    t = t.reshape(-1)
+    return float(np.mean(-(1 - eps) * logp[np.arange(len(t)), t] - eps * logp.mean(-1)))
+
+
+def test_label_smoothing_trains_on_smoothed_targets_and_evaluates_plain_ce():
+    import copy
+
+    m = SmoothTiny(p=0.0)
+    m0 = copy.deepcopy(m)
+    one_step = cfg(max_steps=1, warmup_steps=0, grad_accum_steps=1, label_smoothing=0.2, eval_batches=2)
+    res = train(m, get_batch, config=one_step, get_eval_batch=get_batch)
+    x, y = get_batch(np.random.default_rng(3))  # the first batch train() draws (seed 3)
+    logits = m0(x).logits.data
+    assert res.losses[0] == pytest.approx(_hand_ce(logits, y, 0.2), rel=1e-5)
+    assert res.losses[0] != pytest.approx(_hand_ce(logits, y, 0.0), rel=1e-3)  # smoothing changed the loss
+    plain = evaluate_loss(m, get_batch, 2, seed=4)  # the evaluation's batches: Generator(seed + 1)
+    assert res.eval_history[-1][1]["val_loss"] == pytest.approx(plain, rel=1e-6)
+    smoothed = evaluate_loss(m, get_batch, 2, seed=4, loss_fn=lambda mm, b: mm(b[0], b[1], label_smoothing=0.2).loss)
+    assert smoothed != pytest.approx(plain, rel=1e-3)  # so the evaluation really is the plain one
+
+
+def test_label_smoothing_changes_the_trajectory_and_zero_is_the_default():
+    a = train(SmoothTiny(p=0.0), get_batch, config=cfg(max_steps=4))
+    b = train(SmoothTiny(p=0.0), get_batch, config=cfg(max_steps=4, label_smoothing=0.0))
+    c = train(SmoothTiny(p=0.0), get_batch, config=cfg(max_steps=4, label_smoothing=0.1))
+    assert a.losses == b.losses and a.losses != c.losses
+    assert TrainConfig().label_smoothing == 0.0
+
+
+def test_label_smoothing_reaches_a_custom_loss_fn_only_in_training():
+    seen = []
+
+    def loss_fn(model, batch, label_smoothing=0.0):
+        seen.append(label_smoothing)
+        return model(*batch, label_smoothing=label_smoothing).loss
+
+    train(SmoothTiny(), get_batch, config=cfg(max_steps=2, grad_accum_steps=1, eval_batches=1, label_smoothing=0.1),
+          loss_fn=loss_fn, get_eval_batch=get_batch)
+    assert seen == [0.1, 0.1, 0.0]  # two training steps, one evaluation at the end
+    with pytest.raises(ValueError, match="takes no label_smoothing keyword"):
+        train(SmoothTiny(), get_batch, config=cfg(label_smoothing=0.1), loss_fn=lambda m, b: m(*b).loss)
+
+
+@pytest.mark.parametrize("eps", [1.0, -0.1, 1.5, True, "0.1"])
+def test_label_smoothing_must_be_in_0_1(eps):
+    with pytest.raises(ValueError, match=r"label_smoothing must be a number in \[0, 1\)"):
+        TrainConfig(label_smoothing=eps)
+
+
+# ------------------------------------------------------------------- early stopping
+
+
+def _history(*pairs):
+    return {"result": SimpleNamespace(eval_history=[(s, {"val_loss": v}) for s, v in pairs])}
+
+
+def test_early_stopping_ignores_evaluations_before_min_step():
+    es = EarlyStopping(patience=2, min_step=10)
+    seq = [(2, 1.0), (4, 2.0), (6, 3.0), (8, 4.0)]  # worse and worse, but inside warm-up
+    for k in range(1, len(seq) + 1):
+        assert es(seq[k - 1][0], _history(*seq[:k])) is None
+    assert es.best_step is None and es.bad_evals == 0
+    seq += [(10, 3.5), (12, 3.6), (14, 3.4), (16, 3.5), (18, 3.6)]
+    got = {s: es(s, _history(*seq[:k + 1])) for k, (s, _) in enumerate(seq) if s >= 10}
+    assert got == {10: None, 12: None, 14: None, 16: None, 18: True}  # best 3.4 at 14, then 2 bad evaluations
+    assert es.best == 3.4 and es.best_step == 14 and es.stopped_at == 18
+    assert es(19, _history(*seq)) is None  # no evaluation at step 19
+
+
+def test_early_stopping_min_delta_and_errors():
+    es = EarlyStopping(patience=1, min_delta=0.1)
+    assert es(1, _history((1, 2.0))) is None
+    assert es(2, _history((1, 2.0), (2, 1.95))) is True  # 0.05 better is not better than min_delta
+    with pytest.raises(ValueError, match="patience"):
+        EarlyStopping(patience=0)
+    with pytest.raises(ValueError, match="min_step"):
+        EarlyStopping(patience=2, min_step=-1)
+    with pytest.raises(KeyError, match="'acc'"):
+        EarlyStopping(patience=1, metric="acc")(1, _history((1, 2.0)))
+    with pytest.raises(ValueError, match="keep_best=True"):
+        EarlyStopping(patience=1).restore_best(Tiny())
+    with pytest.raises(ValueError, match="no evaluation at step >= min_step"):
+        EarlyStopping(patience=1, min_step=5, keep_best=True).restore_best(Tiny())
+
+
+def test_early_stopping_in_train_cannot_fire_in_warmup_and_restores_the_best_weights():
+    flat = lambda model: 1.0  # noqa: E731  a metric that never improves
+    es_none = EarlyStopping(patience=2)
+    r = train(Tiny(), get_batch, config=cfg(max_steps=30, eval_every=1), eval_fn=flat, callbacks=[es_none])
+    assert len(r.losses) == 3  # best at step 1, two flat evaluations: stops inside a warm-up of 5
+    es = EarlyStopping(patience=2, min_step=5)
+    r = train(Tiny(), get_batch, config=cfg(max_steps=30, eval_every=1, warmup_steps=5), eval_fn=flat, callbacks=[es])
+    assert len(r.losses) == 7 and es.best_step == 5 and es.stopped_at == 7
+
+    curve = {s: abs(s - 12) for s in range(31)}  # the metric is best at step 12
+    snapshots = {}
+
+    def snapshot(step, info):
+        snapshots[step] = {n: p.data.copy() for n, p in info["model"].named_parameters()}
+
+    m = Tiny()
+    es = EarlyStopping(patience=3, min_step=4, keep_best=True)
+    r = train(m, get_batch, config=cfg(max_steps=30, eval_every=2, warmup_steps=4),
+              eval_fn=lambda model: float(curve[len(snapshots)]), callbacks=[snapshot, es])
+    assert es.best_step == 12 and es.stopped_at == 18 and len(r.losses) == 18
+    assert not np.array_equal(m.fc1.weight.data, snapshots[12]["fc1.weight"])
+    assert es.restore_best(m) == 12
+    for n, p in m.named_parameters():
+        np.testing.assert_array_equal(p.data, snapshots[12][n], err_msg=n)
