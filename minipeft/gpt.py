@@ -34,9 +34,8 @@ from .backend import to_numpy, xp_of
 from .engine import Tensor, no_grad
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 
-# 256 bytes + <|endoftext|>, <|pad|>, <|bos|>: minipeft.data.tokenizer.ByteTokenizer
-BYTE_VOCAB_SIZE = 259
-GPT2_VOCAB_SIZE = 50257  # GPT-2's BPE vocabulary
+from .sizes import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, SHAPES, shape_of  # the one table of sizes
+
 _DTYPES = ("float32", "float64", "float16")
 
 
@@ -97,25 +96,12 @@ class GPTConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPTConfig":
-        """A named shape from ``CONFIGS`` (the T0..T3 ladder, GPT-2 sizes), with overrides."""
-        if name not in CONFIGS:
-            raise ValueError(f"unknown GPT preset {name!r}; known presets are {sorted(CONFIGS)}")
-        return cls.from_dict({**CONFIGS[name], **overrides})
+        """A named shape (``'T1'``, ``'gpt2'``) or base size (``'small'``) of ``minipeft.sizes``, with overrides."""
+        return cls.from_dict({**shape_of(name), **overrides})
 
 
-# The tiny ladder of methods.md section 0.3 (byte vocabulary) and GPT-2's released shapes.
-CONFIGS: dict[str, dict] = {
-    "T0": dict(n_layer=2, n_embd=64, n_head=2, block_size=128),
-    "T1": dict(n_layer=4, n_embd=128, n_head=4, block_size=256),
-    "T2": dict(n_layer=6, n_embd=256, n_head=4, block_size=256),
-    "T3": dict(n_layer=8, n_embd=384, n_head=6, block_size=512),
-    "gpt2": dict(n_layer=12, n_embd=768, n_head=12, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
-    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
-    "gpt2-large": dict(n_layer=36, n_embd=1280, n_head=20, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
-    "gpt2-xl": dict(n_layer=48, n_embd=1600, n_head=25, block_size=1024, vocab_size=GPT2_VOCAB_SIZE),
-}
-CONFIGS["tiny"] = CONFIGS["T0"]
-CONFIGS["small-cpu"] = CONFIGS["T1"]
+# Shapes by name: a view of minipeft.sizes.SHAPES (kept for ``from minipeft.gpt import CONFIGS``).
+CONFIGS: dict[str, dict] = SHAPES
 
 
 @dataclass

@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
+from .sizes import BASES, SHAPES, shape_of
+
 GB, MB = 1e9, 1e6
 _DTYPE_BYTES = {"float64": 8, "fp64": 8, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2,
                 "bfloat16": 2, "bf16": 2, "int8": 1, "uint8": 1}
@@ -54,13 +56,10 @@ class ModelShape:
         return 4 * self.n_embd if self.n_inner is None else self.n_inner
 
 
-MODELS = {  # Radford et al. 2019 sizes; GPT-3 175B from Brown et al. 2020, Table 2.1
-    "gpt2": ModelShape(12, 768, 12),
-    "gpt2-medium": ModelShape(24, 1024, 16),
-    "gpt2-large": ModelShape(36, 1280, 20),
-    "gpt2-xl": ModelShape(48, 1600, 25),
-    "gpt3-175b": ModelShape(96, 12288, 96, 50257, 2048),
-}
+# Named shapes: GPT-2's sizes (Radford et al. 2019), GPT-3 175B (Brown et al. 2020, Table 2.1) and
+# minipeft's own bases, all read from the one table in minipeft.sizes (base names such as 'small' too).
+MODELS = {name: ModelShape(f["n_layer"], f["n_embd"], f["n_head"], f["vocab_size"], f["block_size"])
+          for name, f in ((n, shape_of(n)) for n in [*SHAPES, *BASES])}
 # LLaMA (Touvron et al. 2023, Table 2): published parameter counts, used as raw counts.
 RAW_COUNTS = {"llama-7b": 6.7e9, "llama-13b": 13.0e9, "llama-33b": 32.5e9, "llama-65b": 65.2e9}
 

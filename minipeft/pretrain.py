@@ -24,6 +24,10 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not write the model to the cache")
     a = p.parse_args(argv)
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps {a.steps}: must be a positive number of optimizer steps")
+    if a.seed < 0:
+        p.error(f"--seed {a.seed}: must be >= 0")
     if a.corpus not in ("english",) and not Path(a.corpus).exists():
         from .data.corpus import is_corpus_name
 
@@ -41,7 +45,7 @@ def main(argv=None) -> dict:
     print(f"  validation loss after training  : {meta['val_loss']:.3f} nats/token "
           f"({meta['val_loss'] * bits:.2f} bits/byte)")
     if not a.no_save:
-        print(f"  saved to {pretrained.model_dir(a.size, a.corpus, a.quick)}")
+        print(f"  saved to {pretrained.model_dir(a.size, a.corpus, a.quick, a.steps, a.seed)}")
     return meta
 
 

@@ -9,14 +9,20 @@ Hugging-Face-style directory per model (``config.json`` + ``model.safetensors``,
 ``GPT2LMHeadModel.from_pretrained`` can read it too) plus ``meta.json`` with the
 training record.
 
-Sizes (the model ladder of methods.md §0.3, and GPT-2 small for a GPU):
+Sizes (``minipeft.sizes.BASES``, the one table; each base knows exactly the positions it
+was pretrained on):
 
-* ``tiny``  (T0: 2 layers, d 64):  trains on 2 CPU cores in a few minutes.
-* ``small`` (T1: 4 layers, d 128): minutes on a GPU, long on a CPU.
-* ``medium`` (T2), ``large`` (T3), ``gpt2`` (12 layers, d 768): for a GPU.
+* ``tiny``  (T0: 2 layers, d 64, 128 positions): trains on 2 CPU cores in about a minute.
+* ``tiny-512`` (T0 with 512 positions, for E2E on a CPU): the same tokens in windows of 512.
+* ``small`` (T1: 4 layers, d 128), ``medium`` (T2), ``large`` (T3), 512 positions, and ``gpt2``
+  (12 layers, d 768, 1024 positions): for a GPU.
 
 ``quick=True`` trains a few-second version of a size (for tests, CI and notebooks in
-quick mode); it is cached separately and is not a good model.
+quick mode), on windows as long as its positions; it is cached separately and is not a
+good model. The cache directory names the size, corpus, Python, and any non-default
+steps or seed, so a short experiment never replaces the base the lessons use. A model is
+written into a temporary directory and renamed into place, so a kill mid-save leaves the
+previous model whole; ``load`` retrains a directory that is incomplete.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -33,28 +39,13 @@ from .backend import resolve_device, to_device
 from .data import Corpus, eval_batches, lm_batches
 from .engine import no_grad
 from .gpt import GPT, GPTConfig
+from .sizes import BASES, BaseSize
 from .train import TrainConfig, train
 
 
-@dataclass(frozen=True)
-class PretrainSpec:
-    preset: str  # GPTConfig preset name (gpt.CONFIGS)
-    max_steps: int  # optimizer steps
-    batch_size: int  # sequences per step
-    block_size: int  # tokens per sequence (<= the preset's block_size)
-    lr: float  # peak learning rate (cosine decay, linear warmup)
-    warmup_steps: int  # warmup steps
-    max_bytes: int | None = None  # train bytes of the corpus to read (None: all)
-
-
-SIZES: dict[str, PretrainSpec] = {
-    "tiny": PretrainSpec("T0", max_steps=1500, batch_size=8, block_size=128, lr=3e-3, warmup_steps=50),
-    "small": PretrainSpec("T1", max_steps=3000, batch_size=32, block_size=256, lr=2e-3, warmup_steps=100),
-    "medium": PretrainSpec("T2", max_steps=4000, batch_size=32, block_size=256, lr=1e-3, warmup_steps=200),
-    "large": PretrainSpec("T3", max_steps=5000, batch_size=32, block_size=512, lr=6e-4, warmup_steps=300),
-    "gpt2": PretrainSpec("gpt2", max_steps=5000, batch_size=16, block_size=512, lr=3e-4, warmup_steps=300),
-}
+SIZES: dict[str, BaseSize] = BASES  # the one table of base sizes (minipeft.sizes)
 QUICK_STEPS = 120  # optimizer steps of a quick=True model
+QUICK_TOKENS_PER_STEP = 512  # tokens per step of a quick=True model (batch = this // positions, at least 1)
 
 
 def cache_root() -> Path:
@@ -69,25 +60,27 @@ def _corpus_tag(corpus: str) -> str:
     return corpus.replace("+", "_")
 
 
-def model_dir(name: str, corpus: str = "english", quick: bool = False) -> Path:
-    """Where ``load(name, corpus, quick)`` caches its model."""
+def model_dir(name: str, corpus: str = "english", quick: bool = False, steps: int | None = None,
+              seed: int = 0) -> Path:
+    """Where ``pretrain``/``load`` cache a base: size, corpus, Python, and any non-default steps or seed."""
     import sys
 
     py = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return cache_root() / f"{name}{'-quick' if quick else ''}-{_corpus_tag(corpus)}-{py}"
+    extra = (f"-steps{steps}" if steps is not None else "") + (f"-seed{seed}" if seed else "")
+    return cache_root() / f"{name}{'-quick' if quick else ''}-{_corpus_tag(corpus)}-{py}{extra}"
 
 
-def _spec(name: str, quick: bool, steps: int | None) -> PretrainSpec:
+def _spec(name: str, quick: bool, steps: int | None) -> BaseSize:
     if name not in SIZES:
         raise ValueError(f"unknown pretrained size {name!r}; known sizes: {sorted(SIZES)}")
     s = SIZES[name]
-    if quick:
-        s = PretrainSpec(s.preset, QUICK_STEPS, s.batch_size, min(s.block_size, 64), s.lr, 10, 2_000_000)
+    if quick:  # windows as long as the positions, few tokens per step
+        s = replace(s, max_steps=QUICK_STEPS, batch_size=max(1, QUICK_TOKENS_PER_STEP // s.block_size),
+                    warmup_steps=10, max_bytes=2_000_000)
     if steps is not None:
-        if steps < 1:
-            raise ValueError(f"steps must be >= 1, got {steps}")
-        s = PretrainSpec(s.preset, steps, s.batch_size, s.block_size, s.lr, min(s.warmup_steps, steps // 10),
-                         s.max_bytes)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        s = replace(s, max_steps=steps, warmup_steps=min(s.warmup_steps, steps // 10))
     return s
 
 
@@ -115,9 +108,8 @@ def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", q
     device = resolve_device(device)
     spec = _spec(name, quick, steps)
     data = Corpus.load(corpus, max_bytes=spec.max_bytes)
-    cfg = GPTConfig.preset(spec.preset, vocab_size=data.vocab_size)
-    if spec.block_size > cfg.block_size:
-        raise ValueError(f"block_size {spec.block_size} exceeds the preset's {cfg.block_size}")
+    cfg = GPTConfig.preset(spec.shape, vocab_size=data.vocab_size)
+    assert spec.block_size == cfg.block_size, "a base is pretrained on windows as long as its positions"
     model = GPT(cfg, seed=seed).to(device)
     train_tokens = to_device(data.train, device)
     val_tokens = to_device(data.val, device)
@@ -145,21 +137,46 @@ def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", q
         "seconds": time.perf_counter() - t0,
     }
     if save:
-        out = model_dir(name, corpus, quick)
-        model.save_hf(out)
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        _save_atomically(model, meta, model_dir(name, corpus, quick, steps, seed))
     return model, meta
+
+
+def _save_atomically(model: GPT, meta: dict, out: Path) -> None:
+    """Write config, weights and ``meta.json`` (last) into a temporary directory, then rename it to ``out``."""
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        model.save_hf(tmp)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load(name: str = "tiny", corpus: str = "english", device: str = "cpu", quick: bool = False,
          progress: bool = True, return_meta: bool = False):
-    """The cached base model ``name`` (trained first when missing), on ``device``."""
+    """The cached base model ``name`` (trained first when missing or damaged), on ``device``."""
     d = model_dir(name, corpus, quick)
+    model = meta = None
     if (d / "meta.json").exists() and (d / "model.safetensors").exists():
-        model = GPT.from_hf(d).to(resolve_device(device))
-        meta = json.loads((d / "meta.json").read_text())
-    else:
-        if progress:
+        try:
+            model = GPT.from_hf(d).to(resolve_device(device))
+            meta = json.loads((d / "meta.json").read_text())
+        except Exception as e:  # a damaged cache entry is rebuilt, not fatal
+            print(f"[minipeft] cached base model {d} is damaged ({type(e).__name__}: {e}); pretraining it again")
+            model = None
+    if model is None:
+        if progress and meta is None:
             print(f"[minipeft] no cached base model {d.name!r}: pretraining it once (cached in {d.parent})")
         model, meta = pretrain(name, corpus, device=device, quick=quick, progress=progress)
     return (model, meta) if return_meta else model

@@ -46,7 +46,7 @@ def test_config_defaults_presets_and_validation():
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown GPTConfig keys \['n_embed'\].*n_embd"):
         GPTConfig.from_dict({"n_embed": 64})
-    with pytest.raises(ValueError, match="unknown GPT preset"):
+    with pytest.raises(ValueError, match="unknown model size"):
         GPTConfig.preset("gpt3")
     with pytest.raises(ValueError, match="divisible by n_head"):
         GPTConfig(n_embd=64, n_head=3)
@@ -55,7 +55,10 @@ def test_config_defaults_presets_and_validation():
             GPTConfig(**bad)
     with pytest.raises(ValueError, match="unknown GPTConfig keys"):
         GPT({"vocab": 10})
-    assert set(CONFIGS) >= {"tiny", "small-cpu", "T1", "T2", "T3", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    assert set(CONFIGS) >= {"T0", "T1", "T2", "T3", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+    # a base size names its shape: one table (minipeft.sizes) for presets, bases and the calculator
+    assert GPTConfig.preset("small") == GPTConfig.preset("T1")
+    assert GPTConfig.preset("small").block_size == 512 and GPTConfig.preset("tiny").block_size == 128
 
 
 def test_default_vocab_is_the_byte_tokenizer():
