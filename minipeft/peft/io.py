@@ -31,6 +31,15 @@ LoKr           ``M.lokr_w1`` or ``M.lokr_w1_a``/``M.lokr_w1_b``;    peft's facto
  (minipeft)    ``M.lokr_w2`` or ``M.lokr_w2_a``/``M.lokr_w2_b``
 =============  ===================================================  ==========================
 
+LoRA on slices (``LoraConfig.enable_lora``, loralib's ``MergedLinear``; lora_slices.py) has no
+place in peft's format, so it is written as the plain LoRA with the same ΔW: rank r' = n·r
+(n enabled slices; also every ``rank_pattern`` value), ``M.lora_A.weight`` the stacked
+[A_1; A_2; ...] (r', in), ``M.lora_B.weight`` the block matrix B' (out, r') with B_i in its
+slice's rows and its own r columns, zeros elsewhere, and ``lora_alpha`` (and ``alpha_pattern``)
+times r'/r (rsLoRA: sqrt(r'/r)) so the scaling is unchanged. Such a file loads into peft and
+into minipeft with the same outputs, but as a plain rank-r' LoRA: the slice structure is not
+kept, so if training went on, the zero blocks of B' (rows of the disabled slices too) would train.
+
 With ``bias="all"``/``"<method>_only"`` the chosen base biases are saved under their own
 names; ``modules_to_save`` modules under their plain names (``base_model.model.lm_head.weight``).
 peft cannot put LoHa or LoKr on GPT-2's Conv1D (peft issue #3767), so those GPT-2 files
@@ -65,6 +74,7 @@ import numpy as np
 from ..backend import to_numpy
 from ..nn import Module
 from .config import PeftConfig
+from .lora_slices import plain_lora_config, plain_lora_tensors
 from .tuner import REGISTRY, BaseTunerLayer, PeftModel, get_peft_model, walk
 
 CONFIG_NAME = "adapter_config.json"  # peft's CONFIG_NAME
@@ -92,10 +102,13 @@ def adapter_config_dict(model: PeftModel, adapter_name: str = "default", base_mo
 
     ``inference_mode`` is written true (peft's value at save time); ``base_model_name_or_path``
     is the argument, else the config's, else the base model's ``name_or_path`` if it has
-    one; ``fan_in_fan_out`` is true when the adapter sits on GPT-2 Conv1D modules.
+    one; ``fan_in_fan_out`` is true when the adapter sits on GPT-2 Conv1D modules. A LoRA
+    with ``enable_lora`` is described as its equivalent plain LoRA (r and alpha times n).
     """
     cfg = model.peft_config[adapter_name]
     d = cfg.to_dict()
+    if getattr(cfg, "enable_lora", None):  # LoRA on slices: the plain LoRA of rank n r (module docstring)
+        d = plain_lora_config(d, cfg.enable_lora, cfg.use_rslora)
     d["inference_mode"] = True
     if base_model_name_or_path is not None:
         d["base_model_name_or_path"] = os.fspath(base_model_name_or_path)
@@ -115,6 +128,12 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
     (float32, metadata ``{"format": "pt"}``) go into ``directory`` for the "default"
     adapter and ``directory/<adapter_name>`` otherwise. Both files are written to
     temporary names first and then renamed, so a failure leaves no half-written file.
+
+    A LoRA with ``enable_lora`` (slices of a fused layer) is written as the plain LoRA of
+    rank r' = n·r with the same ΔW (block B', alpha times r'/r; see the module docstring).
+    The slice structure is not kept in the file: loading it (into minipeft or peft) gives a
+    plain rank-r' LoRA with the same outputs, whose disabled-slice rows would train if
+    training continued. Keep the PeftModel (or its config) to go on training on slices.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter needs a PeftModel (from get_peft_model), got {type(model).__name__}")
@@ -129,6 +148,8 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
         if not np.issubdtype(a.dtype, np.floating):
             raise TypeError(f"adapter tensor {key} has dtype {a.dtype}; adapter files hold float tensors")
         tensors[key] = np.ascontiguousarray(a, dtype=np.float32)  # minipeft writes F32 (peft-format.md §2)
+    if getattr(model.peft_config[adapter_name], "enable_lora", None):
+        tensors = plain_lora_tensors(model, adapter_name, tensors)  # sliced lora_B -> block B' (out, n r)
     if not tensors:
         raise ValueError(f"adapter {adapter_name!r} has no tensors to save")
     out = adapter_directory(directory, adapter_name)

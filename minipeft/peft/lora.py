@@ -13,6 +13,10 @@ Weights live in per-adapter dicts so in-memory keys read like peft's:
 ``c_attn.lora_A.default.weight`` [r, in], ``c_attn.lora_B.default.weight`` [out, r];
 the DoRA magnitude is ``c_attn.lora_magnitude_vector.default`` [out] (a ParameterDict
 entry, which is peft's on-disk key once the adapter name is stripped).
+
+``enable_lora`` (loralib's name) puts LoRA on slices of a fused layer, e.g. W_q and W_v
+of GPT-2's ``c_attn`` as the paper does: ``LoraConfig(r=4, lora_alpha=32,
+target_modules=["c_attn"], enable_lora=[True, False, True])``; see lora_slices.py.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from ..backend import xp_of
 from ..engine import Tensor, no_grad
 from ..nn import Dropout, Linear, ModuleDict, Parameter, ParameterDict
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
+from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
 from .tuner import BaseTunerLayer, PeftMethod, register
 
 
@@ -60,6 +65,11 @@ class LoraConfig(PeftConfig):
     loftq_config: dict = field(default_factory=dict)  # peft feature not implemented (must stay {})
     megatron_config: dict | None = None  # peft feature not implemented (must stay None)
     megatron_core: str | None = "megatron.core"  # written by peft; unused
+    # loralib's name; None = the whole layer. [True, False, True] on c_attn: LoRA on W_q and W_v only, each
+    # enabled slice its own rank-r A, B (lora_slices.py). Not in peft's format: saved as the equivalent plain LoRA.
+    enable_lora: list[bool] | None = None
+
+    runtime_fields = ("seed", "enable_lora")  # never written to adapter_config.json (save_adapter converts)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +89,7 @@ class LoraConfig(PeftConfig):
                 raise ValueError(f"{k} is not implemented in minipeft; leave it {default!r}")
         if self.loftq_config:
             raise ValueError("loftq_config is not implemented in minipeft; leave it {}")
+        self.enable_lora = check_enable_lora(self.enable_lora, self.use_dora)
 
 
 def kaiming_uniform(rng: np.random.Generator, shape: tuple[int, int], a: float = math.sqrt(5)) -> np.ndarray:
@@ -115,7 +126,7 @@ class LoraLayer(BaseTunerLayer):
     """A Linear (at ``base_layer``) plus LoRA adapters: ``y = base(x) + s · B(A(dropout(x)))``."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "enable_lora")
 
     def __init__(self, base_layer) -> None:
         super().__init__(base_layer)
@@ -123,6 +134,7 @@ class LoraLayer(BaseTunerLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.enable_lora: dict[str, list[bool] | None] = {}  # None: LoRA on the whole output
         self.lora_dropout = ModuleDict()
         self.lora_A = ModuleDict()
         self.lora_B = ModuleDict()
@@ -133,10 +145,13 @@ class LoraLayer(BaseTunerLayer):
         r = pattern_value(name, config.rank_pattern, config.r)
         alpha = pattern_value(name, config.alpha_pattern, config.lora_alpha)
         check_rank("r", r)
-        if check_rank_fits and r > min(self.in_features, self.out_features):
+        mask = config.enable_lora
+        n, q = (sum(mask), slice_rows(mask, self.out_features, name)) if mask else (1, self.out_features)
+        if check_rank_fits and r > min(self.in_features, q):
+            what = f"out={q} per slice" if mask else f"out={self.out_features}"
             raise ValueError(
                 f"LoRA rank r={r} is larger than {name or 'the layer'} allows: min(in={self.in_features}, "
-                f"out={self.out_features}) = {min(self.in_features, self.out_features)}; a larger r adds "
+                f"{what}) = {min(self.in_features, q)}; a larger r adds "
                 "parameters but no rank. Use r <= that (or a rank_pattern entry for this module)."
             )
         if config.fan_in_fan_out:
@@ -146,22 +161,27 @@ class LoraLayer(BaseTunerLayer):
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         self.lora_dropout[adapter_name] = Dropout(config.lora_dropout)
+        self.enable_lora[adapter_name] = list(mask) if mask else None
         init = config.init_lora_weights
+        # with slices: A = [A_1; A_2; ...] (n r, in), B = [B_1; B_2; ...] (n q, r), one block per enabled slice
         if init == "gaussian":
-            a = rng.normal(0.0, 1.0 / r, (r, self.in_features))
+            a = rng.normal(0.0, 1.0 / r, (n * r, self.in_features))
         else:
-            a = kaiming_uniform(rng, (r, self.in_features))
-        b = np.zeros((self.out_features, r)) if init else kaiming_uniform(rng, (self.out_features, r))
-        self.lora_A[adapter_name] = _linear(self.in_features, r, a, dtype, xp)
-        self.lora_B[adapter_name] = _linear(r, self.out_features, b, dtype, xp)
+            a = kaiming_uniform(rng, (n * r, self.in_features))
+        b = np.zeros((n * q, r)) if init else kaiming_uniform(rng, (n * q, r))
+        self.lora_A[adapter_name] = _linear(self.in_features, n * r, a, dtype, xp)
+        self.lora_B[adapter_name] = _linear(r, n * q, b, dtype, xp)
         self.use_dora[adapter_name] = bool(config.use_dora)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = Parameter(self.dora_weight_norm(adapter_name).astype(dtype))
 
     # ---- maths
     def get_delta_weight(self, adapter: str) -> Tensor:
-        """``s · B @ A``, shape (out, in)."""
-        return F.matmul(self.lora_B[adapter].weight, self.lora_A[adapter].weight) * self.scaling[adapter]
+        """``s · B @ A``, shape (out, in); with slices ``s · [B_1 A_1; 0; ...]`` (disabled rows exactly 0)."""
+        A, B, mask = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.enable_lora.get(adapter)
+        if mask:
+            return sliced_delta_weight(A, B, mask, self.r[adapter]) * self.scaling[adapter]
+        return F.matmul(B, A) * self.scaling[adapter]
 
     def dora_weight_norm(self, adapter: str):
         """``||W0 + s·B·A||`` per output row, a constant (no gradient), shape (out,)."""
@@ -174,6 +194,10 @@ class LoraLayer(BaseTunerLayer):
         dropout = self.lora_dropout[adapter]
         xd = dropout(x)
         s = self.scaling[adapter]
+        mask = self.enable_lora.get(adapter)
+        if mask:  # LoRA on slices of the output (no DoRA: LoraConfig rejects it)
+            return sliced_lora_forward(self.lora_A[adapter](xd), self.lora_B[adapter].weight, mask,
+                                       self.r[adapter]) * s  # (..., out)
         lora = self.lora_B[adapter](self.lora_A[adapter](xd))  # (..., out)
         if not self.use_dora[adapter]:
             return lora * s
@@ -249,6 +273,9 @@ class LoraMethod(PeftMethod):
             raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
         if any(cfgs[a].use_dora for a in adapters):
             raise ValueError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add)")
+        if any(cfgs[a].enable_lora for a in adapters):
+            raise ValueError("add_weighted_adapter cannot combine adapters with enable_lora (sliced B); save_adapter "
+                             "writes them as plain LoRA: load that file and combine the loaded adapter")
         if len(adapters) == 1:
             combination_type = "linear"
         ranks = [cfgs[a].r for a in adapters]
