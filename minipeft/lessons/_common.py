@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..backend import resolve_device
+from ..claims.rules import VERDICTS, Rule, at_least, at_most, check_verdict, verdict  # noqa: F401  (the one rule)
 
 
 @dataclass
@@ -69,6 +70,20 @@ class Report:
     def compare(self, rows, headers=("", "course", "minipeft")) -> None:
         """Rows of (label, course value, minipeft value); values pre-formatted or numbers."""
         self.table(rows, headers)
+
+    def claim(self, label: str, course, ours, relation, verdict: str, note: str = "") -> str:
+        """One line a student can read: the course's number, minipeft's, how they relate, and the verdict.
+
+        ``relation`` says how the two are compared ("LoRA/FT = 0.97", or a Rule's text);
+        ``verdict`` is one of VERDICTS, as :func:`verdict` (or a :class:`Rule`) computed it.
+        Returns the line printed.
+        """
+        check_verdict(verdict)
+        line = f"  {label}: course {_fmt(course)} | minipeft {_fmt(ours)} | {relation} -> {verdict.upper()}"
+        if note:
+            line += f" ({note})"
+        self._print(line)
+        return line
 
     def table(self, rows, headers) -> None:
         cells = [[_fmt(c) for c in headers]] + [[_fmt(c) for c in r] for r in rows]

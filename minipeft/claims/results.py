@@ -1,0 +1,223 @@
+"""Recorded lesson results: find them, load them, and note every number a claim reads.
+
+Layout (``benchmarks/results/``): one folder per run, ``<device>-<YYYY-MM-DD>/``
+(``h200-2026-12-02``, ``cpu-2026-12-01``), holding ``<lesson>.json`` -- the dict a
+lesson's ``main`` returned, written by ``--json``. ``<lesson>_cuda.json`` and
+``<lesson>_cpu.json`` are read too. A folder named ``cpu-...`` is a CPU run; any other
+device name is a GPU run. Extra files outside that tree (``figures/transfer_data.json``,
+the transfer lesson's saved data) are read as runs of their lesson, dated by their own
+``date`` field.
+
+:func:`load_results` keeps, per lesson, the newest run of the preferred kind (GPU over CPU
+by default). A claim reads numbers through a :class:`Reader`, which raises
+:class:`Missing` (-> verdict 'not-attempted', with the reason) when a run or key is absent
+and records each key path read, so the claims table can name its exact source.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_RUN_DIR = re.compile(r"^(?P<device>[A-Za-z0-9_.]+)-(?P<date>\d{4}-\d{2}-\d{2})$")
+PREFER = ("gpu", "cpu", "newest")
+# lesson -> files (relative to the repository root) read as runs of that lesson besides benchmarks/results/
+DEFAULT_EXTRA = {"transfer": ("figures/transfer_data.json",)}
+
+
+class Missing(Exception):
+    """A claim cannot be measured: a recorded run or a key in it is absent, or the claim is out of scale."""
+
+
+@dataclass
+class Run:
+    """One recorded result of a lesson."""
+
+    lesson: str
+    path: Path  # the JSON file
+    label: str  # how the claims table names it (path relative to the repository)
+    kind: str  # 'gpu' or 'cpu'
+    date: str  # YYYY-MM-DD ('' if unknown)
+    data: dict = field(repr=False, default_factory=dict)
+
+
+def _normalize(lesson: str, data: dict) -> dict:
+    """The transfer lesson's saved data keeps its analysis under 'analysis': lift it to the lesson-dict layout."""
+    if lesson == "transfer" and isinstance(data.get("analysis"), dict) and "fits" not in data:
+        return {**data, **data["analysis"]}
+    return data
+
+
+def lesson_names() -> tuple[str, ...]:
+    """The lessons (modules of ``minipeft.lessons``): only files named after one are read as lesson results."""
+    import pkgutil
+
+    from .. import lessons
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if not m.name.startswith("_")))
+
+
+def _lesson_of(stem: str) -> str | None:
+    """The lesson a file stem records ('qlora_cuda' -> 'qlora'), or None for other files (benchmark outputs)."""
+    names = lesson_names()
+    for suffix in ("", "_cuda", "_cpu", "_gpu"):
+        if stem.endswith(suffix) and stem[: len(stem) - len(suffix)] in names:
+            return stem[: len(stem) - len(suffix)]
+    return None
+
+
+def _rel(path: Path, repo: Path) -> str:
+    try:
+        return path.resolve().relative_to(repo.resolve()).as_posix()
+    except ValueError:
+        return path.as_posix()
+
+
+def discover(root, repo=None, extra=None) -> list[Run]:
+    """Every recorded run under ``root`` (and the ``extra`` files), unloaded (``data`` empty)."""
+    root = Path(root)
+    repo = Path(repo) if repo is not None else (root.parent.parent if root.parent.name == "benchmarks" else Path("."))
+    runs = []
+    if root.is_dir():
+        for d in sorted(p for p in root.iterdir() if p.is_dir()):
+            m = _RUN_DIR.match(d.name)
+            if not m:
+                continue
+            kind = "cpu" if m["device"].lower() == "cpu" else "gpu"
+            for f in sorted(d.glob("*.json")):
+                lesson = _lesson_of(f.stem)
+                if lesson is not None:  # other JSON (benchmark outputs) is not a lesson's result
+                    runs.append(Run(lesson, f, _rel(f, repo), kind, m["date"]))
+    for lesson, files in (DEFAULT_EXTRA if extra is None else extra).items():
+        for name in files:
+            f = Path(name) if Path(name).is_absolute() else repo / name
+            if f.is_file():
+                runs.append(Run(lesson, f, _rel(f, repo), "", ""))
+    return runs
+
+
+def _load(run: Run) -> Run:
+    try:
+        data = json.loads(run.path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{run.path}: cannot read recorded results ({e}); fix or remove the file") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{run.path}: expected a JSON object (a lesson's result dict), got {type(data).__name__}")
+    if not run.kind:  # an extra file: its own device and date fields say what it is
+        run.kind = "cpu" if str(data.get("device", "")).lower() == "cpu" else "gpu"
+        run.date = str(data.get("date", ""))[:10]
+    run.data = _normalize(run.lesson, data)
+    return run
+
+
+class Results:
+    """The chosen run of each lesson (``results["qlora"]`` -> :class:`Run`)."""
+
+    def __init__(self, runs: dict[str, Run], searched: str = ""):
+        self.runs = dict(runs)
+        self.searched = searched  # where runs were looked for (for 'not-attempted' notes)
+
+    @classmethod
+    def from_dicts(cls, dicts: dict[str, dict], label: str = "memory") -> "Results":
+        """Results from in-memory lesson dicts (tests, notebooks): ``{lesson: result dict}``."""
+        return cls({k: Run(k, Path(f"{label}/{k}.json"), f"{label}/{k}.json", "cpu", "", _normalize(k, v))
+                    for k, v in dicts.items()}, label)
+
+    def __contains__(self, lesson: str) -> bool:
+        return lesson in self.runs
+
+    def __getitem__(self, lesson: str) -> Run:
+        return self.runs[lesson]
+
+    def lessons(self) -> list[str]:
+        return sorted(self.runs)
+
+
+def load_results(root="benchmarks/results", prefer: str = "gpu", repo=None, extra=None) -> Results:
+    """Per lesson, the newest recorded run of the preferred kind under ``root`` (and ``extra`` files).
+
+    ``prefer``: 'gpu' (a GPU run wins over any CPU run, newest first), 'cpu', or
+    'newest' (the newest run of either kind). ``extra``: ``{lesson: (file, ...)}``
+    relative to ``repo`` (default: the repository holding ``root``); default
+    ``figures/transfer_data.json`` for the transfer lesson.
+    """
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
+    chosen: dict[str, Run] = {}
+    for run in discover(root, repo, extra):
+        _load(run)
+        best = chosen.get(run.lesson)
+        if best is None or _key(run, prefer) > _key(best, prefer):
+            chosen[run.lesson] = run
+    return Results(chosen, str(root))
+
+
+def _key(run: Run, prefer: str):
+    rank = {"gpu": {"gpu": 1, "cpu": 0}, "cpu": {"cpu": 1, "gpu": 0}, "newest": {"gpu": 0, "cpu": 0}}[prefer]
+    # benchmarks/results runs win a tie of kind and date over extra files (they are lesson dicts as recorded)
+    return rank[run.kind], run.date, run.label.startswith("benchmarks/")
+
+
+class Reader:
+    """What one claim's ``measure`` uses: read keys of recorded runs, or name a computation; both are logged."""
+
+    def __init__(self, results: Results):
+        self.results = results
+        self.used: dict[str, list[str]] = {}  # source label -> key paths read there
+
+    def run(self, lesson: str) -> Run:
+        if lesson not in self.results:
+            where = f" under {self.results.searched}" if self.results.searched else ""
+            raise Missing(f"no recorded '{lesson}' run{where} (run python -m minipeft.lessons.{lesson} --json FILE)")
+        return self.results[lesson]
+
+    def has(self, lesson: str, *path) -> bool:
+        try:
+            self._walk(self.run(lesson), path)
+            return True
+        except Missing:
+            return False
+
+    def get(self, lesson: str, *path):
+        """The value at ``path`` (keys, list indices) of ``lesson``'s run; logged as a source."""
+        run = self.run(lesson)
+        value = self._walk(run, path)
+        keys = self.used.setdefault(run.label, [])
+        dotted = ".".join(str(p) for p in path)
+        if dotted not in keys:
+            keys.append(dotted)
+        return value
+
+    def first(self, lesson: str, prefix: tuple, candidates, *rest):
+        """The first of ``candidates`` present at ``prefix + (candidate,) + rest``: (candidate, value)."""
+        for c in candidates:
+            if self.has(lesson, *prefix, c, *rest):
+                return c, self.get(lesson, *prefix, c, *rest)
+        where = ".".join(str(p) for p in prefix) or "the top level"
+        raise Missing(f"'{lesson}' run {self.run(lesson).label} has none of {list(candidates)} under {where}")
+
+    def computed(self, what: str) -> None:
+        """Log a computation with minipeft's own functions as a source ('minipeft.memory.estimate_memory')."""
+        self.used.setdefault(what, [])
+
+    def source(self) -> str:
+        return "; ".join(f"{label}: {', '.join(keys)}" if keys else label for label, keys in self.used.items())
+
+    @staticmethod
+    def _walk(run: Run, path):
+        node = run.data
+        for i, p in enumerate(path):
+            if isinstance(node, dict):
+                key = p if p in node else str(p)
+                if key not in node:
+                    break
+                node = node[key]
+            elif isinstance(node, list) and isinstance(p, int) and -len(node) <= p < len(node):
+                node = node[p]
+            else:
+                break
+        else:
+            return node
+        dotted = ".".join(str(q) for q in path[: i + 1])
+        raise Missing(f"{run.label} has no '{dotted}' (the lesson does not record it)")
