@@ -18,13 +18,17 @@ the course through the one API ``get_peft_model`` and the one training loop:
    model's validation loss, and says so when one does not.
 2. **Adapters vs full fine-tuning** (He et al. 2021, the course's "adapters > FT with less
    data" and "adapters are less sensitive to the learning rate"): Houlsby adapters and full
-   fine-tuning on 1k ... 1M training tokens with early stopping on the validation loss, and
-   a learning-rate sweep of both.
+   fine-tuning, each at its own LR, on 1k ... 1M training tokens, 3 seeds (data slice,
+   batches, init), mean and spread. Early stopping (``train.EarlyStopping``) watches one
+   half of the validation text and counts only evaluations after warm-up; the number
+   reported is the other half's loss at the step it selected. Then a learning-rate sweep
+   of both, over the same factors around each method's own LR, 3 seeds.
 3. **Prompt tuning vs model size** (Lester et al. 2021, Fig. 1: the gap to model tuning
    closes as the model grows): prompt tuning and full fine-tuning on bases of growing size.
    On the CPU the bases are ``tiny`` and a ``small``-shaped model pretrained with tiny's
    recipe (same steps and tokens, as Lester et al.'s T5 sizes; cached by this lesson, about
-   4 minutes once); with ``--device cuda`` the cached ``tiny``, ``small`` and ``medium``.
+   4 minutes once): two sizes, as the report says, because a third costs ~50x tiny's
+   compute; with ``--device cuda`` the cached ``tiny``, ``small`` and ``medium``.
 
 Learning rates (``LR``): chosen once per method by a sweep in steps of about 3x at the CPU
 default budget, seed 0, keeping the lowest final validation loss (ranges beside ``LR``);
@@ -35,10 +39,7 @@ large rate, and methods that train few parameters, each of which moves the model
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
-import math
-import sys
 import time
 
 import numpy as np
@@ -50,41 +51,16 @@ from ..gpt import GPT, GPTConfig
 from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory, format_bytes
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
-from ..peft import (BitFitConfig, FullFineTuningConfig, HoulsbyConfig, IA3Config, LoHaConfig, LoKrConfig,
-                    LoraConfig, PfeifferConfig, PrefixTuningConfig, PromptTuningConfig, TopKBlocksConfig,
-                    VeraConfig, get_peft_model, remove_reparameterization)
+from ..peft import remove_reparameterization
 from ..train import TrainConfig, train
+from ._peft_adapters import (LR_LADDER, PAIR, STOPPING_RULE, adapter_verdicts, data_and_lr,  # noqa: F401 (API)
+                             early_stopped_run, lr_grid, lr_sensitivity, lr_sensitivity_over_seeds, lr_sweep,
+                             report_adapters, split_validation)
+from ._peft_recipes import (LINEARS, LR, METHODS, PREFIX_TOKENS, PROMPT_TEXT, PROMPT_TOKENS,  # noqa: F401 (API)
+                            build, fine_tune, log, method_config, scored_tokens, train_config, val_loss, warmup_steps)
 from ._common import Report, finish, parse_args, save_figure
 
-LINEARS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the LoRA family adapts every linear layer
-PROMPT_TOKENS = 20  # prompt tuning length (Lester et al.: 1 -> 20 is the big gain)
-PREFIX_TOKENS = 10  # prefix length (Li & Liang's table-to-text setting)
-PROMPT_TEXT = "Python source code:\n"  # 20 bytes: the prompt starts at their embeddings (the paper's best init)
-
-# name -> (label, family); families are the course's taxonomy (Lialin et al. 2023)
-METHODS = {
-    "full": ("full fine-tuning", "full"),
-    "top_k": ("top-k blocks", "selective"),
-    "bitfit": ("BitFit", "selective"),
-    "lora": ("LoRA r=8", "reparameterization"),
-    "rslora": ("rsLoRA r=8", "reparameterization"),
-    "dora": ("DoRA r=8", "reparameterization"),
-    "loha": ("LoHa r=4", "reparameterization"),
-    "lokr": ("LoKr r=8", "reparameterization"),
-    "vera": ("VeRA r=256", "reparameterization"),
-    "houlsby": ("Houlsby adapter", "additive: adapters"),
-    "pfeiffer": ("Pfeiffer adapter", "additive: adapters"),
-    "ia3": ("(IA)^3", "additive: adapters"),
-    "prefix": (f"prefix tuning P={PREFIX_TOKENS}", "additive: soft prompts"),
-    "prompt": (f"prompt tuning P={PROMPT_TOKENS}", "additive: soft prompts"),
-}
-# Peak learning rates: per method, the lowest final validation loss of a sweep in steps of about 3x,
-# extended until the best lay inside the range (the smaller LR when two ended within 0.002 nats), at the CPU
-# default budget (tiny base, 300 steps of 8 x 96 tokens, seed 0). Ranges swept: full 3e-4..1e-2; top-k
-# 3e-4..3e-2; BitFit 3e-3..3e-1; LoRA, DoRA 1e-3..3e-2; rsLoRA 1e-3..1e-2; LoHa, LoKr, Houlsby, Pfeiffer
-# 1e-3..1e-1; VeRA 3e-3..3e-1; (IA)3 1e-2..3e-1; prefix 1e-3..1e-1; prompt 3e-3..1e-1.
-LR = {"full": 3e-3, "top_k": 1e-2, "bitfit": 1e-1, "lora": 1e-2, "rslora": 3e-3, "dora": 1e-2, "loha": 3e-2,
-      "lokr": 3e-2, "vera": 1e-1, "houlsby": 3e-2, "pfeiffer": 3e-2, "ia3": 1e-1, "prefix": 3e-2, "prompt": 1e-2}
+_GPU_SCALE_SIZES = ("tiny", "small", "medium")  # part 3's bases with --device cuda (at least 3, Lester et al.'s trend)
 
 # Course numbers (lecture notes; methods.md §1, §7, §18.3): trainable share in the LoRA paper's
 # GPT-2 M E2E table (354.92M parameters), Houlsby's GLUE result, LoRA's GPT-3 savings.
@@ -93,101 +69,30 @@ COURSE_SHARE = {"full": 1.0, "top_k": 25.19e6 / GPT2M, "lora": 0.35e6 / GPT2M, "
                 "prefix": 0.35e6 / GPT2M}
 
 
-def method_config(name: str, n_layer: int, n_embd: int, seed: int = 0):
-    """The ``PeftConfig`` of method ``name`` for a GPT with ``n_layer`` blocks of width ``n_embd``."""
-    m = max(2, n_embd // 8)  # bottleneck width: d/8 (Houlsby's 3.6%-of-parameters regime on our bases)
-    cfgs = {
-        "full": lambda: FullFineTuningConfig(),
-        # FT-TOP2 trains 2 of GPT-2 M's 24 blocks; a 2-block base trains its top 1 (2 would be all of them)
-        "top_k": lambda: TopKBlocksConfig(top_k_blocks=min(2, n_layer - 1)),
-        "bitfit": lambda: BitFitConfig(),
-        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS),
-        "rslora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS, use_rslora=True),
-        "dora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS, use_dora=True),
-        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=LINEARS),  # LoRA r=8's parameter count
-        "lokr": lambda: LoKrConfig(r=8, alpha=8, target_modules=LINEARS),
-        "vera": lambda: VeraConfig(r=256, target_modules=LINEARS, save_projection=False),  # A, B from the seed
-        "houlsby": lambda: HoulsbyConfig(adapter_size=m),
-        "pfeiffer": lambda: PfeifferConfig(adapter_size=m),
-        "ia3": lambda: IA3Config(paper_kv_only=True),  # K, V and the MLP's hidden units, as the paper
-        # trained through the MLP (hidden = d); the last Linear starts at 0, so the prefix starts at 0
-        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS, prefix_projection=True,
-                                             init_weights="zero"),
-        "prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, prompt_tuning_init="TEXT",
-                                             prompt_tuning_init_text=PROMPT_TEXT),
-    }
-    if name not in cfgs:
-        raise ValueError(f"unknown method {name!r}; methods: {list(cfgs)}")
-    cfg = cfgs[name]()
-    cfg.seed = seed
-    return cfg
-
-
-def build(name: str, base: GPT, seed: int = 0):
-    """A copy of ``base`` with method ``name`` applied (a ``PeftModel``)."""
-    c = base.config
-    return get_peft_model(copy.deepcopy(base), method_config(name, c.n_layer, c.n_embd, seed))
-
-
 def _settings(args) -> dict:
+    """The budgets of each mode. Part 2: ``data_seeds``/``lr_seeds`` seeds (data draw, batches, init),
+    ``lr_offsets`` rungs of the 1-3 LR ladder around each method's own LR; ``stop_batches`` of the
+    stopping slice per early-stopping evaluation, ``val_batches`` of the reported slice."""
     s = dict(seed=args.seed, device=args.device, quick=args.quick)
     if args.quick:
-        return {**s, "size": "tiny", "steps": 6, "batch": 4, "block": 32, "val_batches": 2, "corpus_bytes": 300_000,
-                "data_sizes": (1_000, 10_000), "data_steps": 8, "eval_every": 2, "patience": 2, "data_seeds": 1,
-                "lr_grid": (1e-3, 1e-2), "lr_steps": 4, "scale_sizes": ("tiny", "small"), "scale_steps": 6,
-                "scale_block": 32, "time_rounds": 1, "time_steps": 1}
-    lr_grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+        return {**s, "size": "tiny", "steps": 6, "batch": 4, "block": 32, "val_batches": 2, "stop_batches": 1,
+                "corpus_bytes": 300_000, "data_sizes": (1_000, 10_000), "data_steps": 8, "eval_every": 2,
+                "patience": 2, "data_seeds": 2, "lr_offsets": (-1, 1), "lr_seeds": 2, "lr_steps": 4,
+                "scale_sizes": ("tiny", "small"), "scale_steps": 6, "scale_block": 32, "time_rounds": 1,
+                "time_steps": 1}
+    lr_offsets = (-2, -1, 0, 1, 2)  # 100x range centred on the method's own LR
     if args.device == "cuda":
         return {**s, "size": "small", "steps": 1000, "batch": 16, "block": 192, "val_batches": 20,
-                "corpus_bytes": 20_000_000, "data_sizes": (1_000, 10_000, 100_000, 1_000_000, 10_000_000),
-                "data_steps": 2000, "eval_every": 50, "patience": 4, "data_seeds": 3, "lr_grid": lr_grid,
-                "lr_steps": 600, "scale_sizes": ("tiny", "small", "medium"), "scale_steps": 1000, "scale_block": 96,
+                "stop_batches": 10, "corpus_bytes": 20_000_000,
+                "data_sizes": (1_000, 10_000, 100_000, 1_000_000, 10_000_000), "data_steps": 2000, "eval_every": 50,
+                "patience": 4, "data_seeds": 3, "lr_offsets": lr_offsets, "lr_seeds": 3, "lr_steps": 600,
+                "scale_sizes": _GPU_SCALE_SIZES, "scale_steps": 1000, "scale_block": 96,
                 "time_rounds": 5, "time_steps": 5}
-    return {**s, "size": "tiny", "steps": 300, "batch": 8, "block": 96, "val_batches": 16, "corpus_bytes": 2_000_000,
-            "data_sizes": (1_000, 10_000, 100_000, 1_000_000), "data_steps": 300, "eval_every": 20, "patience": 3,
-            "data_seeds": 3, "lr_grid": lr_grid, "lr_steps": 150, "scale_sizes": ("tiny", "small"),
-            "scale_steps": 300, "scale_block": 96, "time_rounds": 7, "time_steps": 5}
-
-
-def _val(model, tokens, s) -> float:
-    return pretrained.validation_loss(model, tokens, s["block"], batch_size=8, max_batches=s["val_batches"])
-
-
-def _early_stop(patience: int):
-    """A train() callback: stop once ``patience`` evaluations in a row did not beat the best one."""
-    def cb(step, info):
-        hist = info["result"].eval_history
-        if not hist or hist[-1][0] != step:
-            return None
-        vals = [m["val_loss"] for _, m in hist]
-        return len(vals) - 1 - int(np.argmin(vals)) >= patience
-    return cb
-
-
-def fine_tune(model, train_tok, val_tok, s, lr: float, steps: int, eval_every: int = 0, patience: int = 0) -> dict:
-    """Train ``model`` (AdamW, cosine, 5% warmup, clip 1, no weight decay); its losses and speed.
-
-    With ``eval_every`` and ``patience``: early stopping, and ``best_val`` is the lowest
-    validation loss seen (the checkpoint early stopping keeps).
-    """
-    tc = TrainConfig(max_steps=steps, batch_size=s["batch"], lr=lr, schedule="cosine",
-                     warmup_steps=max(1, steps // 20), weight_decay=0.0, grad_clip=1.0,
-                     eval_every=eval_every, seed=s["seed"], progress=False)
-    try:
-        res = train(model, lambda r: lm_batches(train_tok, s["batch"], s["block"], r), config=tc,
-                    eval_fn=(lambda m: _val(m, val_tok, s)) if eval_every else None,
-                    callbacks=[_early_stop(patience)] if patience else [])
-    except FloatingPointError:  # diverged (too large a learning rate)
-        return dict(val_loss=float("nan"), best_val=float("nan"), steps=0, curve=[], sec_per_step=float("nan"),
-                    tokens_per_sec=float("nan"), diverged=True)
-    curve = [(st, m["val_loss"]) for st, m in res.eval_history]
-    val = curve[-1][1] if curve else _val(model, val_tok, s)
-    return dict(val_loss=val, best_val=min([v for _, v in curve] or [val]), steps=res.final["steps"], curve=curve,
-                sec_per_step=res.final["sec_per_step"], tokens_per_sec=res.final["tokens_per_sec"], diverged=False)
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    return {**s, "size": "tiny", "steps": 300, "batch": 8, "block": 96, "val_batches": 16, "stop_batches": 8,
+            "corpus_bytes": 2_000_000, "data_sizes": (1_000, 10_000, 100_000, 1_000_000), "data_steps": 300,
+            "eval_every": 20, "patience": 3, "data_seeds": 3, "lr_offsets": lr_offsets, "lr_seeds": 3,
+            "lr_steps": 100, "scale_sizes": ("tiny", "small"), "scale_steps": 300, "scale_block": 96,
+            "time_rounds": 7, "time_steps": 5}
 
 
 # ---- 1. every method on one task --------------------------------------------------------------
@@ -204,18 +109,18 @@ def compare_methods(base, train_tok, val_tok, s, lrs) -> dict:
         opt = AdamW([p for p in probe_model.parameters() if p.requires_grad], lr=1e-12)
         mem = measure_training_step(probe_model, probe, opt)
         timed[name] = (probe_model, opt)
-        r = fine_tune(model, train_tok, val_tok, s, lrs[name], s["steps"])
+        r = fine_tune(model, train_tok, val_tok, s, lrs[name], s["steps"], name=name)
         extra = {}
         if name == "prefix":  # keep only the prefix the MLP computes (what is stored and served)
             extra["val_with_mlp"] = r["val_loss"]
             remove_reparameterization(model)
-            r["val_loss"] = _val(model, val_tok, s)
+            r["val_loss"] = val_loss(model, val_tok, s)
         kept = int(sum(a.size for a in model.peft_state_dict().values()))
         out[name] = dict(label=METHODS[name][0], family=METHODS[name][1], lr=lrs[name], trainable=int(trainable),
                          trainable_pct=100 * trainable / total, kept=kept, val_loss=r["val_loss"],
                          train_ms_per_step=1000 * r["sec_per_step"], memory=mem.as_dict(), diverged=r["diverged"],
                          **extra)
-        _log(f"[peft_methods] {name:9s} lr {lrs[name]:.0e}  val {r['val_loss']:.4f}  "
+        log(f"[peft_methods] part 1 {name:9s} seed {s['seed']} lr {lrs[name]:.0e}  val {r['val_loss']:.4f}  "
              f"({time.perf_counter() - t0:.0f} s)")
     ms = time_steps(timed, probe, s["time_rounds"], s["time_steps"])
     for name, r in out.items():
@@ -261,48 +166,6 @@ def predicted_memory(config, s) -> dict:
     return {n: estimate_memory(config, f(config), tc).total for n, f in MEMORY_MODELED.items()}
 
 
-# ---- 2. adapters vs full fine-tuning: data size and learning rate -------------------------------
-PAIR = ("full", "houlsby")
-
-
-def data_and_lr(base, train_tok, val_tok, s, lrs) -> dict:
-    data = {m: [] for m in PAIR}
-    for D in s["data_sizes"]:
-        D = min(int(D), len(train_tok))
-        # evaluate about four times per epoch (every 2 to eval_every steps): small sets overfit within an epoch
-        every = int(np.clip(D // (4 * s["batch"] * s["block"]), 2, s["eval_every"]))
-        for m in PAIR:
-            best, steps = [], []
-            for k in range(s["data_seeds"]):  # each seed: its own D-token slice, batches and init
-                seed = s["seed"] + k
-                start = int(np.random.default_rng([seed, D]).integers(0, len(train_tok) - D + 1))
-                r = fine_tune(build(m, base, seed), train_tok[start:start + D], val_tok, dict(s, seed=seed), lrs[m],
-                              s["data_steps"], eval_every=every, patience=s["patience"])
-                best.append(r["best_val"])
-                steps.append(r["steps"])
-            data[m].append(dict(tokens=D, best_val=float(np.mean(best)), std=float(np.std(best)),
-                                runs=best, steps=float(np.mean(steps))))
-            _log(f"[peft_methods] {m:8s} {D:>9,} tokens: best val {np.mean(best):.4f} +- {np.std(best):.4f} "
-                 f"after {np.mean(steps):.0f} steps")
-    sweep = {m: {} for m in PAIR}
-    for m in PAIR:
-        for lr in s["lr_grid"]:
-            r = fine_tune(build(m, base, s["seed"]), train_tok, val_tok, s, lr, s["lr_steps"])
-            sweep[m][lr] = r["val_loss"]
-            _log(f"[peft_methods] {m:8s} lr {lr:.0e}: val {r['val_loss']:.4f}")
-    return {"data": data, "lr": sweep}
-
-
-def lr_sensitivity(losses: dict) -> dict:
-    """Spread of the final loss over the LR grid, and how many LRs land within 0.05 nats of the best."""
-    v = np.array([x if math.isfinite(x) else np.inf for x in losses.values()])
-    best = float(v.min())
-    finite = v[np.isfinite(v)]
-    spread = float(finite.max() - best) if finite.size else float("nan")  # every LR diverged: no spread
-    return dict(best=best, best_lr=float(list(losses)[int(v.argmin())]), spread=spread,
-                near_best=int((v <= best + 0.05).sum()), diverged=int((~np.isfinite(v)).sum()))
-
-
 # ---- 3. prompt tuning's gap to full fine-tuning as the base grows --------------------------------
 def scale_base(size: str, s):
     """The base of ``size`` for the scale study, and its pretraining record.
@@ -315,40 +178,65 @@ def scale_base(size: str, s):
     if s["device"] == "cuda":
         return pretrained.load(size, "english", device="cuda", return_meta=True)
     if s["quick"]:  # a 3-step model of each size, not cached
-        return pretrain_with_tiny_recipe(size, s["seed"], steps=3, batch=4, block=32, max_bytes=300_000)
+        return pretrain_with_tiny_recipe(size, s["seed"], steps=3, batch=4, block=64, max_bytes=300_000)
     if size == "tiny":
         return pretrained.load("tiny", "english", return_meta=True)
     d = pretrained.model_dir(size, "english")
-    d = d.with_name(f"{d.name}-tiny-recipe")
+    d = d.with_name(f"{d.name}-tiny-recipe-{pretrained.SIZES['tiny'].block_size}pos")
     if (d / "meta.json").exists() and (d / "model.safetensors").exists():
         return GPT.from_hf(d), json.loads((d / "meta.json").read_text())
-    _log(f"[peft_methods] pretraining a '{size}' base with tiny's recipe (once; cached in {d})")
+    log(f"[peft_methods] part 3: pretraining a '{size}'-shaped base with tiny's recipe (once; cached in {d})")
     model, meta = pretrain_with_tiny_recipe(size, s["seed"])
     model.save_hf(d)
     (d / "meta.json").write_text(json.dumps(meta, indent=1))
     return model, meta
 
 
-def pretrain_with_tiny_recipe(size: str, seed: int, steps=None, batch=None, block=None, max_bytes=None):
-    """A GPT of ``size``'s shape pretrained on English with tiny's steps and batches and the size's own LR.
+def _shape(size: str) -> str:
+    """The GPT shape (``minipeft.sizes``: 'T0', 'T1', ...) of base size ``size``."""
+    spec = pretrained.SIZES[size]
+    return getattr(spec, "shape", None) or spec.preset  # `preset` in the table's older form
 
-    ``pretrained.pretrain``'s settings otherwise; ``steps``/``batch``/``block``/``max_bytes`` shrink it (quick).
+
+def pretrain_with_tiny_recipe(size: str, seed: int, steps=None, batch=None, block=None, max_bytes=None):
+    """A GPT of ``size``'s layers and width pretrained on English with tiny's steps, batches and windows.
+
+    Its position table is as long as tiny's windows (a base knows exactly the positions it
+    was trained on); the size's own peak LR; ``pretrained.pretrain``'s settings otherwise.
+    ``steps``/``batch``/``block``/``max_bytes`` shrink it (quick).
     """
     t, own = pretrained.SIZES["tiny"], pretrained.SIZES[size]
-    spec = dataclasses.replace(t, preset=own.preset, lr=own.lr, max_steps=steps or t.max_steps,
-                               batch_size=batch or t.batch_size, block_size=block or t.block_size,
-                               warmup_steps=min(t.warmup_steps, (steps or t.max_steps) // 10),
-                               max_bytes=max_bytes or t.max_bytes)
-    data = Corpus.load("english", max_bytes=spec.max_bytes, val_max_bytes=max_bytes)
-    model = GPT(GPTConfig.preset(spec.preset, vocab_size=data.vocab_size), seed=seed)
-    tc = TrainConfig(max_steps=spec.max_steps, batch_size=spec.batch_size, lr=spec.lr, schedule="cosine",
-                     warmup_steps=spec.warmup_steps, min_lr=spec.lr / 10, weight_decay=0.1, grad_clip=1.0, seed=seed,
-                     progress=steps is None)
+    n_steps, block = steps or t.max_steps, block or t.block_size
+    spec = dict(shape=_shape(size), lr=own.lr, max_steps=n_steps, batch_size=batch or t.batch_size, block_size=block,
+                warmup_steps=min(t.warmup_steps, n_steps // 10), max_bytes=max_bytes or t.max_bytes)
+    data = Corpus.load("english", max_bytes=spec["max_bytes"], val_max_bytes=max_bytes)
+    model = GPT(GPTConfig.preset(spec["shape"], vocab_size=data.vocab_size, block_size=block), seed=seed)
+    tc = TrainConfig(max_steps=n_steps, batch_size=spec["batch_size"], lr=spec["lr"], schedule="cosine",
+                     warmup_steps=spec["warmup_steps"], min_lr=spec["lr"] / 10, weight_decay=0.1, grad_clip=1.0,
+                     seed=seed, progress=steps is None, run_name=f"pretrain {size} (tiny recipe) seed {seed}")
     t0 = time.perf_counter()
-    train(model, lambda r: lm_batches(data.train, spec.batch_size, spec.block_size, r), config=tc)
-    val = pretrained.validation_loss(model, data.val, spec.block_size, max_batches=20 if steps is None else 1)
-    return model, {"name": size, "recipe": "tiny", "spec": dataclasses.asdict(spec), "val_loss": val,
-                   "seconds": time.perf_counter() - t0}
+    train(model, lambda r: lm_batches(data.train, spec["batch_size"], block, r), config=tc)
+    val = pretrained.validation_loss(model, data.val, block, max_batches=20 if steps is None else 1)
+    return model, {"name": size, "recipe": "tiny", "spec": spec, "val_loss": val, "seconds": time.perf_counter() - t0}
+
+
+def scale_note(s, rows: list) -> str:
+    """How many base sizes part 3 used, and (on the CPU) why not a third, from the shapes' parameter counts."""
+    used = ", ".join(r["size"] for r in rows)
+    if s["device"] == "cuda":
+        return f"{len(rows)} base sizes ({used}), each pretrained with its own recipe (minipeft.pretrained)."
+    nxt = next((n for n in ("small", "medium", "large") if n not in s["scale_sizes"]), None)
+    if nxt is None or not rows:
+        return f"{len(rows)} base sizes ({used})."
+    n_next = GPT(GPTConfig.preset(_shape(nxt), block_size=8), seed=0).num_parameters(non_embedding=True)
+    ratio = n_next / rows[0]["params"]
+    sec = rows[0].get("pretrain_seconds")
+    cost = (f" (tiny's took {sec:.0f} s here: about {ratio * sec / 60:.0f} min for '{nxt}')"
+            if sec and not s["quick"] else "")
+    return (f"{len(rows)} base sizes on the CPU ({used}), not {len(rows) + 1}: a '{nxt}'-shaped base has {n_next:,} "
+            f"non-embedding parameters, {ratio:.0f}x tiny's, so each of its pretraining and fine-tuning steps costs "
+            f"about {ratio:.0f}x tiny's{cost}, beyond a minutes-long CPU run; `--device cuda` runs "
+            f"{len(_GPU_SCALE_SIZES)} ({', '.join(_GPU_SCALE_SIZES)}).")
 
 
 def prompt_gap_vs_size(train_tok, val_tok, s, lrs) -> list[dict]:
@@ -357,17 +245,21 @@ def prompt_gap_vs_size(train_tok, val_tok, s, lrs) -> list[dict]:
     for size in s["scale_sizes"]:
         base, meta = scale_base(size, s)
         sp = meta["spec"]
-        base_val = _val(base, val_tok, s)
+        base_val = val_loss(base, val_tok, s)
         row = dict(size=size, params=int(base.num_parameters(non_embedding=True)), english_val=meta["val_loss"],
                    pretrain_steps=int(sp["max_steps"]),
-                   pretrain_tokens=int(sp["max_steps"] * sp["batch_size"] * sp["block_size"]), base=base_val)
+                   pretrain_tokens=int(sp["max_steps"] * sp["batch_size"] * sp["block_size"]), base=base_val,
+                   pretrain_seconds=meta.get("seconds"))
         for m in ("full", "prompt"):
-            row[m] = fine_tune(build(m, base, s["seed"]), train_tok, val_tok, s, lrs[m], s["scale_steps"])["val_loss"]
+            row[m] = fine_tune(build(m, base, s["seed"]), train_tok, val_tok, s, lrs[m], s["scale_steps"],
+                               name=f"{m} on {size}")["val_loss"]
+            row[f"lr_{m}"] = lrs[m]
         row["gap"] = row["prompt"] - row["full"]
         gain = row["base"] - row["full"]
         row["recovered"] = (row["base"] - row["prompt"]) / gain if gain > 0 else float("nan")
         rows.append(row)
-        _log(f"[peft_methods] scale {size}: base {base_val:.4f} full {row['full']:.4f} prompt {row['prompt']:.4f}")
+        log(f"[peft_methods] part 3 base {size} seed {s['seed']}: untuned {base_val:.4f}, full {row['full']:.4f}, "
+             f"prompt {row['prompt']:.4f}")
     return rows
 
 
@@ -382,7 +274,7 @@ def main(argv=None) -> dict:
     base, meta = pretrained.load(s["size"], "english", device=args.device, quick=args.quick, return_meta=True)
     data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
     train_tok, val_tok = to_device(data.train, args.device), to_device(data.val, args.device)
-    base_val = _val(base, val_tok, s)
+    base_val = val_loss(base, val_tok, s)
     result = {"size": s["size"], "steps": s["steps"], "base_val_loss": base_val, "lr": lrs}
     rep.text(f"base: '{s['size']}' ({base.num_parameters():,} parameters, {base.config.n_layer} blocks, "
              f"d {base.config.n_embd}), pretrained to {meta['val_loss']:.3f} nats/token on English; on Python "
@@ -402,16 +294,22 @@ def main(argv=None) -> dict:
                                           f"({s['steps']} steps, '{s['size']}' base)"), args, "peft_methods")
     if "2" in parts:
         r2 = data_and_lr(base, train_tok, val_tok, s, lrs)
-        _report_adapters(rep, r2, base_val, s)
+        report_adapters(rep, r2, s)
         result["adapters_vs_full"] = r2
         from ..plotting import adapters_vs_full
 
-        save_figure(adapters_vs_full(r2["data"], r2["lr"], base_val, labels={m: METHODS[m][0] for m in PAIR}),
-                    args, "peft_methods_adapters")
+        points = {m: [dict(tokens=p["tokens"], best_val=p["reported_mean"], std=p["reported_std"]) for p in pts]
+                  for m, pts in r2["data"].items()}
+        save_figure(adapters_vs_full(points, r2["lr"], r2["base_reported"], labels={m: METHODS[m][0] for m in PAIR},
+                                     title="left: reported-slice loss at the checkpoint the stopping slice selected; "
+                                           "right: mean final loss over seeds"), args, "peft_methods_adapters")
     if "3" in parts:
         rows = prompt_gap_vs_size(train_tok, val_tok, s, lrs)
-        _report_scale(rep, rows, s)
+        note = scale_note(s, rows)
+        _report_scale(rep, rows, s, note)
         result["scale"] = rows
+        result["scale_note"] = note
+        result["prompt_gap_by_size"] = {r["size"]: r["gap"] for r in rows}  # prompt - full, nats/token
         from ..plotting import prompt_tuning_scale
 
         save_figure(prompt_tuning_scale(rows), args, "peft_methods_scale")
@@ -475,47 +373,11 @@ def _state(r) -> int:
     return m["weights_trainable"] + m["gradients"] + m["optimizer_state"]
 
 
-def _pm(mean, std, sign: str = "") -> str:
-    return f"{mean:{sign}.4f} +- {std:.4f}"
-
-
-def _report_adapters(rep, r2, base_val, s) -> None:
-    rep.section(f"2. Houlsby adapters vs full fine-tuning as the training set shrinks (early stopping, <= "
-                f"{s['data_steps']} steps, {s['data_seeds']} seeds)")
-    full, ad = r2["data"]["full"], r2["data"]["houlsby"]
-    diff = [np.array(b["runs"]) - np.array(a["runs"]) for a, b in zip(full, ad)]  # paired by seed and slice
-    rows = [(f"{a['tokens']:,}", _pm(a["best_val"], a["std"]), f"{a['steps']:.0f}", _pm(b["best_val"], b["std"]),
-             f"{b['steps']:.0f}", _pm(d.mean(), d.std(), "+")) for a, b, d in zip(full, ad, diff)]
-    rep.table(rows, ("train tokens", "full: best val", "steps", "Houlsby: best val", "steps", "Houlsby - full"))
-    rep.text(f"base model: {base_val:.4f}. Each seed trains on its own random slice of the training set; "
-             "'Houlsby - full' pairs the runs of one slice.\nAbove "
-             f"{s['data_steps'] * s['batch'] * s['block']:,} tokens the {s['data_steps']}-step budget, not the data, "
-             "limits training (less than one epoch).")
-    ahead = [f"{a['tokens']:,} ({d.mean():+.3f})" for a, d in zip(full, diff) if d.mean() < 0]
-    behind = [f"{a['tokens']:,} ({d.mean():+.3f})" for a, d in zip(full, diff) if d.mean() >= 0]
-    rep.section(f"   learning-rate sweep ({s['lr_steps']} steps, full training set): final val loss")
-    lrs = list(r2["lr"]["full"])
-    rep.table([(f"{lr:.0e}", f"{r2['lr']['full'][lr]:.4f}", f"{r2['lr']['houlsby'][lr]:.4f}") for lr in lrs],
-              ("LR", "full", "Houlsby"))
-    sf, sa = lr_sensitivity(r2["lr"]["full"]), lr_sensitivity(r2["lr"]["houlsby"])
-    r2["sensitivity"] = {"full": sf, "houlsby": sa}
-    best_small = min(d.mean() for d in diff[:-1]) if len(diff) > 1 else diff[0].mean()
-    worst = max(diff, key=lambda d: d.mean())
-    rep.compare([
-        ("adapters beat full FT with less data", "yes (He et al. 2021)",
-         ("yes at " + ", ".join(ahead) + ("; not at " + ", ".join(behind) if behind else "")) if ahead else
-         f"no: behind at every size, by {min(d.mean() for d in diff):+.3f} at least"),
-        ("adapters' gap to full FT shrinks with less data", "yes",
-         f"{'yes' if worst is diff[-1] and best_small < diff[-1].mean() else 'no'}: Houlsby - full "
-         f"{diff[-1].mean():+.3f} at {full[-1]['tokens']:,} tokens, {best_small:+.3f} at best below"),
-        ("adapters less sensitive to the LR", "yes (He et al. 2021)",
-         f"{'yes' if sa['spread'] < sf['spread'] else 'no'}: loss range over the grid {sa['spread']:.3f} vs "
-         f"{sf['spread']:.3f} nats; {sa['near_best']} vs {sf['near_best']} of {len(lrs)} LRs within 0.05 of the best"),
-    ])
-
-
-def _report_scale(rep, rows, s) -> None:
+def _report_scale(rep, rows, s, note: str) -> None:
     rep.section(f"3. Prompt tuning vs full fine-tuning as the base grows ({s['scale_steps']} steps each)")
+    rep.text(f"bases: {note}\nrecipe: as part 1 (no early stopping), full fine-tuning at LR {rows[0]['lr_full']:.0e}, "
+             f"prompt tuning (P={PROMPT_TOKENS}, initialised from text) at {rows[0]['lr_prompt']:.0e}; "
+             f"windows of {s['scale_block']} tokens.")
     rep.table([(r["size"], r["params"], f"{r['pretrain_steps']:,} x {r['pretrain_tokens'] // r['pretrain_steps']:,}",
                 f"{r['english_val']:.3f}", f"{r['base']:.4f}", f"{r['full']:.4f}", f"{r['prompt']:.4f}",
                 f"{r['gap']:+.4f}", f"{100 * r['recovered']:.0f}%") for r in rows],
@@ -532,8 +394,9 @@ def _report_scale(rep, rows, s) -> None:
                                                                          for r in rows)),
                  ("  the gap in nats/token", "-", f"{'narrows' if narrows else 'does not narrow'}: "
                   + " -> ".join(f"{r['gap']:+.3f}" for r in rows))])
-    rep.text("Lester et al.'s models span 60M to 11B parameters; ours are far below 1M, so this is at most the "
-             "trend's direction.")
+    rep.text(f"Lester et al.'s models span 60M to 11B parameters; ours span {rows[0]['params']:,} to "
+             f"{rows[-1]['params']:,} non-embedding parameters, so this is at most the trend's direction"
+             + (", and with two sizes a trend is only a difference." if len(rows) < 3 else "."))
 
 
 def _parse_lr(items) -> dict:

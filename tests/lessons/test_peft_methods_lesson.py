@@ -56,16 +56,63 @@ def test_prefix_mlp_removal_keeps_the_model(result):
 def test_adapters_and_scale_parts(result):
     r2 = result["adapters_vs_full"]
     for m in peft_methods.PAIR:
-        assert [p["tokens"] for p in r2["data"][m]] == [1_000, 10_000]
-        assert all(math.isfinite(p["best_val"]) and p["steps"] > 0 and len(p["runs"]) >= 1 for p in r2["data"][m])
-        assert all(math.isfinite(v) for v in r2["lr"][m].values())
-    assert set(r2["sensitivity"]) == set(peft_methods.PAIR)
+        pts = r2["data"][m]
+        assert [p["tokens"] for p in pts] == [1_000, 10_000]
+        for p in pts:
+            assert p["seeds"] == [0, 1] and len(p["reported"]) == 2 and all(math.isfinite(v) for v in p["reported"])
+            assert p["reported_mean"] == pytest.approx(np.mean(p["reported"]))
+            assert p["reported_std"] == pytest.approx(np.std(p["reported"], ddof=1))
+            assert all(b >= r2["warmup_steps"] for b in p["best_step"])  # never selected inside warm-up
+            assert all(1 <= b <= st for b, st in zip(p["best_step"], p["steps"]))
+        grid = list(r2["lr"][m])
+        assert grid == list(peft_methods.lr_grid(peft_methods.LR[m], (-1, 1)))  # around the method's own LR
+        assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in r2["lr_runs"][m].values())
+        sens = r2["sensitivity"][m]
+        assert len(sens["spread_runs"]) == 2 and sens["spread_mean"] == pytest.approx(np.mean(sens["spread_runs"]))
+        assert sens["recipe_lr"] == peft_methods.LR[m]
+    for row, f, h in zip(r2["by_size"], r2["data"]["full"], r2["data"]["houlsby"]):
+        assert row["full_mean"] == f["reported_mean"] and row["houlsby_std"] == h["reported_std"]
+        np.testing.assert_allclose(row["houlsby_minus_full"], np.subtract(h["reported"], f["reported"]))
+    assert r2["verdicts"] == peft_methods.adapter_verdicts(r2["by_size"], r2["sensitivity"])
     rows = result["scale"]
     assert [r["size"] for r in rows] == ["tiny", "small"]
     assert rows[0]["params"] < rows[1]["params"]
     for r in rows:
         assert all(math.isfinite(r[k]) for k in ("base", "full", "prompt", "gap", "english_val"))
         assert r["pretrain_steps"] == rows[0]["pretrain_steps"]  # every size gets the same pretraining
+    assert result["prompt_gap_by_size"] == {r["size"]: r["gap"] for r in rows}
+    assert result["scale_note"].startswith("2 base sizes on the CPU (tiny, small), not 3")
+
+
+def test_gpu_settings_use_three_bases_and_every_mode_three_seeds():
+    from types import SimpleNamespace
+
+    for device, quick in (("cuda", False), ("cpu", False)):
+        s = peft_methods._settings(SimpleNamespace(seed=0, device=device, quick=quick))
+        assert s["data_seeds"] >= 3 and s["lr_seeds"] >= 3 and len(s["lr_offsets"]) >= 5
+    assert len(peft_methods._settings(SimpleNamespace(seed=0, device="cuda", quick=False))["scale_sizes"]) >= 3
+
+
+def test_reported_loss_is_the_disjoint_slice_at_the_selected_step(result):
+    """Re-train to the selected step by hand: the reported slice then gives exactly the reported number."""
+    from minipeft import pretrained
+    from minipeft.data import Corpus, lm_batches
+    from minipeft.train import train
+
+    s = dict(peft_methods._settings(peft_methods.parse_args(["--quick"], "")), data_steps=40, patience=1)
+    base = pretrained.load("tiny", "english", quick=True, progress=False)
+    data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
+    stop_tok, report_tok = peft_methods.split_validation(data.val)
+    assert len(stop_tok) + len(report_tok) == len(data.val) and not np.shares_memory(stop_tok, report_tok)
+    train_tok = data.train[:5_000]
+    r = peft_methods.early_stopped_run("houlsby", base, train_tok, stop_tok, report_tok, s, 3e-2, every=1)
+    assert r["best_step"] >= peft_methods.warmup_steps(40) == 2 and not r["diverged"]
+    model = peft_methods.build("houlsby", base, s["seed"])
+    train(model, lambda g: lm_batches(train_tok, s["batch"], s["block"], g),
+          config=peft_methods.train_config(s, 3e-2, 40, "houlsby", eval_every=1),
+          callbacks=[lambda step, info: step == r["best_step"]])
+    assert peft_methods.val_loss(model, report_tok, s) == pytest.approx(r["reported"], rel=1e-6)
+    assert peft_methods.val_loss(model, stop_tok, s, s["stop_batches"]) == pytest.approx(r["stop_best"], rel=1e-6)
 
 
 def test_outputs_written(result):
@@ -75,18 +122,27 @@ def test_outputs_written(result):
         assert (out / "figures" / f"{name}.png").is_file()
 
 
-def test_lr_sensitivity_and_early_stopping():
+def test_lr_sensitivity_and_grid():
     s = peft_methods.lr_sensitivity({1e-3: 2.0, 1e-2: 2.03, 1e-1: float("nan")})
     assert s["best"] == 2.0 and s["best_lr"] == 1e-3 and s["near_best"] == 2 and s["diverged"] == 1
     assert s["spread"] == pytest.approx(0.03)
+    over = peft_methods.lr_sensitivity_over_seeds({1e-3: [2.0, 2.1], 1e-2: [2.2, 2.1], 1e-1: [2.5, 2.4]}, 1e-2)
+    assert over["spread_runs"] == pytest.approx([0.5, 0.3]) and over["spread_mean"] == pytest.approx(0.4)
+    assert over["spread_std"] == pytest.approx(np.std([0.5, 0.3], ddof=1)) and over["best_lr"] == 1e-3
+    assert peft_methods.lr_grid(3e-3, (-2, -1, 0, 1, 2)) == pytest.approx((3e-4, 1e-3, 3e-3, 1e-2, 3e-2))
+    assert peft_methods.lr_grid(3e-2, (-1, 0, 1)) == pytest.approx((1e-2, 3e-2, 1e-1))
 
-    class R:
-        eval_history = [(10, {"val_loss": 2.0}), (20, {"val_loss": 1.9}), (30, {"val_loss": 1.95}),
-                        (40, {"val_loss": 1.96})]
-    cb = peft_methods._early_stop(patience=2)
-    assert cb(40, {"result": R}) is True
-    assert not peft_methods._early_stop(patience=3)(40, {"result": R})
-    assert cb(41, {"result": R}) is None  # no evaluation at this step
+
+def test_adapter_verdicts_follow_the_numbers():
+    def row(t, d):
+        return {"tokens": t, "houlsby_minus_full_mean": d}
+
+    sens = {"full": {"spread_mean": 0.3, "diverged_mean": 1.0}, "houlsby": {"spread_mean": 0.1, "diverged_mean": 0.0}}
+    v = peft_methods.adapter_verdicts([row(1_000, -0.05), row(10_000, -0.01), row(100_000, 0.02)], sens)
+    assert v == {"ahead_at": [1_000, 10_000], "gap_shrinks": True, "less_lr_sensitive": True}
+    sens["houlsby"]["diverged_mean"] = 2.0  # smaller spread but diverges more often: not less sensitive
+    v = peft_methods.adapter_verdicts([row(1_000, 0.03), row(10_000, 0.01)], sens)
+    assert v == {"ahead_at": [], "gap_shrinks": False, "less_lr_sensitive": False}
 
 
 def test_bad_lr_override():
