@@ -65,7 +65,8 @@ def _low_rank_update(r) -> Measurement:
     r90 = r.get("lora", "rank_for_90pct_energy")
     table = r.get("lora", "parameters", "table")
     side = {row["module"]: min(row["shape"]) for row in table}
-    fr = [num(v) / side[k.split(".", 1)[1]] for k, v in r90.items() if k.split(".", 1)[1] in side]
+    module = lambda name: name.split(".", 2)[-1]  # 'h.0.attn.c_attn' -> 'attn.c_attn'  # noqa: E731
+    fr = [num(v) / side[module(k)] for k, v in r90.items() if module(k) in side]
     if not fr:
         raise Missing("the lora run's rank_for_90pct_energy names no module of parameters.table")
     q = float(np.mean(fr))
@@ -74,15 +75,25 @@ def _low_rank_update(r) -> Measurement:
                        relation_text=f"rank for 90% / matrix side = {q:.3f}")
 
 
+MIN_BLEU = 0.01  # below 1 BLEU point a method has not learned E2E (a quick run): ratios of such scores mean nothing
+
+
+def _checked(key: str, bleu) -> float:
+    b = num(bleu, f"{key} BLEU")
+    if b < MIN_BLEU:
+        raise Missing(f"{key}'s BLEU is {100 * b:.2f} (< 1 point): the recorded run did not learn E2E (a quick run?)")
+    return b
+
+
 def _bleu(r, candidates):
     key, bleu = r.first("e2e", ("methods",), candidates, "BLEU")
-    return key, num(bleu, f"{key} BLEU")
+    return key, _checked(key, bleu)
 
 
 def _vs_full(candidates, label):
     def measure(r) -> Measurement:
         key, b = _bleu(r, candidates)
-        f = num(r.get("e2e", "methods", "full", "BLEU"))
+        f = _checked("full", r.get("e2e", "methods", "full", "BLEU"))
         q = ratio(b, f)
         return Measurement(q, f"{label} ({key}) {100 * b:.1f} vs full fine-tuning {100 * f:.1f} BLEU",
                            relation_text=f"{label}/FT = {q:.2f}")
@@ -99,7 +110,7 @@ def _all_vs_attention(r) -> Measurement:
 
 def _lora_vs_peft(r) -> Measurement:
     key, b = _bleu(r, LORA_PAPER)
-    others = {k: num(r.get("e2e", "methods", k, "BLEU")) for k in ("adapter_small", "adapter_large", "prefix")}
+    others = {k: _checked(k, r.get("e2e", "methods", k, "BLEU")) for k in ("adapter_small", "adapter_large", "prefix")}
     best = max(others, key=others.get)
     q = ratio(b, others[best])
     return Measurement(q, f"LoRA ({key}) {100 * b:.1f} BLEU; best other PEFT {best} {100 * others[best]:.1f}",
@@ -108,7 +119,7 @@ def _lora_vs_peft(r) -> Measurement:
 
 def _pair(a, b, label_a, label_b):
     def measure(r) -> Measurement:
-        x, y = num(r.get("e2e", "methods", a, "BLEU")), num(r.get("e2e", "methods", b, "BLEU"))
+        x, y = _checked(a, r.get("e2e", "methods", a, "BLEU")), _checked(b, r.get("e2e", "methods", b, "BLEU"))
         q = ratio(x, y)
         return Measurement(q, f"{label_a} {100 * x:.1f} vs {label_b} {100 * y:.1f} BLEU",
                            relation_text=f"{label_a}/{label_b} = {q:.2f}")

@@ -19,16 +19,16 @@ DIFFERS = ("minipeft's bases (N <= 4.7M, under 2 MB of English that is the stand
 
 
 def _first_source(r) -> str:
-    fits = r.get("transfer", "fits")
-    if TEXT in fits:
+    if r.has("transfer", "fits", TEXT):
         return TEXT
+    fits = r.get("transfer", "fits")
     if not fits:
         raise Missing("the transfer run has no fit")
     return next(iter(fits))
 
 
-def _fit(r, src: str) -> dict:
-    return {k: r.get("transfer", "fits", src, k) for k in ("k", "alpha", "beta", "alpha_err", "beta_err")}
+def _fit(r, src: str, keys=("k", "alpha", "beta", "alpha_err", "beta_err")) -> dict:
+    return {k: r.get("transfer", "fits", src, k) for k in keys}
 
 
 def _power_law(r) -> Measurement:
@@ -42,7 +42,7 @@ def _power_law(r) -> Measurement:
 
 def _beta_2alpha(r) -> Measurement:
     src = _first_source(r)
-    f = _fit(r, src)
+    f = _fit(r, src, ("alpha", "beta"))
     q = ratio(f["beta"], f["alpha"], "beta/alpha")
     return Measurement(q, f"alpha {num(f['alpha']):.3f}, beta {num(f['beta']):.3f}", relation_text=f"beta/alpha = {q:.2f}")
 
@@ -68,7 +68,7 @@ def _low_data_multiplier(r) -> Measurement:
 def _multiplier_falls(r) -> Measurement:
     src = _first_source(r)
     series: dict[str, list] = {}
-    for s in (s for s in r.get("transfer", "fits")):
+    for s in r.get("transfer", "fits"):
         for p in (p for p in r.get("transfer", "points") if p.get("source") == s and p.get("flag") == "ok"):
             series.setdefault(f"{s}/{p['size']}", []).append((num(p["D_F"]), num(p["multiplier"])))
     series = {k: sorted(v) for k, v in series.items() if len(v) >= 2}
@@ -84,7 +84,7 @@ def _closer_source(r) -> Measurement:
     fits = r.get("transfer", "fits")
     if TEXT not in fits or MIX not in fits:
         raise Missing(f"the transfer run lacks a fit for both sources {TEXT!r} and {MIX!r}")
-    t, m = _fit(r, TEXT), _fit(r, MIX)
+    t, m = _fit(r, TEXT, ("k", "alpha")), _fit(r, MIX, ("k", "alpha"))
     smaller_alpha = num(m["alpha"]) < num(t["alpha"])
     larger_k = num(m["k"]) > num(t["k"])
     n = int(smaller_alpha) + int(larger_k)
