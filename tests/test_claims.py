@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from minipeft.claims import (CLAIMS, KEYS, SEEDS, VERDICTS, Claim, Measurement, OutOfScale, Results, Rule,
-                             at_least, at_most, evaluate, evaluate_all, load_results, replace_block, summary,
+                             at_least, at_most, evaluate, evaluate_all, lesson_claims, load_results, replace_block, summary,
                              to_markdown, update_readme, verdict, write_claims)
 from minipeft.claims.core import SEED_FZENG
 from minipeft.lessons._common import Report
@@ -330,3 +330,16 @@ def test_figures_claims_only(tmp_path, monkeypatch):
     e = next(x for x in data if x["id"] == "qlora-matches-lora")
     assert e["verdict"] != "not-attempted" and "cpu-2026-12-01/qlora.json" in e["source"]
     assert "| claim | course |" in readme.read_text()
+
+
+def test_lesson_claims_prints_the_tables_verdicts():
+    result = fake_results(5)["qlora"]
+    s = io.StringIO()
+    entries = lesson_claims("qlora", result, Report("t", stream=s))
+    mine = [c for c in CLAIMS if c.lesson == "qlora"]
+    assert [e["id"] for e in entries] == [c.id for c in mine] and len(mine) >= 5
+    lines = [ln for ln in s.getvalue().splitlines() if ": course " in ln]
+    assert len(lines) == len(mine)
+    table = {e["id"]: e for e in evaluate_all(CLAIMS, Results.from_dicts({"qlora": result}, "x"))}
+    for e, ln in zip(entries, lines):
+        assert e["verdict"] == table[e["id"]]["verdict"] and f"-> {e['verdict'].upper()}" in ln

@@ -7,13 +7,13 @@ recorded lesson runs under ``benchmarks/results/`` (:func:`load_results`) and wr
 --claims-only`` does that from the command line.
 """
 from . import lora_e2e, memory, methods, quantization, transfer
-from .core import (KEYS, SEEDS, Claim, Measurement, OutOfScale, evaluate, evaluate_all, replace_block, summary,
-                   to_markdown, update_readme, write_claims)
+from .core import (KEYS, SEEDS, Claim, Measurement, OutOfScale, evaluate, evaluate_all, lesson_claims, replace_block,
+                   summary, to_markdown, update_readme, write_claims)
 from .results import Missing, Reader, Results, Run, load_results
 from .rules import VERDICTS, Rule, at_least, at_most, verdict
 
 CLAIMS = [*transfer.CLAIMS, *memory.CLAIMS, *quantization.CLAIMS, *lora_e2e.CLAIMS, *methods.CLAIMS]
 
 __all__ = ["CLAIMS", "KEYS", "SEEDS", "VERDICTS", "Claim", "Measurement", "Missing", "OutOfScale", "Reader",
-           "Results", "Rule", "Run", "at_least", "at_most", "evaluate", "evaluate_all", "load_results",
+           "Results", "Rule", "Run", "at_least", "at_most", "evaluate", "evaluate_all", "lesson_claims", "load_results",
            "replace_block", "summary", "to_markdown", "update_readme", "verdict", "write_claims"]

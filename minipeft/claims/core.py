@@ -76,8 +76,8 @@ def _num(x):
     return x if math.isfinite(x) else None
 
 
-def evaluate(claim: Claim, results: Results) -> dict:
-    """The claims-table entry of ``claim`` under ``results`` (keys: :data:`KEYS`)."""
+def _judge(claim: Claim, results: Results):
+    """(measurement or None, verdict, notes, reader) of ``claim`` under ``results``."""
     reader = Reader(results)
     notes = []
     try:
@@ -91,6 +91,12 @@ def evaluate(claim: Claim, results: Results) -> dict:
             notes.append(m.note)
         if v != "reproduced" and claim.differs:
             notes.append(claim.differs)
+    return m, v, notes, reader
+
+
+def evaluate(claim: Claim, results: Results) -> dict:
+    """The claims-table entry of ``claim`` under ``results`` (keys: :data:`KEYS`)."""
+    m, v, notes, reader = _judge(claim, results)
     text = "" if m is None else m.text + (f" ({m.relation_text})" if m.relation_text else "")
     return {
         "id": claim.id,
@@ -104,6 +110,29 @@ def evaluate(claim: Claim, results: Results) -> dict:
         "rule": claim.rule.text,
         "note": " ".join(notes),
     }
+
+
+def lesson_claims(lesson: str, result: dict, report=None, claims=None) -> list[dict]:
+    """The claims ``lesson`` measures, judged on the dict its ``main`` is about to return.
+
+    With ``report`` (a lessons ``Report``), prints each as one ``Report.claim`` line: the
+    course's statement, minipeft's number, the relation and the verdict, with the note
+    where they differ -- the same verdicts the claims table gives for a recorded run.
+    """
+    from . import CLAIMS
+
+    results = Results.from_dicts({lesson: result}, "this run")
+    out = []
+    for c in (CLAIMS if claims is None else claims):
+        if c.lesson != lesson:
+            continue
+        m, v, notes, _ = _judge(c, results)
+        if report is not None:
+            ours = "-" if m is None else m.text
+            relation = (m.relation_text or c.rule.quantity) if m is not None else c.rule.quantity
+            report.claim(c.claim, c.course, ours, relation, v, note=" ".join(notes))
+        out.append(evaluate(c, results))
+    return out
 
 
 def evaluate_all(claims, results: Results) -> list[dict]:
