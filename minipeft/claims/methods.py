@@ -205,8 +205,8 @@ def _serving_throughput(r) -> Measurement:
     merged = next((k for k in sweep if k.startswith("(b)")), None)
     if "mixed" not in sweep or merged is None:
         raise Missing("the serving run's sweep lacks 'mixed' or '(b) merged, one at a time'")
-    n = r.get("serving", "ns")[-1]
-    k = min(len(sweep["mixed"]), len(sweep[merged])) - 1
+    k = min(len(sweep["mixed"]), len(sweep[merged])) - 1  # (b) may stop at --baselines-max-n
+    n = r.get("serving", "ns", k)
     mixed, one = (num(r.get("serving", "sweep", m, k, "decode_tps")) for m in ("mixed", merged))
     q = mixed / one
     return Measurement(q, f"{n} adapters in one batch: {mixed:,.0f} tokens/s mixed vs {one:,.0f} serving merged "
