@@ -445,11 +445,20 @@ NOTEBOOKS["03_lora"] = ("Lesson 3 — LoRA: what it trains, which rank suffices,
 ])
 
 
-NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: five ways to fine-tune, scored as the challenge scores them", [
+NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, scored as the challenge scores them", [
     md("The course's table compares full fine-tuning, fine-tuning the top two blocks, adapters, prefix tuning "
        "and LoRA on GPT-2 Medium and the E2E NLG data: a meaning representation (MR) such as "
        "`name[The Eagle], eatType[pub], area[riverside]` goes in, a sentence about the restaurant comes out. "
-       "This notebook follows `python -m minipeft.lessons.e2e`, which runs all five from one pretrained base."),
+       "This notebook follows `python -m minipeft.lessons.e2e`, which runs them all from one pretrained base, "
+       "with LoRA twice: on $W_q, W_v$ only (the paper) and on every linear layer (QLoRA's placement)."),
+    md("**A base that covers the task.** Prompt and text take up to ~550 bytes, so the base is pretrained "
+       "with 512 positions (`tiny-512` here, `medium` on a GPU). An earlier version stretched a 256-position "
+       "table by copying rows and kept it frozen: every frozen-base method then broke down at byte 256. "
+       "One table names every base and its context:"),
+    code("from minipeft import sizes\n"
+         "for name, b in sizes.BASES.items():\n"
+         "    print(f\"{name:<9} shape {b.shape:<7} positions {b.block_size:>5}  pretrained on {b.tokens:>11,} \"\n"
+         "          f\"tokens ({b.device})\")"),
     md("**The data.** Without a file the lesson uses a synthetic set with the E2E attributes and varied "
        "phrasings; `--data ../shared/data/e2e/devset.csv` uses the real dev set. Either way the split is by "
        "MR, so no MR is seen in training and in testing. Each example is written as microsoft/LoRA writes it, "
@@ -477,9 +486,15 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: five ways to fine-tune, 
     md("**The metrics** are those of the E2E challenge's scorer: BLEU and NIST on mteval's tokenization, "
        "ROUGE-L ($\\beta = 1.2$) and CIDEr-D on the COCO tokenization:"),
     code("from minipeft import metrics\nshow_source(metrics.e2e_scores)"),
-    md("Now the lesson: every method trains for the same number of steps, decodes the held-out MRs with "
-       "beam search and is scored; then LoRA is trained at ranks 1 to 64. On a laptop the base is tiny and "
-       "the budget short, so compare the *ranking* with the course's, not the absolute numbers."),
+    md("**LoRA on slices of one layer.** GPT-2 computes $q, k, v$ with one fused layer `c_attn`. The paper "
+       "adapts $W_q$ and $W_v$ only, so the update must touch two of its three row blocks: "
+       "$\\Delta W = \\frac{\\alpha}{r}[B_q A_q;\\ 0;\\ B_v A_v]$ (loralib's `enable_lora`):"),
+    code("from minipeft.peft import lora_slices\nshow_source(lora_slices.sliced_lora_forward)"),
+    md("Now the lesson. Every method uses the papers' recipe (label smoothing 0.1, LoRA dropout 0.1, "
+       "alpha 32, beam 10, length penalty 0.9), and its learning rate is chosen on the validation MRs; "
+       "the test MRs are decoded and reported. Then LoRA on every linear layer is trained at ranks 1 to 64. "
+       "On a laptop the base is tiny and the budget short, so compare the *ranking* with the course's, not "
+       "the absolute numbers; the report says which verdicts the numbers support."),
     code("from minipeft.lessons import e2e\nresult = e2e.main(ARGS)"),
     code("for k, r in result['methods'].items():\n"
          "    print(f\"{r['label']:<22} {r['trainable']:>8,} params  BLEU {100 * r['BLEU']:6.2f}  \"\n"
@@ -489,12 +504,13 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: five ways to fine-tune, 
     code("display(Image(filename=str(FIGURES / 'e2e_train_loss.png')))"),
     md("**The LoRA rank.** In the course, validation loss stops improving near $r = 16$ and BLEU peaks at "
        "$r = 4$. Here $\\alpha$ is fixed at 32, so the update's scale $\\alpha / r$ shrinks as $r$ grows:"),
+    code("print(result['verdicts'])"),
     code("display(Image(filename=str(FIGURES / 'e2e_lora_rank.png')))"),
     md("**Score any model on any E2E file.** With `--save DIR` the lesson writes the base, every adapter and "
        "the test MRs; the evaluation command decodes every MR of a CSV and prints the metric table:\n\n"
        "```\npython -m minipeft.lessons.e2e --save runs/e2e\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora --data runs/e2e/test.csv --beam 5\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora --data ../shared/data/e2e/devset.csv\n```"),
+       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data runs/e2e/test.csv --beam 10\n"
+       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data ../shared/data/e2e/devset.csv\n```"),
     md("**Exercises.** (1) Rerun with `--data ../shared/data/e2e/devset.csv`: do the real references rank the "
        "methods the same way? (2) Evaluate one adapter with `--beam 1`, `--beam 5` and `--beam 10`: how much "
        "does the beam add, and at what cost in time? (3) Set the length penalty to 0 and to 2: what happens to "

@@ -19,12 +19,13 @@
 Writes the outputs (one line per MR, in the file's MR order: what ``measure_scores.py``
 reads) and a JSON file of the scores and settings.
 
-**Positions.** minipeft's byte-level base models know ``block_size`` positions (128 for
-``tiny``) while an E2E prompt and its text take up to ~550 bytes, so the E2E lesson first
-extends the learned position table by copying it (``extend_positions``; the copy
-initialisation of Longformer, Beltagy et al. 2020, arXiv 2004.05150, §5) and saves that
-base. ``--block-size N`` does the same to a ``--base`` given by name; an adapter of full
-fine-tuning carries its own position table, and its length is used automatically.
+**Positions.** An E2E prompt and its text take up to ~550 bytes. The E2E lesson's bases are
+pretrained with 512 positions (``tiny-512``, ``small`` ...: ``minipeft.sizes``), so every
+position they meet was learned. ``--block-size N`` stretches a shorter base's table by
+copying it (``extend_positions``; the copy initialisation of Longformer, Beltagy et al.
+2020, arXiv 2004.05150, §5) — an explicit choice with a warning, because copied rows were
+never trained at their new places and a frozen-base method cannot fix them; an adapter
+of full fine-tuning carries its own position table, and its length is used automatically.
 """
 from __future__ import annotations
 
@@ -107,7 +108,10 @@ def load_base(base: str, device: str = "cpu", block_size: int | None = None, qui
     else:
         raise FileNotFoundError(f"base {base!r} is neither a directory (Hugging Face GPT-2: config.json + "
                                 f"model.safetensors) nor a minipeft size {sorted(pretrained.SIZES)}")
-    if block_size is not None:
+    if block_size is not None and block_size != model.config.block_size:
+        print(f"[minipeft] warning: extending the base's {model.config.block_size} learned positions to "
+              f"{block_size} by copying; positions past {model.config.block_size} were never trained there. "
+              "Prefer a base pretrained at that length (e.g. --base tiny-512).", file=sys.stderr)
         model = extend_positions(model, block_size)
     return model.eval()
 
@@ -215,7 +219,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ban repeating any N-gram of generated tokens (0 = off; bytes, so ~4 words is ~20)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: until eos or the end of block_size")
     p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together (default 16)")
-    p.add_argument("--block-size", type=int, default=None, help="extend the base's positions to N first")
+    p.add_argument("--block-size", type=int, default=None, help="stretch a shorter base's positions to N by "
+                   "copying (explicit; warns: prefer a base pretrained at N)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N MRs")
     p.add_argument("--out", default=None, metavar="OUT.txt", help="outputs, one line per MR (default: "
                    "<adapter or .>/e2e_outputs.txt)")

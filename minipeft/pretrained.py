@@ -118,12 +118,13 @@ def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", q
                          f"for windows of {spec.block_size}; give a larger file")
     tc = TrainConfig(max_steps=spec.max_steps, batch_size=spec.batch_size, lr=spec.lr, schedule="cosine",
                      warmup_steps=spec.warmup_steps, min_lr=spec.lr / 10, weight_decay=0.1, grad_clip=1.0,
-                     eval_every=max(spec.max_steps // 20, 1), seed=seed, progress=progress)
+                     eval_every=max(spec.max_steps // (4 if quick else 20), 1), seed=seed, progress=progress)
     t0 = time.perf_counter()
-    val_before = validation_loss(model, val_tokens, spec.block_size)
+    nb = 2 if quick else 20  # validation windows of 16 x block_size tokens (a quick model is not for reading)
+    val_before = validation_loss(model, val_tokens, spec.block_size, max_batches=nb)
     result = train(model, lambda rng: lm_batches(train_tokens, spec.batch_size, spec.block_size, rng), config=tc,
-                   eval_fn=lambda m: validation_loss(m, val_tokens, spec.block_size, max_batches=4))
-    val_after = validation_loss(model, val_tokens, spec.block_size)
+                   eval_fn=lambda m: validation_loss(m, val_tokens, spec.block_size, max_batches=min(nb, 4)))
+    val_after = validation_loss(model, val_tokens, spec.block_size, max_batches=nb)
     val_curve = [[0, val_before]] + [[int(s), float(m["val_loss"])] for s, m in result.eval_history]
     meta = {
         "name": name, "corpus": str(corpus), "quick": quick, "device": device, "seed": seed,

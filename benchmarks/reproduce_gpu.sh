@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The course's experiments on one GPU (issue [reproduce]), independent runs in parallel.
+#   bases    pretrain the GPU bases small (T1), medium (T2), large (T3), 512 positions each, in parallel;
+#            the gpu test suite runs beside them
+#   lessons  e2e (medium base, real E2E dev set, LR sweep, --jobs), peft_methods, side_tuning, qlora
+#            on the GPU, in parallel
+# usage: bash benchmarks/reproduce_gpu.sh OUTDIR [stage ...]   (default: bases lessons)
+# The bases are cached in $MINIPEFT_CACHE (default .gpu_cache/ in the checkout, git-ignored), so the
+# lessons stage reuses them; the E2E CSV is read from $E2E_CSV (default .data/devset.csv).
+set -u
+out=${1:?usage: bash benchmarks/reproduce_gpu.sh OUTDIR [stage ...]}
+shift
+stages=${*:-bases lessons}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 MINIPEFT_CACHE=${MINIPEFT_CACHE:-$PWD/.gpu_cache}
+csv=${E2E_CSV:-.data/devset.csv}
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+python3 -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)"
+for s in $stages; do
+  echo "=== $s $(date -u +%FT%TZ)"
+  case $s in
+    bases)
+      for size in small medium large; do
+        python3 -m minipeft.pretrain --size $size --device cuda > "$out/pretrain_$size.log" 2>&1 &
+      done
+      timeout 420 python3 -m pytest -q -m gpu --tb=short -p no:cacheprovider > "$out/pytest_gpu.log" 2>&1 &
+      wait
+      for size in small medium large; do echo "-- $size"; grep -E "validation loss|unigram|saved|Error" "$out/pretrain_$size.log"; done
+      grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest_gpu.log" | tail -15 ;;
+    lessons)
+      python3 -m minipeft.lessons.e2e --device cuda --size medium --data "$csv" --jobs 10 \
+        --json "$out/e2e.json" --figures "$out/fig" > "$out/e2e.log" 2>&1 &
+      python3 -m minipeft.lessons.peft_methods --device cuda --json "$out/peft_methods.json" \
+        --figures "$out/fig" > "$out/peft_methods.log" 2>&1 &
+      python3 -m minipeft.lessons.side_tuning --device cuda --json "$out/side_tuning.json" \
+        --figures "$out/fig" > "$out/side_tuning.log" 2>&1 &
+      python3 -m minipeft.lessons.qlora --device cuda --json "$out/qlora.json" \
+        --figures "$out/fig" > "$out/qlora.log" 2>&1 &
+      wait
+      for l in e2e peft_methods side_tuning qlora; do echo "-- $l"; tail -25 "$out/$l.log"; done ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
+echo "=== done $(date -u +%FT%TZ)"
