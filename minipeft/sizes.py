@@ -70,8 +70,8 @@ BASES: dict[str, BaseSize] = {
     "tiny": BaseSize("T0", 128, max_steps=1500, batch_size=8, lr=3e-3, warmup_steps=50, device="cpu"),
     "tiny-512": BaseSize("T0-512", 512, max_steps=1500, batch_size=2, lr=3e-3, warmup_steps=50, device="cpu"),
     "small": BaseSize("T1", 512, max_steps=3000, batch_size=16, lr=2e-3, warmup_steps=100, device="cuda"),
-    "medium": BaseSize("T2", 512, max_steps=4000, batch_size=16, lr=1e-3, warmup_steps=200, device="cuda"),
-    "large": BaseSize("T3", 512, max_steps=5000, batch_size=32, lr=6e-4, warmup_steps=300, device="cuda"),
+    "medium": BaseSize("T2", 512, max_steps=3000, batch_size=16, lr=1e-3, warmup_steps=200, device="cuda"),
+    "large": BaseSize("T3", 512, max_steps=2000, batch_size=16, lr=6e-4, warmup_steps=200, device="cuda"),
     "gpt2": BaseSize("gpt2", 1024, max_steps=5000, batch_size=16, lr=3e-4, warmup_steps=300, device="cuda"),
 }
 
