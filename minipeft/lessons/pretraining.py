@@ -35,7 +35,7 @@ def main(argv=None) -> dict:
                  + (" (quick mode: a few-second model, not a good one)" if args.quick else ""))
     tok = ByteTokenizer()
     spec = pretrained.SIZES[size]
-    untrained = GPT(GPTConfig.preset(spec.preset, vocab_size=tok.vocab_size), seed=args.seed).to(args.device)
+    untrained = GPT(GPTConfig.preset(spec.shape, vocab_size=tok.vocab_size), seed=args.seed).to(args.device)
     before = {p: pretrained.sample(untrained, tok, p, 60, seed=args.seed) for p in PROMPTS}
     model, meta = pretrained.pretrain(size, "english", device=args.device, quick=args.quick, seed=args.seed,
                                       progress=True)
