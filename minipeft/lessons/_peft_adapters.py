@@ -22,7 +22,7 @@ from ..data import lm_batches
 from ..train import EarlyStopping, train
 from ._peft_recipes import METHODS, build, fine_tune, log, scored_tokens, train_config, val_loss, warmup_steps
 
-# ---- 2. adapters vs full fine-tuning: data size and learning rate -------------------------------
+# ---- the experiment ------------------------------------------------------------------------------
 PAIR = ("full", "houlsby")
 LR_LADDER = tuple(a * 10.0 ** e for e in range(-6, 1) for a in (1, 3))  # 1e-6, 3e-6, ..., 1, 3: steps of ~3x
 STOPPING_RULE = ("early stopping: evaluate every k steps on the stopping slice; only evaluations at or after the "
@@ -89,7 +89,7 @@ def data_size_runs(base, train_tok, stop_tok, report_tok, s, lrs) -> dict:
                                       lrs[m], every)
                 runs.append(r)
                 log(f"[peft_methods] part 2 {m:8s} seed {seed} {D:>9,} tokens: reported {r['reported']:.4f} at "
-                     f"step {r['best_step']} (stopping slice {r['stop_best']:.4f}), trained {r['steps']} steps")
+                    f"step {r['best_step']} (stopping slice {r['stop_best']:.4f}), trained {r['steps']} steps")
             mean, std = _mean_std([r["reported"] for r in runs])
             data[m].append(dict(tokens=D, seeds=seeds, eval_every=every, reported=[r["reported"] for r in runs],
                                 reported_mean=mean, reported_std=std, stop_best=[r["stop_best"] for r in runs],
@@ -119,7 +119,7 @@ def lr_sweep(base, train_tok, report_tok, s, lrs) -> dict:
                               name=f"{m} lr {lr:.0e}")
                 runs[m][lr].append(r["val_loss"])
                 log(f"[peft_methods] part 2 {m:8s} seed {seed} lr {lr:.0e}: final {r['val_loss']:.4f}"
-                     + (" (diverged)" if r["diverged"] else ""))
+                    + (" (diverged)" if r["diverged"] else ""))
     sens = {m: lr_sensitivity_over_seeds(runs[m], lrs[m]) for m in PAIR}
     mean = {m: {lr: float(np.mean(v)) for lr, v in runs[m].items()} for m in PAIR}
     std = {m: {lr: _mean_std(v)[1] for lr, v in runs[m].items()} for m in PAIR}

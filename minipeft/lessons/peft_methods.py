@@ -121,7 +121,7 @@ def compare_methods(base, train_tok, val_tok, s, lrs) -> dict:
                          train_ms_per_step=1000 * r["sec_per_step"], memory=mem.as_dict(), diverged=r["diverged"],
                          **extra)
         log(f"[peft_methods] part 1 {name:9s} seed {s['seed']} lr {lrs[name]:.0e}  val {r['val_loss']:.4f}  "
-             f"({time.perf_counter() - t0:.0f} s)")
+            f"({time.perf_counter() - t0:.0f} s)")
     ms = time_steps(timed, probe, s["time_rounds"], s["time_steps"])
     for name, r in out.items():
         r["ms_per_step"] = ms[name]
@@ -259,7 +259,7 @@ def prompt_gap_vs_size(train_tok, val_tok, s, lrs) -> list[dict]:
         row["recovered"] = (row["base"] - row["prompt"]) / gain if gain > 0 else float("nan")
         rows.append(row)
         log(f"[peft_methods] part 3 base {size} seed {s['seed']}: untuned {base_val:.4f}, full {row['full']:.4f}, "
-             f"prompt {row['prompt']:.4f}")
+            f"prompt {row['prompt']:.4f}")
     return rows
 
 
