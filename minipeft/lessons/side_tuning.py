@@ -113,13 +113,14 @@ def main(argv=None) -> dict:
              f"{base_val:.3f} (reported slice).")
     rep.text(f"QLoRA (Dettmers et al. 2023): NF4 base with double quantization (block 64), LoRA r = {QLORA_R}, "
              f"alpha = {QLORA_ALPHA}, dropout {QLORA_DROPOUT} on every linear layer of the blocks "
-             f"({', '.join(LINEARS)}); the paper: r = 64, alpha = 16 on models with d >= 2048 (r = 64 would be "
-             f"full rank at d = {d}), dropout 0.1 for 7B/13B; learning rate swept (paper: 2e-4 constant).")
+             f"({', '.join(LINEARS)}); the paper: r = 64, alpha = 16 on 7B-65B models, d >= 4096 (r = 64 would "
+             f"be full rank at d = {d}), dropout 0.1 for 7B/13B; learning rate swept (paper: 2e-4 constant).")
     rep.text(f"QST (Zhang et al. 2024): NF4 backbone, side network of width d/r fed by adapter downsamples (rank 16) "
              f"from every layer, gates sigmoid(0) = 0.5, output mix alpha = 1 (step 0 is the NF4 base); the paper's "
              f"r = {QST_R} was chosen for d >= 2048, so r is swept here with the learning rate.")
     rep.text(f"Both: AdamW (no weight decay), cosine schedule with 5% warm-up, gradient clipping at 1.0, "
-             f"{s['steps']} steps of {s['batch']} x {T} tokens, the same batches and seed.")
+             f"{s['steps']} steps of {s['batch']} x {T} tokens, the same batches and seed; the NF4 layers compute "
+             f"in {s['compute_dtype']}.")
     rep.text(f"Grids: QLoRA lr {list(s['qlora_lrs'])}; QST r {list(s['qst_rs'])} (width "
              f"{[d // r for r in s['qst_rs']]}) x lr {list(s['qst_lrs'])}. A choice at a grid's edge is flagged.")
     rep.text(f"Validation text split in two: tokens [0, {h:,}) choose each learning rate (the stopping slice), "
