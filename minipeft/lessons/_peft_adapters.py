@@ -67,10 +67,13 @@ def early_stopped_run(name: str, base, train_tok, stop_tok, report_tok, s, lr: f
                     config=train_config(s, lr, steps, name, eval_every=every),
                     eval_fn=lambda m: val_loss(m, stop_tok, s, s["stop_batches"]), callbacks=[es])
     except FloatingPointError:  # diverged
-        return dict(reported=float("nan"), stop_best=float("nan"), best_step=0, steps=0, diverged=True)
+        return dict(reported=float("nan"), stop_best=float("nan"), stop_best_in_warmup=float("nan"), best_step=0,
+                    steps=0, diverged=True)
     best_step = es.restore_best(model)
+    in_warmup = [m["val_loss"] for st, m in res.eval_history if st < es.min_step]  # seen, but not counted
     return dict(reported=val_loss(model, report_tok, s), stop_best=es.best, best_step=best_step,
-                steps=int(res.final["steps"]), diverged=False)
+                stop_best_in_warmup=min(in_warmup, default=float("nan")), steps=int(res.final["steps"]),
+                diverged=False)
 
 
 def data_size_runs(base, train_tok, stop_tok, report_tok, s, lrs) -> dict:
@@ -95,7 +98,9 @@ def data_size_runs(base, train_tok, stop_tok, report_tok, s, lrs) -> dict:
                                 reported_mean=mean, reported_std=std, stop_best=[r["stop_best"] for r in runs],
                                 best_step=[r["best_step"] for r in runs], steps=[r["steps"] for r in runs],
                                 steps_mean=float(np.mean([r["steps"] for r in runs])),
-                                diverged=sum(r["diverged"] for r in runs)))
+                                diverged=sum(r["diverged"] for r in runs),
+                                # runs with a lower stopping-slice loss inside warm-up (not eligible)
+                                better_in_warmup=sum(r["stop_best_in_warmup"] < r["stop_best"] for r in runs)))
     by_size = []
     for f, h in zip(data["full"], data["houlsby"]):
         d = np.array(h["reported"]) - np.array(f["reported"])  # paired: same seed, slice and batches
@@ -202,6 +207,12 @@ def report_adapters(rep, r2, s) -> None:
              "batches\nand adapter init; 'Houlsby - full' pairs the two methods' runs of one seed. Above "
              f"{s['data_steps'] * s['batch'] * s['block']:,} tokens the {s['data_steps']}-step budget, not the data, "
              "limits training (less than one epoch).")
+    early = [f"{p['tokens']:,} ({METHODS[m][0]}: {p['better_in_warmup']}/{n_seeds})" for m in PAIR
+             for p in r2["data"][m] if p["better_in_warmup"]]
+    if early:
+        rep.text("runs whose stopping-slice loss was lower at an evaluation inside warm-up (which the rule does not "
+                 "let it select): " + ", ".join(early) + ";\n  they overfit the small set before the learning rate "
+                 "peaked, so their reported loss is that of the first eligible checkpoint, not the best seen.")
     diff = [(d["tokens"], d["houlsby_minus_full_mean"], d["houlsby_ahead_seeds"]) for d in r2["by_size"]]
     ahead = [f"{t:,} ({m:+.3f}, {k}/{n_seeds} seeds)" for t, m, k in diff if m < 0]
     behind = [f"{t:,} ({m:+.3f})" for t, m, _ in diff if not m < 0]

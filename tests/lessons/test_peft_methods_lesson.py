@@ -64,6 +64,7 @@ def test_adapters_and_scale_parts(result):
             assert p["reported_std"] == pytest.approx(np.std(p["reported"], ddof=1))
             assert all(b >= r2["warmup_steps"] for b in p["best_step"])  # never selected inside warm-up
             assert all(1 <= b <= st for b, st in zip(p["best_step"], p["steps"]))
+            assert 0 <= p["better_in_warmup"] <= 2 and p["diverged"] == 0
         grid = list(r2["lr"][m])
         assert grid == list(peft_methods.lr_grid(peft_methods.LR[m], (-1, 1)))  # around the method's own LR
         assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in r2["lr_runs"][m].values())
