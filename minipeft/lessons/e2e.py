@@ -23,7 +23,9 @@ MRs, and the test MRs — never seen by training or by that choice — are decod
 10, length penalty 0.9 and a no-repeat n-gram of 20 bytes (the paper bans BPE 4-grams),
 and scored with BLEU, NIST, ROUGE-L and CIDEr exactly as ``tuetschek/e2e-metrics`` does
 (METEOR needs WordNet and is not computed). Then the LoRA rank table, r = 1 ... 64 on every
-linear layer at LoRA's chosen rate, beside the course's (which adapted W_q, W_v).
+linear layer at LoRA's chosen rate, beside the course's (which adapted W_q, W_v); on a GPU
+the rank runs are scored by validation loss only (decoding every rank would double the
+device time), on the CPU they are decoded too.
 
 **The base covers the task.** E2E prompt + text take up to ~550 bytes; the base is
 pretrained with 512 positions (``tiny-512`` on the CPU, ``medium`` by default on a GPU),
@@ -80,8 +82,8 @@ def budget(args) -> Budget:
            "adapter_large": (1e-3, 3e-3, 1e-2), "prefix": (3e-3, 1e-2, 3e-2), "lora_qv": (1e-3, 3e-3, 1e-2),
            "lora_all": (1e-3, 3e-3, 1e-2)}
     if args.device == "cuda":
-        return Budget(args.extra.size or "medium", 2000, 150 if args.quick else 1000, 16, gpu, None, 10, 360,
-                      (16, 128), (4, 8), RANKS, decode_batch=64)
+        return Budget(args.extra.size or "medium", 2000, 150 if args.quick else 800, 16, gpu, None, 10, 360,
+                      (16, 128), (4, 8), RANKS, decode_batch=16, decode_ranks=False)
     # CPU: one rate per method (probed on this budget: a 2-layer base wants larger rates), no sweep
     cpu = {"full": (1e-2,), "top2": (1e-2,), "adapter_small": (3e-2,), "adapter_large": (3e-2,), "prefix": (3e-2,),
            "lora_qv": (1e-2,), "lora_all": (1e-2,)}
@@ -141,7 +143,7 @@ def main(argv=None) -> dict:
         _write_csv(test, save / "test.csv")
     base.save_hf(base_dir)
     ctx = Context(base_dir, None if args.extra.data is None else str(args.extra.data), b, args.seed, args.device,
-                  None if save is None else str(save))
+                  None if save is None else str(save), None if args.extra.cache is None else str(args.extra.cache))
     rep.section("Setup")
     rep.table([
         ("base model", f"'{b.size}' ({base.config.n_layer} blocks, d {base.config.n_embd}), "
@@ -294,6 +296,8 @@ def _add_arguments(p):
     p.add_argument("--size", default=None, choices=sorted(pretrained.SIZES), help="base size (default: tiny-512 on "
                    "the CPU, medium on a GPU); its positions must cover the pairs (512)")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (on a GPU they share it)")
+    p.add_argument("--cache", type=Path, default=None, metavar="DIR", help="keep each finished run here; rerunning "
+                   "the same command skips them (resume after an interruption)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR", help="save the base (DIR/base), every run's "
                    "adapter (DIR/<method>_lr<rate>) and the test MRs (DIR/test.csv) for python -m minipeft.evaluate")
 

@@ -16,6 +16,7 @@ because the papers' rates were tuned for GPT-2 Medium.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import multiprocessing as mp
 import os
 import time
@@ -50,6 +51,7 @@ class Budget:
     ranks: tuple  # the rank sweep (LoRA on every linear, alpha fixed as in the recipe)
     decode_batch: int = 16  # MRs decoded together (each is `beam` rows)
     val_pairs: int = 256  # validation (prompt, text) pairs scored for the validation loss
+    decode_ranks: bool = True  # decode and score every rank of the sweep too (False: validation loss only)
 
 
 def method_config(key: str, b: Budget, seed: int, r: int | None = None):
@@ -93,6 +95,7 @@ class Context:
     seed: int
     device: str
     save_dir: str | None = None  # write each chosen adapter here (for python -m minipeft.evaluate)
+    cache_dir: str | None = None  # each finished run's result as JSON: a rerun skips it (resume after a kill)
 
 
 def load_data(path, b: Budget, seed: int):
@@ -154,8 +157,45 @@ def _prepare(ctx: Context):
 # ------------------------------------------------------------------ one run
 
 
+def _cache_path(ctx: Context, key: str, lr: float, r: int | None) -> Path | None:
+    """Where a run's result is kept: named by the run, keyed by everything that changes it."""
+    if ctx.cache_dir is None:
+        return None
+    import hashlib
+    import json
+
+    base = Path(ctx.base_dir) / "model.safetensors"
+    fp = json.dumps([dataclasses.asdict(ctx.budget), ctx.data_path, ctx.seed, ctx.device, key, lr, r,
+                     hashlib.sha256(base.read_bytes()).hexdigest()], sort_keys=True, default=str)
+    tag = hashlib.sha256(fp.encode()).hexdigest()[:16]
+    return Path(ctx.cache_dir) / f"{key}{'' if r is None else f'_r{r}'}_lr{lr:g}-{tag}.json"
+
+
 def run_one(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
-    """Train ``key`` at ``lr`` (rank ``r``) from a copy of the base; validation loss, then test scores."""
+    """``train_and_score`` once: a result already in ``ctx.cache_dir`` is read back instead of recomputed."""
+    import json
+
+    path = _cache_path(ctx, key, lr, r)
+    if path is not None and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass  # a damaged entry is recomputed
+    out = train_and_score(ctx, key, lr, r)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(out))
+        os.replace(tmp, path)  # atomic: a kill leaves the old entry or none
+    return out
+
+
+def train_and_score(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
+    """Train ``key`` at ``lr`` (rank ``r``) from a copy of the base; validation loss, then test scores.
+
+    A rank-sweep run (``r`` given) is decoded only when ``budget.decode_ranks``; otherwise its
+    test metrics are NaN and only its validation loss is measured.
+    """
     from ..decoding import DecodeConfig
     from ..evaluate import decode_texts, score
     from ..peft import get_peft_model, remove_reparameterization
@@ -177,11 +217,13 @@ def run_one(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
     if key == "prefix":
         remove_reparameterization(model)  # keep only the prefix, as the paper does after training
         kept = model.get_nb_trainable_parameters()[0]
+    _release_device_memory(model)
     cfg = DecodeConfig(num_beams=b.beam, max_new_tokens=b.max_new, length_penalty=LENGTH_PENALTY,
                        no_repeat_ngram_size=NO_REPEAT_BYTES, ngram_include_prompt=False, batch_size=b.decode_batch)
     t1 = time.perf_counter()
-    hyps = decode_texts(model, test.prompts(), cfg, tok) if np.isfinite(val) else [""] * len(test)
-    scores = score(hyps, test)
+    decode = np.isfinite(val) and (r is None or b.decode_ranks)
+    hyps = decode_texts(model, test.prompts(), cfg, tok) if decode else [""] * len(test)
+    scores = score(hyps, test) if decode else dict.fromkeys(("BLEU", "NIST", "ROUGE_L", "CIDEr"), float("nan"))
     out = {"key": key, "label": label(key, b, r), "lr": lr, "r": r, "trainable": int(trainable), "kept": int(kept),
            "total": int(total), "val_loss": float(val), **{k: float(scores[k]) for k in ("BLEU", "NIST", "ROUGE_L",
                                                                                         "CIDEr")},
@@ -192,6 +234,14 @@ def run_one(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
     print(f"[e2e] {name}: val loss {val:.4f}, BLEU {100 * out['BLEU']:.2f} "
           f"({t_train:.0f} s training, {out['seconds_decode']:.0f} s decoding)", flush=True)
     return out
+
+
+def _release_device_memory(model) -> None:
+    """Return the training step's cached GPU blocks before beam search needs its own (CuPy keeps a pool)."""
+    if model.device == "cuda":
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
 
 
 def _save(model, d: Path, hyps) -> None:
@@ -217,8 +267,11 @@ def run_all(ctx: Context, tasks: list[tuple], jobs: int = 1) -> list[dict]:
     if jobs == 1 or len(work) == 1:
         return [_task(w)[1] for w in work]
     out = [None] * len(work)
-    env = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    os.environ.update({k: "1" for k in env})  # one BLAS thread per worker (read when a worker starts)
+    env = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+                                          "CUPY_GPU_MEMORY_LIMIT")}
+    os.environ.update({k: "1" for k in env if k != "CUPY_GPU_MEMORY_LIMIT"})  # one BLAS thread per worker
+    if ctx.device == "cuda":  # workers share the GPU: each pool gets an equal share of 90% of it
+        os.environ["CUPY_GPU_MEMORY_LIMIT"] = f"{90 // min(jobs, len(work))}%"
     try:
         # spawn, not fork: a forked CUDA context is unusable
         with mp.get_context("spawn").Pool(min(jobs, len(work))) as pool:

@@ -83,3 +83,25 @@ def test_saved_adapter_evaluates_like_the_lesson(result, tmp_path):
           "--out", str(out)])
     saved = (result["_out"] / "adapters" / "lora_all_lr0.01" / "e2e_outputs.txt").read_text(encoding="utf-8")
     assert out.read_text(encoding="utf-8") == saved
+
+
+def test_finished_runs_are_kept_and_a_rerun_skips_them(result, tmp_path, monkeypatch):
+    """--cache: each finished run is written atomically; a rerun (after a kill) reads it instead of training."""
+    from minipeft.lessons import e2e_runs
+    from minipeft.lessons._common import parse_args
+
+    b = e2e.budget(parse_args(["--quick"], "", e2e._add_arguments))
+    ctx = e2e_runs.Context(str(result["_out"] / "adapters" / "base"), None, b, 0, "cpu", None, str(tmp_path))
+    first = e2e_runs.run_one(ctx, "lora_all", 0.01)
+    [entry] = list(tmp_path.iterdir())
+    assert entry.name.startswith("lora_all_lr0.01-") and entry.suffix == ".json"
+
+    def no_training(*a, **k):
+        raise AssertionError("a cached run was trained again")
+
+    monkeypatch.setattr(e2e_runs, "train_and_score", no_training)
+    again = e2e_runs.run_one(ctx, "lora_all", 0.01)
+    assert again["val_loss"] == first["val_loss"] and again["outputs"] == first["outputs"]
+    # another learning rate is another entry: it is trained, not confused with the cached one
+    with pytest.raises(AssertionError, match="trained again"):
+        e2e_runs.run_one(ctx, "lora_all", 0.02)
