@@ -10,7 +10,8 @@ sensitive to the learning rate. Measured here with the rules a fair comparison n
   disjoint *reported* half's loss at the step early stopping selected (``split_validation``);
 * several seeds (training-set slice, batches, adapter init), reported as mean and sample
   standard deviation, and paired differences (same seed, same slice) between the methods;
-* the learning-rate sweep over the same factors around each method's own rate, per seed.
+* the learning-rate sweep per seed on one grid that holds the same factors around each method's own
+  rate, read both ways: around each one's own rate, and at the same absolute rates for both.
 """
 from __future__ import annotations
 
@@ -113,11 +114,19 @@ def data_size_runs(base, train_tok, stop_tok, report_tok, s, lrs) -> dict:
 
 
 def lr_sweep(base, train_tok, report_tok, s, lrs) -> dict:
-    """Final reported-slice loss of each method over ``lr_grid(its own LR)``, ``lr_seeds`` seeds each."""
+    """Final reported-slice loss of both methods over one LR grid, ``lr_seeds`` seeds each.
+
+    The grid is the union of ``lr_grid(own LR, lr_offsets)`` of the two methods, so it is
+    read two ways: ``sensitivity`` over each method's own window (the same factors around
+    its own LR) and ``sensitivity_same_lrs`` over the whole grid (the same absolute LRs for
+    both, He et al.'s protocol).
+    """
     seeds = [s["seed"] + k for k in range(s["lr_seeds"])]
+    own = {m: lr_grid(lrs[m], s["lr_offsets"]) for m in PAIR}
+    grid = sorted(set().union(*own.values()))
     runs = {m: {} for m in PAIR}
     for m in PAIR:
-        for lr in lr_grid(lrs[m], s["lr_offsets"]):
+        for lr in grid:
             runs[m][lr] = []
             for seed in seeds:
                 r = fine_tune(build(m, base, seed), train_tok, report_tok, dict(s, seed=seed), lr, s["lr_steps"],
@@ -125,10 +134,12 @@ def lr_sweep(base, train_tok, report_tok, s, lrs) -> dict:
                 runs[m][lr].append(r["val_loss"])
                 log(f"[peft_methods] part 2 {m:8s} seed {seed} lr {lr:.0e}: final {r['val_loss']:.4f}"
                     + (" (diverged)" if r["diverged"] else ""))
-    sens = {m: lr_sensitivity_over_seeds(runs[m], lrs[m]) for m in PAIR}
+    sens = {m: lr_sensitivity_over_seeds({lr: runs[m][lr] for lr in own[m]}, lrs[m]) for m in PAIR}
+    same = {m: lr_sensitivity_over_seeds(runs[m], lrs[m]) for m in PAIR}
     mean = {m: {lr: float(np.mean(v)) for lr, v in runs[m].items()} for m in PAIR}
     std = {m: {lr: _mean_std(v)[1] for lr, v in runs[m].items()} for m in PAIR}
-    return {"lr": mean, "lr_std": std, "lr_runs": runs, "lr_seeds": seeds, "sensitivity": sens}
+    return {"lr": mean, "lr_std": std, "lr_runs": runs, "lr_seeds": seeds, "lr_grid": [float(x) for x in grid],
+            "sensitivity": sens, "sensitivity_same_lrs": same}
 
 
 def lr_sensitivity(losses: dict) -> dict:
@@ -153,15 +164,21 @@ def lr_sensitivity_over_seeds(runs: dict, recipe_lr: float) -> dict:
                 best_lr=mean_curve["best_lr"], recipe_lr=float(recipe_lr))
 
 
-def adapter_verdicts(by_size: list, sensitivity: dict) -> dict:
-    """The three claims of part 2 decided from the numbers (rules in the report)."""
+def _less_sensitive(sensitivity: dict) -> bool:
+    sf, sa = sensitivity["full"], sensitivity["houlsby"]
+    return bool(sa["spread_mean"] < sf["spread_mean"] and sa["diverged_mean"] <= sf["diverged_mean"])
+
+
+def adapter_verdicts(by_size: list, sensitivity: dict, sensitivity_same_lrs: dict | None = None) -> dict:
+    """The claims of part 2 decided from the numbers (rules in the report)."""
     d = [r["houlsby_minus_full_mean"] for r in by_size]
     small = d[:-1] or d
-    sf, sa = sensitivity["full"], sensitivity["houlsby"]
-    return {"ahead_at": [r["tokens"] for r in by_size if r["houlsby_minus_full_mean"] < 0],
-            "gap_shrinks": bool(len(d) > 1 and d[-1] == max(d) and min(small) < d[-1]),
-            "less_lr_sensitive": bool(sa["spread_mean"] < sf["spread_mean"]
-                                      and sa["diverged_mean"] <= sf["diverged_mean"])}
+    out = {"ahead_at": [r["tokens"] for r in by_size if r["houlsby_minus_full_mean"] < 0],
+           "gap_shrinks": bool(len(d) > 1 and d[-1] == max(d) and min(small) < d[-1]),
+           "less_lr_sensitive": _less_sensitive(sensitivity)}
+    if sensitivity_same_lrs is not None:
+        out["less_lr_sensitive_same_lrs"] = _less_sensitive(sensitivity_same_lrs)
+    return out
 
 
 def data_and_lr(base, train_tok, val_tok, s, lrs) -> dict:
@@ -174,7 +191,7 @@ def data_and_lr(base, train_tok, val_tok, s, lrs) -> dict:
                data_steps=s["data_steps"], stop_tokens=scored_tokens(stop_tok, s, s["stop_batches"]),
                report_tokens=scored_tokens(report_tok, s, s["val_batches"]),
                recipe={m: dict(lr=lrs[m], label=METHODS[m][0]) for m in PAIR})
-    out["verdicts"] = adapter_verdicts(out["by_size"], out["sensitivity"])
+    out["verdicts"] = adapter_verdicts(out["by_size"], out["sensitivity"], out["sensitivity_same_lrs"])
     return out
 
 
@@ -220,18 +237,20 @@ def report_adapters(rep, r2, s) -> None:
     sf, sa = r2["sensitivity"]["full"], r2["sensitivity"]["houlsby"]
     rep.section(f"   learning-rate sweep ({s['lr_steps']} steps, full training set, {len(r2['lr_seeds'])} seeds): "
                 "final loss, reported slice")
-    rep.text("each method on the same factors around its own LR (rungs of the 1-3 ladder: a 100x range "
-             "centred on its recipe).")
-    for m, sm in (("full", sf), ("houlsby", sa)):
-        rep.table([(f"{lr:.0e}" + (" (recipe)" if lr == sm["recipe_lr"] else ""),
-                    _pm(r2["lr"][m][lr], r2["lr_std"][m][lr])) for lr in r2["lr"][m]],
-                  ("LR", METHODS[m][0]))
-    rep.table([(METHODS[m][0], _pm(sm["spread_mean"], sm["spread_std"]), f"{sm['near_best_mean']:.1f}",
-                f"{sm['diverged_mean']:.1f}", f"{sm['best_lr']:.0e}", f"{sm['recipe_lr']:.0e}")
-               for m, sm in (("full", sf), ("houlsby", sa))],
-              ("method", "spread (max - min)", "LRs within 0.05", "diverged", "best LR (mean curve)", "recipe LR"))
+    rep.text("both methods on one grid of 1-3 ladder rungs: each method's own window is the 100x range centred on "
+             "its recipe LR (*); the grid is the union of the two windows.")
+    rep.table([(f"{lr:.0e}",) + tuple(_pm(r2["lr"][m][lr], r2["lr_std"][m][lr])
+                                      + (" *" if lr in r2["sensitivity"][m]["grid"] else "  ") for m in PAIR)
+               for lr in r2["lr_grid"]], ("LR",) + tuple(METHODS[m][0] for m in PAIR))
+    views = (("own window (*)", r2["sensitivity"]), ("same LRs (all)", r2["sensitivity_same_lrs"]))
+    rep.table([(view, METHODS[m][0], _pm(sv[m]["spread_mean"], sv[m]["spread_std"]), f"{sv[m]['near_best_mean']:.1f}",
+                f"{sv[m]['diverged_mean']:.1f} of {len(sv[m]['grid'])}", f"{sv[m]['best_lr']:.0e}",
+                f"{sv[m]['recipe_lr']:.0e}") for view, sv in views for m in PAIR],
+              ("grid", "method", "spread (max - min)", "LRs within 0.05", "diverged", "best LR (mean curve)",
+               "recipe LR"))
     rep.text("spread: per seed, the worst finite loss over the grid minus the best; mean +- std over seeds. "
              "A diverged run counts in 'diverged', not in the spread.")
+    ss = r2["sensitivity_same_lrs"]
     small = [m for _, m, _ in diff[:-1]] or [diff[0][1]]
     largest = diff[-1][1]
     shrinks, less_sensitive = r2["verdicts"]["gap_shrinks"], r2["verdicts"]["less_lr_sensitive"]
@@ -243,13 +262,18 @@ def report_adapters(rep, r2, s) -> None:
          f"{'yes' if shrinks else 'no'}: Houlsby - full {largest:+.3f} at {diff[-1][0]:,} tokens, "
          f"{min(small):+.3f} at best below"),
         ("adapters less sensitive to the LR", "yes (He et al. 2021)",
-         f"{'yes' if less_sensitive else 'no'}: spread {sa['spread_mean']:.3f} +- {sa['spread_std']:.3f} vs "
-         f"{sf['spread_mean']:.3f} +- {sf['spread_std']:.3f} nats; diverged {sa['diverged_mean']:.1f} vs "
-         f"{sf['diverged_mean']:.1f} of {len(sa['grid'])} LRs"),
+         f"{'yes' if less_sensitive else 'no'} around each one's own LR: spread {sa['spread_mean']:.3f} +- "
+         f"{sa['spread_std']:.3f} vs {sf['spread_mean']:.3f} +- {sf['spread_std']:.3f} nats; diverged "
+         f"{sa['diverged_mean']:.1f} vs {sf['diverged_mean']:.1f} of {len(sa['grid'])} LRs"),
+        ("  on the same LRs for both (He et al.'s protocol)", "yes",
+         f"{'yes' if r2['verdicts']['less_lr_sensitive_same_lrs'] else 'no'}: spread "
+         f"{ss['houlsby']['spread_mean']:.3f} +- {ss['houlsby']['spread_std']:.3f} vs {ss['full']['spread_mean']:.3f} "
+         f"+- {ss['full']['spread_std']:.3f} nats; diverged {ss['houlsby']['diverged_mean']:.1f} vs "
+         f"{ss['full']['diverged_mean']:.1f} of {len(ss['full']['grid'])} LRs"),
     ])
     rep.text("verdict rules: 'beat' where the mean paired difference is < 0; 'shrinks' when the largest training set "
              "has the largest (least negative) difference and some smaller set a smaller one; 'less sensitive' when "
-             "Houlsby's mean spread is smaller and it diverges at no more LRs.")
+             "Houlsby's mean spread is smaller and it diverges at no more LRs (on each grid).")
 
 
 def _steps(r) -> str:

@@ -65,16 +65,18 @@ def test_adapters_and_scale_parts(result):
             assert all(b >= r2["warmup_steps"] for b in p["best_step"])  # never selected inside warm-up
             assert all(1 <= b <= st for b, st in zip(p["best_step"], p["steps"]))
             assert 0 <= p["better_in_warmup"] <= 2 and p["diverged"] == 0
-        grid = list(r2["lr"][m])
-        assert grid == list(peft_methods.lr_grid(peft_methods.LR[m], (-1, 1)))  # around the method's own LR
+        own = list(peft_methods.lr_grid(peft_methods.LR[m], (-1, 1)))  # around the method's own LR
+        assert r2["sensitivity"][m]["grid"] == own and set(own) <= set(r2["lr_grid"])
+        assert list(r2["lr"][m]) == r2["lr_grid"] == r2["sensitivity_same_lrs"][m]["grid"]  # one grid for both
         assert all(len(v) == 2 and all(math.isfinite(x) for x in v) for v in r2["lr_runs"][m].values())
-        sens = r2["sensitivity"][m]
-        assert len(sens["spread_runs"]) == 2 and sens["spread_mean"] == pytest.approx(np.mean(sens["spread_runs"]))
-        assert sens["recipe_lr"] == peft_methods.LR[m]
+        for sens in (r2["sensitivity"][m], r2["sensitivity_same_lrs"][m]):
+            assert len(sens["spread_runs"]) == 2 and sens["spread_mean"] == pytest.approx(np.mean(sens["spread_runs"]))
+            assert sens["recipe_lr"] == peft_methods.LR[m]
     for row, f, h in zip(r2["by_size"], r2["data"]["full"], r2["data"]["houlsby"]):
         assert row["full_mean"] == f["reported_mean"] and row["houlsby_std"] == h["reported_std"]
         np.testing.assert_allclose(row["houlsby_minus_full"], np.subtract(h["reported"], f["reported"]))
-    assert r2["verdicts"] == peft_methods.adapter_verdicts(r2["by_size"], r2["sensitivity"])
+    assert r2["verdicts"] == peft_methods.adapter_verdicts(r2["by_size"], r2["sensitivity"],
+                                                          r2["sensitivity_same_lrs"])
     rows = result["scale"]
     assert [r["size"] for r in rows] == ["tiny", "small"]
     assert rows[0]["params"] < rows[1]["params"]
@@ -141,9 +143,10 @@ def test_adapter_verdicts_follow_the_numbers():
     sens = {"full": {"spread_mean": 0.3, "diverged_mean": 1.0}, "houlsby": {"spread_mean": 0.1, "diverged_mean": 0.0}}
     v = peft_methods.adapter_verdicts([row(1_000, -0.05), row(10_000, -0.01), row(100_000, 0.02)], sens)
     assert v == {"ahead_at": [1_000, 10_000], "gap_shrinks": True, "less_lr_sensitive": True}
+    same_lrs = {m: dict(v) for m, v in sens.items()}
     sens["houlsby"]["diverged_mean"] = 2.0  # smaller spread but diverges more often: not less sensitive
-    v = peft_methods.adapter_verdicts([row(1_000, 0.03), row(10_000, 0.01)], sens)
-    assert v == {"ahead_at": [], "gap_shrinks": False, "less_lr_sensitive": False}
+    v = peft_methods.adapter_verdicts([row(1_000, 0.03), row(10_000, 0.01)], sens, same_lrs)
+    assert v == {"ahead_at": [], "gap_shrinks": False, "less_lr_sensitive": False, "less_lr_sensitive_same_lrs": True}
 
 
 def test_bad_lr_override():
