@@ -230,6 +230,12 @@ def report_adapters(rep, r2, s) -> None:
         rep.text("runs whose stopping-slice loss was lower at an evaluation inside warm-up (which the rule does not "
                  "let it select): " + ", ".join(early) + ";\n  they overfit the small set before the learning rate "
                  "peaked, so their reported loss is that of the first eligible checkpoint, not the best seen.")
+    worse = [f"{METHODS[m][0]} at {p['tokens']:,} ({p['reported_mean']:.3f})" for m in PAIR for p in r2["data"][m]
+             if p["reported_mean"] > r2["base_reported"]]
+    if worse:
+        rep.text(f"worse than the base model ({r2['base_reported']:.3f}) on the reported slice: " + ", ".join(worse)
+                 + ";\n  on so little data even the first checkpoint the rule allows (the end of warm-up) has "
+                 "already overfit: the rule pays this for never stopping before the learning rate peaks.")
     diff = [(d["tokens"], d["houlsby_minus_full_mean"], d["houlsby_ahead_seeds"]) for d in r2["by_size"]]
     ahead = [f"{t:,} ({m:+.3f}, {k}/{n_seeds} seeds)" for t, m, k in diff if m < 0]
     behind = [f"{t:,} ({m:+.3f})" for t, m, _ in diff if not m < 0]
