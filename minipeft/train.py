@@ -240,7 +240,8 @@ class EarlyStopping:
     that early stopping selected. ``stopped_at`` is the step training stopped at (None: ran out).
 
     The metric should come from a validation slice that is not the one you report: selecting
-    the step on the reported slice biases the reported number downward.
+    the step on the reported slice biases the reported number downward. It keeps state:
+    use one instance per ``train()`` run.
     """
 
     def __init__(self, patience: int, min_step: int = 0, metric: str = "val_loss", min_delta: float = 0.0,
