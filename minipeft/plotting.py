@@ -5,6 +5,8 @@ Lessons call these and save the result with ``lessons._common.save_figure``;
 """
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg") if matplotlib.get_backend().lower() == "agg" else None
@@ -852,7 +854,12 @@ def e2e_rank_curves(ours: dict, course: dict, title: str = ""):
     fig, axes = plt.subplots(1, 2, figsize=(11.0, 4.0))
     for i, (ax, what) in enumerate(zip(axes, ("validation loss (nats/byte)", "BLEU (x100)"))):
         ax.grid(True, alpha=0.3)
-        ax.plot(ranks, [ours[r][i] for r in ranks], "o-", color="tab:blue", label="minipeft")
+        ys = [ours[r][i] for r in ranks]
+        ax.plot(ranks, ys, "o-", color="tab:blue", label="minipeft")
+        missing = [r for r, y in zip(ranks, ys) if not math.isfinite(y)]
+        if missing:  # e.g. the GPU run scores the rank sweep by validation loss only
+            ax.text(0.02, 0.02, f"minipeft measured only at r = {', '.join(str(r) for r in ranks if r not in missing)}",
+                    transform=ax.transAxes, fontsize=8, color="tab:blue")
         ax.set_xscale("log", base=2)
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.set_xlabel("LoRA rank r")
