@@ -85,7 +85,16 @@ def _judge(claim: Claim, results: Results):
     except Missing as e:
         m, v = None, "not-attempted"
         notes.append(("out of scale: " if isinstance(e, OutOfScale) else "") + str(e))
-    else:
+        if not isinstance(e, OutOfScale):  # the preferred run lacks a number: the next recorded run may have it
+            for alt in results.alternatives():
+                r2 = Reader(alt)
+                try:
+                    m = claim.measure(r2)
+                except Missing:
+                    continue
+                reader, notes = r2, []
+                break
+    if m is not None:
         v = check_verdict(claim.rule(m.judged))
         if m.note:
             notes.append(m.note)

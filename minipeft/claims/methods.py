@@ -115,8 +115,8 @@ def _adapters_close(r) -> Measurement:
 
 
 def _forgetting(r) -> Measurement:
-    base = num(r.get("peft_methods", "base_source_val_loss"))
-    full, lora = (num(r.get("peft_methods", "methods", m, "source_val_loss")) for m in ("full", "lora"))
+    base = num(r.get("qlora", "base_source_val_loss"))
+    full, lora = (num(r.get("qlora", "methods", m, "source_val_loss")) for m in ("full", "lora"))
     q = (full - base) / (lora - base) if lora > base else math.inf
     return Measurement(q, f"English val loss after adapting to Python: base {base:.3f}, full {full:.3f}, LoRA {lora:.3f}",
                        relation_text=f"forgetting full/LoRA = {q:.2f}")
@@ -269,7 +269,7 @@ CLAIMS = [
           Rule("adapter val loss / full FT val loss", *LOSS_MATCH), TINY),
     Claim("peft-less-forgetting",
           "PEFT is less prone to catastrophic forgetting than full fine-tuning",
-          SEED_PEFT, "less prone to catastrophic forgetting", None, "peft_methods", _forgetting,
+          SEED_PEFT, "less prone to catastrophic forgetting", None, "qlora", _forgetting,
           Rule("rise of the source (English) loss, full / LoRA", at_least(2.0), (1.0, math.inf))),
     Claim("loha-higher-rank",
           "LoHa (Hadamard product of two low-rank products) reaches a higher rank than LoRA with the same "

@@ -9,7 +9,8 @@ the transfer lesson's saved data) are read as runs of their lesson, dated by the
 ``date`` field.
 
 :func:`load_results` keeps, per lesson, the newest run of the preferred kind (GPU over CPU
-by default). A claim reads numbers through a :class:`Reader`, which raises
+by default), and the other runs in order: a claim whose numbers that run lacks is judged
+on the next run that has them. A claim reads numbers through a :class:`Reader`, which raises
 :class:`Missing` (-> verdict 'not-attempted', with the reason) when a run or key is absent
 and records each key path read, so the claims table can name its exact source.
 """
@@ -114,9 +115,20 @@ def _load(run: Run) -> Run:
 class Results:
     """The chosen run of each lesson (``results["qlora"]`` -> :class:`Run`)."""
 
-    def __init__(self, runs: dict[str, Run], searched: str = ""):
+    def __init__(self, runs: dict[str, Run], searched: str = "", others: dict | None = None):
         self.runs = dict(runs)
         self.searched = searched  # where runs were looked for (for 'not-attempted' notes)
+        self.others = dict(others or {})  # lesson -> its other recorded runs, in order of preference
+
+    def alternatives(self) -> list["Results"]:
+        """The same results with each lesson's k-th other run in place of its chosen one (k = 1, 2, ...).
+
+        A claim whose numbers the chosen run lacks (an older run, a lesson changed since) is
+        judged on the preferred run that has them.
+        """
+        depth = max((len(v) for v in self.others.values()), default=0)
+        return [Results({k: (self.others.get(k, [])[i] if i < len(self.others.get(k, [])) else r)
+                         for k, r in self.runs.items()}, self.searched) for i in range(depth)]
 
     @classmethod
     def from_dicts(cls, dicts: dict[str, dict], label: str = "memory") -> "Results":
@@ -144,13 +156,12 @@ def load_results(root="benchmarks/results", prefer: str = "gpu", repo=None, extr
     """
     if prefer not in PREFER:
         raise ValueError(f"prefer must be one of {PREFER}, got {prefer!r}")
-    chosen: dict[str, Run] = {}
+    by_lesson: dict[str, list[Run]] = {}
     for run in discover(root, repo, extra):
-        _load(run)
-        best = chosen.get(run.lesson)
-        if best is None or _key(run, prefer) > _key(best, prefer):
-            chosen[run.lesson] = run
-    return Results(chosen, str(root))
+        by_lesson.setdefault(run.lesson, []).append(_load(run))
+    for runs in by_lesson.values():
+        runs.sort(key=lambda r: _key(r, prefer), reverse=True)
+    return Results({k: v[0] for k, v in by_lesson.items()}, str(root), {k: v[1:] for k, v in by_lesson.items()})
 
 
 def _key(run: Run, prefer: str):
