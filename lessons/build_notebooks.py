@@ -121,27 +121,58 @@ NOTEBOOKS["02_quantization"] = ("Lesson 2 — Quantization: absmax, blocks, NF4,
 ])
 
 
-NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer, and where the memory goes", [
+NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer: what it learns, forgets and saves", [
     md("QLoRA (Dettmers et al. 2023) makes fine-tuning fit: the frozen base is stored in 4-bit "
        "NormalFloat with double quantization, LoRA adapters train on every linear layer, and "
-       "optimizer state can be paged out. This notebook follows `python -m minipeft.lessons.qlora`."),
+       "optimizer state can be paged out. The course claims it matches 16-bit LoRA and full fine-tuning, "
+       "and that PEFT forgets less of what the base knew. This notebook follows "
+       "`python -m minipeft.lessons.qlora`."),
     md("The frozen 4-bit layer dequantizes its weight on the fly, in forward *and* in backward, "
        "so the dequantized weight is never kept for backward:"),
     code("from minipeft.quant import modules\nshow_source(modules.MatMul4bit)"),
     md("Before training anything: the course's memory arithmetic, each figure computed from its "
-       "inputs by `minipeft.memory`:"),
+       "inputs by `minipeft.memory`, with the relation that must hold (≈ within a tolerance, or a bound):"),
     code("from minipeft.memory import format_course_figures\nprint(format_course_figures())"),
-    md("Now the lesson: full fine-tuning, LoRA and QLoRA adapt the English base model to Python "
-       "code. For each, one real training step is measured by category and printed beside the "
-       "calculator's prediction; then 8-bit and paged AdamW, and what merging a QLoRA adapter does."),
-    code("from minipeft.lessons import qlora\nresult = qlora.main(ARGS)"),
+    md("A fair comparison gives each method its own learning rate: LoRA's update starts at zero and is "
+       "scaled by alpha / r, so it usually wants a larger rate than full fine-tuning. Each method is trained "
+       "at every rate of its grid; the Python validation text is cut in two halves, the first (the *stopping* "
+       "slice) chooses the rate, and only the chosen run is scored on the second (the *reported* slice), which "
+       "nothing was chosen on:"),
+    code("from minipeft.lessons import qlora, side_tuning_sweep\n"
+         "print('grids:', qlora.GRIDS)\n"
+         "show_source(side_tuning_sweep.split_validation)\n"
+         "show_source(qlora.choose)"),
+    md("Now the lesson: full fine-tuning, LoRA and QLoRA adapt the English base model to Python code. "
+       "Besides the Python loss (what each method learned) it measures the loss on the English validation "
+       "text the base was pretrained on (what each method forgot). Then one real training step's memory by "
+       "category beside the calculator's prediction, 8-bit and paged AdamW, and what merging a QLoRA adapter does."),
+    code("result = qlora.main(ARGS)"),
+    md("The sweep, one row per run; the chosen rate of each method has the lowest stopping-slice loss:"),
     code("for m, r in result['methods'].items():\n"
-         "    print(f\"{m:6s} trainable {r['trainable']:>8,}  val loss {r['val_loss']:.3f}  \"\n"
-         "          f\"activations {r['measured']['activations']:>10,} B\")\n"
-         "display(Image(filename=str(FIGURES / 'qlora_loss.png')))\n"
+         "    for s in r['sweep']:\n"
+         "        mark = '<- chosen' + (' (grid edge)' if s['at_grid_edge'] else '') if s['chosen'] else ''\n"
+         "        print(f\"{m:6s} lr {s['lr']:<7g} stopping-slice loss {s['val_select']:.3f}  {mark}\")"),
+    md("What each method learned (Python, reported slice) and forgot (English), from the base's losses:"),
+    code("b, bs = result['base_val_loss'], result['base_source_val_loss']\n"
+         "print(f\"{'base':6s} Python {b:.3f}          English {bs:.3f}\")\n"
+         "for m, r in result['methods'].items():\n"
+         "    print(f\"{m:6s} Python {r['val_loss']:.3f} ({r['val_loss'] - b:+.3f})  \"\n"
+         "          f\"English {r['source_val_loss']:.3f} ({r['source_val_loss'] - bs:+.3f})  \"\n"
+         "          f\"trainable {r['trainable']:>8,}  lr {r['lr']:g}\")\n"
+         "display(Image(filename=str(FIGURES / 'qlora_loss.png')))"),
+    md("The course's claims, judged from these numbers by the claims table's rules (`minipeft.claims`): "
+       "the relation measured, the verdict, and a note with the numbers behind it:"),
+    code("for c in result['claims']:\n"
+         "    print(f\"{c['label']}: {c['relation']} -> {c['verdict'].upper()}\\n  rule: {c['rule']}\\n  {c['note']}\\n\")"),
+    md("Memory of one training step, measured by category:"),
+    code("for m, r in result['methods'].items():\n"
+         "    print(f\"{m:6s} activations {r['measured']['activations']:>10,} B  \"\n"
+         "          f\"frozen weights {r['measured']['weights_frozen']:>8,} B\")\n"
          "display(Image(filename=str(FIGURES / 'qlora_memory.png')))"),
-    md("**Exercise.** Rerun with `--size small --device cuda` on a GPU: which category grows with "
-       "the model, which with the batch? Where does QLoRA's saving come from at that size?"),
+    md("**Exercises.** (1) Rerun with `--device cuda` (the 'small' base, 600 steps per run): does LoRA close "
+       "its gap to full fine-tuning, and does it still forget less? (2) If a chosen rate sits at the edge of "
+       "its grid, extend `qlora.GRIDS` past it: does the verdict change? (3) Which memory category grows "
+       "with the model, which with the batch? Where does QLoRA's saving come from at that size?"),
 ])
 
 
@@ -531,7 +562,7 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, s
     code("display(Image(filename=str(FIGURES / 'e2e_train_loss.png')))"),
     md("**The LoRA rank.** In the course, validation loss stops improving near $r = 16$ and BLEU peaks at "
        "$r = 4$. Here $\\alpha$ is fixed at 32, so the update's scale $\\alpha / r$ shrinks as $r$ grows:"),
-    code("print(result['verdicts'])"),
+    code("print(result['relations'])"),
     code("display(Image(filename=str(FIGURES / 'e2e_lora_rank.png')))"),
     md("**Score any model on any E2E file.** With `--save DIR` the lesson writes the base, every adapter and "
        "the test MRs; the evaluation command decodes every MR of a CSV and prints the metric table:\n\n"

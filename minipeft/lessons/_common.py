@@ -125,8 +125,19 @@ def save_figure(fig, args: LessonArgs, name: str) -> Path | None:
     return path
 
 
-def finish(result: dict, args: LessonArgs) -> dict:
-    """Write the result dict as JSON if asked, and return it."""
+def finish(result: dict, args: LessonArgs, report: Report | None = None, lesson: str | None = None) -> dict:
+    """Print the verdicts of ``lesson``'s course claims on ``result`` and close ``report``; write JSON if asked.
+
+    The verdicts are those ``figures/claims.json`` gives a recorded run of the lesson: the
+    same claims, the same rules (``minipeft.claims``), applied to this run's numbers.
+    """
+    if report is not None:
+        if lesson is not None:
+            from ..claims import lesson_claims
+
+            report.section("The course's claims, judged on this run (the rules of figures/claims.json)")
+            lesson_claims(lesson, json.loads(json.dumps(result, default=float)), report)
+        report.done()
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=float))

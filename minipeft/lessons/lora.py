@@ -457,7 +457,6 @@ def main(argv=None) -> dict:
     for p in paths:
         if p:
             rep.text(f"figure: {p}")
-    rep.done()
     return finish({
         "base_val_loss": base_val, "full_ft": {"val_loss": full["val_loss"], "trainable": full["trainable"]},
         "ranks": list(rs), "rank_sweep": {str(r): {"val_loss": v["val_loss"], "trainable": v["trainable"],
@@ -469,7 +468,7 @@ def main(argv=None) -> dict:
         "energy_random": {n: {str(r): v for r, v in e.items()} for n, e in energy_rand.items()},
         "rank_for_90pct_energy": {n: v[0] for n, v in r90.items()},
         "subspace": sims,
-    }, args)
+    }, args, report=rep, lesson="lora")
 
 
 def _subspace_study(base, full_model, sweep, r_small: int, r_large: int, rng) -> dict:

@@ -66,8 +66,7 @@ def main(argv=None) -> dict:
     evaluate = lambda m: pretrained.validation_loss(m, val, **S["eval"])  # noqa: E731
     out["tiny_outliers"] = _tiny_outliers(rep, args, rng, model, evaluate, S, synth_max_abs)
     out["model"] = _quantize_tiny(rep, args, model, evaluate, out["codes_4bit"])
-    rep.done()
-    return finish(out, args)
+    return finish(out, args, report=rep, lesson="quantization")
 
 
 def _sizes(quick: bool) -> dict:

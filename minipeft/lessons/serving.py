@@ -330,12 +330,11 @@ def main(argv=None) -> dict:
         path = save_figure(fig, args, name)
         if path:
             rep.text(f"figure: {path}")
-    rep.done()
     tmp.cleanup()
     return finish({"device": args.device, "base": ex.base, "ns": list(ns), "batch": B, "new_tokens": n_new,
                    "check": {k: v for k, v in chk.items() if k != "rows"}, "sweep": sweep,
                    "ratio_mixed_vs_base": ratio, "extra_step_ms": extra_ms, "memory": mt, "measured_memory": measured,
-                   "lru": lru}, args)
+                   "lru": lru}, args, report=rep, lesson="serving")
 
 
 def _add_arguments(p):

@@ -268,7 +268,6 @@ def main(argv=None) -> dict:
         rep.text(f"\n{data['runs']} runs ({sum(not r['cached'] for r in results)} new, "
                  f"{data['new_run_seconds']:.0f} s of run time in {x.jobs} process(es)), wall "
                  f"{data['wall_seconds']:.0f} s")
-    rep.done()
     f = data["analysis"]["fits"]
     src0 = next(iter(f), None)
     return finish({"grid": data["grid_name"], "device": data["device"],
@@ -276,7 +275,8 @@ def main(argv=None) -> dict:
                    "beta": f[src0]["beta"] if src0 else math.nan, "fits": f, "sizes": data["analysis"]["sizes"],
                    "points": data["analysis"]["points"], "ossification": data["analysis"]["ossification"],
                    "targets": data["targets"], "runs": data.get("runs"), "runs_left": data.get("runs_left"),
-                   "wall_seconds": data.get("wall_seconds"), "cpu_seconds": data.get("cpu_seconds")}, args)
+                   "wall_seconds": data.get("wall_seconds"), "cpu_seconds": data.get("cpu_seconds")},
+                  args, report=rep, lesson="transfer")
 
 
 _BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
