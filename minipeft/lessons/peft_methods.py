@@ -321,11 +321,11 @@ def main(argv=None) -> dict:
         save_figure(prompt_tuning_scale(rows), args, "peft_methods_scale")
     if args.figures is not None:
         rep.text(f"\nfigures: {args.figures}/peft_methods*.png")
-    rep.done()
+    finish(result, args, report=rep, lesson="peft_methods")  # the course's claims judged on this run, JSON
     if "1" in parts and result["not_lowered"] and not args.quick:
         raise AssertionError(f"these methods did not lower the base's validation loss ({base_val:.4f}): "
                              f"{result['not_lowered']}")
-    return finish(result, args)
+    return result
 
 
 def _report_methods(rep, res, base_val, s, predicted) -> None:
