@@ -73,10 +73,14 @@ def _lr_spread(losses: dict) -> float:
 
 
 def _lr_robust(r) -> Measurement:
-    if r.has("peft_methods", "adapters_vs_full", "sensitivity"):  # per-seed spread over the LR grid, averaged
-        sf, sh = (num(r.get("peft_methods", "adapters_vs_full", "sensitivity", m, "spread_mean"), f"{m} spread")
+    # He et al. 2021 sweep both methods over the same learning rates: read that protocol first, then the
+    # older layout where each method was swept around its own rate
+    key = next((k for k in ("sensitivity_same_lrs", "sensitivity") if r.has("peft_methods", "adapters_vs_full", k)),
+               None)
+    if key is not None:  # per-seed spread over the LR grid, averaged
+        sf, sh = (num(r.get("peft_methods", "adapters_vs_full", key, m, "spread_mean"), f"{m} spread")
                   for m in ("full", "houlsby"))
-        n = len(r.get("peft_methods", "adapters_vs_full", "sensitivity", "full", "grid"))
+        n = len(r.get("peft_methods", "adapters_vs_full", key, "full", "grid"))
     else:
         lr = r.get("peft_methods", "adapters_vs_full", "lr")
         if not lr.get("full") or not lr.get("houlsby"):
