@@ -2,15 +2,16 @@
 # The course's experiments on one GPU (issue [reproduce]), independent runs in parallel.
 #   bases    pretrain the GPU bases small (T1), medium (T2), large (T3), 512 positions each, in parallel;
 #            the gpu test suite runs beside them
-#   lessons  e2e (medium base, real E2E dev set, LR sweep, --jobs), peft_methods, side_tuning, qlora
-#            on the GPU, in parallel
-# usage: bash benchmarks/reproduce_gpu.sh OUTDIR [stage ...]   (default: bases lessons)
+#   e2e      the E2E lesson on the medium base and the real dev set, 14 runs at a time (~7 min on an H200);
+#            finished runs are kept in .gpu_cache/e2e_runs, so rerunning the stage resumes
+#   lessons  qlora, side_tuning and peft_methods on the GPU, in parallel
+# usage: bash benchmarks/reproduce_gpu.sh OUTDIR [stage ...]   (default: bases e2e lessons)
 # The bases are cached in $MINIPEFT_CACHE (default .gpu_cache/ in the checkout, git-ignored), so the
 # lessons stage reuses them; the E2E CSV is read from $E2E_CSV (default .data/devset.csv).
 set -u
 out=${1:?usage: bash benchmarks/reproduce_gpu.sh OUTDIR [stage ...]}
 shift
-stages=${*:-bases lessons}
+stages=${*:-bases e2e lessons}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 MINIPEFT_CACHE=${MINIPEFT_CACHE:-$PWD/.gpu_cache}
 csv=${E2E_CSV:-.data/devset.csv}
@@ -27,9 +28,11 @@ for s in $stages; do
       wait
       for size in small medium large; do echo "-- $size"; grep -E "validation loss|unigram|saved|Error" "$out/pretrain_$size.log"; done
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest_gpu.log" | tail -15 ;;
+    e2e)
+      python3 -m minipeft.lessons.e2e --device cuda --size medium --data "$csv" --jobs 14 \
+        --cache "$MINIPEFT_CACHE/e2e_runs" --json "$out/e2e.json" --figures "$out/fig" > "$out/e2e.log" 2>&1
+      grep -E "^\[e2e\]" "$out/e2e.log" | sort; tail -40 "$out/e2e.log" ;;
     lessons)
-      python3 -m minipeft.lessons.e2e --device cuda --size medium --data "$csv" --jobs 10 \
-        --json "$out/e2e.json" --figures "$out/fig" > "$out/e2e.log" 2>&1 &
       python3 -m minipeft.lessons.peft_methods --device cuda --json "$out/peft_methods.json" \
         --figures "$out/fig" > "$out/peft_methods.log" 2>&1 &
       python3 -m minipeft.lessons.side_tuning --device cuda --json "$out/side_tuning.json" \
@@ -37,7 +40,7 @@ for s in $stages; do
       python3 -m minipeft.lessons.qlora --device cuda --json "$out/qlora.json" \
         --figures "$out/fig" > "$out/qlora.log" 2>&1 &
       wait
-      for l in e2e peft_methods side_tuning qlora; do echo "-- $l"; tail -25 "$out/$l.log"; done ;;
+      for l in peft_methods side_tuning qlora; do echo "-- $l"; tail -25 "$out/$l.log"; done ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac
 done
