@@ -5,38 +5,37 @@ A checkpoint is a directory::
     model.safetensors      model.state_dict() (parameters and extra state), as NumPy
     optimizer.safetensors  optimizer state arrays (AdamW moments, SGD momentum buffers)
     state.json             step, optimizer step counts and hyperparameters, scheduler
-                           state, random-number-generator states, user ``extra``
+                           state, random-number-generator states, user ``extra``, and the
+                           digest of each tensor file
 
-``state.json`` is written last (atomically), so a directory without it is an
-interrupted save and is refused. Restoring the RNG states as well as the weights and
-optimizer is what lets a resumed CPU run repeat the uninterrupted run's losses exactly:
-``numpy.random.Generator.bit_generator.state`` is a JSON-able dict, and so is
-``minipeft.random.get_state()`` (the stream dropout draws from).
+The directory is written whole into a temporary directory beside it and renamed into
+place (``minipeft.atomic``), so overwriting a checkpoint never leaves a mix of two saves:
+a kill at any moment leaves the previous checkpoint or the new one. Loading checks that
+the set is complete and belongs together -- every file present, each file's contents
+matching its digest, the digests matching ``state.json``'s -- before it touches the model,
+and a damaged file raises ``DamagedFileError`` naming it and the remedy.
+
+Restoring the RNG states as well as the weights and optimizer is what lets a resumed CPU
+run repeat the uninterrupted run's losses exactly: ``numpy.random.Generator.bit_generator.state``
+is a JSON-able dict, and so is ``minipeft.random.get_state()`` (the stream dropout draws from).
 """
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from . import random as mp_random
+from .atomic import atomic_directory, recover, remove_directory
 from .backend import to_numpy
+from .integrity import DamagedFileError, DIGEST_KEY, dumps_with_digest, load_tensors, read_json, save_tensors
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
 FORMAT = "minipeft-checkpoint"
 VERSION = 1
-
-
-def _safetensors_numpy():
-    try:
-        from safetensors import numpy as st_numpy
-    except ImportError as e:  # pragma: no cover - safetensors is a runtime dependency
-        raise ImportError("checkpoints need the 'safetensors' package: pip install safetensors") from e
-    return st_numpy
 
 
 def _to_json_able(obj):
@@ -113,25 +112,24 @@ def save_checkpoint(path_dir, model, optimizer=None, scheduler=None, step: int =
         state["optimizer"] = {"type": sd["type"], "hparams": sd["hparams"], "param_names": sd["param_names"],
                               "scalars": scalars, "arrays": index}
 
-    st_numpy = _safetensors_numpy()
-    path.mkdir(parents=True, exist_ok=True)
-    state_path = path / STATE_FILE
-    if state_path.exists():
-        state_path.unlink()  # an overwritten checkpoint is incomplete until state.json is back
-    st_numpy.save_file(model_arrays, str(path / MODEL_FILE), metadata={"format": "np"})
-    if optimizer is not None:
-        st_numpy.save_file(opt_arrays, str(path / OPTIMIZER_FILE), metadata={"format": "np"})
-    elif (path / OPTIMIZER_FILE).exists():
-        (path / OPTIMIZER_FILE).unlink()
-    tmp = path / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, state_path)
+    with atomic_directory(path, owned=(MODEL_FILE, OPTIMIZER_FILE, STATE_FILE)) as tmp:
+        files = {MODEL_FILE: save_tensors(model_arrays, tmp / MODEL_FILE, {"format": "np"})}
+        if optimizer is not None:
+            files[OPTIMIZER_FILE] = save_tensors(opt_arrays, tmp / OPTIMIZER_FILE, {"format": "np"})
+        state["files"] = files  # the digest of each tensor file: the set must belong together
+        (tmp / STATE_FILE).write_text(dumps_with_digest(state))
     return path
 
 
+def _remedy(path: Path) -> str:
+    return (f"Delete {path} and rerun (train(resume='auto') skips it and resumes from the newest intact "
+            f"checkpoint)")
+
+
 def read_state(path_dir) -> dict:
-    """The parsed ``state.json`` of a checkpoint, with clear errors if it is not one."""
+    """The parsed ``state.json`` of a checkpoint, with clear errors if it is not one or is damaged."""
     path = Path(path_dir)
+    recover(path)  # a save killed between its two renames left the previous checkpoint aside
     if not path.exists():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     if not path.is_dir():
@@ -141,13 +139,28 @@ def read_state(path_dir) -> dict:
     if not sp.exists():
         have = sorted(p.name for p in path.iterdir())
         raise FileNotFoundError(f"{str(path)!r} is not a complete checkpoint: {STATE_FILE} is missing "
-                                f"(found {have}); it may be an interrupted save")
-    state = json.loads(sp.read_text())
+                                f"(found {have}); it may be an interrupted save. {_remedy(path)}")
+    state = read_json(sp, _remedy(path))
     if state.get("format") != FORMAT:
-        raise ValueError(f"{str(sp)!r} is not a minipeft checkpoint (format {state.get('format')!r})")
-    if state.get("version", 0) > VERSION:
-        raise ValueError(f"checkpoint version {state['version']} is newer than this minipeft reads ({VERSION})")
+        raise DamagedFileError(sp, f"not a minipeft checkpoint (format {state.get('format')!r})", _remedy(path))
+    if not isinstance(state.get("version"), int) or state["version"] > VERSION:
+        raise ValueError(f"{sp}: checkpoint version {state.get('version')!r} is not one this minipeft reads "
+                         f"(up to {VERSION}); upgrade minipeft")
+    want = {"step": int, "model_keys": list, "rng": dict, "extra": dict}
+    bad = [k for k, t in want.items() if not isinstance(state.get(k), t)]
+    if bad:
+        raise DamagedFileError(sp, f"fields {bad} are missing or of the wrong type", _remedy(path))
     return state
+
+
+def _read_arrays(path: Path, name: str, state: dict) -> dict:
+    """The arrays of ``path/name``, checked against their digest and against ``state.json``."""
+    arrays, meta = load_tensors(path / name, _remedy(path))
+    listed = (state.get("files") or {}).get(name)
+    if listed is not None and meta.get(DIGEST_KEY) != listed:
+        raise DamagedFileError(path / name, f"it does not belong with {STATE_FILE} (another save's file)",
+                               _remedy(path))
+    return arrays
 
 
 def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_state: dict | None = None,
@@ -155,30 +168,29 @@ def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_st
     """Restore what was saved into the given objects; return ``state.json`` (step, extra, ...).
 
     ``rng_state``: name -> ``numpy.random.Generator`` whose states are set from the file.
-    Nothing is changed unless every part fits: the model's keys and shapes
-    (``ValueError`` from ``load_state_dict`` listing them), the optimizer's parameters
-    and shapes, and the generators named.
+    Nothing is changed unless every part fits and every file is intact: the model's keys
+    and shapes (``ValueError`` from ``load_state_dict`` listing them), the optimizer's
+    parameters and shapes, the generators named, and each file's digest
+    (``DamagedFileError`` naming the file).
     """
     path = Path(path_dir)
     state = read_state(path)
-    st_numpy = _safetensors_numpy()
 
     opt_sd = None
     if optimizer is not None:
         if state["optimizer"] is None:
             raise ValueError(f"checkpoint {str(path)!r} has no optimizer state, but an optimizer was given to load")
-        if not (path / OPTIMIZER_FILE).exists():
-            raise FileNotFoundError(f"{str(path / OPTIMIZER_FILE)!r} is missing")
-        arrays = st_numpy.load_file(str(path / OPTIMIZER_FILE))
+        arrays = _read_arrays(path, OPTIMIZER_FILE, state)
         o = state["optimizer"]
         sd_state = {name: dict(sc) for name, sc in o["scalars"].items()}
         for key, (name, k) in o["arrays"].items():
             if key not in arrays:
-                raise ValueError(f"{OPTIMIZER_FILE} lacks array {key!r} listed in {STATE_FILE}")
+                raise DamagedFileError(path / OPTIMIZER_FILE, f"it lacks array {key!r} listed in {STATE_FILE}",
+                                       _remedy(path))
             sd_state.setdefault(name, {})[k] = arrays[key]
         opt_sd = {"type": o["type"], "hparams": o["hparams"], "param_names": o["param_names"], "state": sd_state}
         optimizer.check_state_dict(opt_sd)
-    gens = state["rng"]["generators"]
+    gens = state["rng"].get("generators", {})
     missing = sorted(set(rng_state or {}) - set(gens))
     if missing:
         raise ValueError(f"checkpoint has no state for generators {missing}; it saved {sorted(gens)}")
@@ -186,9 +198,10 @@ def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_st
         raise ValueError(f"checkpoint {str(path)!r} has no scheduler state, but a scheduler was given to load")
 
     if model is not None:
-        if not (path / MODEL_FILE).exists():
-            raise FileNotFoundError(f"{str(path / MODEL_FILE)!r} is missing")
-        arrays = st_numpy.load_file(str(path / MODEL_FILE))
+        arrays = _read_arrays(path, MODEL_FILE, state)
+        if sorted(arrays) != sorted(state["model_keys"]):
+            raise DamagedFileError(path / MODEL_FILE, f"its keys differ from the {len(state['model_keys'])} "
+                                   f"listed in {STATE_FILE}", _remedy(path))
         try:
             model.load_state_dict(arrays)
         except ValueError as e:
@@ -204,11 +217,30 @@ def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_st
     return state
 
 
+def verify_checkpoint(path_dir) -> dict:
+    """Read every file of a checkpoint and check it is complete and intact; return ``state.json``.
+
+    Raises ``FileNotFoundError`` (a missing part) or ``DamagedFileError`` (naming the file).
+    """
+    path = Path(path_dir)
+    state = read_state(path)
+    _read_arrays(path, MODEL_FILE, state)
+    if state.get("optimizer") is not None:
+        _read_arrays(path, OPTIMIZER_FILE, state)
+    return state
+
+
 def list_checkpoints(root) -> list[tuple[int, Path]]:
-    """Complete checkpoints ``root/step_XXXXXXXX`` as (step, path), oldest first."""
+    """Checkpoints ``root/step_XXXXXXXX`` that hold a ``state.json``, as (step, path), oldest first.
+
+    A checkpoint whose save was killed between its two renames is put back first.
+    """
     root = Path(root)
     if not root.is_dir():
         return []
+    for p in root.iterdir():  # .step_XXXXXXXX.old-*: the previous version of a checkpoint being replaced
+        if p.name.startswith(".step_") and ".old-" in p.name:
+            recover(root / p.name[1:p.name.index(".old-")])
     out = []
     for p in root.iterdir():
         if p.is_dir() and p.name.startswith("step_") and (p / STATE_FILE).exists():
@@ -220,9 +252,14 @@ def list_checkpoints(root) -> list[tuple[int, Path]]:
 
 
 def latest_checkpoint(root) -> Path | None:
-    """The newest complete checkpoint under ``root`` (``None`` if there is none)."""
+    """The newest checkpoint under ``root`` that holds a ``state.json`` (``None`` if there is none)."""
     cks = list_checkpoints(root)
     return cks[-1][1] if cks else None
+
+
+def remove_checkpoint(path_dir) -> None:
+    """Delete a checkpoint directory (renamed aside first, so a kill never leaves half of one)."""
+    remove_directory(path_dir)
 
 
 def checkpoint_path(root, step: int) -> Path:

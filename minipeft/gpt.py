@@ -25,13 +25,16 @@ import dataclasses
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import functional as F
+from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
 from .engine import Tensor, no_grad
+from .integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 
 from .sizes import BYTE_VOCAB_SIZE, GPT2_VOCAB_SIZE, SHAPES, shape_of  # the one table of sizes
@@ -438,12 +441,12 @@ class GPT(Module):
         as ``from_pretrained`` does (call ``.train()`` before fine-tuning).
         """
         path = os.fspath(path)
+        recover(path)  # a save killed between its two renames left the previous version aside
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
             raise FileNotFoundError(f"{cfg_file} not found: from_hf needs a Hugging Face GPT-2 directory "
                                     f"(config.json + model.safetensors)")
-        with open(cfg_file) as f:
-            hf = json.load(f)
+        hf = read_json(cfg_file, _hf_remedy(path))
         if hf.get("model_type", "gpt2") != "gpt2":
             raise ValueError(f"{cfg_file}: model_type is {hf.get('model_type')!r}, only 'gpt2' is supported")
         for key, want in (("activation_function", "gelu_new"), ("scale_attn_weights", True),
@@ -451,24 +454,39 @@ class GPT(Module):
             if hf.get(key, want) != want:
                 raise ValueError(f"{cfg_file}: {key}={hf[key]!r} is not GPT-2's ({want!r}); "
                                  f"minipeft's GPT cannot run it")
-        config = GPTConfig(
-            vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE), block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
-            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
-            n_inner=hf.get("n_inner"), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
-            dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
-            tie_word_embeddings=hf.get("tie_word_embeddings", True), dtype=dtype)
+        try:
+            config = GPTConfig(
+                vocab_size=hf.get("vocab_size", GPT2_VOCAB_SIZE),
+                block_size=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=hf.get("n_embd", 768),
+                n_inner=hf.get("n_inner"), layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+                dropout=hf.get("resid_pdrop", 0.1) if dropout is None else dropout,
+                tie_word_embeddings=hf.get("tie_word_embeddings", True), dtype=dtype)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cfg_file}: {e}") from e
+        raw, meta = _read_safetensors(path)
+        saved = meta.get(_CONFIG_DIGEST_KEY)
+        if saved is not None and saved != json_digest(hf):
+            warnings.warn(f"{cfg_file} is not the config saved with its model.safetensors (changed after "
+                          f"save_hf wrote them: edited by hand, or damaged); loading it as it is now", stacklevel=2)
+        _check_size(raw, config, cfg_file)
         model = cls(config, init_weights=False)
-        model.load_state_dict(_from_hf_state(_read_safetensors(path), config))
+        try:
+            model.load_state_dict(_from_hf_state(raw, config))
+        except ValueError as e:
+            raise ValueError(f"{path}: config.json and model.safetensors do not belong together: {e}") from e
         return model.eval()
 
     def save_hf(self, path) -> None:
-        """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` can load."""
+        """Write a directory ``transformers.GPT2LMHeadModel.from_pretrained`` can load.
+
+        The directory is written whole beside ``path`` and swapped in (``minipeft.atomic``), so
+        a kill leaves the previous model or the new one; other files in it are kept.
+        ``model.safetensors`` carries digests of its tensors and of ``config.json``.
+        """
         cfg = self.config
         if not cfg.bias:
             raise ValueError("save_hf: Hugging Face GPT-2 always has biases; this model has bias=False")
-        from safetensors.numpy import save_file
-
-        os.makedirs(path, exist_ok=True)
         eos = GPT2_VOCAB_SIZE - 1 if cfg.vocab_size == GPT2_VOCAB_SIZE else None  # GPT-2's <|endoftext|>
         hf = {
             "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
@@ -479,15 +497,38 @@ class GPT(Module):
             "initializer_range": 0.02, "tie_word_embeddings": cfg.tie_word_embeddings,
             "bos_token_id": eos, "eos_token_id": eos, "use_cache": True, "dtype": cfg.dtype,
         }
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(hf, f, indent=2, sort_keys=True)
         tensors = {}
         for name, arr in self.state_dict().items():
             if name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue
             a = to_numpy(arr)
             tensors[name] = np.ascontiguousarray(a.T if _is_conv1d(name) else a)  # Conv1D is (in, out)
-        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        with atomic_directory(path, owned=_HF_FILES) as tmp:
+            with open(tmp / "config.json", "w") as f:
+                json.dump(hf, f, indent=2, sort_keys=True)
+            save_tensors(tensors, tmp / "model.safetensors", {"format": "pt"},
+                         **{_CONFIG_DIGEST_KEY: json_digest(hf)})
+
+
+_HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")  # what save_hf replaces
+_CONFIG_DIGEST_KEY = "minipeft_config_sha256"  # digest of the config.json saved beside model.safetensors
+
+
+def _hf_remedy(path) -> str:
+    return (f"Save the model again (GPT.save_hf), or delete {os.fspath(path)} and rerun (a cached base model "
+            f"is then pretrained again)")
+
+
+def _check_size(raw: dict, cfg: "GPTConfig", cfg_file: str) -> None:
+    """Refuse a config.json that describes a model far larger than the tensors beside it (before allocating it)."""
+    C, F_, V = cfg.n_embd, cfg.d_ff, cfg.vocab_size
+    want = V * C + cfg.block_size * C + 2 * C + cfg.n_layer * (4 * C + 3 * C * C + 3 * C + C * C + C
+                                                               + 2 * C * F_ + F_ + C)
+    have = sum(int(np.prod(a.shape)) for a in raw.values())
+    if want > 2 * have + 1_000_000:
+        raise ValueError(f"{cfg_file} does not describe the tensors beside it: it asks for a model of {want:,} "
+                         f"parameters, model.safetensors holds {have:,} numbers. "
+                         f"{_hf_remedy(os.path.dirname(cfg_file))}")
 
 
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -497,19 +538,20 @@ def _is_conv1d(name: str) -> bool:
     return name.endswith(_CONV1D)
 
 
-def _read_safetensors(path: str) -> dict:
-    from safetensors.numpy import load_file
-
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    """(tensors, metadata) of a Hugging Face directory: ``model.safetensors`` or its shards."""
+    remedy = _hf_remedy(path)
     single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        return load_tensors(single, remedy)
     if os.path.isfile(index):  # sharded checkpoint
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weight_map = read_json(index, remedy).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise DamagedFileError(index, "no 'weight_map' object", remedy)
         out = {}
-        for s in shards:
-            out.update(load_file(os.path.join(path, s)))
-        return out
+        for s in sorted(set(map(str, weight_map.values()))):
+            out.update(load_tensors(os.path.join(path, s), remedy)[0])
+        return out, {}
     hint = " (found a pickle checkpoint, which minipeft never reads: convert it to safetensors)" if any(
         os.path.isfile(os.path.join(path, n)) for n in ("pytorch_model.bin", "model.bin")) else ""
     raise FileNotFoundError(f"no model.safetensors in {path}{hint}")

@@ -27,7 +27,6 @@ previous model whole; ``load`` retrains a directory that is incomplete.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, replace
@@ -35,10 +34,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_directory, recover
 from .backend import resolve_device, to_device
 from .data import Corpus, eval_batches, lm_batches
 from .engine import no_grad
 from .gpt import GPT, GPTConfig
+from .integrity import dumps_with_digest, read_json
 from .sizes import BASES, BaseSize
 from .train import TrainConfig, train
 
@@ -143,39 +144,25 @@ def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", q
 
 
 def _save_atomically(model: GPT, meta: dict, out: Path) -> None:
-    """Write config, weights and ``meta.json`` (last) into a temporary directory, then rename it to ``out``."""
-    import shutil
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Write config, weights and ``meta.json`` into a temporary directory, then swap it in (``minipeft.atomic``)."""
+    with atomic_directory(out) as tmp:
         model.save_hf(tmp)
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / "meta.json").write_text(dumps_with_digest(meta))
 
 
 def load(name: str = "tiny", corpus: str = "english", device: str = "cpu", quick: bool = False,
          progress: bool = True, return_meta: bool = False):
     """The cached base model ``name`` (trained first when missing or damaged), on ``device``."""
     d = model_dir(name, corpus, quick)
+    recover(d)  # a save killed between its two renames left the previous model aside
     model = meta = None
     if (d / "meta.json").exists() and (d / "model.safetensors").exists():
         try:
+            meta = read_json(d / "meta.json", f"Delete {d} and rerun")
             model = GPT.from_hf(d).to(resolve_device(device))
-            meta = json.loads((d / "meta.json").read_text())
         except Exception as e:  # a damaged cache entry is rebuilt, not fatal
             print(f"[minipeft] cached base model {d} is damaged ({type(e).__name__}: {e}); pretraining it again")
-            model = None
+            model, meta = None, {}
     if model is None:
         if progress and meta is None:
             print(f"[minipeft] no cached base model {d.name!r}: pretraining it once (cached in {d.parent})")

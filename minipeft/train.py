@@ -32,6 +32,7 @@ import dataclasses
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
@@ -207,16 +208,23 @@ def _restore(resume, config, model, optimizer, scheduler, rng) -> tuple[int, dic
     if resume is True or resume == "auto":
         if not config.checkpoint_dir:
             raise ValueError("resume needs config.checkpoint_dir (where to look for checkpoints)")
-        path = ckpt.latest_checkpoint(config.checkpoint_dir)
-        if path is None:
-            if resume == "auto":
-                return 0, None
-            root = Path(config.checkpoint_dir)
-            what = "does not exist" if not root.exists() else "holds no complete step_XXXXXXXX checkpoint"
-            raise FileNotFoundError(f"cannot resume: checkpoint_dir {str(root)!r} {what}; "
-                                    "train without resume=True first (or pass resume='auto')")
-    else:
-        path = Path(resume)
+        for _, path in reversed(ckpt.list_checkpoints(config.checkpoint_dir)):  # newest first
+            try:
+                return _load(path, config, model, optimizer, scheduler, rng)
+            except (ckpt.DamagedFileError, FileNotFoundError) as e:  # nothing was changed: try an older one
+                warnings.warn(f"resume: skipping checkpoint {path}, which is damaged or incomplete ({e})",
+                              stacklevel=3)
+        if resume == "auto":
+            return 0, None
+        root = Path(config.checkpoint_dir)
+        what = "does not exist" if not root.exists() else "holds no intact step_XXXXXXXX checkpoint"
+        raise FileNotFoundError(f"cannot resume: checkpoint_dir {str(root)!r} {what}; "
+                                "train without resume=True first (or pass resume='auto')")
+    return _load(Path(resume), config, model, optimizer, scheduler, rng)
+
+
+def _load(path, config, model, optimizer, scheduler, rng) -> tuple[int, dict]:
+    """Restore the checkpoint at ``path`` (model, optimizer, scheduler, generators); (step, extra)."""
     state = ckpt.read_state(path)
     saved = state["extra"].get("config", {})
     diff = [f"{k}: checkpoint {saved[k]!r} vs now {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS
@@ -226,6 +234,17 @@ def _restore(resume, config, model, optimizer, scheduler, rng) -> tuple[int, dic
                          f"differ): {diff}")
     state = ckpt.load_checkpoint(path, model, optimizer, scheduler, rng_state={"batch": rng})
     return int(state["step"]), state["extra"]
+
+
+def _warn_if_not_empty(config) -> None:
+    """A fresh run into a directory that holds another run's checkpoints: say so (resume would mix them)."""
+    if config.checkpoint_dir and config.checkpoint_every:
+        old = ckpt.list_checkpoints(config.checkpoint_dir)
+        if old:
+            warnings.warn(f"checkpoint_dir {config.checkpoint_dir!r} already holds checkpoints of another run "
+                          f"(steps {[s for s, _ in old][-3:]}); this fresh run (resume=False) writes beside "
+                          f"them, and a later resume='auto' would continue from the newest of all. Use an "
+                          f"empty checkpoint_dir, or resume='auto' to continue that run", stacklevel=3)
 
 
 class EarlyStopping:
@@ -311,8 +330,10 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     ``config.eval_batches`` fixed batches) run every ``eval_every`` steps and at the end.
     ``callbacks``: ``cb(step, info) -> bool|None`` after every step; ``True`` stops training
     (``EarlyStopping`` is one).
-    ``resume``: ``True`` continues from the newest checkpoint in ``config.checkpoint_dir``
+    ``resume``: ``True`` continues from the newest intact checkpoint in ``config.checkpoint_dir``
     (error if none), ``'auto'`` does so if one exists, a path resumes from that checkpoint.
+    Damaged or incomplete checkpoints are skipped with a warning (``True``/``'auto'``); a fresh
+    run (``resume=False``) into a directory that already holds checkpoints warns.
     Seeds ``minipeft.random`` with ``config.seed`` (the dropout stream) at the start.
     """
     config = config or TrainConfig()
@@ -330,14 +351,17 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     start = 0
     if resume:
         start, extra = _restore(resume, config, model, optimizer, scheduler, rng)
-        if extra is not None:
-            if "grad_scaler" in extra:
-                scaler.load_state_dict(extra["grad_scaler"])
-            result.resumed_from = start
-            result.history = [StepRecord(*h) for h in extra.get("history", [])]
-            result.eval_history = [(int(s), dict(m)) for s, m in extra.get("eval_history", [])]
-            result.grad_norms = list(extra.get("grad_norms", []))
-            result.step_times = list(extra.get("step_times", []))
+    else:
+        _warn_if_not_empty(config)
+        extra = None
+    if extra is not None:
+        if "grad_scaler" in extra:
+            scaler.load_state_dict(extra["grad_scaler"])
+        result.resumed_from = start
+        result.history = [StepRecord(*h) for h in extra.get("history", [])]
+        result.eval_history = [(int(s), dict(m)) for s, m in extra.get("eval_history", [])]
+        result.grad_norms = list(extra.get("grad_norms", []))
+        result.step_times = list(extra.get("step_times", []))
 
     def run_eval(step: int) -> None:
         if eval_fn is None and get_eval_batch is None:
@@ -365,10 +389,8 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         ckpt.save_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir, step), model, optimizer, scheduler,
                              step=step, extra=extra, rng_state={"batch": rng})
         if config.keep_checkpoints is not None:
-            import shutil
-
             for _, old in ckpt.list_checkpoints(config.checkpoint_dir)[:-config.keep_checkpoints]:
-                shutil.rmtree(old)
+                ckpt.remove_checkpoint(old)
 
     n_before = len(result.step_times)
     bar = _progress_bar(config, start)

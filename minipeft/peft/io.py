@@ -60,18 +60,26 @@ tensors in (``PeftModel.load_peft_state_dict`` checks keys and shapes first). An
 problem -- a missing or damaged file, another method, another base shape, a module the
 model lacks -- raises ``FileNotFoundError``/``ValueError`` naming the file, and the model is
 left exactly as it was: same modules, same parameters, same trainability, same adapters.
+
+Saving is atomic for the pair of files (``minipeft.atomic``): a kill never leaves an r=8
+config beside r=4 weights. Files minipeft writes carry, in the safetensors metadata, a
+digest of the tensors (``minipeft_sha256``) and of the config written beside them
+(``minipeft_config_sha256``); peft ignores both. A changed tensor byte raises
+``DamagedFileError``; a config that changed since it was saved (edited by hand, or damaged)
+loads with a warning that names it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 
 import numpy as np
 
+from ..atomic import atomic_directory, recover
 from ..backend import to_numpy
+from ..integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
 from ..nn import Module
 from .config import PeftConfig
 from .lora_slices import plain_lora_config, plain_lora_tensors
@@ -84,6 +92,8 @@ CONFIG_NAME = "adapter_config.json"  # peft's CONFIG_NAME
 INIT_ONLY_FIELDS = {"PROMPT_TUNING": {"prompt_tuning_init": "RANDOM", "prompt_tuning_init_text": None,
                                       "tokenizer_name_or_path": None, "tokenizer_kwargs": None}}
 WEIGHTS_NAME = "adapter_model.safetensors"  # peft's SAFETENSORS_WEIGHTS_NAME
+#: safetensors metadata key: digest of the adapter_config.json saved with the weights (peft ignores it)
+CONFIG_DIGEST_KEY = "minipeft_config_sha256"
 # GPT-2 modules that are transformers' Conv1D (weight stored (in, out)): peft sets fan_in_fan_out for them
 _CONV1D_MODULES = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
@@ -126,8 +136,12 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
 
     ``adapter_config.json`` (sorted keys, indent 2) and ``adapter_model.safetensors``
     (float32, metadata ``{"format": "pt"}``) go into ``directory`` for the "default"
-    adapter and ``directory/<adapter_name>`` otherwise. Both files are written to
-    temporary names first and then renamed, so a failure leaves no half-written file.
+    adapter and ``directory/<adapter_name>`` otherwise. The directory is written whole into a
+    temporary directory and swapped in (``minipeft.atomic``): a failure or a kill at any
+    moment leaves the previous adapter or the new one, never a mix; other entries of the
+    directory (other adapters' sub-folders, outputs) are kept. The weights file carries
+    digests of its tensors and of the config (``minipeft.integrity``), so a damaged file is
+    caught when loading.
 
     A LoRA with ``enable_lora`` (slices of a fused layer) is written as the plain LoRA of
     rank r' = n·r with the same ΔW (block B', alpha times r'/r; see the module docstring).
@@ -139,8 +153,6 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
         raise TypeError(f"save_adapter needs a PeftModel (from get_peft_model), got {type(model).__name__}")
     if adapter_name not in model.peft_config:
         raise ValueError(f"unknown adapter {adapter_name!r}; adapters: {list(model.peft_config)}")
-    from safetensors.numpy import save_file
-
     config = adapter_config_dict(model, adapter_name, base_model_name_or_path)
     tensors = {}
     for key, arr in model.peft_state_dict(adapter_name).items():
@@ -153,40 +165,34 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
     if not tensors:
         raise ValueError(f"adapter {adapter_name!r} has no tensors to save")
     out = adapter_directory(directory, adapter_name)
-    os.makedirs(out, exist_ok=True)
-    _atomic_write(os.path.join(out, CONFIG_NAME),
-                  lambda p: _write_text(p, json.dumps(config, indent=2, sort_keys=True)))
-    _atomic_write(os.path.join(out, WEIGHTS_NAME), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    text = json.dumps(config, indent=2, sort_keys=True)
+    # the whole directory is swapped in at once: a kill never leaves a new config beside old weights
+    with atomic_directory(out, owned=(CONFIG_NAME, WEIGHTS_NAME)) as tmp:
+        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
+            f.write(text)
+        save_tensors(tensors, tmp / WEIGHTS_NAME, {"format": "pt"}, **{CONFIG_DIGEST_KEY: json_digest(config)})
     return out
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-
-
-def _atomic_write(path: str, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp_", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # ------------------------------------------------------------------ reading
 
 
+def _remedy(directory) -> str:
+    return (f"Resave the adapter (save_adapter / peft's save_pretrained) into {os.fspath(directory)}, or "
+            f"delete that folder")
+
+
 def _find_files(directory, adapter_name: str) -> tuple[str, str]:
     d = os.fspath(directory)
+    recover(d)  # a save killed between its two renames left the previous adapter aside
     if not os.path.isdir(d):
         raise FileNotFoundError(f"adapter directory {d} not found (expected a folder with {CONFIG_NAME} and "
                                 f"{WEIGHTS_NAME}, as written by save_adapter or peft's save_pretrained)")
     sub = os.path.join(d, adapter_name)
-    if adapter_name != "default" and os.path.isfile(os.path.join(sub, CONFIG_NAME)):
-        d = sub  # a non-default adapter saved by save_adapter / save_pretrained into its subfolder
+    if adapter_name != "default":
+        recover(sub)
+        if os.path.isfile(os.path.join(sub, CONFIG_NAME)):
+            d = sub  # a non-default adapter saved by save_adapter / save_pretrained into its subfolder
     cfg, weights = os.path.join(d, CONFIG_NAME), os.path.join(d, WEIGHTS_NAME)
     if not os.path.isfile(cfg):
         raise FileNotFoundError(f"{cfg} not found: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -198,19 +204,21 @@ def _find_files(directory, adapter_name: str) -> tuple[str, str]:
     return cfg, weights
 
 
+def _read_config_dict(path: str) -> dict:
+    return read_json(path, _remedy(os.path.dirname(path)))
+
+
 def read_adapter_config(path: str) -> tuple[PeftConfig, dict]:
     """Parse ``adapter_config.json``: (minipeft's config, the file's ``INIT_ONLY_FIELDS`` values).
 
     Unknown keys (of a newer peft) are dropped with a warning; the config holds neutral
-    values for the init-only fields, the second item the file's own.
+    values for the init-only fields, the second item the file's own. A damaged file raises
+    ``DamagedFileError`` (a ValueError) naming it.
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); the file is damaged: save the adapter again") from e
-    if not isinstance(d, dict):
-        raise ValueError(f"{path} must hold a JSON object (peft's adapter config), got {type(d).__name__}")
+    return _config_from_dict(path, _read_config_dict(path))
+
+
+def _config_from_dict(path: str, d: dict) -> tuple[PeftConfig, dict]:
     neutral = INIT_ONLY_FIELDS.get(d.get("peft_type"), {})
     try:  # keys of a newer peft: dropped with a warning, as peft does
         config = PeftConfig.from_dict({**d, **{k: v for k, v in neutral.items() if k in d}}, strict=False)
@@ -223,20 +231,19 @@ def read_adapter_config(path: str) -> tuple[PeftConfig, dict]:
 
 
 def read_adapter_weights(path: str) -> dict[str, np.ndarray]:
-    """The tensors of ``adapter_model.safetensors`` as NumPy arrays; ValueError if damaged."""
-    from safetensors.numpy import load_file
+    """The tensors of ``adapter_model.safetensors`` as NumPy arrays; ``DamagedFileError`` if damaged."""
+    return _read_weights(path)[0]
 
-    try:
-        tensors = load_file(path)
-    except Exception as e:  # safetensors raises its own SafetensorError for truncated or corrupt files
-        raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e}); it may be "
-                         "truncated or damaged: save the adapter again") from e
+
+def _read_weights(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    tensors, meta = load_tensors(path, _remedy(os.path.dirname(path)))
     bad = [f"{k} ({a.dtype})" for k, a in tensors.items() if not np.issubdtype(a.dtype, np.floating)]
     if bad:
         raise ValueError(f"{path}: adapter tensors must be floats, got {bad[:5]}")
     if not tensors:
-        raise ValueError(f"{path} holds no tensors; an adapter file has at least one")
-    return tensors
+        raise DamagedFileError(path, "it holds no tensors (an adapter file has at least one)",
+                               _remedy(os.path.dirname(path)))
+    return tensors, meta
 
 
 def read_adapter(directory, adapter_name: str = "default", is_trainable: bool = False):
@@ -248,7 +255,14 @@ def read_adapter(directory, adapter_name: str = "default", is_trainable: bool = 
     neutral values and the file's values come separately (``load_adapter`` restores them).
     """
     cfg_path, weights_path = _find_files(directory, adapter_name)
-    config, init_only = read_adapter_config(cfg_path)
+    d = _read_config_dict(cfg_path)
+    tensors, meta = _read_weights(weights_path)
+    saved = meta.get(CONFIG_DIGEST_KEY)
+    if saved is not None and saved != json_digest(d):
+        warnings.warn(f"{cfg_path} is not the config saved with {weights_path} (its content changed after "
+                      f"save_adapter wrote them: edited by hand, or damaged); loading it as it is now. If this "
+                      f"is not intended, resave the adapter", stacklevel=3)
+    config, init_only = _config_from_dict(cfg_path, d)
     changes = {"inference_mode": not is_trainable}
     if any(f.name == "fan_in_fan_out" for f in dataclasses.fields(config)):
         changes["fan_in_fan_out"] = False
@@ -256,7 +270,7 @@ def read_adapter(directory, adapter_name: str = "default", is_trainable: bool = 
         config = dataclasses.replace(config, **changes)
     except (ValueError, TypeError) as e:
         raise ValueError(f"{cfg_path}: {e}") from e
-    return config, read_adapter_weights(weights_path), init_only, cfg_path, weights_path
+    return config, tensors, init_only, cfg_path, weights_path
 
 
 # ------------------------------------------------------------------ loading

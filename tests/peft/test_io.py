@@ -133,7 +133,8 @@ def test_file_format(tmp_path):
     assert d["peft_type"] == "LORA" and d["inference_mode"] is True and d["fan_in_fan_out"] is True
     assert "seed" not in d  # minipeft-only runtime field
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "np") as f:
-        assert f.metadata() == {"format": "pt"}
+        meta = f.metadata()  # peft's {"format": "pt"}, plus minipeft's digests (peft ignores other keys)
+        assert meta.pop("format") == "pt" and sorted(meta) == ["minipeft_config_sha256", "minipeft_sha256"]
         keys = sorted(f.keys())
         assert all(f.get_slice(k).get_dtype() == "F32" for k in keys)
     assert keys == sorted(f"base_model.model.transformer.h.{i}.attn.c_attn.lora_{m}.weight"
