@@ -268,7 +268,7 @@ def main(argv=None) -> dict:
         lrs = s["grids"][method]
         rows, model = sweep(method, base, lrs, s, train_tok, select_loss, args.seed, log=rep.text)
         chosen = rows[choose(rows)]
-        grid_rows += [(method, f"{r['lr']:g}", r["train_loss"], r["val_select"],
+        grid_rows += [(method, f"{r['lr']:g}", f"{r['train_loss']:.3f}", f"{r['val_select']:.3f}",
                        ("<- chosen" + (" (grid edge)" if r["at_grid_edge"] else "")) if r["chosen"] else "")
                       for r in rows]
         trainable = sum(p.size for p in model.parameters() if p.requires_grad)
@@ -301,7 +301,7 @@ def main(argv=None) -> dict:
               ("method", "lr", "trainable", "of base", "Python", "learned", "English", "forgot", "ms/step"))
     rep.text(f"(the NF4 base before training: Python {nf4_val:.3f}, English {nf4_source:.3f})")
     claims = judge(results, base_val, base_source, nf4_source)
-    rep.text("\nThe course's claims, judged by the claims table's rules (minipeft.claims.methods):")
+    rep.text("\nThe course's claims, judged by the claims table's rules (minipeft.claims):")
     for c in claims:
         rep.claim(c["label"], c["course"], c["minipeft"], c["relation"], c["verdict"], c["note"])
     for c in claims:
