@@ -905,6 +905,11 @@ def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: fl
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     v = logits.shape[-1]
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))  # an index outside [0, V) would wrap
+    if targets.size and bool(bad.any()):
+        raise ValueError(f"cross_entropy: targets must be class indices in [0, {v}) or ignore_index "
+                         f"({ignore_index}); got {int(bad.sum())} outside, e.g. {int(targets[bad].reshape(-1)[0])}. "
+                         f"Mark positions to skip with ignore_index, or check the tokenizer's vocabulary size")
     flat = reshape(logits, (-1, v)) if logits.ndim != 2 else logits
     return CrossEntropy.apply(flat, targets.reshape(-1), ignore_index, label_smoothing)
 

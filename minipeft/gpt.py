@@ -72,8 +72,9 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_inner must be None (4 * n_embd) or a positive integer, got {self.n_inner!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        if not self.layer_norm_epsilon > 0:
-            raise ValueError(f"GPTConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon}")
+        if not (self.layer_norm_epsilon > 0 and math.isfinite(self.layer_norm_epsilon)):
+            raise ValueError(f"GPTConfig.layer_norm_epsilon must be a finite number > 0 (GPT-2: 1e-5), "
+                             f"got {self.layer_norm_epsilon}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"GPTConfig.dtype must be one of {_DTYPES}, got {self.dtype!r}")
 

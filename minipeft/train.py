@@ -86,8 +86,13 @@ class TrainConfig:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"TrainConfig.grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"TrainConfig.grad_clip must be a finite number > 0, or None for no clipping, "
+                             f"got {self.grad_clip!r}")
+        for name in ("min_lr", "weight_decay"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number >= 0, got {v!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
             raise ValueError("checkpoint_every is set but checkpoint_dir is not: say where checkpoints go")
         if self.keep_checkpoints is not None and self.keep_checkpoints < 1:

@@ -19,6 +19,8 @@ inside the wrapped model (``transformer.h.0.attn.c_attn``):
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass
@@ -67,6 +69,11 @@ class PeftConfig:
             CONFIG_CLASSES[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # NaN or inf in any number (lora_alpha, a dropout, alpha_pattern ...)
+            v = getattr(self, f.name)
+            if any(isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral) and not math.isfinite(x)
+                   for x in (v.values() if isinstance(v, dict) else [v])):
+                raise ValueError(f"{type(self).__name__}.{f.name} must be a finite number, got {v!r}")
         for name in ("target_modules", "exclude_modules"):
             v = getattr(self, name)
             if isinstance(v, (set, tuple)):

@@ -328,6 +328,8 @@ def load_adapter(model: Module, directory, adapter_name: str = "default", is_tra
     except Exception as e:
         if added and peft_model is model:
             _remove_adapter(peft_model, adapter_name)
+        if peft_model is not None and peft_model is not model:
+            peft_model._release()  # the plain model is not wrapped after all
         snap.restore()
         if isinstance(e, (ValueError, TypeError, KeyError)):
             where = weights_path if added else cfg_path

@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import re
 import warnings
+import weakref
 import zlib
 from collections import OrderedDict
 from typing import ClassVar
@@ -414,6 +415,7 @@ class PeftModel(Module):
             raise TypeError("model is already a PeftModel; use model.add_adapter(name, config) to add another adapter")
         if not isinstance(model, Module):
             raise TypeError(f"get_peft_model needs a minipeft Module, got {type(model).__name__}")
+        check_not_wrapped(model)
         method = method_for(config)
         self.base_model = TunerModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
@@ -429,6 +431,7 @@ class PeftModel(Module):
             for p, flag in flags:  # leave the model as it was
                 p.requires_grad = flag
             raise
+        _WRAPPED[model] = weakref.ref(self)  # a second get_peft_model on this model is refused
 
     def __getattr__(self, name: str):
         base = self.__dict__.get("base_model")
@@ -604,7 +607,15 @@ class PeftModel(Module):
             elif isinstance(m, ModulesToSaveWrapper):
                 keep = m.modules_to_save[m.active_adapter] if m.active_adapter in m.modules_to_save else None
                 model.set_submodule(name, keep if keep is not None else m.original_module)
+        self._release()
         return model
+
+    def _release(self) -> None:
+        """The base model is no longer wrapped by this PeftModel (unloaded, or a failed load)."""
+        model = self.base_model.model
+        ref = _WRAPPED.get(model)
+        if ref is not None and ref() is self:
+            del _WRAPPED[model]
 
     def merge_and_unload(self, safe_merge: bool = False, adapter_names=None) -> Module:
         """Merge the active adapter into the weights and return the plain base model."""
@@ -710,11 +721,41 @@ def get_peft_model(model: Module, config: PeftConfig, adapter_name: str = "defau
     """Freeze ``model``, add the adapter ``config`` describes, return the ``PeftModel``.
 
     ``rng`` (a ``numpy.random.Generator``) overrides ``config.seed`` for the adapter init.
+    The adapter is injected into ``model`` itself (as peft does), so a model can be wrapped
+    once: a second call on it raises ``ValueError`` (``check_not_wrapped``).
     """
     return PeftModel(model, config, adapter_name, rng=rng)
 
 
+#: model -> weak reference to the PeftModel that wraps it (identity-keyed; a deepcopy is not in it)
+_WRAPPED: "weakref.WeakKeyDictionary[Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def check_not_wrapped(model: Module) -> None:
+    """Refuse a model that a PeftModel wraps already, or that holds adapter layers.
+
+    Wrapping it again would silently change the first PeftModel: the new adapter would
+    replace or wrap the first one's layers, and the first model's config and saved files
+    would no longer describe its weights. ``ValueError`` says what to do instead.
+    """
+    layer = next(((n, m) for n, m in walk(model) if n and isinstance(m, (BaseTunerLayer, ModulesToSaveWrapper))),
+                 None)
+    ref = _WRAPPED.get(model)
+    owner = ref() if ref is not None else None
+    if layer is None and owner is None:
+        return
+    if layer is not None:
+        what = f"its module {layer[0]!r} is a {type(layer[1]).__name__} from an earlier get_peft_model"
+    else:
+        what = f"a {owner.peft_type} PeftModel made by an earlier get_peft_model wraps it"
+    raise ValueError(
+        f"get_peft_model: this {type(model).__name__} is already wrapped ({what}); wrapping it again would "
+        "silently change that PeftModel's adapter. To add another adapter: peft_model.add_adapter(name, config). "
+        "For a second, independent PeftModel: wrap a copy taken before the first wrap "
+        "(base2 = copy.deepcopy(base)), or peft_model.unload() first to get the plain base back")
+
+
 __all__ = [
     "REGISTRY", "register", "BaseTunerLayer", "ModulesToSaveWrapper", "TunerModel", "PeftMethod", "PeftModel",
-    "get_peft_model", "derive_rng", "walk", "describe_modules", "is_linear_like", "method_for",
+    "get_peft_model", "check_not_wrapped", "derive_rng", "walk", "describe_modules", "is_linear_like", "method_for",
 ]

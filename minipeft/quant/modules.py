@@ -357,6 +357,24 @@ def _matches(name: str, patterns) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def _refuse_peft_model(model: Module) -> None:
+    """A model that already holds PEFT adapters is refused: its adapters' Linears would be quantized and frozen.
+
+    (Duck-typed, so that quant/ does not import peft/: a PeftModel has ``peft_config``, a
+    tuner layer ``adapter_layer_names``.)
+    """
+    where = "it is a PeftModel" if getattr(model, "peft_config", None) is not None else None
+    if where is None:
+        where = next((f"its module {n!r} is a {type(m).__name__}" for n, m in model.named_modules()
+                      if hasattr(type(m), "adapter_layer_names") or type(m).__name__ == "ModulesToSaveWrapper"),
+                     None)
+    if where is not None:
+        raise ValueError(f"quantize_model: {type(model).__name__} already holds PEFT adapters ({where}); quantizing "
+                         "now would quantize and freeze the adapters' own layers (LoRA's A and B), leaving nothing "
+                         "to train. Quantize the base first, then add the adapter (QLoRA's order): "
+                         "quantize_model(base); model = get_peft_model(base, config)")
+
+
 def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, compress_statistics: bool = True,
                    modules=None, skip=("lm_head",), bits: int = 4, compute_dtype="float32",
                    threshold: float = 6.0, verbose: bool = False) -> QuantizeReport:
@@ -365,9 +383,10 @@ def quantize_model(model: Module, quant_type: str = "nf4", blocksize: int = 64, 
     ``modules``: names or name suffixes to quantize (``['c_attn', 'mlp.c_fc']``); default
     every ``nn.Linear`` except those matching ``skip`` (``lm_head``, as QLoRA and
     Hugging Face leave the head in 16 bits; GPT-2's is tied to the embedding anyway).
-    Quantize *before* adding adapters. Returns a :class:`QuantizeReport` with the bytes
+    Quantize *before* adding adapters (a model holding adapters is refused with ``ValueError``). Returns a :class:`QuantizeReport` with the bytes
     the model holds before and after (printed when ``verbose``).
     """
+    _refuse_peft_model(model)
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 (Linear4bit) or 8 (Linear8bitLt), got {bits!r}")
     if bits == 4 and quant_type not in QUANT_TYPES_4BIT:
