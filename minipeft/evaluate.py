@@ -38,11 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_writable_dir, write_text_atomic
 from .backend import resolve_device, to_numpy
 from .data.e2e import E2EData, load_e2e_csv, split_by_mr, synthetic_e2e
 from .data.tokenizer import ByteTokenizer
 from .decoding import DecodeConfig, decode
 from .gpt import GPT, GPTConfig
+from .integrity import read_metadata
 from .metrics import e2e_scores
 
 SYNTHETIC_MRS = 600  # distinct MRs of the synthetic E2E set the lesson trains on
@@ -132,6 +134,7 @@ def _adapter_base_and_positions(adapter: str) -> tuple[str | None, int | None]:
     if (d / WEIGHTS_NAME).is_file():
         from safetensors import safe_open
 
+        read_metadata(d / WEIGHTS_NAME, f"Resave the adapter into {d}")  # a damaged header fails here, named
         with safe_open(str(d / WEIGHTS_NAME), framework="numpy") as f:
             for k in f.keys():
                 if k.endswith("transformer.wpe.weight"):
@@ -233,6 +236,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     p = _parser()
     a = p.parse_args(argv)
+    out = Path(a.out) if a.out else Path(a.adapter or ".") / "e2e_outputs.txt"
+    js = Path(a.json) if a.json else out.with_suffix(".json")
+    for flag, f in (("--out", out), ("--json", js)):  # before any decoding: fail in seconds, not after it
+        why = "it is a directory; give a file name" if f.is_dir() else check_writable_dir(f.parent)
+        if why:
+            p.exit(2, f"{p.prog}: error: {flag} {f} cannot be written ({why})\n")
     try:
         if a.beam < 1:
             raise ValueError(f"--beam must be >= 1, got {a.beam}")
@@ -256,17 +265,14 @@ def main(argv=None) -> dict:
     except (FileNotFoundError, ValueError) as e:
         hint = " (--block-size N extends the positions of a base given by name)" if "block_size" in str(e) else ""
         p.exit(2, f"{p.prog}: error: {e}{hint}\n")
-    out = Path(a.out) if a.out else Path(a.adapter or ".") / "e2e_outputs.txt"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
-    js = Path(a.json) if a.json else out.with_suffix(".json")
+    write_text_atomic(out, "".join(h + "\n" for h in hyps))
     result = {"scores": {k: float(scores[k]) for k in METRICS}, "n_mrs": int(scores["n_mrs"]),
               "data": data.source, "adapter": a.adapter, "base": a.base,
               "decoding": {"num_beams": cfg.num_beams, "length_penalty": cfg.length_penalty,
                            "length_penalty_style": cfg.length_penalty_style,
                            "no_repeat_ngram_size": cfg.no_repeat_ngram_size, "max_new_tokens": cfg.max_new_tokens},
               "seconds": seconds, "outputs": str(out)}
-    js.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    write_text_atomic(js, json.dumps(result, indent=2))
     print(f"E2E evaluation of {a.adapter or 'the base model'} on {data.source}")
     print(format_scores(scores))
     print(f"outputs: {out}\nscores : {js}\n({seconds:.1f} s to decode and score)")

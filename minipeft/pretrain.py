@@ -11,6 +11,8 @@ import math
 from pathlib import Path
 
 from . import pretrained
+from .atomic import check_writable_dir
+from .backend import resolve_device
 
 
 def main(argv=None) -> dict:
@@ -24,17 +26,32 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-save", action="store_true", help="do not write the model to the cache")
     a = p.parse_args(argv)
+
+    def fail(msg: str):  # a user error: one line, exit code 2, no traceback
+        p.exit(2, f"{p.prog}: error: {msg}\n")
+
     if a.steps is not None and a.steps < 1:
-        p.error(f"--steps {a.steps}: must be a positive number of optimizer steps")
+        fail(f"--steps {a.steps}: must be a positive number of optimizer steps")
     if a.seed < 0:
-        p.error(f"--seed {a.seed}: must be >= 0")
+        fail(f"--seed {a.seed}: must be >= 0")
+    try:
+        device = resolve_device(a.device)
+    except (ValueError, RuntimeError) as e:
+        fail(f"--device {a.device}: {e}")
     if a.corpus not in ("english",) and not Path(a.corpus).exists():
         from .data.corpus import is_corpus_name
 
         if not is_corpus_name(a.corpus):
-            p.error(f"--corpus {a.corpus!r}: no such file, and not a built-in corpus name")
-    model, meta = pretrained.pretrain(a.size, a.corpus, device=a.device, quick=a.quick, steps=a.steps,
-                                      seed=a.seed, save=not a.no_save)
+            fail(f"--corpus {a.corpus!r}: no such file, and not a built-in corpus name")
+    if not a.no_save:
+        why = check_writable_dir(pretrained.cache_root())
+        if why:
+            fail(f"cannot save the model: {why} (set MINIPEFT_CACHE to a writable folder, or pass --no-save)")
+    try:
+        model, meta = pretrained.pretrain(a.size, a.corpus, device=device, quick=a.quick, steps=a.steps,
+                                          seed=a.seed, save=not a.no_save)
+    except (ValueError, FileNotFoundError, UnicodeDecodeError) as e:
+        fail(str(e))
     bits = 1 / math.log(2)
     print(f"\nmodel {a.size} ({model.num_parameters():,} parameters) on {meta['corpus']}: "
           f"{meta['train_tokens']:,} train / {meta['val_tokens']:,} val tokens, {meta['seconds']:.0f} s "

@@ -21,6 +21,7 @@ phrasings per attribute, so everything runs on a fresh install with no file.
 from __future__ import annotations
 
 import csv
+import io
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,8 +156,20 @@ def load_e2e_csv(path: str | Path, fix_encoding: bool = True) -> E2EData:
     if not path.is_file():
         raise FileNotFoundError(f"no E2E CSV at {path}: give the path of a file with header 'mr,ref' "
                                 "(e.g. ../shared/data/e2e/devset.csv), or use synthetic_e2e() for generated data")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start} (line {line}) "
+                         f"is not valid UTF-8. The E2E files are UTF-8; convert this one, e.g. "
+                         f"`iconv -f latin1 -t utf-8 {path} > fixed.csv` (if it was saved as Latin-1 / cp1252)"
+                         ) from None
+    try:
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise ValueError(f"{path} is not a readable CSV ({e}); expected a header 'mr,ref' and one quoted "
+                         "(MR, reference) pair per row") from None
     if not rows:
         raise ValueError(f"{path} is empty: expected a header 'mr,ref' and one row per reference")
     header = [h.strip().lower() for h in rows[0]]
@@ -177,7 +190,10 @@ def load_e2e_csv(path: str | Path, fix_encoding: bool = True) -> E2EData:
                 mr, ref = mr.replace(bad, good), ref.replace(bad, good)
         if not mr or not ref:
             raise ValueError(f"{path} line {line_no}: empty {'mr' if not mr else 'ref'} field")
-        parse_mr(mr)  # fail early on a malformed MR, with its line number in the traceback
+        try:
+            parse_mr(mr)  # fail early on a malformed MR, naming its line
+        except ValueError as e:
+            raise ValueError(f"{path} line {line_no}: {e}") from None
         groups.setdefault(mr, []).append(ref)
     if not groups:
         raise ValueError(f"{path} has a header but no rows")

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..atomic import check_writable_dir, write_bytes_atomic, write_text_atomic
 from ..backend import resolve_device
 from ..claims.rules import VERDICTS, Rule, at_least, at_most, check_verdict, verdict  # noqa: F401  (the one rule)
 
@@ -42,9 +43,32 @@ def parse_args(argv, description: str, add_arguments=None) -> LessonArgs:
     if add_arguments is not None:
         add_arguments(p)
     ns = p.parse_args(argv)
+    _check_common(p, ns)
+    try:
+        device = resolve_device(ns.device)
+    except (ValueError, RuntimeError) as e:
+        p.exit(2, f"{p.prog}: error: --device {ns.device}: {e}\n")
     common = {"device", "quick", "figures", "seed", "json"}
     extra = argparse.Namespace(**{k: v for k, v in vars(ns).items() if k not in common})
-    return LessonArgs(resolve_device(ns.device), ns.quick, ns.figures, ns.seed, ns.json, extra)
+    return LessonArgs(device, ns.quick, ns.figures, ns.seed, ns.json, extra)
+
+
+def _check_common(p: argparse.ArgumentParser, ns) -> None:
+    """Refuse, before any work, a negative seed and output paths that cannot be written (one line, exit 2)."""
+    problems = []
+    if ns.seed < 0:
+        problems.append(f"--seed {ns.seed}: must be >= 0")
+    if ns.json is not None:
+        why = ("it is a directory; give a file name such as results.json" if ns.json.is_dir()
+               else check_writable_dir(ns.json.parent))
+        if why:
+            problems.append(f"--json {ns.json} cannot be written ({why})")
+    if ns.figures is not None:
+        why = check_writable_dir(ns.figures)
+        if why:
+            problems.append(f"--figures {ns.figures} cannot be created ({why})")
+    if problems:
+        p.exit(2, f"{p.prog}: error: {'; '.join(problems)}\n")
 
 
 class Report:
@@ -118,11 +142,12 @@ def save_figure(fig, args: LessonArgs, name: str) -> Path | None:
         return None
     import matplotlib.pyplot as plt
 
-    args.figures.mkdir(parents=True, exist_ok=True)
-    path = args.figures / f"{name}.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    return path
+    return write_bytes_atomic(args.figures / f"{name}.png", buf.getvalue())  # never half a PNG
 
 
 def finish(result: dict, args: LessonArgs, report: Report | None = None, lesson: str | None = None) -> dict:
@@ -138,7 +163,6 @@ def finish(result: dict, args: LessonArgs, report: Report | None = None, lesson:
             report.section("The course's claims, judged on this run (the rules of figures/claims.json)")
             lesson_claims(lesson, json.loads(json.dumps(result, default=float)), report)
         report.done()
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=float))
+    if args.json is not None:  # atomic: a kill never leaves half a JSON file
+        write_text_atomic(args.json, json.dumps(result, indent=2, default=float))
     return result
