@@ -33,8 +33,8 @@ so no method meets a position it never learned. (An earlier version copied a 256
 table to 512 rows and froze it: every frozen-base method degenerated at byte 256.)
 
 Scale: on 2 CPU cores (two runs at a time) the budget is minutes on a 2-layer base, each
-method runs at one learning rate, beam 5 decodes 30 test MRs and the rank sweep has 4
-ranks: a 2-layer byte model learns little of E2E in 600 steps, so its verdicts are mostly
+method runs at one learning rate, beam 5 decodes 30 test MRs and the rank sweep has 3
+ranks (9 runs, about 10 minutes): a 2-layer byte model learns little of E2E in 600 steps, so its verdicts are mostly
 "not attempted" (the report says so); the GPU run (``--device cuda``, recorded under
 ``benchmarks/results/``) sweeps the rates on a 6-layer base and carries the verdicts.
 """
@@ -88,8 +88,8 @@ def budget(args) -> Budget:
            "lora_qv": (1e-2,), "lora_all": (1e-2,)}
     if args.quick:
         return Budget(args.extra.size or "tiny-512", 60, 8, 4, cpu, 6, 2, 48, (4, 32), (4, 4), (1, 2, 4), val_pairs=16)
-    # the CPU default: 3 ranks beside LoRA's own r = 8, 30 test MRs, beam 5 (the GPU run decodes with beam 10)
-    return Budget(args.extra.size or "tiny-512", 600, 600, 4, cpu, 30, 5, 300, (16, 64), (4, 8), (1, 4, 8, 16))
+    # the CPU default: 2 ranks beside LoRA's own r = 8, 30 test MRs, beam 5 (the GPU run decodes with beam 10)
+    return Budget(args.extra.size or "tiny-512", 600, 600, 4, cpu, 30, 5, 300, (16, 64), (4, 8), (2, 8, 32))
 
 
 def reference_ceiling(test) -> dict | None:
