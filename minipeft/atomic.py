@@ -43,8 +43,12 @@ def _aside(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def _leftovers(target: Path, kinds=("tmp", "old", "del")) -> list[Path]:
-    """Leftovers of saves of ``target`` in its parent, oldest first."""
+def _leftovers(target: Path, kinds=("tmp", "old", "del"), nested: bool = False) -> list[Path]:
+    """Leftovers of saves of ``target`` in its parent, oldest first.
+
+    ``nested``: also those of saves into a leftover (``..target.tmp-1-a.tmp-1-b``: a save
+    inside an atomic save, e.g. ``save_hf`` into the temporary directory of a cached base).
+    """
     try:
         names = os.listdir(target.parent)
     except OSError:
@@ -52,7 +56,12 @@ def _leftovers(target: Path, kinds=("tmp", "old", "del")) -> list[Path]:
     out = []
     for n in names:
         m = _LEFTOVER.match(n)
-        if m and m["name"] == target.name and m["kind"] in kinds:
+        if not m or m["kind"] not in kinds:
+            continue
+        inner = m
+        while nested and inner["name"] != target.name and _LEFTOVER.match(inner["name"]):
+            inner = _LEFTOVER.match(inner["name"])
+        if inner["name"] == target.name:
             out.append(target.parent / n)
     return sorted(out, key=lambda p: p.lstat().st_mtime_ns if p.exists() else 0)
 
@@ -174,7 +183,7 @@ def atomic_directory(target, owned=None, fsync: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for p in _leftovers(target):  # debris of earlier killed saves of this target
+    for p in _leftovers(target, nested=True):  # debris of earlier killed saves of this target
         m = _LEFTOVER.match(p.name)
         if m["kind"] != "tmp" or not _pid_alive(int(m["pid"])):
             shutil.rmtree(p, ignore_errors=True)

@@ -175,33 +175,30 @@ def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_st
     """
     path = Path(path_dir)
     state = read_state(path)
-
-    opt_sd = None
-    if optimizer is not None:
-        if state["optimizer"] is None:
-            raise ValueError(f"checkpoint {str(path)!r} has no optimizer state, but an optimizer was given to load")
-        arrays = _read_arrays(path, OPTIMIZER_FILE, state)
-        o = state["optimizer"]
-        sd_state = {name: dict(sc) for name, sc in o["scalars"].items()}
-        for key, (name, k) in o["arrays"].items():
-            if key not in arrays:
-                raise DamagedFileError(path / OPTIMIZER_FILE, f"it lacks array {key!r} listed in {STATE_FILE}",
-                                       _remedy(path))
-            sd_state.setdefault(name, {})[k] = arrays[key]
-        opt_sd = {"type": o["type"], "hparams": o["hparams"], "param_names": o["param_names"], "state": sd_state}
-        optimizer.check_state_dict(opt_sd)
-    gens = state["rng"].get("generators", {})
-    missing = sorted(set(rng_state or {}) - set(gens))
-    if missing:
-        raise ValueError(f"checkpoint has no state for generators {missing}; it saved {sorted(gens)}")
-    if scheduler is not None and state["scheduler"] is None:
-        raise ValueError(f"checkpoint {str(path)!r} has no scheduler state, but a scheduler was given to load")
-
-    if model is not None:
-        arrays = _read_arrays(path, MODEL_FILE, state)
-        if sorted(arrays) != sorted(state["model_keys"]):
-            raise DamagedFileError(path / MODEL_FILE, f"its keys differ from the {len(state['model_keys'])} "
-                                   f"listed in {STATE_FILE}", _remedy(path))
+    try:  # everything is read and checked before anything is changed
+        opt_sd = _optimizer_state(path, state) if optimizer is not None else None
+        if opt_sd is not None:
+            try:
+                optimizer.check_state_dict(opt_sd)
+            except ValueError as e:
+                raise ValueError(f"checkpoint {str(path)!r} does not fit this optimizer: {e}") from e
+        gens = _rng_to_restore(path, state, rng_state, restore_rng)
+        if scheduler is not None:
+            if state["scheduler"] is None:
+                raise ValueError(f"checkpoint {str(path)!r} has no scheduler state, but a scheduler was given to "
+                                 "load")
+            if not isinstance(state["scheduler"].get("last_step"), int):
+                raise TypeError(f"scheduler state {state['scheduler']!r} has no integer 'last_step'")
+        arrays = None
+        if model is not None:
+            arrays = _read_arrays(path, MODEL_FILE, state)
+            if sorted(arrays) != sorted(state["model_keys"]):
+                raise DamagedFileError(path / MODEL_FILE, f"its keys differ from the {len(state['model_keys'])} "
+                                       f"listed in {STATE_FILE}", _remedy(path))
+    except (KeyError, TypeError, AttributeError, IndexError) as e:  # a state.json edited into another shape
+        raise DamagedFileError(path / STATE_FILE, f"unexpected structure ({type(e).__name__}: {e})",
+                               _remedy(path)) from None
+    if arrays is not None:
         try:
             model.load_state_dict(arrays)
         except ValueError as e:
@@ -211,10 +208,63 @@ def load_checkpoint(path_dir, model=None, optimizer=None, scheduler=None, rng_st
     if scheduler is not None:
         scheduler.load_state_dict(state["scheduler"])
     for name, g in (rng_state or {}).items():
-        g.bit_generator.state = _from_json_able(gens[name])
+        g.bit_generator.state = gens[name]
     if restore_rng:
-        mp_random.set_state(_from_json_able(state["rng"]["minipeft"]))
+        mp_random.set_state(gens[None])
     return state
+
+
+def _optimizer_state(path: Path, state: dict) -> dict:
+    """The optimizer's state dict from ``state.json`` and ``optimizer.safetensors``."""
+    if state["optimizer"] is None:
+        raise ValueError(f"checkpoint {str(path)!r} has no optimizer state, but an optimizer was given to load")
+    arrays = _read_arrays(path, OPTIMIZER_FILE, state)
+    o = state["optimizer"]
+    sd_state = {name: dict(sc) for name, sc in o["scalars"].items() if isinstance(sc, dict) or _bad(sc)}
+    for key, entry in o["arrays"].items():
+        name, k = entry if isinstance(entry, list) and len(entry) == 2 else _bad(entry)
+        if key not in arrays:
+            raise DamagedFileError(path / OPTIMIZER_FILE, f"it lacks array {key!r} listed in {STATE_FILE}",
+                                   _remedy(path))
+        sd_state.setdefault(name, {})[k] = arrays[key]
+    hp = o["hparams"]
+    if not isinstance(hp, dict) or not all(isinstance(v, (int, float)) or (isinstance(v, list) and all(
+            isinstance(x, (int, float)) for x in v)) for v in hp.values()):
+        raise TypeError(f"optimizer hyperparameters {hp!r} are not a dict of numbers")
+    if not isinstance(o["param_names"], list) or not all(isinstance(n, str) for n in o["param_names"]):
+        raise TypeError(f"optimizer param_names {o['param_names']!r} is not a list of names")
+    return {"type": o["type"], "hparams": hp, "param_names": o["param_names"], "state": sd_state}
+
+
+def _bad(entry):
+    raise TypeError(f"unexpected entry {entry!r} in the optimizer's state")
+
+
+def _rng_to_restore(path: Path, state: dict, rng_state, restore_rng: bool) -> dict:
+    """Saved generator states by name (``None``: minipeft.random's), each tried on a scratch generator."""
+    gens = state["rng"].get("generators", {})
+    missing = sorted(set(rng_state or {}) - set(gens))
+    if missing:
+        raise ValueError(f"checkpoint has no state for generators {missing}; it saved {sorted(gens)}")
+    out = {}
+    for name, g in (rng_state or {}).items():
+        out[name] = _from_json_able(gens[name])
+        _try_state(type(g.bit_generator)(), out[name], path, f"generator {name!r}")
+    if restore_rng:
+        mp = _from_json_able(state["rng"]["minipeft"])
+        if not isinstance(mp.get("seed"), int) or mp["seed"] < 0:
+            raise TypeError(f"minipeft.random seed {mp.get('seed')!r} is not a non-negative integer")
+        _try_state(np.random.default_rng().bit_generator, mp["cpu"], path, "minipeft.random")
+        out[None] = mp
+    return out
+
+
+def _try_state(bit_generator, st, path: Path, what: str) -> None:
+    try:
+        bit_generator.state = st
+    except (ValueError, TypeError, KeyError) as e:
+        raise DamagedFileError(path / STATE_FILE, f"the saved state of {what} is not valid ({e})",
+                               _remedy(path)) from None
 
 
 def verify_checkpoint(path_dir) -> dict:

@@ -68,7 +68,8 @@ class GPTConfig:
                 f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"pick n_head among {[h for h in range(1, self.n_embd + 1) if self.n_embd % h == 0][:12]}"
             )
-        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer)) or self.n_inner <= 0):
+        if self.n_inner is not None and (not isinstance(self.n_inner, (int, np.integer))
+                                         or isinstance(self.n_inner, bool) or self.n_inner <= 0):
             raise ValueError(f"GPTConfig.n_inner must be None (4 * n_embd) or a positive integer, got {self.n_inner!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")

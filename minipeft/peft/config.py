@@ -74,6 +74,13 @@ class PeftConfig:
             if any(isinstance(x, numbers.Real) and not isinstance(x, numbers.Integral) and not math.isfinite(x)
                    for x in (v.values() if isinstance(v, dict) else [v])):
                 raise ValueError(f"{type(self).__name__}.{f.name} must be a finite number, got {v!r}")
+        for name in ("rank_pattern", "alpha_pattern"):  # module-name pattern -> number (peft's)
+            v = getattr(self, name, {})
+            if v is None:
+                setattr(self, name, {})
+            elif not isinstance(v, dict) or not all(isinstance(k, str) and isinstance(x, numbers.Real)
+                                                    and not isinstance(x, bool) for k, x in v.items()):
+                raise TypeError(f"{name} must map module-name patterns to numbers, e.g. {{'c_attn': 16}}; got {v!r}")
         for name in ("target_modules", "exclude_modules"):
             v = getattr(self, name)
             if isinstance(v, (set, tuple)):

@@ -219,10 +219,13 @@ def read_adapter_config(path: str) -> tuple[PeftConfig, dict]:
 
 
 def _config_from_dict(path: str, d: dict) -> tuple[PeftConfig, dict]:
-    neutral = INIT_ONLY_FIELDS.get(d.get("peft_type"), {})
+    if not isinstance(d.get("peft_type"), str):
+        got = f"got {d['peft_type']!r}" if "peft_type" in d else "it has no 'peft_type'"
+        raise ValueError(f"{path}: 'peft_type' must be a method name such as \"LORA\"; {got}")
+    neutral = INIT_ONLY_FIELDS.get(d["peft_type"], {})
     try:  # keys of a newer peft: dropped with a warning, as peft does
         config = PeftConfig.from_dict({**d, **{k: v for k, v in neutral.items() if k in d}}, strict=False)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ValueError(f"{path}: {e}") from e
     if config.peft_type not in REGISTRY:
         raise ValueError(f"{path}: peft_type {config.peft_type!r} has a config but no minipeft method; "
@@ -331,7 +334,7 @@ def load_adapter(model: Module, directory, adapter_name: str = "default", is_tra
         if peft_model is not None and peft_model is not model:
             peft_model._release()  # the plain model is not wrapped after all
         snap.restore()
-        if isinstance(e, (ValueError, TypeError, KeyError)):
+        if isinstance(e, (ValueError, TypeError, KeyError, AttributeError, IndexError)):  # caused by the file
             where = weights_path if added else cfg_path
             raise ValueError(f"cannot load the adapter in {where} into this model (model left unchanged): "
                              f"{e}") from e
