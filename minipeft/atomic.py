@@ -208,6 +208,8 @@ def _swap(tmp: Path, target: Path) -> None:
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False  # our own leftovers: nothing of ours is in flight once a save has finished
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: keep the leftover
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

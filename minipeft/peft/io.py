@@ -195,12 +195,13 @@ def _find_files(directory, adapter_name: str) -> tuple[str, str]:
             d = sub  # a non-default adapter saved by save_adapter / save_pretrained into its subfolder
     cfg, weights = os.path.join(d, CONFIG_NAME), os.path.join(d, WEIGHTS_NAME)
     if not os.path.isfile(cfg):
-        raise FileNotFoundError(f"{cfg} not found: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise FileNotFoundError(f"{cfg} not found: an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}. "
+                                f"{_remedy(d)}")
     if not os.path.isfile(weights):
         pickled = os.path.isfile(os.path.join(d, "adapter_model.bin"))
         hint = (" (found adapter_model.bin, a pickle file, which minipeft never reads: re-save it with peft's "
                 "save_pretrained(safe_serialization=True))") if pickled else ""
-        raise FileNotFoundError(f"{weights} not found{hint}")
+        raise FileNotFoundError(f"{weights} not found{hint}. {_remedy(d)}")
     return cfg, weights
 
 
