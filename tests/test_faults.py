@@ -177,6 +177,14 @@ def _die_before_step(k: int) -> None:
         setattr(mod, fn, step)
 
 
+def _join(p) -> None:
+    p.join(30)
+    if p.is_alive():  # a hung child: do not leave it behind
+        p.kill()
+        p.join()
+        pytest.fail("the saving process hung")
+
+
 def _save_killed_at(kind, k: int) -> None:
     _die_before_step(k)
     kind.save(1)
@@ -190,7 +198,7 @@ def test_a_kill_before_any_step_of_a_save_leaves_a_whole_version(kind):
     for k in range(1, 200):
         p = FORK.Process(target=_save_killed_at, args=(kind, k))
         p.start()
-        p.join(30)
+        _join(p)
         killed = p.exitcode == -signal.SIGKILL
         assert killed or p.exitcode == 0, p.exitcode
         v = kind.load()  # never lost, never mixed: exactly version 0 or version 1
@@ -228,7 +236,7 @@ def test_a_kill_at_a_random_moment_leaves_a_whole_version(kind):
         assert ready.wait(30)
         time.sleep(rng.uniform(0, 3 * one_save))
         os.kill(p.pid, signal.SIGKILL)
-        p.join(30)
+        _join(p)
         assert kind.load() in (0, 1)
 
 
