@@ -192,6 +192,11 @@ def main(argv=None) -> dict:
                   args, report=rep, lesson="e2e")
 
 
+def _at_edge(lr: float, grid) -> bool:
+    """The chosen rate is the smallest or largest of a grid of 3 or more (the sweep may not have bracketed it)."""
+    return len(grid) >= 3 and lr in (min(grid), max(grid))
+
+
 def _relations(results, ranks) -> dict:
     """The numbers the course's E2E claims compare (their verdicts: minipeft.claims, printed at the end)."""
     full = results["full"]["BLEU"]
@@ -206,9 +211,13 @@ def _relations(results, ranks) -> dict:
 def _report(rep, b, base, results, sweep, ranks, test) -> None:
     if any(len(v) > 1 for v in sweep.values()):
         rep.section("Learning rates: validation loss at each rate (the lowest is kept)")
-        rep.table([(label(k, b), *(f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sweep[k]), f"{results[k]['lr']:g}")
+        rep.table([(label(k, b), *(f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sweep[k]),
+                    f"{results[k]['lr']:g}" + (" (grid edge)" if _at_edge(results[k]['lr'], b.lr_grid[k]) else ""))
                    for k in METHODS], headers=("method", *(f"rate {i + 1}" for i in range(max(map(len,
                                                sweep.values())))), "chosen"))
+        edges = [k for k in METHODS if _at_edge(results[k]["lr"], b.lr_grid[k])]
+        if edges:
+            rep.text(f"Chosen at an end of its grid: {', '.join(edges)} — a wider grid might find a better rate.")
     rep.section("The course's table: GPT-2 Medium on E2E (test set; BLEU, METEOR, ROUGE-L x100)")
     rep.table([list(r) for r in COURSE_METHODS],
               headers=("method", "trainable", "BLEU", "NIST", "METEOR", "ROUGE-L", "CIDEr"))
