@@ -109,3 +109,9 @@ def test_finished_runs_are_kept_and_a_rerun_skips_them(result, tmp_path, monkeyp
     # another learning rate is another entry: it is trained, not confused with the cached one
     with pytest.raises(AssertionError, match="trained again"):
         e2e_runs.run_one(ctx, "lora_all", 0.02)
+
+
+def test_a_rate_chosen_at_the_end_of_its_grid_is_flagged():
+    assert e2e._at_edge(1e-2, (1e-3, 3e-3, 1e-2)) and e2e._at_edge(1e-3, (1e-3, 3e-3, 1e-2))
+    assert not e2e._at_edge(3e-3, (1e-3, 3e-3, 1e-2))
+    assert not e2e._at_edge(1e-2, (1e-2,))  # one rate (the CPU default) is not a sweep
