@@ -38,6 +38,7 @@ from .backend import resolve_device, to_device
 from .data import ByteTokenizer, Corpus, lm_batches, load_text_and_other_code
 from .data.corpus import cache_dir, python_tag
 from .gpt import GPT, GPTConfig
+from .parallel import spawn_map
 from .pretrained import validation_loss
 from .train import TrainConfig, train
 
@@ -375,20 +376,6 @@ def _run_job(job) -> dict | None:
     return run(kind, size, D, src, cfg, device, cache)
 
 
-def _parallel(jobs: list[tuple], workers: int):
-    """Yield ``(index, result)`` as ``workers`` spawned processes finish ``jobs`` (any order)."""
-    import multiprocessing as mp
-
-    # spawn, not fork: a forked CUDA context is unusable, and fresh processes read BLAS settings anew
-    with mp.get_context("spawn").Pool(workers, maxtasksperchild=None) as pool:
-        yield from pool.imap_unordered(_indexed_job, list(enumerate(jobs)))
-
-
-def _indexed_job(item):
-    i, job = item
-    return i, _run_job(job)
-
-
 def run_grid(grid: TransferGrid, device: str = "cpu", cache: Path | None = None, budget_s: float | None = None,
              log=print, jobs: int = 1) -> tuple[list[dict], int]:
     """Every run of ``grid`` (cached ones are read back); returns ``(results, runs_left)``.
@@ -432,7 +419,7 @@ def run_grid(grid: TransferGrid, device: str = "cpu", cache: Path | None = None,
         for phase, ids in ((phase1, ids1), ([order[i] for i in range(len(order)) if order[i][0] == "finetune"],
                                             [i for i in range(len(order)) if order[i][0] == "finetune"])):
             work = [(k, s, D, src, grid.config_for(s), device, cache, deadline) for k, s, D, src in phase]
-            for n, r in _parallel(work, jobs):
+            for n, r in spawn_map(_run_job, work, jobs):
                 if r is None:
                     continue
                 if ids[n] is None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from ..atomic import write_text_atomic
 from .results import Missing, Reader, Results, load_results
 from .rules import Rule, check_verdict
 
@@ -181,17 +180,6 @@ def to_markdown(entries: list[dict]) -> str:
     return "\n".join(lines) + "\n\n" + summary(entries) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def write_claims(results_root="benchmarks/results", out_json="figures/claims.json", out_md="figures/claims.md",
                  prefer: str = "gpu", claims=None, results: Results | None = None) -> list[dict]:
@@ -201,9 +189,9 @@ def write_claims(results_root="benchmarks/results", out_json="figures/claims.jso
     results = results if results is not None else load_results(results_root, prefer=prefer)
     entries = evaluate_all(CLAIMS if claims is None else claims, results)
     if out_json is not None:
-        _write_atomic(Path(out_json), json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
+        write_text_atomic(Path(out_json), json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
     if out_md is not None:
-        _write_atomic(Path(out_md), to_markdown(entries))
+        write_text_atomic(Path(out_md), to_markdown(entries))
     return entries
 
 
@@ -228,5 +216,5 @@ def update_readme(readme, block: str) -> bool:
     new = replace_block(readme.read_text(), block)
     if new is None:
         return False
-    _write_atomic(readme, new)
+    write_text_atomic(readme, new)
     return True

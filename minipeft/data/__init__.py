@@ -8,6 +8,7 @@ from .batches import (
     iter_lm_batches,
     lm_batches,
     pack_prompt_target,
+    split_validation,
     unigram_cross_entropy,
 )
 from .corpus import (
@@ -36,5 +37,6 @@ __all__ = [
     "load_text_and_other_code",
     "load_text_file",
     "pack_prompt_target",
+    "split_validation",
     "unigram_cross_entropy",
 ]

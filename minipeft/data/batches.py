@@ -87,6 +87,18 @@ def num_eval_windows(n_tokens: int, block_size: int) -> int:
     return max((int(n_tokens) - 1) // int(block_size), 0)
 
 
+def split_validation(tokens):
+    """``(select, report)``: the first and second half of ``tokens``, disjoint.
+
+    The select (stopping) slice chooses hyperparameters or the checkpoint to keep; the report
+    slice is only scored, so the reported loss is not biased by the choice.
+    """
+    n = len(tokens)
+    if n < 4:
+        raise ValueError(f"the validation split has {n} tokens; it needs at least 4 to be cut in two halves")
+    return tokens[:n // 2], tokens[n // 2:]
+
+
 def eval_batches(tokens, batch_size: int, block_size: int,
                  max_batches: int | None = None) -> Iterator[tuple]:
     """Deterministic, non-overlapping windows in order: window ``k`` starts at ``k * T``.

@@ -42,6 +42,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..atomic import write_text_atomic
 from .tokenizer import ByteTokenizer
 
 CORPUS_FORMAT = 3  # bump when the builder changes: it is part of the cache key
@@ -258,25 +259,18 @@ def _domain_path(domain: str, split: str) -> Path:
     return cache_dir() / "corpus" / python_tag() / f"{domain}.{split}.txt"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
-    os.replace(tmp, path)
-
-
 def build_domain(domain: str) -> dict:
     """Build one domain from scratch, write both splits to the cache, return its manifest entry."""
     docs = _BUILDERS[domain]()
     entry = {}
     for split, part in zip(SPLITS, split_documents(docs)):
         text = DOC_SEPARATOR.join(d.text for d in part)
-        _write_atomic(_domain_path(domain, split), text)
+        write_text_atomic(_domain_path(domain, split), text)
         entry[split] = {"documents": len(part), "groups": len({d.group for d in part}),
                         "bytes": len(text.encode("utf-8")),
                         "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
     manifest = cache_dir() / "corpus" / python_tag() / f"{domain}.json"
-    _write_atomic(manifest, json.dumps({"domain": domain, "python": python_tag(), **entry}, indent=1))
+    write_text_atomic(manifest, json.dumps({"domain": domain, "python": python_tag(), **entry}, indent=1))
     return entry
 
 

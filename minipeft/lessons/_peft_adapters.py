@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from ..data import lm_batches
+from ..data import lm_batches, split_validation
 from ..train import EarlyStopping, train
 from ._peft_recipes import METHODS, build, fine_tune, log, scored_tokens, train_config, val_loss, warmup_steps
 
@@ -30,16 +30,6 @@ STOPPING_RULE = ("early stopping: evaluate every k steps on the stopping slice; 
                  "end of warm-up count; stop after `patience` counted evaluations without a new best; restore the "
                  "best one's weights and report their loss on the reported slice, which is disjoint from the "
                  "stopping slice and never influences training or the choice of step")
-
-
-def split_validation(val_tok):
-    """The validation text cut in two disjoint halves: (stopping slice, reported slice).
-
-    The stopping slice picks the checkpoint (early stopping); the reported slice only
-    measures it, so the reported loss is not biased by the selection.
-    """
-    half = len(val_tok) // 2
-    return val_tok[:half], val_tok[half:]
 
 
 def lr_grid(center: float, offsets) -> tuple:

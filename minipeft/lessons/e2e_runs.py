@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import multiprocessing as mp
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..parallel import spawn_map
 
 LABEL_SMOOTHING = 0.1  # the LoRA paper's E2E recipe (Table 11), used for every method here
 LORA_DROPOUT = 0.1  # ditto
@@ -183,10 +183,9 @@ def run_one(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
             pass  # a damaged entry is recomputed
     out = train_and_score(ctx, key, lr, r)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(out))
-        os.replace(tmp, path)  # atomic: a kill leaves the old entry or none
+        from ..atomic import write_text_atomic
+
+        write_text_atomic(path, json.dumps(out))  # a kill leaves the old entry or none
     return out
 
 
@@ -255,34 +254,24 @@ def _save(model, d: Path, hyps) -> None:
 
 
 def _task(args):
-    i, ctx, key, lr, r = args
-    return i, run_one(ctx, key, lr, r)
+    ctx, key, lr, r = args
+    return run_one(ctx, key, lr, r)
 
 
 def run_all(ctx: Context, tasks: list[tuple], jobs: int = 1) -> list[dict]:
     """``run_one`` for every ``(key, lr, r)``, in ``jobs`` spawned processes; results in task order."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
-    work = [(i, ctx, *t) for i, t in enumerate(tasks)]
+    work = [(ctx, *t) for t in tasks]
     if jobs == 1 or len(work) == 1:
-        return [_task(w)[1] for w in work]
-    out = [None] * len(work)
-    env = {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS",
-                                          "CUPY_GPU_MEMORY_LIMIT")}
-    os.environ.update({k: "1" for k in env if k != "CUPY_GPU_MEMORY_LIMIT"})  # one BLAS thread per worker
+        return [_task(w) for w in work]
+    workers = min(jobs, len(work))
+    env = dict.fromkeys(("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"), "1")  # one BLAS thread each
     if ctx.device == "cuda":  # workers share the GPU: each pool gets an equal share of 90% of it
-        os.environ["CUPY_GPU_MEMORY_LIMIT"] = f"{90 // min(jobs, len(work))}%"
-    try:
-        # spawn, not fork: a forked CUDA context is unusable
-        with mp.get_context("spawn").Pool(min(jobs, len(work))) as pool:
-            for i, res in pool.imap_unordered(_task, work):
-                out[i] = res
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        env["CUPY_GPU_MEMORY_LIMIT"] = f"{90 // workers}%"
+    out = [None] * len(work)
+    for i, res in spawn_map(_task, work, workers, env):
+        out[i] = res
     return out
 
 

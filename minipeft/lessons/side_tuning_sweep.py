@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from ..backend import xp_of
-from ..data import lm_batches
+from ..data import lm_batches, split_validation  # noqa: F401  (re-exported: the lessons' one split)
 from ..engine import no_grad
 from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory
 from ..memory_measure import measure_training_step
@@ -40,17 +40,6 @@ QLORA_DROPOUT = 0.0  # qlora.py's default (its 7B/13B scripts: 0.1); QST's side 
 QST_R, LST_R = 16, 8  # the papers' reduction factors
 MATCH_TOL = 0.02  # nats/token: a QST loss at most QLoRA's + this counts as matched accuracy
 MB = 1e6
-
-
-def split_validation(tokens):
-    """``(select, report)``: the first and second half of ``tokens``, disjoint.
-
-    The select (stopping) slice chooses hyperparameters; the report slice is only scored.
-    """
-    n = len(tokens)
-    if n < 4:
-        raise ValueError(f"the validation split has {n} tokens; it needs at least 4 to be cut in two halves")
-    return tokens[:n // 2], tokens[n // 2:]
 
 
 def slice_loss(model, tokens, block_size: int, n_windows: int, batch_size: int = 8) -> float:
