@@ -96,6 +96,16 @@ class Context:
     device: str
     save_dir: str | None = None  # write each chosen adapter here (for python -m minipeft.evaluate)
     cache_dir: str | None = None  # each finished run's result as JSON: a rerun skips it (resume after a kill)
+    base_sha256: str = dataclasses.field(init=False, default="")  # the base's tensors, hashed once (cache key)
+
+    def __post_init__(self) -> None:
+        if self.cache_dir is not None:  # once, where the Context is made: workers receive it pickled
+            from ..integrity import load_tensors, tensor_digest
+
+            # the tensors, not the file's bytes: safetensors writes metadata in no fixed order, so two saves
+            # of one model differ as files
+            tensors, _ = load_tensors(Path(self.base_dir) / "model.safetensors", "save the base again")
+            self.base_sha256 = tensor_digest(tensors)
 
 
 def load_data(path, b: Budget, seed: int):
@@ -164,9 +174,8 @@ def _cache_path(ctx: Context, key: str, lr: float, r: int | None) -> Path | None
     import hashlib
     import json
 
-    base = Path(ctx.base_dir) / "model.safetensors"
     fp = json.dumps([dataclasses.asdict(ctx.budget), ctx.data_path, ctx.seed, ctx.device, key, lr, r,
-                     hashlib.sha256(base.read_bytes()).hexdigest()], sort_keys=True, default=str)
+                     ctx.base_sha256], sort_keys=True, default=str)
     tag = hashlib.sha256(fp.encode()).hexdigest()[:16]
     return Path(ctx.cache_dir) / f"{key}{'' if r is None else f'_r{r}'}_lr{lr:g}-{tag}.json"
 

@@ -106,6 +106,13 @@ def test_finished_runs_are_kept_and_a_rerun_skips_them(result, tmp_path, monkeyp
     monkeypatch.setattr(e2e_runs, "train_and_score", no_training)
     again = e2e_runs.run_one(ctx, "lora_all", 0.01)
     assert again["val_loss"] == first["val_loss"] and again["outputs"] == first["outputs"]
+    # a rerun saves the base again (another file: safetensors' metadata order varies) and still finds the entry
+    from minipeft.gpt import GPT
+
+    again_dir = tmp_path.parent / f"{tmp_path.name}-base"
+    GPT.from_hf(result["_out"] / "adapters" / "base").save_hf(again_dir)
+    rerun = e2e_runs.Context(str(again_dir), None, b, 0, "cpu", None, str(tmp_path))
+    assert e2e_runs.run_one(rerun, "lora_all", 0.01)["val_loss"] == first["val_loss"]
     # another learning rate is another entry: it is trained, not confused with the cached one
     with pytest.raises(AssertionError, match="trained again"):
         e2e_runs.run_one(ctx, "lora_all", 0.02)
