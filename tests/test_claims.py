@@ -390,3 +390,18 @@ def test_a_lesson_run_in_parts_is_read_part_by_part(tmp_path):
     labels = {results["qlora"].label} | {r.label for r in results.others["qlora"]}
     assert labels == {"benchmarks/results/h200-2026-12-03/qlora_part1.json",
                       "benchmarks/results/h200-2026-12-03/qlora_part2.json"}
+
+
+def test_lora_all_linear_claim_reads_the_rank_chosen_on_validation():
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import Results
+
+    methods = {"full": {"BLEU": 0.76}, "lora_all": {"BLEU": 0.70}}
+    claim = next(c for c in CLAIMS if c.id == "lora-all-linear-vs-ft-e2e")
+    old = evaluate(claim, Results.from_dicts({"e2e": {"methods": methods}}))
+    assert old["minipeft"]["relation"] == pytest.approx(0.70 / 0.76) and old["verdict"] == "partly"
+    new = evaluate(claim, Results.from_dicts({"e2e": {"methods": methods, "lora_all_tuned": {
+        "BLEU": 0.75, "r": 64, "ranks_considered": [8, 16, 32, 64]}}}))
+    assert new["minipeft"]["relation"] == pytest.approx(0.75 / 0.76) and new["verdict"] == "reproduced"
+    assert "r=64" in new["minipeft"]["text"]
