@@ -405,3 +405,25 @@ def test_lora_all_linear_claim_reads_the_rank_chosen_on_validation():
         "BLEU": 0.75, "r": 64, "ranks_considered": [8, 16, 32, 64]}}}))
     assert new["minipeft"]["relation"] == pytest.approx(0.75 / 0.76) and new["verdict"] == "reproduced"
     assert "r=64" in new["minipeft"]["text"]
+
+
+def test_timings_of_a_run_on_a_shared_machine_are_not_judged(tmp_path):
+    """A run listed in its folder's SHARED_MACHINE keeps its other numbers; a speed claim reads the next run."""
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import load_results
+
+    root = tmp_path / "benchmarks" / "results"
+    pm = lambda f, l: {"methods": {"full": {"ms_per_step": f, "val_loss": 1.0},  # noqa: E731
+                                   "lora": {"ms_per_step": l, "val_loss": 1.0}}}
+    _write(root / "h200-2026-12-03" / "peft_methods.json", pm(10.0, 20.0))
+    (root / "h200-2026-12-03" / "SHARED_MACHINE").write_text("# shared\npeft_methods.json  # with e2e\n")
+    _write(root / "cpu-2026-12-01" / "peft_methods.json", pm(12.5, 10.0))
+    results = load_results(root, repo=tmp_path, extra={})
+    assert results["peft_methods"].shared and results["peft_methods"].kind == "gpu"
+    speed = next(c for c in CLAIMS if c.id == "lora-speedup")
+    e = evaluate(speed, results)
+    assert "cpu-2026-12-01" in e["source"] and e["minipeft"]["relation"] == pytest.approx(1.25)
+    (root / "cpu-2026-12-01" / "peft_methods.json").unlink()
+    e = evaluate(speed, load_results(root, repo=tmp_path, extra={}))
+    assert e["verdict"] == "not-attempted" and "shared the machine" in e["note"]

@@ -26,6 +26,7 @@ COURSE_RANK_LOSS = {1: 1.23, 2: 1.21, 4: 1.18, 8: 1.17, 16: 1.16, 32: 1.16, 64: 
 
 
 def _latency(r):
+    r.timings("lora")
     lat = r.get("lora", "latency_min_ms")
     if not lat:
         raise Missing("the lora run recorded no latencies")

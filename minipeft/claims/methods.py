@@ -33,8 +33,10 @@ def _loss_ratio(lesson, a, b, label_a, label_b):
 
 def _speedup(r) -> Measurement:
     if r.has("peft_methods", "methods", "lora", "ms_per_step"):
+        r.timings("peft_methods")
         f, l = (num(r.get("peft_methods", "methods", m, "ms_per_step")) for m in ("full", "lora"))
     else:
+        r.timings("qlora")
         f, l = (num(r.get("qlora", "methods", m, "sec_per_step")) * 1000 for m in ("full", "lora"))
     q = f / l
     return Measurement(q, f"ms per training step: full {f:.2f}, LoRA {l:.2f}", relation_text=f"full/LoRA = {q:.2f}")

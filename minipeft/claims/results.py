@@ -42,6 +42,7 @@ class Run:
     kind: str  # 'gpu' or 'cpu'
     date: str  # YYYY-MM-DD ('' if unknown)
     data: dict = field(repr=False, default_factory=dict)
+    shared: bool = False  # its timings were taken while other runs shared the machine (SHARED_MACHINE file)
 
 
 def _normalize(lesson: str, data: dict) -> dict:
@@ -77,6 +78,18 @@ def _rel(path: Path, repo: Path) -> str:
         return path.as_posix()
 
 
+SHARED_MACHINE = "SHARED_MACHINE"  # in a run folder: the JSON files (one per line) whose timings were shared
+
+
+def _shared_machine(d: Path) -> set[str]:
+    """Names listed in ``d/SHARED_MACHINE`` ('#' starts a comment): runs made while others shared the machine,
+    so their timings are not speed measurements (claims about speed read the next run instead)."""
+    f = d / SHARED_MACHINE
+    if not f.is_file():
+        return set()
+    return {line.split("#", 1)[0].strip() for line in f.read_text().splitlines()} - {""}
+
+
 def discover(root, repo=None, extra=None) -> list[Run]:
     """Every recorded run under ``root`` (and the ``extra`` files), unloaded (``data`` empty)."""
     root = Path(root)
@@ -88,10 +101,11 @@ def discover(root, repo=None, extra=None) -> list[Run]:
             if not m:
                 continue
             kind = "cpu" if m["device"].lower() == "cpu" else "gpu"
+            shared = _shared_machine(d)
             for f in sorted(d.glob("*.json")):
                 lesson = _lesson_of(f.stem)
                 if lesson is not None:  # other JSON (benchmark outputs) is not a lesson's result
-                    runs.append(Run(lesson, f, _rel(f, repo), kind, m["date"]))
+                    runs.append(Run(lesson, f, _rel(f, repo), kind, m["date"], shared=f.name in shared))
     for lesson, files in (DEFAULT_EXTRA if extra is None else extra).items():
         for name in files:
             f = Path(name) if Path(name).is_absolute() else repo / name
@@ -184,6 +198,13 @@ class Reader:
             where = f" under {self.results.searched}" if self.results.searched else ""
             raise Missing(f"no recorded '{lesson}' run{where} (run python -m minipeft.lessons.{lesson} --json FILE)")
         return self.results[lesson]
+
+    def timings(self, lesson: str) -> None:
+        """Raise :class:`Missing` when ``lesson``'s run was made on a shared machine (its timings mean nothing)."""
+        run = self.run(lesson)
+        if run.shared:
+            raise Missing(f"{run.label} was run while other runs shared the machine ({SHARED_MACHINE}): "
+                          "its timings are not speed measurements")
 
     def has(self, lesson: str, *path) -> bool:
         try:
