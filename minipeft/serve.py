@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import synchronize, to_device, to_numpy, xp_of
+from . import decoding
+from .backend import to_device, to_numpy, xp_of
 from .engine import Tensor, no_grad
 from .gpt import GPT
 from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
@@ -277,57 +278,25 @@ def greedy_batch(model: GPT, prompts: list, max_new_tokens: int, eos_token_id: i
                  timing: dict | None = None) -> np.ndarray:
     """Greedy continuation of prompts of different lengths, left-padded, on the key/value cache.
 
-    The arithmetic of ``GPT.generate(greedy=True, attention_mask=...)``: padding is masked
-    and positions count only kept tokens, so each row continues exactly as its prompt
-    alone would. Returns (B, max_new_tokens) host ids; a row that emitted ``eos_token_id``
-    keeps emitting it. ``timing`` (a dict) accumulates prefill_s, decode_s, decode_tokens.
+    The one decoding loop of ``minipeft.decoding`` (``GPT.generate(greedy=True,
+    attention_mask=...)``'s): padding is masked and positions count only kept tokens, so
+    each row continues exactly as its prompt alone would. Returns (B, max_new_tokens) host
+    ids; a row that emitted ``eos_token_id`` keeps emitting it. ``timing`` (a dict)
+    accumulates prefill_s, decode_s, prefill_tokens, decode_tokens.
     """
-    xp = xp_of(model.transformer.wte.weight.data)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    idx, mask = np.zeros((B, T), np.int64), np.zeros((B, T), bool)
-    for b, p in enumerate(prompts):
-        idx[b, T - len(p):], mask[b, T - len(p):] = p, True
-    mask_d = xp.asarray(mask)
-    new, done = [], np.zeros(B, bool)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            synchronize(_device(xp))
-            t0 = time.perf_counter()
-            pos = xp.maximum(xp.cumsum(mask_d, axis=1) - 1, 0)  # (B, T)
-            o = model(xp.asarray(idx), attention_mask=mask_d, position_ids=pos, use_cache=True)
-            nxt = xp.argmax(o.logits.data[:, -1, :], axis=-1)  # (B,)
-            n_kept, past = mask_d.sum(axis=1), o.past_key_values
-            synchronize(_device(xp))
-            t1 = time.perf_counter()
-            for step in range(max_new_tokens):
-                if eos_token_id is not None:
-                    nxt_h = np.where(done, eos_token_id, to_numpy(nxt))
-                    done |= nxt_h == eos_token_id
-                    nxt = xp.asarray(nxt_h)
-                new.append(nxt)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and done.all()):
-                    break
-                mask_d = xp.concatenate([mask_d, xp.ones((B, 1), bool)], axis=1)  # (B, S + 1)
-                o = model(nxt[:, None], past_key_values=past, use_cache=True, attention_mask=mask_d,
-                          position_ids=n_kept[:, None])
-                nxt, n_kept, past = xp.argmax(o.logits.data[:, -1, :], axis=-1), n_kept + 1, o.past_key_values
-            out = np.stack([to_numpy(t) for t in new], axis=1).astype(np.int64)  # (B, n)
-            t2 = time.perf_counter()
-    finally:
-        model.train(was_training)
+    idx, mask = decoding.left_pad(prompts)
+    target = decoding.resolve_model(model)
+    with decoding.inference(model):
+        session = decoding.Session(target, idx, mask)
+        if session.steps(max_new_tokens) < max_new_tokens:
+            raise ValueError(f"prompts of up to {idx.shape[1]} tokens + {max_new_tokens} new tokens do not fit "
+                             f"block_size {model.config.block_size}; decode them in smaller batches")
+        pick = decoding.PickTokens(target.xp, session.rows, eos_token_id=eos_token_id)
+        decoding.run(session, pick, max_new_tokens, timing)
+        out = to_numpy(pick.tokens(np.int64))  # (B, n)
     if out.shape[1] < max_new_tokens:  # every row ended: pad with eos
-        out = np.concatenate([out, np.full((B, max_new_tokens - out.shape[1]), eos_token_id)], axis=1)
-    if timing is not None:
-        for k, v in (("prefill_s", t1 - t0), ("decode_s", t2 - t1), ("decode_tokens", B * (len(new) - 1)),
-                     ("prefill_tokens", int(mask.sum()))):
-            timing[k] = timing.get(k, 0) + v
+        out = np.concatenate([out, np.full((len(prompts), max_new_tokens - out.shape[1]), eos_token_id)], axis=1)
     return out
-
-
-def _device(xp) -> str:
-    return "cpu" if xp is np else "cuda"
 
 
 def _model_bytes(model: Module) -> int:
