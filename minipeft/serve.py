@@ -26,9 +26,7 @@ adapter, or one that cannot serve this base, gets its own error and the others r
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -37,14 +35,13 @@ import numpy as np
 
 from . import decoding
 from .backend import to_device, to_numpy, xp_of
-from .engine import Tensor, no_grad
+from .engine import Tensor
 from .gpt import GPT
 from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
 from .nn import Module
-from .peft.config import pattern_value
-from .peft.io import read_adapter
 from .peft.lora import param_dtype_xp
 from .peft.tuner import PeftModel, is_linear_like
+from .serve_adapters import AdapterError, HostAdapter, read_lora_adapter
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -115,10 +112,6 @@ class ServeConfig:
             raise ValueError(f"host_budget_bytes must be None or positive, got {self.host_budget_bytes!r}")
 
 
-class AdapterError(ValueError):
-    """An adapter this server cannot serve (unknown, unreadable, another base, another method)."""
-
-
 @dataclass
 class Request:
     """One generation request: prompt token ids, the adapter's name (None or '__base__': the base model)."""
@@ -147,17 +140,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass
-class HostAdapter:
-    """An adapter read from its peft-format directory and checked against the base (host NumPy)."""
-
-    name: str
-    path: str
-    r: int  # largest rank over its modules
-    weights: dict  # module name -> (A (r, in) float32, B (out, r) float32, scale)
-    nbytes: int  # bytes of its A and B arrays
 
 
 # ------------------------------------------------------------------ the wrapped layer
@@ -410,7 +392,7 @@ class LoraServer:
             raise AdapterError(f"unknown adapter {name!r}: it was never added to this server (added: "
                                f"{known[:8]}{' ...' if len(known) > 8 else ''}); add it with "
                                "server.add_adapter(name, directory)")
-        adapter = self._read(name, self._paths[name])
+        adapter = read_lora_adapter(name, self._paths[name], self.model, self.layers, self.config)
         self.stats["disk_loads"] += 1
         self._host[name] = adapter
         budget = self.config.host_budget_bytes
@@ -418,68 +400,6 @@ class LoraServer:
             self._host.popitem(last=False)  # the least recently used; read from disk again when needed
             self.stats["host_evictions"] += 1
         return adapter
-
-    def _read(self, name: str, path: str) -> HostAdapter:
-        """Read and check one adapter: LoRA only, every tensor fits a served layer of this base."""
-        where = f"adapter {name!r} ({path})"
-        try:
-            config, tensors, *_ = read_adapter(path)
-        except (OSError, ValueError) as e:
-            raise AdapterError(f"{where} cannot be read: {e}") from e
-        if config.peft_type != "LORA":
-            raise AdapterError(f"{where} is a {config.peft_type} adapter; only LoRA adapters share a batch "
-                               "(BGMV/SGMV add x A^T B^T per row): serve it on its own PeftModel")
-        if config.use_dora:
-            raise AdapterError(f"{where} uses DoRA, whose magnitude rescales the base output per adapter; the batched "
-                               "path adds only s B A x: merge it (merge_and_unload) and serve the merged model")
-        want, got = self.config.base_model_name, config.base_model_name_or_path
-        if want and got and os.path.normpath(str(got)) != os.path.normpath(want):
-            raise AdapterError(f"{where} is for another base: it was trained on {got!r}, this server's base is "
-                               f"{want!r}")
-        pairs: dict[str, dict] = {}
-        for key, arr in tensors.items():
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-            if m is None:
-                raise AdapterError(f"{where} holds {key!r}, which is not a LoRA A/B weight (bias={config.bias!r} or "
-                                   "modules_to_save tensors change the base for every request); save it with "
-                                   "bias='none' and no modules_to_save to serve it in a mixed batch")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = arr
-        weights = {}
-        for mod, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise AdapterError(f"{where}: module {mod} has lora_{''.join(ab)} but not both lora_A and lora_B")
-            weights[mod] = self._check_module(where, config, mod, ab["A"], ab["B"])
-        return HostAdapter(name, path, max(w[0].shape[0] for w in weights.values()), weights,
-                           sum(w[0].nbytes + w[1].nbytes for w in weights.values()))
-
-    def _check_module(self, where: str, config, mod: str, A, B) -> tuple:
-        layer = self.layers.get(mod)
-        if layer is None:
-            try:
-                self.model.get_submodule(mod)
-            except KeyError:
-                raise AdapterError(f"{where} is for another base: it has weights for {mod!r}, a module this model "
-                                   "does not have") from None
-            raise AdapterError(f"{where} has weights for {mod}, which this server does not serve (target_modules="
-                               f"{list(self.config.target_modules)}); build the server with a ServeConfig whose "
-                               "target_modules include it")
-        n_in, n_out = layer.in_features, layer.out_features
-        r = A.shape[0] if A.ndim == 2 else -1
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != n_in or B.shape != (n_out, r):
-            raise AdapterError(f"{where} is for another base: at {mod} lora_A is {tuple(A.shape)} and lora_B "
-                               f"{tuple(B.shape)}, but this model's layer needs (r, {n_in}) and ({n_out}, r)")
-        if r > self.config.max_rank:
-            raise AdapterError(f"{where} has rank {r} at {mod}, above this server's max_rank "
-                               f"{self.config.max_rank}; build the server with ServeConfig(max_rank={r}) or more")
-        r_cfg = pattern_value(mod, config.rank_pattern, config.r)
-        if r != r_cfg:
-            raise AdapterError(f"{where}: {mod} has rank {r} in adapter_model.safetensors but {r_cfg} in "
-                               "adapter_config.json; the two files do not belong together")
-        if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise AdapterError(f"{where}: {mod} has NaN or inf weights; the adapter is broken")
-        alpha = pattern_value(mod, config.alpha_pattern, config.lora_alpha)
-        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r  # LoRA / rsLoRA scaling
-        return np.ascontiguousarray(A, np.float32), np.ascontiguousarray(B, np.float32), float(scale)
 
     def _make_resident(self, names: list[str]) -> dict[str, int]:
         """Slots for ``names`` (at most n_slots), evicting the least recently used others."""
@@ -547,11 +467,17 @@ class LoraServer:
         return results
 
     def _run_wave(self, wave, names, requests, prompts, results, eos_token_id) -> None:
+        n_new = max(requests[i].max_new_tokens for i in wave)
+        late = [i for i in wave if len(prompts[i]) + n_new - 1 > self.model.config.block_size]
+        if late:  # left-padded to the longest prompt, the batch would run out of positions: two waves
+            for part in (late, [i for i in wave if i not in late]):  # each request alone always fits
+                self._run_wave(part, [n for n in names if any(requests[i].adapter == n for i in part)], requests,
+                               prompts, results, eos_token_id)
+            return
         slot_of = self._make_resident(names)
         slots = np.array([slot_of.get(requests[i].adapter, -1) for i in wave])
         order = np.argsort(slots, kind="stable")  # each adapter's requests contiguous (SGMV segments)
         rows = [wave[k] for k in order]
-        n_new = max(requests[i].max_new_tokens for i in rows)
         self._ctx.set(slots[order], xp_of(self.model.transformer.wte.weight.data))
         try:
             out = greedy_batch(self.model, [prompts[i] for i in rows], n_new, eos_token_id, self.stats)
