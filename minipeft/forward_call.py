@@ -1,21 +1,27 @@
 """What one call of ``GPT.forward`` adds to the plain model: the extension points, checked.
 
 The plain GPT-2 forward is ``wte + wpe -> blocks -> ln_f -> lm_head`` (``minipeft.gpt``).
-PEFT methods and decoding extend it at a few named places, never by patching it:
+PEFT methods and decoding extend it at a few named places, never by patching it; each is
+a keyword of ``GPT.forward``:
 
-==========================  ====================================================  ==============================
-keyword                     what it adds                                          used by
-==========================  ====================================================  ==============================
-``inputs_embeds_prefix``    (B or 1, P', C) rows before the token embeddings       prompt tuning (Lester et al.)
-``prefix_key_values``       per layer (k, v) (B or 1, H, P, D) before the keys     prefix tuning (Li & Liang)
-``past_key_values``         a ``KVCache`` (or list of (k, v)) of earlier positions  decoding (``minipeft.kv_cache``)
-``use_cache``               return this call's keys/values as a ``KVCache``        decoding
-``attention_mask``          (B, T) or (B, S + T): 1 keep, 0 padding               batches of unequal length
-``position_ids``            (P' + T,) or (B, P' + T) positions of the new rows    left-padded decoding
-``output_hidden_states``    keep every block's input and ``ln_f``'s output        side tuning (LST, QST)
-``ignore_index``,           loss options of ``cross_entropy``                     training
-``label_smoothing``
-==========================  ====================================================  ==============================
+* ``inputs_embeds_prefix`` (B or 1, P', C): rows in front of the token embeddings, before
+  ``wpe`` is added (prompt tuning, Lester et al. 2021). Logits cover all P' + T positions;
+  the loss only the last T.
+* ``prefix_key_values``: per layer ``(k, v)`` of shape (B or 1, H, P, D) in front of that
+  layer's keys and values (prefix tuning, Li & Liang 2021). As when Hugging Face GPT-2
+  gets the prefix as ``past_key_values``, the tokens' positions start at P.
+* ``past_key_values``: the :class:`~minipeft.kv_cache.KVCache` of an earlier call (or its
+  list of per-layer ``(k, v)`` arrays, (B, H, S, D)); positions continue at S unless
+  ``position_ids`` say otherwise. A cache with a padding mask keeps its padding masked.
+* ``use_cache``: return this call's keys and values as a ``KVCache`` for the next call.
+* ``attention_mask``: 1 keep / 0 padding, (B, T) over the tokens or (B, S + T) over the
+  cached positions then the tokens. Prefix and prompt positions are always kept.
+* ``position_ids``: (P' + T,) or (B, P' + T) positions of the new rows (default:
+  consecutive, after any prefix and cache); decoding passes them for left-padded rows.
+* ``output_hidden_states``: L + 1 Tensors as Hugging Face returns them: the embedding
+  output, the outputs of blocks 1..L-1, and ``ln_f`` applied to block L's output (side
+  tuning's ladder reads them).
+* ``ignore_index``, ``label_smoothing``: options of the loss (``F.cross_entropy``).
 
 A :class:`ForwardCall` checks them against the model and the batch once, and then serves
 the forward's steps: :meth:`prepend_prompt`, :attr:`positions`, :meth:`front_kv` (what
@@ -23,10 +29,7 @@ each layer's attention sees in front of the new keys: the prefix, then the cache
 :attr:`key_mask`, :meth:`keep_hidden` / :meth:`keep_kv` (what the call collects) and
 :meth:`loss`.
 
-The keys of layer l are ``[prefix (P), cache (S), prompt and tokens (P' + T)]``. Positions
-are consecutive after the prefix and the cache (Hugging Face's GPT-2 forward), unless
-``position_ids`` say otherwise: decoding passes them for left-padded rows
-(``kv_cache.positions``).
+The keys of layer l are ``[prefix (P), cache (S), prompt and tokens (P' + T)]``.
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ def _array(x):
 
 
 class ForwardCall:
-    """The extension points of one forward call of ``model`` (a GPT) on token ids ``idx`` (B, T), checked."""
+    """The extension points of one forward call on token ids ``idx`` (B, T), checked against ``config`` (GPTConfig)."""
 
     def __init__(self, config, idx, *, inputs_embeds_prefix=None, prefix_key_values=None, past_key_values=None,
                  use_cache: bool = False, attention_mask=None, position_ids=None, output_hidden_states: bool = False,

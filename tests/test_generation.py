@@ -12,7 +12,7 @@ import os
 import numpy as np
 import pytest
 
-from minipeft.decoding import beam_search, decode, log_softmax, sample_next
+from minipeft.decoding import beam_search, decode, generate, log_softmax, sample_next
 from minipeft.engine import no_grad
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.peft import (LoraConfig, LSTConfig, PrefixTuningConfig, PromptTuningConfig, SideTuningConfig,
@@ -209,6 +209,12 @@ def test_server_mixed_batch_equals_the_reference_per_request(served):
         m = gpt(block=24) if req.adapter is None else from_pretrained(gpt(block=24), served[req.adapter])
         assert res.ok and list(res.tokens) == reference_greedy(m, req.prompt, req.max_new_tokens), req.adapter
     assert srv.stats["waves"] == 2
+
+
+def test_a_prefix_the_model_supplies_is_not_taken_twice():
+    model = get_peft_model(gpt(), PromptTuningConfig(num_virtual_tokens=2))
+    with pytest.raises(ValueError, match=r"supplies \['inputs_embeds_prefix'\] itself"):
+        generate(model, np.zeros((1, 3), np.int64), 2, extra={"inputs_embeds_prefix": np.zeros((1, 2, 16))})
 
 
 def test_a_disabled_adapter_generates_with_the_base():

@@ -150,7 +150,8 @@ class BeamChooser:
         """The best hypothesis of each prompt (the running beams compete with the finished ones)."""
         if len(self.active):
             A, n = len(self.active), self.gen.shape[1]
-            self.fin.add(self.active, self.beam_scores.reshape(A, self.K) / self.norm[n], self.gen.reshape(A, self.K, n))
+            scores = self.beam_scores.reshape(A, self.K) / self.norm[n]  # (A, K) normalised at length n
+            self.fin.add(self.active, scores, self.gen.reshape(A, self.K, n))
         return self.fin.best(return_scores)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import to_numpy, xp_of
-from .loop import Session, _array, inference, resolve_model, run
+from .loop import Session, array_of, inference, resolve_model, run
 
 
 def sample_next(logits: np.ndarray, greedy: bool, temperature: float, top_k, rng: np.random.Generator) -> np.ndarray:
@@ -70,12 +70,12 @@ def prompt_codes(idx, attention_mask, include: bool = True) -> np.ndarray:
 
     ``include=False``: an empty (B, 0) history (bans look at generated tokens only).
     """
-    ids = to_numpy(_array(idx)).astype(np.int64)
+    ids = to_numpy(array_of(idx)).astype(np.int64)
     if not include:
         return np.zeros((ids.shape[0], 0), np.int64)
     if attention_mask is None:
         return ids
-    mask = to_numpy(_array(attention_mask)).astype(bool)
+    mask = to_numpy(array_of(attention_mask)).astype(bool)
     codes = -1 - np.arange(ids.shape[1])[None, :]
     return np.where(mask, ids, codes)
 

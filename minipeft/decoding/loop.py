@@ -32,7 +32,8 @@ from ..engine import Tensor, no_grad
 from ..kv_cache import positions
 
 
-def _array(x):
+def array_of(x):
+    """The array of a Tensor, or ``x`` itself."""
     return x.data if isinstance(x, Tensor) else x
 
 
@@ -118,19 +119,22 @@ class Session:
     def __init__(self, target: Decodable, idx, attention_mask=None, extra: dict | None = None,
                  use_cache: bool = True, crop: bool = False) -> None:
         xp = target.xp
-        idx = xp.asarray(_array(idx))
+        idx = xp.asarray(array_of(idx))
         if idx.ndim != 2 or idx.dtype.kind not in "iu" or idx.shape[1] < 1:
             raise ValueError(f"idx must be integer token ids of shape (B, T) with T >= 1, got {idx.dtype} "
                              f"{idx.shape} (one sequence: pass idx[None])")
         B, T = idx.shape
         self.masked = attention_mask is not None
-        mask = xp.asarray(_array(attention_mask)).astype(bool) if self.masked else xp.ones((B, T), bool)
+        mask = xp.asarray(array_of(attention_mask)).astype(bool) if self.masked else xp.ones((B, T), bool)
         if mask.shape != (B, T):
             raise ValueError(f"attention_mask must have the shape of idx {(B, T)}, got {mask.shape}")
         if self.masked and not bool(mask.any(axis=1).all()):
             raise ValueError("every prompt needs at least one kept token (a row of attention_mask is all 0)")
         self.forward, self.xp, self.crop = target.forward, xp, crop
         self.use_cache = use_cache and target.use_cache
+        clash = sorted(set(target.extra) & set(extra or {}))
+        if clash:
+            raise ValueError(f"the model supplies {clash} itself (prompt or prefix tuning); do not pass them")
         self.extra = {**target.extra, **(extra or {})}
         pkv, pe = self.extra.get("prefix_key_values"), self.extra.get("inputs_embeds_prefix")
         self.n_kv = 0 if pkv is None else int(pkv[0][0].shape[2])  # prefix tuning's virtual tokens
@@ -174,7 +178,7 @@ class Session:
             kw["position_ids"] = positions(xp.ones((R, 1), bool), self.cache.next_positions())  # (R, 1)
         out = self.forward(tokens[:, None], **kw)
         self.cache = out.past_key_values
-        return _array(out.logits)[:, -1, :]
+        return array_of(out.logits)[:, -1, :]
 
     def select(self, rows) -> None:
         """Keep, repeat and reorder rows (R',) of the session: history, mask and cache."""
@@ -196,7 +200,7 @@ class Session:
             kw["use_cache"] = True
         out = self.forward(win, **kw)
         self.cache = out.past_key_values if self.use_cache else None
-        return _array(out.logits)[:, -1, :]
+        return array_of(out.logits)[:, -1, :]
 
 
 # ------------------------------------------------------------------ the loop
@@ -218,6 +222,7 @@ def run(session: Session, choose, steps: int, timing: dict | None = None) -> Non
     n_prompt_tokens = int(session.mask.sum()) if timing is not None else 0  # kept (not padding)
     logits = session.start()
     clock.lap("prefill_s", "prefill_tokens", n_prompt_tokens)
+    n_decoded = 0  # rows run by the steps after the prefill
     for t in range(steps):
         tokens, rows = choose(logits)
         if choose.finished or t == steps - 1:
@@ -225,8 +230,8 @@ def run(session: Session, choose, steps: int, timing: dict | None = None) -> Non
         if rows is not None:
             session.select(rows)
         logits = session.step(tokens)
-        clock.count("decode_tokens", session.rows)
-    clock.lap("decode_s")
+        n_decoded += session.rows
+    clock.lap("decode_s", "decode_tokens", n_decoded)
 
 
 class _Clock:
