@@ -371,3 +371,22 @@ def test_a_claim_falls_back_to_the_next_recorded_run_that_has_its_numbers(tmp_pa
     (root / "cpu-2026-12-01" / "qlora.json").write_text(json.dumps(old))
     entry = evaluate(claim, load_results(root, repo=tmp_path, extra={}))
     assert entry["verdict"] == "not-attempted" and "base_source_val_loss" in entry["note"]
+
+
+def test_a_lesson_run_in_parts_is_read_part_by_part(tmp_path):
+    """``--parts 1`` and ``--parts 3`` in two processes: ``<lesson>_part<N>.json`` files, each a run of the
+    lesson; a claim reads the part that holds its numbers."""
+    import json
+
+    from minipeft.claims.results import _lesson_of, load_results
+
+    assert _lesson_of("peft_methods_part3") == "peft_methods"
+    assert _lesson_of("qlora_cuda_part1") == "qlora"
+    assert _lesson_of("pretrain_small") is None and _lesson_of("generate_part2") is None
+    root = tmp_path / "benchmarks" / "results"
+    _write(root / "h200-2026-12-03" / "qlora_part1.json", {"methods": {"full": {"val_loss": 1.0}}})
+    _write(root / "h200-2026-12-03" / "qlora_part2.json", {"base_source_val_loss": 2.0})
+    results = load_results(root, repo=tmp_path, extra={})
+    labels = {results["qlora"].label} | {r.label for r in results.others["qlora"]}
+    assert labels == {"benchmarks/results/h200-2026-12-03/qlora_part1.json",
+                      "benchmarks/results/h200-2026-12-03/qlora_part2.json"}

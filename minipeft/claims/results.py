@@ -3,7 +3,8 @@
 Layout (``benchmarks/results/``): one folder per run, ``<device>-<YYYY-MM-DD>/``
 (``h200-2026-12-02``, ``cpu-2026-12-01``), holding ``<lesson>.json`` -- the dict a
 lesson's ``main`` returned, written by ``--json``. ``<lesson>_cuda.json`` and
-``<lesson>_cpu.json`` are read too. A folder named ``cpu-...`` is a CPU run; any other
+``<lesson>_cpu.json`` are read too, and ``<lesson>_part<N>.json`` (a lesson run in parts, one process
+each: every part is a run of the lesson that holds only its part's numbers). A folder named ``cpu-...`` is a CPU run; any other
 device name is a GPU run. Extra files outside that tree (``figures/transfer_data.json``,
 the transfer lesson's saved data) are read as runs of their lesson, dated by their own
 ``date`` field.
@@ -59,13 +60,14 @@ def lesson_names() -> tuple[str, ...]:
     return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if not m.name.startswith("_")))
 
 
+_STEM = re.compile(r"^(?P<lesson>.+?)(_cuda|_cpu|_gpu)?(_part\d+)?$")
+
+
 def _lesson_of(stem: str) -> str | None:
-    """The lesson a file stem records ('qlora_cuda' -> 'qlora'), or None for other files (benchmark outputs)."""
-    names = lesson_names()
-    for suffix in ("", "_cuda", "_cpu", "_gpu"):
-        if stem.endswith(suffix) and stem[: len(stem) - len(suffix)] in names:
-            return stem[: len(stem) - len(suffix)]
-    return None
+    """The lesson a file stem records ('qlora_cuda' -> 'qlora', 'peft_methods_part3' -> 'peft_methods': a
+    lesson run in parts, e.g. ``--parts 3``, one process each), or None for other files (benchmark outputs)."""
+    m = _STEM.match(stem)
+    return m["lesson"] if m and m["lesson"] in lesson_names() else None
 
 
 def _rel(path: Path, repo: Path) -> str:
