@@ -56,10 +56,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .. import decoding
 from .. import functional as F
-from ..backend import to_numpy, xp_of
+from ..backend import xp_of
 from ..engine import Tensor, _buffer_key, _Node, no_grad
-from ..gpt import GPT, Block, GPTConfig, GPTOutput, _pick
+from ..forward_call import key_mask_of
+from ..gpt import GPT, Block, GPTConfig, GPTOutput
 from ..nn import LayerNorm, Linear, Module, ModuleDict, ModuleList, Parameter
 from .config import PeftConfig
 from .tuner import PeftMethod, derive_rng, register
@@ -325,7 +327,7 @@ class SideTuningMethod(PeftMethod):
         hidden = out.hidden_states  # L + 1 leaf Tensors (B, T, d)
         xp = xp_of(hidden[0].data)
         B, T = hidden[0].shape[:2]
-        key_mask = GPT._key_mask(attention_mask, xp, B, T, 0, 0, 0)  # (B, T) or None
+        key_mask = key_mask_of(attention_mask, B, T, xp)  # (B, T) or None
         logits = cls.side_logits(peft_model, hidden, key_mask)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -386,37 +388,15 @@ def set_alpha(peft_model, value: float, adapter: str | None = None) -> None:
 
 
 def _generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-              greedy: bool = False, seed=None, eos_token_id: int | None = None):
+              greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None):
     """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens, rerunning the last ``block_size`` window each step.
 
-    The side network keeps no key/value cache, so each step runs backbone and side network
-    on the whole window (greedy, or sampling at ``temperature`` among the ``top_k`` best).
+    The side network keeps no key/value cache, so each step of the one decoding loop
+    (``minipeft.decoding``) runs backbone and side network on the whole window (greedy, or
+    sampling at ``temperature`` among the ``top_k`` best).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-    base = self.get_base_model()
-    xp = xp_of(base.transformer.wte.weight.data)
-    out = base._check_idx(idx, xp)  # (B, T)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    done = np.zeros(out.shape[0], bool)
-    was_training = self.training
-    self.eval()
-    try:
-        with no_grad():
-            for _ in range(max_new_tokens):
-                logits = self(out[:, -base.config.block_size:]).logits.data[:, -1, :]  # (B, V)
-                nxt = _pick(to_numpy(logits).astype(np.float64), greedy, temperature, top_k, rng)  # (B,)
-                if eos_token_id is not None:
-                    nxt = np.where(done, eos_token_id, nxt)
-                    done |= nxt == eos_token_id
-                out = xp.concatenate([out, xp.asarray(nxt, dtype=out.dtype)[:, None]], axis=1)  # (B, T + 1)
-                if eos_token_id is not None and done.all():
-                    break
-    finally:
-        self.train(was_training)
-    return out
+    return decoding.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                             seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask)
 
 
 def held_leaf_bytes(root: Tensor, model: Module | None = None) -> int:
