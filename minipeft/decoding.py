@@ -106,7 +106,7 @@ def resolve_model(model):
     gen = getattr(method, "generation_kwargs", None)
     if gen is not None:
         return gpt, gen(model)
-    from .peft.tuner import PeftMethod
+    from .peft.method import PeftMethod
 
     if getattr(method.forward, "__func__", None) is not PeftMethod.forward.__func__:
         raise TypeError(f"{method.peft_type} changes the model's forward but gives no generation_kwargs; "

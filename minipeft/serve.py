@@ -42,8 +42,8 @@ from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
 from .nn import Module
 from .peft.config import pattern_value
 from .peft.io import read_adapter
-from .peft.lora import param_dtype_xp
-from .peft.tuner import PeftModel, is_linear_like
+from .peft.layer import is_linear_like, param_dtype_xp
+from .peft.model import PeftModel
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
