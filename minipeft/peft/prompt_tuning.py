@@ -164,5 +164,5 @@ class PromptTuningMethod(PromptLearningMethod):
         return [(f"prompt_encoder.{adapter_name}.embedding.weight", "prompt_embeddings", w)]
 
 
-__all__ = ["PromptTuningConfig", "PromptEmbedding", "PromptTuningMethod", "initial_prompt", "init_ids_from_text", "BYTE_TOKENIZER_NAME", "PROMPT_TOKENS",
-           "PROMPT_TEXT"]
+__all__ = ["PromptTuningConfig", "PromptEmbedding", "PromptTuningMethod", "initial_prompt", "init_ids_from_text",
+           "BYTE_TOKENIZER_NAME", "PROMPT_TOKENS", "PROMPT_TEXT"]
