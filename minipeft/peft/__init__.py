@@ -33,7 +33,7 @@ for it done and tested.
 """
 from .config import PeftConfig
 from .layer import BaseTunerLayer, ModulesToSaveWrapper
-from .method import REGISTRY, PeftMethod, Recipe, method_table, register
+from .method import FAMILIES, REGISTRY, PeftMethod, Recipe, method_table, register
 from .model import PeftModel, TunerModel, get_peft_model
 
 # The methods: importing a method's module registers it (one line per method).
@@ -54,7 +54,7 @@ from .qlora import get_qlora_model  # noqa: E402  (the QLoRA recipe: a 4-bit bas
 
 __all__ = [
     "get_peft_model", "PeftModel", "PeftConfig", "PeftMethod", "BaseTunerLayer", "ModulesToSaveWrapper",
-    "TunerModel", "REGISTRY", "register", "Recipe", "method_table",
+    "TunerModel", "REGISTRY", "register", "Recipe", "method_table", "FAMILIES",
     "LoraConfig", "LoraLayer", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer", "VeraConfig", "VeraLayer",
     "BottleneckConfig", "BottleneckLayer", "HoulsbyConfig", "PfeifferConfig", "IA3Config", "IA3Layer",
     "PromptTuningConfig", "PrefixTuningConfig", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings",

@@ -118,7 +118,7 @@ class PeftConfig:
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is a target (peft's semantics, see module doc).
 
-        ``"all-linear"`` is resolved by the tuner (it needs the module's type), not here.
+        ``"all-linear"`` is resolved by ``PeftMethod.find_targets`` (it needs the module's type), not here.
         """
         if self.is_excluded(name):
             return False
