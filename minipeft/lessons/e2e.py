@@ -80,9 +80,11 @@ def budget(args) -> Budget:
     # GPU grids: the H200 run of 2026-12-02 (benchmarks/results/h200-2026-12-02/e2e.json) swept 3 rates each and
     # chose full, top2, both adapters and LoRA (Q,V) at the top of their grids; each grid now reaches one or two
     # rungs higher, dropping the bottom rung where it lost by 0.08-0.16 nats (1e-3 for both adapters and LoRA (Q,V)).
+    # A run on the re-pretrained medium base (same day; its report step failed) chose prefix at 3e-3, the bottom
+    # of its grid, and diverged LoRA (Q,V) at 3e-2: prefix gains 1e-3, LoRA (Q,V) loses 1e-1.
     gpu = {"full": (3e-4, 1e-3, 3e-3, 1e-2), "top2": (1e-3, 3e-3, 1e-2, 3e-2),
            "adapter_small": (3e-3, 1e-2, 3e-2, 1e-1), "adapter_large": (3e-3, 1e-2, 3e-2),
-           "prefix": (3e-3, 1e-2, 3e-2), "lora_qv": (3e-3, 1e-2, 3e-2, 1e-1), "lora_all": (1e-3, 3e-3, 1e-2)}
+           "prefix": (1e-3, 3e-3, 1e-2, 3e-2), "lora_qv": (3e-3, 1e-2, 3e-2), "lora_all": (1e-3, 3e-3, 1e-2)}
     if args.device == "cuda":
         return Budget(args.extra.size or "medium", 2000, 150 if args.quick else 800, 16, gpu, None, 10, 360,
                       (16, 128), (4, 8), RANKS, decode_batch=16, decode_ranks=False)
@@ -214,10 +216,10 @@ def _relations(results, ranks) -> dict:
 def _report(rep, b, base, results, sweep, ranks, test) -> None:
     if any(len(v) > 1 for v in sweep.values()):
         rep.section("Learning rates: validation loss at each rate (the lowest is kept)")
-        rep.table([(label(k, b), *(f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sweep[k]),
+        n = max(map(len, sweep.values()))  # grids differ in length: shorter rows are padded
+        rep.table([(label(k, b), *(f"{r['lr']:g}: {r['val_loss']:.4f}" for r in sweep[k]), *[""] * (n - len(sweep[k])),
                     f"{results[k]['lr']:g}" + (" (grid edge)" if _at_edge(results[k]['lr'], b.lr_grid[k]) else ""))
-                   for k in METHODS], headers=("method", *(f"rate {i + 1}" for i in range(max(map(len,
-                                               sweep.values())))), "chosen"))
+                   for k in METHODS], headers=("method", *(f"rate {i + 1}" for i in range(n)), "chosen"))
         edges = [k for k in METHODS if _at_edge(results[k]["lr"], b.lr_grid[k])]
         if edges:
             rep.text(f"Chosen at an end of its grid: {', '.join(edges)} — a wider grid might find a better rate.")
