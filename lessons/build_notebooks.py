@@ -470,7 +470,7 @@ NOTEBOOKS["03_lora"] = ("Lesson 3 — LoRA: what it trains, which rank suffices,
          "print(f\"W: {ex['full']:,}  A: {ex['A']:,}  B: {ex['B']:,}  -> {100 * ex['reduction']:.1f}% fewer\")"),
     md("**Merging.** $W = W_0 + \\frac{\\alpha}{r} B A$ is an ordinary weight. After `merge_and_unload()` "
        "the model is a plain GPT that runs exactly the base model's operations:"),
-    code("from minipeft.peft.tuner import BaseTunerLayer\nshow_source(BaseTunerLayer.merge)"),
+    code("from minipeft.peft.layer import BaseTunerLayer\nshow_source(BaseTunerLayer.merge)"),
     md("Now the lesson. It prints the parameter counts, sweeps the rank next to full fine-tuning, "
        "times forward passes, and looks at the singular values of the full fine-tuning update."),
     code("result = lora.main(ARGS)"),

@@ -39,8 +39,8 @@ from .engine import Tensor
 from .gpt import GPT
 from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
 from .nn import Module
-from .peft.lora import param_dtype_xp
-from .peft.tuner import PeftModel, is_linear_like
+from .peft.layer import is_linear_like, param_dtype_xp
+from .peft.model import PeftModel
 from .serve_adapters import AdapterError, HostAdapter, read_lora_adapter
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch

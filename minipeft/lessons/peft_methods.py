@@ -57,7 +57,8 @@ from ._peft_adapters import (LR_LADDER, PAIR, STOPPING_RULE, adapter_verdicts, d
                              early_stopped_run, lr_grid, lr_sensitivity, lr_sensitivity_over_seeds, lr_sweep,
                              report_adapters, split_validation)
 from ._peft_recipes import (LINEARS, LR, METHODS, PREFIX_TOKENS, PROMPT_TEXT, PROMPT_TOKENS,  # noqa: F401 (API)
-                            build, fine_tune, log, method_config, scored_tokens, train_config, val_loss, warmup_steps)
+                            TABLE, build, fine_tune, log, method_config, scored_tokens, train_config, val_loss,
+                            warmup_steps)
 from ._common import Report, finish, parse_args, save_figure
 
 _GPU_SCALE_SIZES = ("tiny", "small", "medium")  # part 3's bases with --device cuda (at least 3, Lester et al.'s trend)
@@ -151,19 +152,11 @@ def time_steps(models: dict, batch, rounds: int, steps: int) -> dict:
     return {n: 1000 * float(np.median(t)) for n, t in times.items()}
 
 
-MEMORY_MODELED = {  # the methods minipeft.memory's calculator models, as it describes them
-    "full": lambda c: MethodConfig(method="full"),
-    "lora": lambda c: MethodConfig(method="lora", targets=tuple(LINEARS), r=8),
-    "prefix": lambda c: MethodConfig(method="prefix", n_virtual_tokens=PREFIX_TOKENS, prefix_projection=True,
-                                     encoder_hidden_size=c.n_embd),
-    "prompt": lambda c: MethodConfig(method="prompt", n_virtual_tokens=PROMPT_TOKENS),
-}
-
-
 def predicted_memory(config, s) -> dict:
-    """The calculator's one-step total (bytes) for the methods it models."""
+    """The calculator's one-step total (bytes) for the methods it models (the method table's ``memory``)."""
     tc = MemTrainConfig(batch_size=s["batch"], seq_len=s["block"], ledger_view=True)
-    return {n: estimate_memory(config, f(config), tc).total for n, f in MEMORY_MODELED.items()}
+    return {n: estimate_memory(config, MethodConfig(**r.memory(config.n_layer, config.n_embd)), tc).total
+            for n, r in TABLE.items() if r.memory is not None}
 
 
 # ---- 3. prompt tuning's gap to full fine-tuning as the base grows --------------------------------

@@ -51,7 +51,6 @@ on disk, ``side_network.*`` (the adapter name removed). peft has none of these m
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,7 +63,8 @@ from ..forward_call import key_mask_of
 from ..gpt import GPT, Block, GPTConfig, GPTOutput
 from ..nn import LayerNorm, Linear, Module, ModuleDict, ModuleList, Parameter
 from .config import PeftConfig
-from .tuner import PeftMethod, derive_rng, register
+from .layer import derive_rng
+from .method import PeftMethod, register
 
 DOWNSAMPLES = ("linear", "adapter", "avgpool")
 
@@ -265,8 +265,6 @@ def _width_check(cfg: GPTConfig, config: SideConfig) -> None:
 class SideTuningMethod(PeftMethod):
     """Hooks shared by Side-Tuning, LST and QST: the network lives at ``peft_model.side_network``."""
 
-    peft_type = "SIDE_TUNING"
-    config_class = SideTuningConfig
     mergeable = False
 
     @classmethod
@@ -285,8 +283,11 @@ class SideTuningMethod(PeftMethod):
         if "side_network" not in peft_model._modules:
             peft_model.side_network = ModuleDict()
         peft_model.side_network[adapter_name] = net.train(base.training)
-        if "generate" not in peft_model.__dict__:
-            peft_model.generate = types.MethodType(_generate, peft_model)
+
+    @classmethod
+    def generate(cls, peft_model, *args, **kwargs):
+        """No key/value cache runs through the side network: rerun the window each step."""
+        return _generate(peft_model, *args, **kwargs)
 
     @classmethod
     def prepare_backbone(cls, base, config) -> None:
@@ -350,19 +351,16 @@ class SideTuningMethod(PeftMethod):
 
 @register
 class SideTuning(SideTuningMethod):
-    peft_type = "SIDE_TUNING"
     config_class = SideTuningConfig
 
 
 @register
 class LadderSideTuning(SideTuningMethod):
-    peft_type = "LST"
     config_class = LSTConfig
 
 
 @register
 class QuantizedSideTuning(SideTuningMethod):
-    peft_type = "QST"
     config_class = QSTConfig
 
     @classmethod
