@@ -4,8 +4,8 @@ minipeft's reference code (``minipeft/ops``, ``minipeft/quant``, ``optim.core.ad
 the multi-adapter twins in ``minipeft/serve``) is what a student reads: NumPy math that
 CuPy also runs. A *fast path* computes the same thing another way - a CUDA RawKernel, a
 GEMM shaped for cuBLAS - or, for mixed precision, in other (16-bit) arithmetic. It never
-hides inside the reference code. Instead it is registered here, next to the op it
-replaces, with the condition under which it applies::
+hides inside the reference code. Instead the module that defines it enters it in this
+module's table, keyed by the op it replaces, with the condition under which it applies::
 
     fast.register(GELU, FusedGELU, when=float32_on_gpu)
 
