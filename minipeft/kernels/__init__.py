@@ -3,17 +3,19 @@ that registers each one as the fast path of its NumPy twin.
 
 Only this package and :mod:`minipeft.backend` import CuPy, and only when a CuPy array
 reaches them. Launchers take arrays and tables (a ``QuantState`` from
-:mod:`minipeft.quant.state` bundles those of a quantized tensor) and import no private name;
-the code they replace is the reference a student reads (``minipeft/ops``, ``minipeft/quant``, ``minipeft/optim/core.py``), and a
-``gpu`` test in ``tests/kernels`` checks that the two agree (bit for bit for AdamW and
-the quantizers). Shared device helpers are in ``common.cuh``, included through NVRTC.
+:mod:`minipeft.quant.state` bundles those of a quantized tensor) and import no private
+name; the code they replace is the reference a student reads (``minipeft/ops``,
+``minipeft/quant``, ``minipeft/optim/core.py``), and a ``gpu`` test in ``tests/kernels``
+checks that the two agree (bit for bit for AdamW and the quantizers). Shared device
+helpers are in ``common.cuh``, included through NVRTC.
 
 Below, every kernel is registered in :mod:`minipeft.fast` with the condition under
 which it runs (float32 CuPy arrays, mostly). ``MINIPEFT_KERNELS=0`` in the environment
 turns all of them off, the bit-exact quantizers included, so the very same NumPy-style
 code runs through CuPy instead (what ``benchmarks/gpu_profile.py`` compares against, and
-how a student can check that a kernel changes speed, not results). BGMV / SGMV (``bgmv.py``), whose twins live in
-:mod:`minipeft.serve` above this package, are registered there.
+how a student can check that a kernel changes speed, not results). BGMV / SGMV
+(``bgmv.py``), whose twins live in :mod:`minipeft.serve` above this package, are
+registered there.
 """
 from __future__ import annotations
 
