@@ -17,7 +17,10 @@ base model to Python code (the local standard library) with full fine-tuning, Lo
 3. what each method learned (Python loss) and what it **forgot** (the rise of its loss on
    the English validation text its base was pretrained on), and the course's claims
    judged from those numbers by the claims table's rules (``minipeft.claims.methods``):
-   QLoRA matches LoRA, LoRA (and QLoRA) match full fine-tuning, PEFT forgets less;
+   QLoRA matches LoRA, LoRA (and QLoRA) match full fine-tuning, PEFT forgets less. A **rank
+   check** trains LoRA once more at 8x its rank (64, QLoRA's; alpha/r kept, LoRA's chosen
+   rate): where LoRA trails full fine-tuning, it says whether more rank closes the gap, the
+   reason on a small base (its update is not of low rank; Aghajanyan et al. 2020);
 4. one real training step's memory by category, measured beside the calculator's prediction;
 5. optimizer state under AdamW, 8-bit AdamW and paged AdamW;
 6. merging a QLoRA adapter into the dequantized NF4 weights (the model that was trained) or
@@ -29,8 +32,8 @@ without weight decay, cosine schedule with 5% warm-up, gradient clipping 1.0, on
 grids bracket each method's best rate on the CPU default (measured: full fine-tuning best at
 3e-3 of {3e-4, 1e-3, 3e-3, 1e-2}, LoRA and QLoRA at 1e-2 of {3e-3, 1e-2, 3e-2}); on another
 base a choice can land at an edge, and the report flags it (``--grid`` changes a grid).
-Budgets: the CPU default ('tiny' base, 2 blocks, d 64) trains 9 runs of ``STEPS_CPU``
-steps (3 rates x 3 methods; reduced from 400 steps to stay within a few minutes on 2 cores);
+Budgets: the CPU default ('tiny' base, 2 blocks, d 64) trains 10 runs of ``STEPS_CPU``
+steps (3 rates x 3 methods and the rank check; reduced from 400 steps to stay within a few minutes on 2 cores);
 ``--device cuda`` trains the 'small' base (4 blocks, d 128) for 600 steps per run; ``--quick``
 trains 2 rates per method for 30 steps (seconds; numbers not meaningful). On the CPU compute
 is float32; on a GPU QLoRA computes in float16.
