@@ -173,7 +173,7 @@ def initialize(layer, adapter_name: str, init: str, r: int, scaling: float, loft
             f"init_lora_weights={init!r} changes the base weight, which must be a float Parameter; "
             f"{type(base).__name__} holds a quantized one. Initialise on the full-precision model, then "
             "quantize the residual (PiSSA's QPiSSA; for LoftQ the residual is on the NF4 grid already)")
-    W = w.data.astype(np.promote_types(w.data.dtype, np.float32))         # (out, in), at least float32
+    W = w.data.astype(np.float64 if w.data.dtype == np.float64 else np.float32)  # (out, in); bfloat16/16 -> 32
     if init == "olora":
         A, B, res = olora(W, r, scaling)
     elif init == "loftq":

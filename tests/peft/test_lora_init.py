@@ -17,11 +17,12 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from minipeft.engine import Tensor
+from minipeft.backend import to_numpy
 from minipeft.gpt import GPT
 from minipeft.nn import Linear, Parameter
 from minipeft.peft import LoraConfig, from_pretrained, get_peft_model, save_adapter
 from minipeft.peft.lora import LoraLayer
-from minipeft.peft.lora_init import LoftQConfig, loftq, pissa, quantize_roundtrip, svd_lowrank
+from minipeft.peft.lora_init import LoftQConfig, loftq, quantize_roundtrip, svd_lowrank
 from minipeft.quant.modules import Linear4bit
 
 from . import batch, logits, perturb, tiny_gpt
@@ -232,3 +233,17 @@ def test_live_against_peft(init):
     res, delta = residual_and_delta(init_layer(W, r=3, lora_alpha=5, init_lora_weights=init))
     assert rel_err(res, lay.base_layer.weight.detach().numpy()) < 1e-5
     assert rel_err(delta, lay.get_delta_weight("default").detach().numpy()) < 1e-5
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_3", "olora", "loftq"])
+def test_inits_on_every_backend(xp, to_xp, init):
+    """The same init on NumPy and (marked gpu) CuPy: the same residual and s·B·A (LoftQ's grid exactly)."""
+    W = np.random.default_rng(6).standard_normal((16, 24)).astype(np.float32)
+    fields = dict(r=3, lora_alpha=6, init_lora_weights=init,
+                  loftq_config={"loftq_bits": 4, "loftq_iter": 2} if init == "loftq" else {})
+    want = residual_and_delta(init_layer(W, **fields))
+    layer = LoraLayer(Linear.from_weight(Parameter(to_xp(W))))
+    layer.update_layer("default", LoraConfig(**fields), np.random.default_rng(0), name="fc")
+    got = [to_numpy(a) for a in residual_and_delta(layer)]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

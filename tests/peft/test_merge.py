@@ -14,6 +14,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
+from minipeft.backend import to_numpy
 from minipeft.gpt import GPT
 from minipeft.peft import LoraConfig, from_pretrained, get_peft_model, load_adapter
 from minipeft.peft.merge import COMBINATIONS, combine, disjoint_merge, magnitude_prune_one, majority_sign_mask
@@ -205,3 +206,15 @@ def test_live_against_peft(combination_type):
                                **kw, **({"dare_masks": masks} if masks else {}))
     model.set_adapter("m")
     assert rel_err(logits(model, ids), want) < REL_TOL
+
+
+@pytest.mark.parametrize("rule", ["task_arithmetic", "ties", "dare_linear", "dare_ties", "magnitude_prune"])
+def test_rules_on_every_backend(xp, to_xp, rule):
+    """The same merge on NumPy and (marked gpu) CuPy: the same numbers."""
+    rng = np.random.default_rng(0)
+    t = [rng.standard_normal((6, 5)).astype(np.float32) for _ in range(3)]
+    masks = [rng.random((6, 5)) < 0.6 for _ in range(3)]
+    kw = dict(density=0.6, majority_sign_method="frequency")
+    want = combine(rule, t, [0.5, -1.0, 2.0], masks=masks, **kw)
+    got = combine(rule, [to_xp(x) for x in t], [0.5, -1.0, 2.0], masks=[to_xp(m) for m in masks], **kw)
+    np.testing.assert_allclose(to_numpy(got), want, rtol=1e-6, atol=1e-6)
