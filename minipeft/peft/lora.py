@@ -210,6 +210,12 @@ class LoraMethod(PeftMethod):
         if peft_model.peft_config and (config.bias != "none" or any(
                 c.bias != "none" for c in peft_model.peft_config.values())):
             raise ValueError("LoRA supports only one adapter with bias != 'none'; use bias='none' for all adapters")
+        inits = [c.init_lora_weights for c in [config, *peft_model.peft_config.values()]]
+        if peft_model.peft_config and any(lora_init.is_weight_init(i) for i in inits):
+            warnings.warn(f"{[i for i in inits if lora_init.is_weight_init(i)]} change the base weights, which every "
+                          "adapter of the model shares (as in peft). To use such an adapter beside others, save it "
+                          "converted to plain LoRA: save_adapter(..., path_initial_model_for_weight_conversion=...)",
+                          stacklevel=4)
 
     @classmethod
     def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd", **kw) -> None:

@@ -211,8 +211,8 @@ def test_bad_init_arguments_fail_clearly(tmp_path):
         q.update_layer("default", LoraConfig(init_lora_weights="pissa"), np.random.default_rng(0))
     model = get_peft_model(tiny_gpt(), LoraConfig(r=2, target_modules=["c_attn"]))
     save_adapter(model, tmp_path / "lora")
-    save_adapter(model, tmp_path / "other", "default")
-    model.add_adapter("r4", LoraConfig(r=4, init_lora_weights="pissa", target_modules=["c_attn"]))
+    with pytest.warns(UserWarning, match="change the base weights"):
+        model.add_adapter("r4", LoraConfig(r=4, init_lora_weights="pissa", target_modules=["c_attn"]))
     with pytest.raises(ValueError, match="initial factors"):
         save_adapter(model, tmp_path / "x", "r4", path_initial_model_for_weight_conversion=tmp_path / "lora")
 
