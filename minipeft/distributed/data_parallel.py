@@ -56,6 +56,7 @@ import json
 
 import numpy as np
 
+from .. import random as mp_random
 from ..backend import to_numpy, xp_of
 from ..optim import clip_grad_norm_
 from .buckets import DEFAULT_BUCKET_BYTES, make_buckets, partition
@@ -71,6 +72,12 @@ def _rows(batch, start: int, stop: int):
     if isinstance(batch, (tuple, list)):
         return type(batch)(v[start:stop] for v in batch)
     return batch[start:stop]
+
+
+def _in_own_streams(shards, base: int):
+    for index, shard in shards:
+        with mp_random.fork(base + index):
+            yield shard
 
 
 def _batch_rows(batch) -> int:
@@ -132,8 +139,14 @@ class DataParallel:
         return [n for n, _ in self.named_params if self.owner[n] == self.rank]
 
     # ------------------------------------------------------------------ batches
-    def local_shards(self, batch) -> list:
-        """This rank's shards of the global ``batch`` (rows split evenly, rank r's in the r-th place)."""
+    def local_shards(self, batch):
+        """This rank's shards of the global ``batch`` (rows split evenly, rank r's in the r-th place).
+
+        Iterate over the result: while a shard is being used, ``minipeft.random`` (dropout) draws
+        from a stream seeded by the shard's global index and one draw per global batch from the
+        run's stream, the same on every rank. So dropout masks depend on the shard, not on the
+        rank that computes it, and N ranks equal one process running the N shards in turn.
+        """
         rows = _batch_rows(batch)
         if rows % self.num_shards:
             raise ValueError(f"a batch of {rows} sequences cannot be split evenly into {self.num_shards} shards "
@@ -141,7 +154,9 @@ class DataParallel:
         per = rows // self.num_shards
         k = self.num_shards // self.world.size  # shards per rank
         first = self.rank * k
-        return [_rows(batch, (first + i) * per, (first + i + 1) * per) for i in range(k)]
+        shards = [(first + i, _rows(batch, (first + i) * per, (first + i + 1) * per)) for i in range(k)]
+        base = int(mp_random.generator("cpu").integers(2**62))  # every rank draws it: the streams stay equal
+        return _in_own_streams(shards, base)
 
     def gather_losses(self, local: list[float], micro_batches: int) -> list[float]:
         """Every shard's loss in the order one process would see them: micro-batch, then shard."""

@@ -38,19 +38,21 @@ FULL = dict(n_layer=4, n_embd=64, block_size=32, steps=10, batch=16)
 def _add_arguments(p) -> None:
     p.add_argument("--kind", choices=KINDS, default="full", help="what trains: all weights, LoRA, or QLoRA")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw", help="AdamW, 8-bit AdamW or paged AdamW")
+    p.add_argument("--dropout", type=float, default=0.0, help="GPT dropout and LoRA dropout (default 0)")
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints of the stage-2 run here (tests)")
 
 
-def make_model(kind: str, sizes: dict, seed: int):
+def make_model(kind: str, sizes: dict, seed: int, dropout: float = 0.0):
     """A tiny GPT: every weight trainable (``full``), LoRA on every block linear, or QLoRA (NF4 base)."""
     from ..peft import LoraConfig, get_peft_model, get_qlora_model
 
     cfg = GPTConfig(vocab_size=64, block_size=sizes["block_size"], n_layer=sizes["n_layer"], n_head=2,
-                    n_embd=sizes["n_embd"])
+                    n_embd=sizes["n_embd"], dropout=dropout)
     model = GPT(cfg, seed=seed)
     if kind == "full":
         return model
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="gaussian")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="gaussian",
+                      lora_dropout=dropout)
     if kind == "lora":
         return get_peft_model(model, lora)
     return get_qlora_model(model, lora, compute_dtype="float32")
@@ -73,9 +75,10 @@ def batches(vocab: int, T: int):
 
 
 def run_case(kind: str, optimizer: str, parallel: DataParallel | bool, sizes: dict, seed: int = 0,
-             checkpoint_dir: str | None = None, resume: bool = False, steps: int | None = None) -> dict:
+             checkpoint_dir: str | None = None, resume: bool = False, steps: int | None = None,
+             dropout: float = 0.0) -> dict:
     """Train one tiny model for ``sizes['steps']`` steps under ``parallel``; losses, weights, memory."""
-    model = make_model(kind, sizes, seed)
+    model = make_model(kind, sizes, seed, dropout)
     opt = make_optimizer(optimizer, model, lr=1e-2)
     get = batches(64, sizes["block_size"])
     cfg = TrainConfig(max_steps=steps or sizes["steps"], batch_size=sizes["batch"], lr=1e-2, schedule="constant",
@@ -117,7 +120,8 @@ def main(argv=None) -> dict:
     quiet = open(os.devnull, "w") if world.rank else None  # only rank 0 prints
     rep = Report("ZeRO beside PEFT: model states per device, predicted and measured" +
                  (" (quick mode)" if args.quick else ""), stream=quiet)
-    result: dict = {"world_size": world.size, "backend": world.backend, "kind": ex.kind, "optimizer": ex.optimizer}
+    result: dict = {"world_size": world.size, "backend": world.backend, "kind": ex.kind, "optimizer": ex.optimizer,
+                    "dropout": ex.dropout}
 
     rep.section("The paper's Fig. 1: Ψ = 7.5B, N_d = 64, mixed-precision Adam (K = 12)")
     fig1 = [(f"stage {s} {STAGE_NAMES[s]}", PAPER_FIG1["gb"][s],
@@ -137,7 +141,7 @@ def main(argv=None) -> dict:
     rep.section(f"Tiny GPT, {ex.kind}, {ex.optimizer}: {world.size} rank(s) ({world.backend or 'one process'}), "
                 f"batch {sizes['batch']}, {sizes['steps']} steps")
     runs = {s: run_case(ex.kind, ex.optimizer, DataParallel(world, stage=s), sizes, args.seed,
-                        checkpoint_dir=ex.checkpoint_dir if s == 2 else None) for s in STAGES}
+                        checkpoint_dir=ex.checkpoint_dir if s == 2 else None, dropout=ex.dropout) for s in STAGES}
     keys = ("weights", "gradients", "optimizer_state")
     rows, per_rank = [], {}
     for s in STAGES:
@@ -161,8 +165,9 @@ def main(argv=None) -> dict:
     result["losses"] = runs[0]["losses"]
     result["stages_equal_dp"] = all(same.values())
     if world.rank == 0:
-        alone = run_case(ex.kind, ex.optimizer, DataParallel(World(), stage=0, num_shards=world.size), sizes, args.seed)
-        whole = run_case(ex.kind, ex.optimizer, False, sizes, args.seed)
+        alone = run_case(ex.kind, ex.optimizer, DataParallel(World(), stage=0, num_shards=world.size), sizes, args.seed,
+                         dropout=ex.dropout)
+        whole = run_case(ex.kind, ex.optimizer, False, sizes, args.seed, dropout=ex.dropout)
         result["one_process_losses"] = alone["losses"]
         result["equal_one_process"] = alone["losses"] == runs[0]["losses"]
         result["whole_batch_max_rel_diff"] = float(np.max(np.abs(np.subtract(whole["losses"], runs[0]["losses"]))
@@ -172,7 +177,8 @@ def main(argv=None) -> dict:
                   ("", f"DP, {world.size} rank(s)", f"1 process, {world.size} shards", "1 process, whole batch"))
         rep.text(f"  stages 1-3 equal DP bit for bit (losses and weights): {'yes' if result['stages_equal_dp'] else 'NO'}"
                  f"; DP equals one process over the same shards: {'yes' if result['equal_one_process'] else 'NO'}"
-                 f"; whole batch in one forward: max relative difference {result['whole_batch_max_rel_diff']:.1e}")
+                 f"; whole batch in one forward: max relative difference {result['whole_batch_max_rel_diff']:.1e}"
+                 + (" (with dropout it also draws other masks)" if ex.dropout else " (float32 rounding)"))
         rep.done()
         finish(result, args, lesson="zero")
     world.barrier()

@@ -31,9 +31,11 @@ def launch(tmp_path, nproc, *args, name="out.json"):
     return json.loads(out.read_text()), proc.stdout
 
 
-@pytest.mark.parametrize("kind,optimizer", [("full", "adamw"), ("lora", "adamw8bit"), ("qlora", "paged_adamw")])
-def test_two_ranks_equal_one_process_and_the_calculator(tmp_path, kind, optimizer):
-    res, out = launch(tmp_path, 2, "--kind", kind, "--optimizer", optimizer)
+@pytest.mark.parametrize("kind,optimizer,dropout", [("full", "adamw", "0"), ("lora", "adamw8bit", "0.1"),
+                                                    ("qlora", "paged_adamw", "0")])
+def test_two_ranks_equal_one_process_and_the_calculator(tmp_path, kind, optimizer, dropout):
+    """Exact: with dropout too, each shard draws its masks from its own stream, whichever rank runs it."""
+    res, out = launch(tmp_path, 2, "--kind", kind, "--optimizer", optimizer, "--dropout", dropout)
     assert res["world_size"] == 2 and res["backend"] == "mpi"
     assert res["equal_one_process"], (res["losses"], res["one_process_losses"])
     assert res["stages_equal_dp"]

@@ -37,7 +37,7 @@ def test_buckets_respect_size_dtype_and_owner():
 
 def test_shards_and_their_errors():
     x = np.arange(8 * 3).reshape(8, 3)
-    shards = DataParallel(World(), num_shards=4).local_shards((x, x + 1))
+    shards = list(DataParallel(World(), num_shards=4).local_shards((x, x + 1)))
     assert len(shards) == 4 and np.array_equal(np.concatenate([s[0] for s in shards]), x)
     assert np.array_equal(shards[1][1], x[2:4] + 1)
     with pytest.raises(ValueError, match="cannot be split evenly into 3 shards"):
