@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ..backend import to_numpy
+from ..backend import to_device, to_numpy
 from ..distributed import DataParallel, World, get_world
 from ..gpt import GPT, GPTConfig
 from ..memory import GB, MethodConfig, TrainConfig as MemTrainConfig, estimate_memory, gpt2_param_count
@@ -42,20 +42,20 @@ def _add_arguments(p) -> None:
     p.add_argument("--checkpoint-dir", default=None, help="write checkpoints of the stage-2 run here (tests)")
 
 
-def make_model(kind: str, sizes: dict, seed: int, dropout: float = 0.0):
-    """A tiny GPT: every weight trainable (``full``), LoRA on every block linear, or QLoRA (NF4 base)."""
+def make_model(kind: str, sizes: dict, seed: int, dropout: float = 0.0, device: str = "cpu"):
+    """A tiny GPT on ``device``: every weight trainable (``full``), LoRA on every block linear, or QLoRA."""
     from ..peft import LoraConfig, get_peft_model, get_qlora_model
 
     cfg = GPTConfig(vocab_size=64, block_size=sizes["block_size"], n_layer=sizes["n_layer"], n_head=2,
                     n_embd=sizes["n_embd"], dropout=dropout)
     model = GPT(cfg, seed=seed)
     if kind == "full":
-        return model
+        return model.to(device)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights="gaussian",
                       lora_dropout=dropout)
     if kind == "lora":
-        return get_peft_model(model, lora)
-    return get_qlora_model(model, lora, compute_dtype="float32")
+        return get_peft_model(model, lora).to(device)
+    return get_qlora_model(model, lora, compute_dtype="float32").to(device)
 
 
 def make_optimizer(name: str, model, lr: float):
@@ -66,21 +66,21 @@ def make_optimizer(name: str, model, lr: float):
     return AdamW(model, lr=lr)
 
 
-def batches(vocab: int, T: int):
+def batches(vocab: int, T: int, device: str = "cpu"):
     """``get_batch(rng)``: random token rows whose next token is a fixed function of the current one."""
     def get_batch(rng, batch_size):
         x = rng.integers(0, vocab, size=(batch_size, T))  # (B, T)
-        return x, (3 * x + 1) % vocab
+        return to_device(x, device), to_device((3 * x + 1) % vocab, device)
     return get_batch
 
 
 def run_case(kind: str, optimizer: str, parallel: DataParallel | bool, sizes: dict, seed: int = 0,
              checkpoint_dir: str | None = None, resume: bool = False, steps: int | None = None,
-             dropout: float = 0.0) -> dict:
+             dropout: float = 0.0, device: str = "cpu") -> dict:
     """Train one tiny model for ``sizes['steps']`` steps under ``parallel``; losses, weights, memory."""
-    model = make_model(kind, sizes, seed, dropout)
+    model = make_model(kind, sizes, seed, dropout, device)
     opt = make_optimizer(optimizer, model, lr=1e-2)
-    get = batches(64, sizes["block_size"])
+    get = batches(64, sizes["block_size"], device)
     cfg = TrainConfig(max_steps=steps or sizes["steps"], batch_size=sizes["batch"], lr=1e-2, schedule="constant",
                       grad_clip=1.0, seed=seed, progress=False, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=1 if checkpoint_dir else 0)
@@ -141,7 +141,8 @@ def main(argv=None) -> dict:
     rep.section(f"Tiny GPT, {ex.kind}, {ex.optimizer}: {world.size} rank(s) ({world.backend or 'one process'}), "
                 f"batch {sizes['batch']}, {sizes['steps']} steps")
     runs = {s: run_case(ex.kind, ex.optimizer, DataParallel(world, stage=s), sizes, args.seed,
-                        checkpoint_dir=ex.checkpoint_dir if s == 2 else None, dropout=ex.dropout) for s in STAGES}
+                        checkpoint_dir=ex.checkpoint_dir if s == 2 else None, dropout=ex.dropout, device=args.device)
+            for s in STAGES}
     keys = ("weights", "gradients", "optimizer_state")
     rows, per_rank = [], {}
     for s in STAGES:
@@ -164,12 +165,16 @@ def main(argv=None) -> dict:
         np.array_equal(runs[s]["weights"][n], runs[0]["weights"][n]) for n in runs[0]["weights"]) for s in STAGES}
     result["losses"] = runs[0]["losses"]
     result["stages_equal_dp"] = all(same.values())
+    result["stages_max_rel_diff"] = max(float(np.max(np.abs(np.subtract(runs[s]["losses"], runs[0]["losses"]))
+                                                     / np.abs(runs[0]["losses"]))) for s in STAGES)
     if world.rank == 0:
         alone = run_case(ex.kind, ex.optimizer, DataParallel(World(), stage=0, num_shards=world.size), sizes, args.seed,
-                         dropout=ex.dropout)
-        whole = run_case(ex.kind, ex.optimizer, False, sizes, args.seed, dropout=ex.dropout)
+                         dropout=ex.dropout, device=args.device)
+        whole = run_case(ex.kind, ex.optimizer, False, sizes, args.seed, dropout=ex.dropout, device=args.device)
         result["one_process_losses"] = alone["losses"]
-        result["equal_one_process"] = alone["losses"] == runs[0]["losses"]
+        result["equal_one_process"] = alone["losses"] == runs[0]["losses"]  # exact on the CPU (MPI)
+        result["one_process_max_rel_diff"] = float(np.max(np.abs(np.subtract(alone["losses"], runs[0]["losses"]))
+                                                          / np.abs(alone["losses"])))  # NCCL: within rounding
         result["whole_batch_max_rel_diff"] = float(np.max(np.abs(np.subtract(whole["losses"], runs[0]["losses"]))
                                                           / np.abs(whole["losses"])))
         rep.table([(f"step {i + 1}", f"{a:.9f}", f"{b:.9f}", f"{c:.9f}")
