@@ -355,10 +355,9 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     Damaged or incomplete checkpoints are skipped with a warning (``True``/``'auto'``); a fresh
     run (``resume=False``) into a directory that already holds checkpoints warns.
     Seeds ``minipeft.random`` with ``config.seed`` (the dropout stream) at the start.
-    ``parallel``: a ``minipeft.distributed.DataParallel`` (data parallelism, ZeRO stage 0-3);
-    ``None`` makes one when this process is one of several ranks (``python -m minipeft.launch``),
-    ``False`` never does. Every rank then draws the same global batch and trains on its shard;
-    only rank 0 prints and writes checkpoints.
+    ``parallel``: a ``minipeft.distributed.DataParallel`` (data parallel, ZeRO stages 0-3); ``None``
+    makes one when this process is one of several ranks (``python -m minipeft.launch``), ``False``
+    never does. Each rank trains on its shard of the global batch; rank 0 prints and checkpoints.
     """
     config = config or TrainConfig()
     if not callable(get_batch):
@@ -480,7 +479,9 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
                                           or (config.checkpoint_every and step == config.max_steps)):
                 save(step)
             info = {"loss": train_loss, "lr": lr, "model": model, "optimizer": optimizer, "result": result}
-            if any(cb(step, info) is True for cb in callbacks):
+            with dp.full_parameters() if dp and callbacks else contextlib.nullcontext():  # ZeRO-3: all weights
+                stop = any(cb(step, info) is True for cb in callbacks)
+            if stop:
                 break
     finally:
         if bar is not None:

@@ -108,6 +108,7 @@ class DataParallel:
         self.num_shards, self.bucket_bytes = n, int(bucket_bytes)
         self.named_params: list = []  # every trainable (name, Parameter), in the optimizer's order
         self.owner: dict[str, int] = {}
+        self.traffic = {"all-reduce": 0, "reduce": 0, "broadcast": 0}  # bytes this rank handed to each collective
 
     def __repr__(self) -> str:
         return f"DataParallel(stage={self.stage}, {self.world!r}, num_shards={self.num_shards})"
@@ -129,7 +130,7 @@ class DataParallel:
         self._grad_buckets = make_buckets(self.named_params, self.owner if self.stage >= 2 else None,
                                           self.bucket_bytes)
         self._owner_buckets = make_buckets(self.named_params, self.owner, self.bucket_bytes)
-        self._bcast(make_buckets(self.named_params, {n: 0 for n in self.owner}, self.bucket_bytes))
+        self._bcast(make_buckets(self.named_params, {n: 0 for n in self.owner}, self.bucket_bytes), count=False)
         if self.stage >= 1:
             optimizer.keep_only(self.owned_names())
         if self.stage == 3:
@@ -213,6 +214,7 @@ class DataParallel:
                 self.world.allreduce_sum_(flat)
             else:
                 self.world.reduce_sum_(flat, b.owner)
+            self.traffic["all-reduce" if b.owner is None else "reduce"] += int(flat.nbytes)
             if b.owner is None or b.owner == self.rank:
                 self._unflat(b, flat, "grad")
             for name, p in b.members:
@@ -254,11 +256,12 @@ class DataParallel:
         return total
 
     # ------------------------------------------------------------------ the step and the weights
-    def _bcast(self, buckets) -> None:
+    def _bcast(self, buckets, count: bool = True) -> None:
         for b in buckets:
             flat = self._flat(b, "data")
             self.world.broadcast_(flat, b.owner)
             self._unflat(b, flat, "data")
+            self.traffic["broadcast"] += int(flat.nbytes) if count else 0
 
     def gather_parameters(self) -> None:
         """Stage 3: every owner sends its weights to all (the all-gather before forward)."""
@@ -284,7 +287,7 @@ class DataParallel:
     def full_parameters(self):
         """Every weight present inside (stage 3 gathers, then releases); evaluation and saving use it."""
         if self.stage == 3:
-            self.gather_parameters()
+            self._bcast(self._owner_buckets, count=False)  # not part of a training step's traffic
         try:
             yield
         finally:

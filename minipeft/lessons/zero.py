@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from .. import engine
 from ..backend import to_device, to_numpy
 from ..distributed import DataParallel, World, get_world
 from ..gpt import GPT, GPTConfig
@@ -84,13 +85,15 @@ def run_case(kind: str, optimizer: str, parallel: DataParallel | bool, sizes: di
     cfg = TrainConfig(max_steps=steps or sizes["steps"], batch_size=sizes["batch"], lr=1e-2, schedule="constant",
                       grad_clip=1.0, seed=seed, progress=False, checkpoint_dir=checkpoint_dir,
                       checkpoint_every=1 if checkpoint_dir else 0)
+    engine.reset_peak_saved_bytes()
     res = train(model, lambda rng: get(rng, sizes["batch"]), opt, cfg, parallel=parallel, resume=resume)
-    out = {"losses": res.losses, "grad_norms": res.grad_norms}
+    out = {"losses": res.losses, "grad_norms": res.grad_norms, "activations_peak": engine.peak_saved_bytes()}
     if isinstance(parallel, DataParallel):
         sizes_t = {n: int(np.prod(parallel._shapes[n])) for n, _ in parallel.named_params}
         out["measured"] = parallel.memory(model, opt)
         out["predicted"] = per_rank_bytes(sizes_t, parallel.owner, parallel.rank, parallel.stage, 4, 4, optimizer)
         out["trainable_params"] = sum(sizes_t.values())
+        out["traffic_per_step"] = {k: v / cfg.max_steps for k, v in parallel.traffic.items()}
         with parallel.full_parameters():
             out["weights"] = {n: to_numpy(p.data).copy() for n, p in parallel.named_params}
     return out
@@ -155,8 +158,16 @@ def main(argv=None) -> dict:
                          "yes" if (meas == pred).all() else "NO"))
     rep.table(rows, ("", "rank", "weights meas/pred", "grads meas/pred", "optimizer meas/pred", "equal"))
     psi = runs[0]["trainable_params"]
-    rep.text("  bytes each rank sends per step (paper, ring, fp32): " + ", ".join(
-        f"stage {s}: {communication_bytes(psi, s, world.size, 4):,.0f}" for s in STAGES))
+    rep.text(f"  Ψ = {psi:,} trainable parameters (fp32: {4 * psi:,} bytes); activations saved for backward, peak "
+             f"on this rank: {runs[0]['activations_peak']:,} bytes (its shard of {sizes['batch'] // world.size} rows)")
+    traffic = [(f"stage {s} {STAGE_NAMES[s]}", f"{communication_bytes(psi, s, world.size, 4):,.0f}",
+                *[f"{runs[s]['traffic_per_step'][k]:,.0f}" for k in ("all-reduce", "reduce", "broadcast")])
+               for s in STAGES]
+    rep.text("  bytes per step and rank: the paper's ring count, and the buffers this code hands to each collective")
+    rep.table(traffic, ("", "paper (sent)", "all-reduce", "reduce", "broadcast"))
+    rep.text("  (a ring all-reduce sends 2(N-1)/N of its buffer, a reduce or broadcast (N-1)/N; stage 3 here gathers the "
+             "weights once a step and keeps them through backward, where the paper gathers them again: 3Ψ)")
+    result["traffic_per_step"] = {s: runs[s]["traffic_per_step"] for s in STAGES}
     result["per_rank"] = per_rank
     result["memory_equal"] = all(all(np.array_equal(m, p) for m, p in v) for v in per_rank.values())
 
