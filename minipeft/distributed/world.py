@@ -157,7 +157,10 @@ class NCCLWorld(World):
         super().__init__(rank, size)
         self.cupy = cupy
         cupy.cuda.Device(rank if local_rank is None else local_rank).use()
-        self.comm = cupyx.distributed.init_process_group(size, rank)  # NCCLBackend; TCP store rendezvous
+        try:  # the TCP store even where mpi4py is installed: these ranks were not started by mpiexec
+            self.comm = cupyx.distributed.init_process_group(size, rank, force_store=True)
+        except TypeError:  # a CuPy without force_store (it then uses the store unless asked for MPI)
+            self.comm = cupyx.distributed.init_process_group(size, rank)
 
     def _check(self, buf) -> None:
         if not isinstance(buf, self.cupy.ndarray):

@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     rep.table(course_rows(64), ("", "Ψ", *[f"stage {s}" for s in STAGES]))
     g3 = gpt2_param_count("gpt3-175b")
     need = {s: devices_needed(g3, s, 40e9) for s in STAGES}
-    rep.text(f"  A100-40GB devices for GPT-3 175B full FT, states only: " +
+    rep.text("  A100-40GB devices for GPT-3 175B full FT, states only: " +
              ", ".join(f"stage {s}: {need[s] if need[s] else 'never'}" for s in STAGES) +
              "  (course: 80, leaving room for activations)")
     result["gpt3_devices_40gb"] = need
