@@ -10,7 +10,8 @@ per CPU rank). Every collective minipeft uses is a library's, never a home-made 
 * ``nccl`` — CuPy arrays through NCCL (``cupyx.distributed.init_process_group``, which
   exchanges NCCL's unique id over a small TCP store at ``CUPYX_DISTRIBUTED_HOST``/``PORT``).
   Chosen by ``MINIPEFT_DIST_BACKEND=nccl`` with ``MINIPEFT_RANK`` and ``MINIPEFT_WORLD_SIZE``,
-  which ``python -m minipeft.launch --backend nccl`` sets.
+  which ``python -m minipeft.launch --backend nccl`` sets (under ``mpiexec`` the rank and size
+  are read from its variables instead).
 * one process alone — ``World(rank=0, size=1, backend=None)``: every collective is the identity.
 
 **Exact sums on the CPU.** Floating-point addition is not associative, and MPI's
@@ -32,6 +33,7 @@ from ..backend import xp_of
 BACKENDS = ("mpi", "nccl")
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
+_LOCAL_RANK_VARS = ("MINIPEFT_LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")  # the GPU of a rank
 
 
 class World:
@@ -231,11 +233,12 @@ def get_world() -> World:
         if backend == "mpi":
             _WORLD = MPIWorld()
         elif backend == "nccl":
-            rank, size = _env_int(("MINIPEFT_RANK",)), _env_int(("MINIPEFT_WORLD_SIZE",))
+            rank = _env_int(("MINIPEFT_RANK",) + _MPI_RANK_VARS)  # the launcher's, or mpiexec's
+            size = _env_int(("MINIPEFT_WORLD_SIZE",) + _MPI_SIZE_VARS)
             if rank is None or size is None:
                 raise RuntimeError("MINIPEFT_DIST_BACKEND=nccl needs MINIPEFT_RANK and MINIPEFT_WORLD_SIZE: start the "
                                    "ranks with python -m minipeft.launch --backend nccl --nproc N -m MODULE")
-            _WORLD = NCCLWorld(rank, size, _env_int(("MINIPEFT_LOCAL_RANK",)))
+            _WORLD = NCCLWorld(rank, size, _env_int(_LOCAL_RANK_VARS))
         else:
             _WORLD = World()
     return _WORLD

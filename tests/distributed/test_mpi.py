@@ -52,6 +52,24 @@ def test_four_ranks(tmp_path):
     assert res["world_size"] == 4 and res["equal_one_process"] and res["stages_equal_dp"] and res["memory_equal"]
 
 
+def test_train_turns_data_parallel_by_itself(tmp_path):
+    """A module that calls train() as usual, started on 2 ranks: DP without asking, rank 0 alone logs."""
+    from pathlib import Path
+
+    from tests.distributed._auto_worker import run
+
+    out = tmp_path / "auto.json"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "minipeft.launch", "--nproc", "2", "-m",
+                           "tests.distributed._auto_worker", str(out)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == 2
+    assert res["losses"] == run(DataParallel(World(), num_shards=2))  # dropout 0.1 included
+    assert proc.stdout.count("step      1 |") == 1  # the log line comes from rank 0 only
+
+
 def test_zero2_checkpoint_written_once_resumes_in_one_process(tmp_path):
     """The stage-2 run's checkpoint (optimizer state gathered to rank 0) resumes with world size 1."""
     ck = tmp_path / "ck"

@@ -101,3 +101,17 @@ def test_one_shard_changes_nothing_and_shards_stay_close(kind, optimizer):
     two = run_case(kind, optimizer, DataParallel(World(), stage=3, num_shards=2), QUICK)["losses"]
     assert one == plain
     assert np.allclose(two, plain, rtol=1e-5)
+
+
+def test_keep_only_drops_the_others_and_refuses_strangers():
+    from minipeft.optim import AdamW, PagedAdamW
+
+    a, b = (Tensor(np.ones(4, np.float32), requires_grad=True) for _ in range(2))
+    for opt in (AdamW([("a", a), ("b", b)]), PagedAdamW([("a", a), ("b", b)], page_size=2)):
+        a.grad, b.grad = np.ones(4, np.float32), np.ones(4, np.float32)
+        opt.step()
+        opt.keep_only(["b"])
+        assert [n for n, _ in opt.named_params] == ["b"] and list(opt.state) == ["b"]
+        assert [n for n, _ in opt.all_named_params] == ["a", "b"] and opt.state_bytes() == 32
+        with pytest.raises(ValueError, match=r"\['c'\] are not parameters of this optimizer"):
+            opt.keep_only(["c"])
