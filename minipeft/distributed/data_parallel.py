@@ -39,7 +39,9 @@ N ranks with one shard each give bit for bit the losses and weights of one proce
 the same N shards one after another, accumulating their gradients (``DataParallel(World(),
 num_shards=N)``; the engine adds gradients in that order, ``((g0+g1)+g2)+g3``). One process
 with the whole batch in one forward agrees within float32 rounding only: splitting a sum over
-B·T rows into N partial sums changes its rounding.
+B·T rows into N partial sums changes its rounding. With ``grad_accum_steps`` > 1 each rank first
+adds its own micro-batches, one process adds them micro-batch by micro-batch: the losses of the first
+step are equal, later ones within rounding.
 
 **Stage 3's granularity.** Here weights are gathered for the whole forward and backward of a
 step and freed after it (minipeft's Modules have no forward hooks, and backward keeps weights

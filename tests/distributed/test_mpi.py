@@ -34,8 +34,14 @@ def launch(tmp_path, nproc, *args, name="out.json"):
 @pytest.mark.parametrize("kind,optimizer,dropout", [("full", "adamw", "0"), ("lora", "adamw8bit", "0.1"),
                                                     ("qlora", "paged_adamw", "0")])
 def test_two_ranks_equal_one_process_and_the_calculator(tmp_path, kind, optimizer, dropout):
-    """Exact: with dropout too, each shard draws its masks from its own stream, whichever rank runs it."""
-    res, out = launch(tmp_path, 2, "--kind", kind, "--optimizer", optimizer, "--dropout", dropout)
+    """Exact: with dropout too, each shard draws its masks from its own stream, whichever rank runs it.
+
+    The stage-2 run writes a checkpoint every step (rank 0 alone, with the optimizer state gathered
+    from both ranks); one process resumes from the one before the last and takes the last step again.
+    """
+    ck = tmp_path / "ck"
+    res, out = launch(tmp_path, 2, "--kind", kind, "--optimizer", optimizer, "--dropout", dropout,
+                      "--checkpoint-dir", str(ck))
     assert res["world_size"] == 2 and res["backend"] == "mpi"
     assert res["equal_one_process"], (res["losses"], res["one_process_losses"])
     assert res["stages_equal_dp"]
@@ -44,6 +50,12 @@ def test_two_ranks_equal_one_process_and_the_calculator(tmp_path, kind, optimize
     w0, g0, o0 = per["0"][0][0]  # stage 0, rank 0, measured
     assert per["1"][0][0][2] < o0 and per["2"][0][0][1] < g0 and per["3"][0][0][0] < w0  # each stage sheds its part
     assert "stage 3 P_os+g+p" in out and "meas/pred" in out
+
+    assert [s for s, _ in list_checkpoints(ck)] == list(range(1, QUICK["steps"] + 1))
+    remove_checkpoint(list_checkpoints(ck)[-1][1])
+    again = run_case(kind, optimizer, DataParallel(World(), num_shards=2), QUICK, checkpoint_dir=str(ck),
+                     resume=True, dropout=float(dropout))
+    assert again["losses"] == res["losses"]  # bit for bit, with another world size
 
 
 @pytest.mark.slow
@@ -68,15 +80,3 @@ def test_train_turns_data_parallel_by_itself(tmp_path):
     assert res["world_size"] == 2
     assert res["losses"] == run(DataParallel(World(), num_shards=2))  # dropout 0.1 included
     assert proc.stdout.count("step      1 |") == 1  # the log line comes from rank 0 only
-
-
-def test_zero2_checkpoint_written_once_resumes_in_one_process(tmp_path):
-    """The stage-2 run's checkpoint (optimizer state gathered to rank 0) resumes with world size 1."""
-    ck = tmp_path / "ck"
-    res, _ = launch(tmp_path, 2, "--kind", "full", "--checkpoint-dir", str(ck))
-    steps = [s for s, _ in list_checkpoints(ck)]
-    assert steps == list(range(1, QUICK["steps"] + 1))
-    remove_checkpoint(list_checkpoints(ck)[-1][1])  # continue from the step before the last
-    again = run_case("full", "adamw", DataParallel(World(), num_shards=2), QUICK, checkpoint_dir=str(ck),
-                     resume=True)
-    assert again["losses"] == res["losses"]  # bit for bit, with the other world size
