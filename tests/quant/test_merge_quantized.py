@@ -179,3 +179,24 @@ def test_bad_weights_are_refused_before_storing():
     with pytest.raises(TypeError, match="must be a float array"):
         layer.requantize(np.ones((8, 64), np.int32))
     np.testing.assert_array_equal(layer.weight.data, codes)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_merge_on_either_backend_stores_the_same_codes(bits, xp):
+    rng = np.random.default_rng(3)
+    W = (rng.standard_normal((32, 64)) * 0.05).astype(np.float32)
+    A = (rng.integers(-8, 9, (4, 64)) / 64).astype(np.float32)
+    B = (rng.integers(-8, 9, (32, 4)) / 64).astype(np.float32)
+    case = {"bits": bits, "quant_type": "nf4", "blocksize": 64, "compress_statistics": True}
+    layers = [_lora(_base(case, W, np.zeros(32, np.float32)), A, B) for _ in range(2)]
+    if xp is not np:
+        layers[1].to("cuda")
+    for layer in layers:
+        layer.merge()
+    ref, got = (np.asarray(_host(layer.base_layer.weight.data)) for layer in layers)
+    np.testing.assert_array_equal(got, ref)
+    assert layers[1].merge_rounding == pytest.approx(layers[0].merge_rounding, rel=1e-6)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else a
