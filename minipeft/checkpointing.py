@@ -17,7 +17,11 @@ The recomputed forward must be the same computation as the first one, dropout in
 block's forward, sets it back to that snapshot for the recompute, then restores the state
 the generator had reached, so the masks are redrawn identically and the rest of training
 sees the random stream it would have seen without checkpointing. Gradients are therefore
-the very same numbers as the plain backward's. So is the precision: a block that ran
+the very same numbers as the plain backward's. A snapshot is kept only by a block that drew
+random numbers: on the CPU it is PCG64's few words, on CUDA a copy of CuPy's cuRAND states
+(XORWOW: 32,768 states of 48 bytes in CuPy's default generator, about 1.5 MB), held per block
+until its backward and not in the ledger of saved bytes; PyTorch's Philox generator needs only
+a seed and an offset, which is why torch.utils.checkpoint's snapshot is free. So is the precision: a block that ran
 under ``amp.autocast`` is recomputed under it.
 
 Every tensor the block reads that may need a gradient must be passed to ``checkpoint``:
@@ -45,6 +49,14 @@ def rng_state(device: str):
     if device == "cpu":
         return bits.state
     return bits._state.copy()  # cupy.random.XORWOW keeps its cuRAND states in this device array
+
+
+def rng_unchanged(device: str, state) -> bool:
+    """Whether the engine's generator still has the state :func:`rng_state` took (nothing drawn since)."""
+    bits = mp_random.generator(device).bit_generator
+    if device == "cpu":
+        return bits.state == state
+    return bool((bits._state == state).all())
 
 
 def set_rng_state(device: str, state) -> None:
@@ -75,6 +87,8 @@ class Checkpoint(Function):
         ctx.save_for_backward(x, *arrays[:n_extra])  # the block's input: all this block keeps
         with no_grad():
             y = run(Tensor(x), *(Tensor(a) for a in arrays[:n_extra]))
+        if rng_unchanged(device, ctx.rng):  # the block drew nothing (no dropout): nothing to replay
+            ctx.rng = None
         return y.data  # (B, T, C)
 
     @staticmethod
@@ -84,13 +98,16 @@ class Checkpoint(Function):
         leaves = [Tensor(x, requires_grad=needs[0])]  # fresh leaves: the recompute's graph ends here
         leaves += [Tensor(a, requires_grad=n) for a, n in zip(extras, needs[1:1 + ctx.n_extra])]
         params = [p for p in ctx.params if p.requires_grad]
-        now = rng_state(ctx.device)
-        set_rng_state(ctx.device, ctx.rng)  # replay the forward's random draws (dropout)
+        now = None if ctx.rng is None else rng_state(ctx.device)
+        if ctx.rng is not None:
+            set_rng_state(ctx.device, ctx.rng)  # replay the forward's random draws (dropout)
         try:
             with enable_grad(), (amp.autocast(ctx.autocast) if ctx.autocast else contextlib.nullcontext()):
                 y = ctx.run(*leaves)  # the block again, this time with a graph
         finally:
-            set_rng_state(ctx.device, now)  # the stream continues where training left it
+            if now is not None:
+                set_rng_state(ctx.device, now)  # the stream continues where training left it
+            ctx.rng = None
         wanted = [t for t in leaves if t.requires_grad] + params
         grads = iter(grad(y, wanted, g))
         out = [next(grads) if t.requires_grad else None for t in leaves]
@@ -118,4 +135,4 @@ def checkpoint(run, x: Tensor, *extras, params=()) -> Tensor:
     return Checkpoint.apply(x, *present, *trainable, run=run_arrays, n_extra=len(present), params=trainable)
 
 
-__all__ = ["checkpoint", "Checkpoint", "rng_state", "set_rng_state"]
+__all__ = ["checkpoint", "Checkpoint", "rng_state", "rng_unchanged", "set_rng_state"]
