@@ -186,3 +186,24 @@ def test_cuda_checkpointed_gradients_match_the_plain_backward():
     assert r1 == r2 and plain.keys() == ckpt.keys()
     for name in plain:  # the same kernels on the same inputs; atomics may reorder a sum
         np.testing.assert_allclose(ckpt[name], plain[name], rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_a_block_run_under_autocast_is_recomputed_under_it():
+    from minipeft import amp
+
+    def step(model, on):
+        if on:
+            model.gradient_checkpointing_enable()
+        mp_random.manual_seed(7)
+        idx, tg = _batch()
+        with amp.autocast("float16"):
+            loss = model(idx, tg).loss
+        loss.backward()  # outside the autocast block, as train() does
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    def make():
+        return get_peft_model(_model(dropout=0.1, dtype="float32"), LoraConfig(r=4, target_modules=TARGETS))
+
+    plain, ckpt = step(make(), False), step(make(), True)
+    for name in plain:
+        np.testing.assert_array_equal(ckpt[name], plain[name], err_msg=name)
