@@ -190,6 +190,7 @@ class TrainConfig:
     embd_pdrop: float = 0.0  # embedding dropout
     save_frozen_linear_inputs: bool = False  # True: a frozen linear keeps x anyway (naive engine)
     ledger_view: bool = False  # True: skip arrays made outside the graph, as the engine's ledger does
+    gradient_checkpointing: bool = False  # True: blocks keep their input only, recomputed in backward
 
 
 # ---------------------------------------------------------------------- method models
@@ -392,7 +393,8 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
         acts = sum(activation_bytes(
             t.batch_size, T, s.n_layer, s.n_embd, s.n_head, s.d_ff, s.vocab_size, ab, lora_dropout=m.lora_dropout,
             save_frozen_linear_inputs=t.save_frozen_linear_inputs, resid_pdrop=t.resid_pdrop,
-            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, **model_of.activations(s, m)).values())
+            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, gradient_checkpointing=t.gradient_checkpointing,
+            **model_of.activations(s, m)).values())
     return MemoryBreakdown(w_tr, w_fr, sum(trainable) * gb, o, acts, q_c, sum(k for _, k, _, _ in tensors),
                            sum(trainable), t.optimizer.startswith("paged_"), known)
 

@@ -21,10 +21,13 @@ base model to Python code (the local standard library) with full fine-tuning, Lo
    check** trains LoRA once more at 8x its rank (64, QLoRA's; alpha/r kept, LoRA's chosen
    rate): where LoRA trails full fine-tuning, it says whether more rank closes the gap, the
    reason on a small base (its update is not of low rank; Aghajanyan et al. 2020);
-4. one real training step's memory by category, measured beside the calculator's prediction;
+4. one real training step's memory by category, measured beside the calculator's prediction,
+   and a QLoRA step with gradient checkpointing (``gradient_checkpointing_enable``): its
+   activations, predicted and measured, beside the plain step's and the LoRA parameters';
 5. optimizer state under AdamW, 8-bit AdamW and paged AdamW;
-6. merging a QLoRA adapter into the dequantized NF4 weights (the model that was trained) or
-   into the original full-precision base (not the model that was trained).
+6. merging a QLoRA adapter into the dequantized NF4 weights (the model that was trained), into
+   the original full-precision base (not the model that was trained), or into the NF4 layers
+   themselves, re-quantized as peft's bnb merge does, with the rounding that costs.
 
 Recipe: LoRA r = 8, alpha = 16 on every linear layer of every block (QLoRA's targets), no
 LoRA dropout (the default of the QLoRA code, qlora.py; its 7B/13B scripts use 0.1), AdamW
@@ -50,14 +53,13 @@ from .. import pretrained
 from ..backend import to_device
 from ..claims import CLAIMS, lesson_claims
 from ..data import Corpus, lm_batches
-from ..engine import no_grad
 from ..memory import MethodConfig, TrainConfig as MemTrainConfig, course_figures, estimate_memory
 from ..memory_measure import compare, measure_training_step
 from ..optim import AdamW
 from ..peft import LoraConfig, get_peft_model, get_qlora_model
-from ..quant.modules import quantize_model
 from ..train import TrainConfig, train
 from ._common import Report, finish, parse_args, save_figure
+from .qlora_studies import checkpointed_step, merge_study, optimizer_states
 from .side_tuning_sweep import slice_loss, split_validation
 
 METHODS = ("full", "lora", "qlora")
@@ -346,18 +348,31 @@ def main(argv=None) -> dict:
         if r["measured"].device_peak:
             rep.text(f"  GPU memory pool peak during the step: {r['measured'].device_peak:,} B")
     rep.text(f"largest deviation of a measured category from its prediction: {100 * worst:.1f}%")
+    ckpt = checkpointed_step(build("qlora", base, s["compute_dtype"], args.seed), probe, base.config,
+                             _method_config("qlora"))
+    rep.text("\nActivations dominate (the course: LLaMA 7B's LoRA step keeps 567 MB of activations for 26 MB of "
+             "LoRA parameters); gradient checkpointing keeps each block's input only and recomputes the block in "
+             "backward (the same gradients, a second forward of each block):")
+    rep.table([(name, ckpt[f"activations{k}_predicted"], ckpt[f"activations{k}"],
+                f"{ckpt[f'activations{k}'] / ckpt['lora_parameters']:.0f}x")
+               for name, k in (("QLoRA step", "_plain"), ("QLoRA step, gradient checkpointing", ""))],
+              ("  activations", "predicted B", "measured B", "/ LoRA parameters"))
+    rep.text(f"  LoRA parameters: {ckpt['lora_parameters']:,} B; checkpointing keeps "
+             f"{ckpt['activations'] / ckpt['activations_plain']:.2f} of the plain step's activations")
 
     rep.section("5. Optimizer state for full fine-tuning: AdamW, 8-bit AdamW, paged AdamW")
-    opt_rows = _optimizer_states(base, probe)
+    opt_rows = optimizer_states(base, probe)
     rep.table(opt_rows, ("optimizer", "state bytes", "on device at peak", "note"))
 
     rep.section("6. Merging the QLoRA adapter (losses on the reported slice)")
-    merge = _merge_study(results["qlora"]["model"], base, report_loss)
+    merge, merge_rounding = merge_study(results["qlora"]["model"], base, report_loss)
     rep.table([(k, v) for k, v in merge.items()], ("model", "val loss"))
     rep.text("Merged into the dequantized NF4 weights, the model is the one that was trained (same loss up to "
              "float rounding). Merged into the original full-precision base, it is not: the adapter learned to "
-             "correct the NF4 base's rounding, which the original weights do not have. Quantizing the merged "
-             "weights to NF4 again rounds the sum once more.")
+             "correct the NF4 base's rounding, which the original weights do not have. Merged into the NF4 layers "
+             "as peft + bitsandbytes merge (dequantize, add s·B·A, quantize to NF4 again; the same bytes as "
+             f"theirs), the sum is rounded once more: weights moved by up to {merge_rounding:.4g} from the "
+             "exact sum.")
 
     from ..plotting import loss_curves, memory_breakdown
 
@@ -379,6 +394,7 @@ def main(argv=None) -> dict:
               "nf4_val_loss": nf4_val, "nf4_source_val_loss": nf4_source, "methods": out, "claims": claims,
               "lora_rank_check": rank_check,
               "max_memory_deviation": worst, "optimizers": [list(r) for r in opt_rows], "merge": merge,
+              "merge_rounding": merge_rounding, "gradient_checkpointing": ckpt,
               "course_figures": [(f.case, f.course, f.minipeft, f.relation, "reproduced" if f.ok else "contradicted")
                                  for f in figs]}
     rep.section("The course's claims, judged on this run (the rules of figures/claims.json)")
@@ -393,60 +409,6 @@ def _method_config(method: str) -> MethodConfig:
     if method == "full":
         return MethodConfig(method="full")
     return MethodConfig(method=method, targets=LINEARS, r=LORA_R, blocksize=64, double_quant=True)
-
-
-def _optimizer_states(base, batch) -> list[tuple]:
-    from ..optim import AdamW8bit, PagedAdamW
-
-    rows = []
-    for name, make in (("AdamW (32-bit)", lambda ps: AdamW(ps, lr=1e-4)),
-                       ("AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4)),
-                       ("PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-4, page_size=PAGE,
-                                                            device_budget_bytes=_budget(base)))):
-        model = copy.deepcopy(base)
-        opt = make(list(model.parameters()))
-        meas = measure_training_step(model, batch, opt)
-        peak, note = meas.optimizer_state, ""
-        if name == "PagedAdamW":
-            stats = opt.paging_stats()
-            peak = stats["peak_device_bytes"]
-            note = f"{stats['page_ins']} page-ins of {stats['pages']} pages; budget {stats['device_budget_bytes']:,} B"
-        elif name == "AdamW8bit":
-            note = "tensors < 4096 elements keep 32-bit state"
-        rows.append((name, meas.optimizer_state, peak, note))
-    return rows
-
-
-PAGE = 4096  # elements per page of paged optimizer state
-
-
-def _budget(base) -> int:
-    """A device budget for paged state: a quarter of what 32-bit AdamW state needs (>= 2 pages)."""
-    return max(8 * base.num_parameters() // 4, 2 * 8 * PAGE)
-
-
-def _merge_study(qlora_model, base, loss) -> dict:
-    """``loss`` of the QLoRA model as trained and after each way of merging it."""
-    out = {"QLoRA as trained (NF4 base + LoRA)": loss(qlora_model)}
-    deltas = {}
-    with no_grad():
-        for name, m in qlora_model.named_modules():
-            if hasattr(m, "get_delta_weight") and hasattr(m, "lora_A"):
-                key = name.split("base_model.model.", 1)[-1]
-                deltas[key] = (m.get_delta_weight("default").data, m.base_weight())
-    dequant = copy.deepcopy(base)
-    original = copy.deepcopy(base)
-    for key, (delta, w_nf4) in deltas.items():
-        dequant.get_submodule(key).weight.data = (w_nf4 + delta).astype(np.float32)
-        lin = original.get_submodule(key)
-        lin.weight.data = lin.weight.data + delta
-    out["merged into the dequantized NF4 base"] = loss(dequant)
-    out["merged into the original fp32 base"] = loss(original)
-    requant = copy.deepcopy(dequant)
-    quantize_model(requant, quant_type="nf4", blocksize=64, compress_statistics=True, verbose=False)
-    out["merged, then re-quantized to NF4"] = loss(requant)
-    out["original base (no adapter)"] = loss(base)
-    return out
 
 
 def _grid_arg(text: str) -> tuple[str, tuple[float, ...]]:

@@ -174,6 +174,15 @@ class LoraLayer(BaseTunerLayer):
             return dora.forward(self, adapter, xd, lora, base_result)
         return lora * s
 
+    def set_base_weight(self, array) -> None:
+        """A 4-bit or 8-bit base takes the merged weight quantized again (peft's bnb layers);
+        ``merge_rounding`` keeps the largest change that rounding made (``quant/requantize.py``)."""
+        base = self.get_base_layer()
+        if hasattr(base, "requantize"):
+            self.merge_rounding = base.requantize(array)
+            return
+        super().set_base_weight(array)
+
     def merged_weight(self, weight, adapter: str):
         delta = self.get_delta_weight(adapter).data.astype(weight.dtype)
         if not self.use_dora[adapter]:

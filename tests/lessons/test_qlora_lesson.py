@@ -16,6 +16,7 @@ import pytest
 from minipeft.claims import CLAIMS, lesson_claims
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.lessons import qlora
+from minipeft.lessons.qlora_studies import MERGED_NF4
 from minipeft.memory import course_figures
 
 RULES = {c.id: c.rule for c in CLAIMS}
@@ -74,6 +75,18 @@ def test_methods_learn_and_numbers_hold_together(result):
     assert merge["QLoRA as trained (NF4 base + LoRA)"] == pytest.approx(m["qlora"]["val_loss"], abs=1e-6)
     assert (result["_out"] / "qlora_loss.png").exists() and (result["_out"] / "qlora_memory.png").exists()
     assert (result["_out"] / "r.json").is_file()
+
+
+def test_checkpointing_and_the_merge_into_nf4_are_reported(result):
+    g = result["gradient_checkpointing"]
+    assert g["activations"] < g["activations_plain"] and g["lora_parameters"] > 0
+    # measured = predicted, but for the 4-byte LoRA scalars the calculator leaves out (4 linears, one block)
+    assert 0 <= g["activations"] - g["activations_predicted"] <= 4 * 4
+    assert 0 <= g["activations_plain"] - g["activations_plain_predicted"] <= 4 * 4 * 2  # both blocks
+    assert "gradient checkpointing" in result["_log"]
+    merge, trained = result["merge"], result["merge"]["QLoRA as trained (NF4 base + LoRA)"]
+    assert 0 < result["merge_rounding"] < 1
+    assert abs(merge[MERGED_NF4] - trained) < abs(merge["original base (no adapter)"] - trained)
 
 
 def test_each_method_sweeps_its_grid_and_keeps_the_argmin_of_the_stopping_slice(result):
