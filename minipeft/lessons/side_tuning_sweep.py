@@ -26,7 +26,7 @@ import numpy as np
 from ..backend import xp_of
 from ..data import lm_batches, split_validation  # noqa: F401  (re-exported: the lessons' one split)
 from ..engine import no_grad
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory
+from ..memory import MethodConfig, StepSetup, estimate_memory
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
 from ..peft import LoraConfig, LSTConfig, QSTConfig, get_peft_model, get_qlora_model, held_leaf_bytes
@@ -119,7 +119,7 @@ def predict(config, method: str, r: int | None, batch: int, seq_len: int) -> dic
         mc = MethodConfig(method="side", quantize=True, reduction_factor=r or QST_R)
     else:
         raise ValueError(f"predict covers 'qlora' and 'qst', got {method!r}")
-    return estimate_memory(config, mc, MemTrainConfig(batch_size=batch, seq_len=seq_len)).as_dict()
+    return estimate_memory(config, mc, StepSetup(batch_size=batch, seq_len=seq_len)).as_dict()
 
 
 def _setting(method: str, r: int | None) -> str:

@@ -16,7 +16,7 @@ import pytest
 from minipeft.claims import CLAIMS, lesson_claims
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.lessons import qlora
-from minipeft.memory import course_figures
+from minipeft.memory_course import course_figures
 
 RULES = {c.id: c.rule for c in CLAIMS}
 
