@@ -325,7 +325,7 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
     md("On a GPU the same two operations are CUDA RawKernels (`minipeft/kernels/bgmv.cu`): BGMV fuses "
        "shrink and expand in one block per row; SGMV reads a tile of an adapter's weights into shared "
        "memory once for up to 32 rows. `tests/kernels/test_bgmv.py` checks them against the twins."),
-    code("from minipeft.kernels import bgmv\nshow_source(bgmv.maybe_cuda_bgmv)"),
+    code("from minipeft.kernels import bgmv\nshow_source(bgmv.bgmv_cuda)"),
     md("The server wraps every served Linear in a `MultiLoraLinear`: base output first, then BGMV or SGMV "
        "with the slot of each row:"),
     code("show_source(serve.MultiLoraLinear.forward)"),

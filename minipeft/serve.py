@@ -33,11 +33,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import decoding
+from . import decoding, fast
 from .backend import to_device, to_numpy, xp_of
 from .engine import Tensor
 from .gpt import GPT
-from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
+from .kernels import bgmv as bgmv_kernels
 from .nn import Module
 from .peft.layer import is_linear_like, param_dtype_xp
 from .peft.model import PeftModel
@@ -85,6 +85,11 @@ def sgmv_reference(y, x, lora_A, lora_B, indptr, seg_slot, scales):
     return y
 
 
+# On float32 CuPy arrays the CUDA kernels (minipeft/kernels/bgmv.cu) run instead of the twins above.
+fast.register(bgmv_reference, bgmv_kernels.bgmv_cuda, when=bgmv_kernels.bgmv_applies)
+fast.register(sgmv_reference, bgmv_kernels.sgmv_cuda, when=bgmv_kernels.sgmv_applies)
+
+
 # ------------------------------------------------------------------ configuration, requests, results
 
 
@@ -97,7 +102,7 @@ class ServeConfig:
     device_budget_bytes: int = 64 * 2**20  # bytes of adapter slots on the model's device (sets n_slots)
     host_budget_bytes: int | None = None  # bytes of adapters kept in host memory; None = no limit
     base_model_name: str | None = None  # if set, adapters whose base_model_name_or_path differs are refused
-    use_kernels: bool = True  # CUDA RawKernels for float32 on a GPU (False: the twins everywhere)
+    use_kernels: bool = True  # CUDA RawKernels for float32 on a GPU (False, or MINIPEFT_KERNELS=0: the twins)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) or not self.target_modules:
@@ -210,19 +215,15 @@ class MultiLoraLinear(Module):
             return y
         xd, yd = x.data, y.data
         A, B, s = self.lora_A, self.lora_B, self.scales
-        if xd.size == len(ctx.slots) * self.in_features and self.use_kernels \
-                and maybe_cuda_bgmv(yd, xd, A, B, ctx.slots_dev, s):
-            return y  # decode on the GPU: (B, 1, in) -> (B, 1, out) in place, no reshapes
         M = xd.size // self.in_features
         x2, y2 = xd.reshape(M, self.in_features), yd.reshape(M, self.out_features)  # (B*T, in), (B*T, out)
         T = M // len(ctx.slots)
+        # the twins, or their CUDA kernels where fast.choose finds they apply (use_kernels=False: the twins)
         if T == 1:  # decode: one row per request
-            if not (self.use_kernels and maybe_cuda_bgmv(y2, x2, A, B, ctx.slots_dev, s)):
-                bgmv_reference(y2, x2, A, B, ctx.slots_dev, s)
+            fast.call(bgmv_reference, y2, x2, A, B, ctx.slots_dev, s, allow_fast=self.use_kernels)
         else:  # prefill: request k's T rows follow request k-1's, same-adapter requests are adjacent
             indptr = ctx.req_ptr * T
-            if not (self.use_kernels and maybe_cuda_sgmv(y2, x2, A, B, indptr, ctx.seg_slot, s)):
-                sgmv_reference(y2, x2, A, B, indptr, ctx.seg_slot, s)
+            fast.call(sgmv_reference, y2, x2, A, B, indptr, ctx.seg_slot, s, allow_fast=self.use_kernels)
         return Tensor(y2.reshape(yd.shape))
 
     def _moved_to(self, device: str) -> None:

@@ -427,3 +427,25 @@ def test_timings_of_a_run_on_a_shared_machine_are_not_judged(tmp_path):
     (root / "cpu-2026-12-01" / "peft_methods.json").unlink()
     e = evaluate(speed, load_results(root, repo=tmp_path, extra={}))
     assert e["verdict"] == "not-attempted" and "shared the machine" in e["note"]
+
+
+def test_peft_trailing_full_ft_is_explained_by_the_recorded_rank_sweeps():
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import Results
+
+    claim = next(c for c in CLAIMS if c.id == "peft-comparable-to-ft")
+    qlora = {"methods": {"full": {"val_loss": 1.0}, "lora": {"val_loss": 1.1}}}
+    lora = {"rank_sweep": {"1": {"val_loss": 2.2}, "16": {"val_loss": 2.0}, "32": {"val_loss": 1.95}},
+            "full_ft": {"val_loss": 1.9}}
+    e = evaluate(claim, Results.from_dicts({"qlora": qlora, "lora": lora}))
+    assert e["verdict"] == "contradicted"
+    assert "r=1 2.200 -> r=16 2.000 -> r=32 1.950, full fine-tuning 1.900" in e["note"]
+    assert "memory/lora.json: rank_sweep, full_ft.val_loss" in e["source"]
+    # LoRA within 2% of full: nothing to explain
+    close = {"methods": {"full": {"val_loss": 1.0}, "lora": {"val_loss": 1.01}}}
+    e = evaluate(claim, Results.from_dicts({"qlora": close, "lora": lora}))
+    assert e["verdict"] == "reproduced" and "largest rank swept" not in e["note"]
+    # no sweep recorded: the claim is judged all the same, with its scale note only
+    e = evaluate(claim, Results.from_dicts({"qlora": qlora}))
+    assert e["verdict"] == "contradicted" and "largest rank swept" not in e["note"] and "Scale" in e["note"]

@@ -105,8 +105,10 @@ def test_stopping_and_reported_losses_come_from_disjoint_halves(result):
             assert s["val_select"] in on_select and s["val_select"] not in on_report, (name, s["lr"])
         assert row["val_loss"] in on_report and row["val_loss"] not in on_select, name
     assert result["base_val_loss"] in on_report and result["base_select_loss"] in on_select
-    # the reported slice is scored once per method (+ base, NF4 base, and the merge study's 5 models)
-    assert len(on_report) == 3 + 2 + 5
+    # the reported slice is scored once per method (+ the rank check, base, NF4 base, the merge study's 5 models)
+    assert len(on_report) == 3 + 1 + 2 + 5
+    rc = result["lora_rank_check"]
+    assert rc["val_loss"] in on_report and rc["val_select"] in on_select
 
 
 def test_source_losses_are_measured_on_english(result):
@@ -237,3 +239,25 @@ def test_judge_verdict_boundaries_are_the_rules():
         m = _methods(1.0, 1.0, 1.0, src_full=src_full, src_lora=1.4, src_qlora=1.4)
         c = {x["label"]: x for x in qlora.judge(m, base_val=2.0, base_source=1.3)}
         assert c["forgetting"]["verdict"] == verdict, src_full
+
+
+def test_rank_check_trains_lora_at_a_higher_rank_with_the_same_scale(result):
+    from minipeft.lessons.qlora import LORA_ALPHA, LORA_R, RANK_CHECK
+
+    rc = result["lora_rank_check"]
+    assert rc["r"] == min(RANK_CHECK * LORA_R, 64)  # the quick base is 64 wide
+    assert rc["alpha"] / rc["r"] == LORA_ALPHA / LORA_R and rc["lr"] == result["methods"]["lora"]["lr"]
+    assert rc["trainable"] == result["methods"]["lora"]["trainable"] * rc["r"] // LORA_R
+    note = next(c["note"] for c in result["claims"] if c["label"] == "LoRA vs full fine-tuning")
+    assert f"r={rc['r']}, alpha/r kept, same lr" in note or "ahead of full fine-tuning" in note
+
+
+def test_judge_names_the_rank_check_and_says_when_more_rank_closes_the_gap():
+    from minipeft.lessons.qlora import judge
+
+    m = {k: dict(val_loss=v, source_val_loss=2.0, lr=1e-3, grid=[1e-3], at_grid_edge=False)
+         for k, v in (("full", 1.0), ("lora", 1.2), ("qlora", 1.21))}
+    note = lambda rc: next(c["note"] for c in judge(m, 1.5, 1.9, None, rc) if c["label"] == "LoRA vs full fine-tuning")  # noqa: E731
+    closes = note({"r": 64, "val_loss": 1.1})
+    assert "8x the rank (r=64" in closes and "+10.0% from full" in closes and "not of low rank" in closes
+    assert "not of low rank" not in note({"r": 64, "val_loss": 1.19})  # closes less than a quarter of the gap
