@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipeft.backend import get_xp, resolve_device, synchronize  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
-from minipeft.memory import MethodConfig, TrainConfig, estimate_memory, format_bytes  # noqa: E402
+from minipeft.memory import MethodConfig, StepSetup, estimate_memory, format_bytes  # noqa: E402
 from minipeft.memory_measure import CATEGORIES, measure_training_step  # noqa: E402
 from minipeft.nn import Linear, Parameter  # noqa: E402
 from minipeft.optim import AdamW  # noqa: E402
@@ -119,8 +119,8 @@ def run_one(cfg, method, device, batch, seq, checkpointing: bool = False) -> dic
     before = device_in_use(device)  # steady state: weights and optimizer state in place
     meas = measure_training_step(model, (x, y), opt)
     mcfg = MethodConfig(method=method, targets=LINEARS, r=8, blocksize=64, double_quant=True)
-    tcfg = TrainConfig(batch_size=batch, seq_len=seq, ledger_view=True, resid_pdrop=cfg.dropout,
-                       embd_pdrop=cfg.dropout, gradient_checkpointing=checkpointing)
+    tcfg = StepSetup(batch_size=batch, seq_len=seq, ledger_view=True, resid_pdrop=cfg.dropout,
+                      embd_pdrop=cfg.dropout, gradient_checkpointing=checkpointing)
     pred = estimate_memory(cfg, mcfg, tcfg)
     row = {"model": cfg_name(cfg), "method": method + ("+gc" if checkpointing else ""), "params": int(pred.n_params),
            "trainable": int(pred.n_trainable), "batch": batch, "seq": seq, "build_s": build_s,

@@ -132,7 +132,7 @@ NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer: wh
     code("from minipeft.quant import modules\nshow_source(modules.MatMul4bit)"),
     md("Before training anything: the course's memory arithmetic, each figure computed from its "
        "inputs by `minipeft.memory`, with the relation that must hold (≈ within a tolerance, or a bound):"),
-    code("from minipeft.memory import format_course_figures\nprint(format_course_figures())"),
+    code("from minipeft.memory_course import format_course_figures\nprint(format_course_figures())"),
     md("A fair comparison gives each method its own learning rate: LoRA's update starts at zero and is "
        "scaled by alpha / r, so it usually wants a larger rate than full fine-tuning. Each method is trained "
        "at every rate of its grid; the Python validation text is cut in two halves, the first (the *stopping* "

@@ -101,7 +101,7 @@ def per_rank_bytes(sizes: dict[str, int], owner: dict[str, int], rank: int, stag
 
 
 def zero_breakdown(b, n_d: int, stage: int, partition_frozen: bool = False) -> dict:
-    """A ``minipeft.memory.MemoryBreakdown``'s model states per device under ZeRO ``stage``.
+    """A ``minipeft.memory.Breakdown``'s model states per device under ZeRO ``stage``.
 
     Trainable weights, gradients and optimizer state shrink as in the paper; frozen weights
     (and quantization constants) shrink at stage 3 only with ``partition_frozen`` (DeepSpeed

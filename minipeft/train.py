@@ -175,14 +175,35 @@ def count_tokens(batch) -> int:
     return int(getattr(batch, "size", 0) or 0)
 
 
-def evaluate_loss(model, get_batch, num_batches: int, seed: int, loss_fn=None) -> float:
-    """Mean loss over ``num_batches`` batches from a fresh Generator(seed): the same batches every call."""
+def validation_loss(model, batches, loss_fn=None) -> float:
+    """Mean loss per token (nats/token) of ``model`` over ``batches``: the one validation loss.
+
+    ``batches`` is any iterable of batches (``data.eval_batches`` for the windows of a token
+    array, ``random_batches`` for batches drawn the same way every call, a lesson's own
+    slices); each batch's loss counts with its number of tokens (``count_tokens``). The model
+    runs in eval mode (no dropout) without a graph, and is put back in the mode it was in.
+    """
     loss_fn = loss_fn or default_loss_fn
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        with no_grad():
+            for batch in batches:
+                k = count_tokens(batch) or 1
+                total += float(loss_fn(model, batch).item()) * k
+                n += k
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("validation_loss got no batches; give at least one (x, y) batch")
+    return total / n
+
+
+def random_batches(get_batch, num_batches: int, seed: int):
+    """``num_batches`` batches ``get_batch(rng)`` from a fresh Generator(seed): the same batches every call."""
     rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(num_batches):
-        total += float(loss_fn(model, get_batch(rng)).item())
-    return total / num_batches
+    return (get_batch(rng) for _ in range(num_batches))
 
 
 def _scalar_loss(loss) -> Tensor:
@@ -395,8 +416,8 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         metrics: dict = {}
         with no_grad(), (dp.full_parameters() if dp else contextlib.nullcontext()):
             if get_eval_batch is not None:
-                metrics["val_loss"] = evaluate_loss(model, get_eval_batch, max(1, config.eval_batches),
-                                                    config.seed + 1, loss_fn)
+                metrics["val_loss"] = validation_loss(
+                    model, random_batches(get_eval_batch, max(1, config.eval_batches), config.seed + 1), loss_fn)
             if eval_fn is not None:
                 out = eval_fn(model)
                 metrics.update(out if isinstance(out, dict) else {"val_loss": float(out)})

@@ -8,7 +8,7 @@ from minipeft import engine
 from minipeft import random as mp_random
 from minipeft.engine import Tensor
 from minipeft.gpt import GPT, GPTConfig
-from minipeft.memory import MethodConfig, TrainConfig, estimate_memory
+from minipeft.memory import MethodConfig, StepSetup, estimate_memory
 from minipeft.memory_activations import activation_bytes
 from minipeft.peft import LoraConfig, PrefixTuningConfig, get_peft_model
 from minipeft.quant.modules import quantize_model
@@ -132,7 +132,7 @@ def test_measured_peak_is_the_calculators(method):
     cfg = m.config
     mcfg = MethodConfig(method=method, targets=targets, r=4, lora_dropout=0.1)
     for on, measured in ((False, plain), (True, ckpt)):
-        t = TrainConfig(batch_size=B, seq_len=T, ledger_view=True, resid_pdrop=0.1, embd_pdrop=0.1,
+        t = StepSetup(batch_size=B, seq_len=T, ledger_view=True, resid_pdrop=0.1, embd_pdrop=0.1,
                         gradient_checkpointing=on)
         predicted = estimate_memory(cfg, mcfg, t).activations
         # LoRA's `* scaling` keeps its 0-d float32 scalar (4 bytes a layer), which the calculator leaves out

@@ -8,7 +8,7 @@ pages optimizer state to the host when memory spikes. This lesson adapts minipef
 base model to Python code (the local standard library) with full fine-tuning, LoRA and QLoRA:
 
 1. the memory arithmetic of the course, each number computed from its inputs beside the
-   course's, with the relation that must hold and its verdict (``minipeft.memory.course_figures``);
+   course's, with the relation that must hold and its verdict (``minipeft.memory_course.course_figures``);
 2. **each method at its own learning rate**: every method is trained at each rate of its
    grid (``GRIDS``; the LoRA family wants larger rates than full fine-tuning) and keeps the
    rate whose loss on the *stopping* slice of the Python validation text is lowest; only
@@ -53,7 +53,8 @@ from .. import pretrained
 from ..backend import to_device
 from ..claims import CLAIMS, lesson_claims
 from ..data import Corpus, lm_batches
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, course_figures, estimate_memory
+from ..memory import MethodConfig, StepSetup, estimate_memory
+from ..memory_course import course_figures
 from ..memory_measure import compare, measure_training_step
 from ..optim import AdamW
 from ..peft import LoraConfig, get_peft_model, get_qlora_model
@@ -292,7 +293,7 @@ def main(argv=None) -> dict:
         opt = AdamW([p for p in probe_model.parameters() if p.requires_grad], lr=1e-9)
         measured = measure_training_step(probe_model, probe, opt)
         predicted = estimate_memory(base.config, _method_config(method),
-                                    MemTrainConfig(batch_size=s["batch"], seq_len=s["block"], ledger_view=True))
+                                    StepSetup(batch_size=s["batch"], seq_len=s["block"], ledger_view=True))
         del probe_model, opt
         results[method] = dict(model=model, trainable=trainable, lr=chosen["lr"], grid=list(lrs),
                                at_grid_edge=chosen["at_grid_edge"], val_select=chosen["val_select"],

@@ -17,7 +17,7 @@ import copy
 import numpy as np
 
 from ..engine import no_grad
-from ..memory import TrainConfig as MemTrainConfig, estimate_memory
+from ..memory import StepSetup, estimate_memory
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
 
@@ -38,7 +38,7 @@ def checkpointed_step(model, batch, config, method_config) -> dict:
             model.gradient_checkpointing_enable()
         measured = measure_training_step(model, batch, AdamW([q for q in model.parameters() if q.requires_grad],
                                                              lr=1e-9))
-        t = MemTrainConfig(batch_size=B, seq_len=T, ledger_view=True, resid_pdrop=p, embd_pdrop=p,
+        t = StepSetup(batch_size=B, seq_len=T, ledger_view=True, resid_pdrop=p, embd_pdrop=p,
                            gradient_checkpointing=on)
         out[key], out[key + "_predicted"] = measured.activations, estimate_memory(config, method_config, t).activations
     out["lora_parameters"] = measured.weights_trainable

@@ -23,7 +23,7 @@ from .. import engine
 from ..backend import to_device, to_numpy
 from ..distributed import DataParallel, World, get_world
 from ..gpt import GPT, GPTConfig
-from ..memory import GB, MethodConfig, TrainConfig as MemTrainConfig, estimate_memory, gpt2_param_count
+from ..memory import GB, MethodConfig, StepSetup, estimate_memory, gpt2_param_count
 from ..memory_zero import (PAPER_FIG1, STAGE_NAMES, STAGES, communication_bytes, devices_needed,
                            per_rank_bytes, zero_breakdown, zero_model_states)
 from ..optim import AdamW, AdamW8bit, PagedAdamW
@@ -101,7 +101,7 @@ def run_case(kind: str, optimizer: str, parallel: DataParallel | bool, sizes: di
 
 def course_rows(n_d: int = 64) -> list:
     """Per-device GB of model states, stages 0-3 at ``n_d`` devices, for the course's models, full FT and PEFT."""
-    mixed = MemTrainConfig(seq_len=1, weight_dtype="float16", state_dtype="float32", master_weights=True)
+    mixed = StepSetup(seq_len=1, weight_dtype="float16", state_dtype="float32", master_weights=True)
     rows = []
     for name, label in (("gpt2-xl", "GPT-2 1.5B"), ("gpt3-175b", "GPT-3 175B")):
         psi = gpt2_param_count(name)

@@ -17,7 +17,9 @@ from minipeft.claims import CLAIMS, lesson_claims
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.lessons import qlora
 from minipeft.lessons.qlora_studies import MERGED_NF4
-from minipeft.memory import course_figures
+from minipeft.memory_course import course_figures
+
+from . import recorded
 
 RULES = {c.id: c.rule for c in CLAIMS}
 
@@ -48,7 +50,7 @@ def result(tmp_path_factory):
         mp.setattr(qlora, "split_validation", split_spy)
         mp.setattr(qlora, "slice_loss", slice_spy)
         mp.setattr(qlora.pretrained, "validation_loss", source_spy)
-        res = qlora.main(["--quick", "--figures", str(out), "--json", str(out / "r.json")])
+        res = recorded.run(qlora, ["--quick", "--figures", str(out), "--json", str(out / "r.json")])
     return res | {"_out": out, "_log": log.getvalue(), "_calls": calls}
 
 

@@ -7,12 +7,13 @@ import pytest
 
 from minipeft.lessons import serving
 from minipeft.peft.io import read_adapter
+from . import recorded
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("serving")
-    res = serving.main(["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
+    res = recorded.run(serving, ["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
     return res, d
 
 
