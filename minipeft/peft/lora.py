@@ -32,6 +32,7 @@ from . import dora
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
 from .layer import BaseTunerLayer, param_dtype_xp
 from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
+from .mixed_batch import mixed_batch, mixed_batch_forward
 from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
@@ -184,6 +185,14 @@ class LoraLayer(BaseTunerLayer):
         norm = self._caches.pop(f"{adapter}-weight_norm")
         return dora.unmerged_weight(weight, delta, self.lora_magnitude_vector[adapter].data, norm)
 
+    # ---- mixed-adapter batches (peft's adapter_names; mixed_batch.py)
+    batch_adapters = None  # set by mixed_batch() for a call: the adapter name of each row, or None
+
+    def forward(self, x, *args, **kwargs):
+        if self.batch_adapters is None or self.disable_adapters:
+            return super().forward(x, *args, **kwargs)
+        return mixed_batch_forward(self, x, self.batch_adapters, *args, **kwargs)
+
 
 def _lora(n_layer: int, n_embd: int, **kw) -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules=list(BLOCK_LINEARS), **kw)
@@ -205,6 +214,8 @@ class LoraMethod(PeftMethod):
         if peft_model.peft_config and (config.bias != "none" or any(
                 c.bias != "none" for c in peft_model.peft_config.values())):
             raise ValueError("LoRA supports only one adapter with bias != 'none'; use bias='none' for all adapters")
+
+    mixed_batch = staticmethod(mixed_batch)  # PeftModel(idx, adapter_names=[...]): each row its own adapter
 
     @classmethod
     def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd",
