@@ -215,7 +215,10 @@ class LoraMethod(PeftMethod):
                 c.bias != "none" for c in peft_model.peft_config.values())):
             raise ValueError("LoRA supports only one adapter with bias != 'none'; use bias='none' for all adapters")
 
-    mixed_batch = staticmethod(mixed_batch)  # PeftModel(idx, adapter_names=[...]): each row its own adapter
+    @classmethod
+    def mixed_batch(cls, peft_model, adapter_names, rows: int, forward: bool = True):
+        """``PeftModel(idx, adapter_names=[...])``: each row its own adapter (mixed_batch.py)."""
+        return mixed_batch(peft_model, adapter_names, rows, forward, layer_class=cls.layer_class)
 
     @classmethod
     def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd",

@@ -49,14 +49,13 @@ def check_names(adapter_names, rows: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def mixed_batch(peft_model, adapter_names, rows: int, forward: bool = True):
+def mixed_batch(peft_model, adapter_names, rows: int, forward: bool = True, layer_class=None):
     """Within the block, every LoRA layer of ``peft_model`` runs row m with ``adapter_names[m]``.
 
     ``rows``: the batch size B of the calls; ``forward``: True for a forward call (refused
-    in training mode, as peft does), False for ``generate`` (which decodes in eval mode).
+    in training mode, as peft does), False for ``generate`` (which decodes in eval mode);
+    ``layer_class``: the method's layer class (``LoraLayer``, given by ``LoraMethod``).
     """
-    from .lora import LoraLayer  # lora.py imports this module
-
     names = check_names(adapter_names, rows)
     if peft_model.peft_type != "LORA":
         raise TypeError(f"adapter_names (mixed-adapter batches) works with LoRA adapters only; this model's "
@@ -67,7 +66,7 @@ def mixed_batch(peft_model, adapter_names, rows: int, forward: bool = True):
     if forward and peft_model.training:
         raise ValueError("Cannot pass adapter_names when the model is in training mode: mixed batches are for "
                          "inference; call model.eval() first")
-    layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    layers = [m for m in peft_model.modules() if isinstance(m, layer_class)]
     known = set().union(*(m.lora_A.keys() for m in layers)) if layers else set()
     wanted = {n for n in names if n != BASE}
     unknown = sorted(wanted - known)
