@@ -98,7 +98,7 @@ class Request:
     top_k: int | None = None  # sample among the k most likely tokens; None: all
     top_p: float | None = None  # nucleus sampling: the smallest set of tokens with probability >= top_p; None: all
     seed: int | None = None  # the request's own random stream: the same seed gives the same tokens
-    arrival: float = 0.0  # when the request arrives (serve_scheduler.serve's clock), >= 0
+    arrival: float = 0.0  # when it arrives, on serve_scheduler.serve's clock (>= 0); generate runs all at once
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
@@ -347,7 +347,7 @@ class LoraServer:
         return p.astype(np.int64)
 
     def generate(self, requests: list, eos_token_id: int | None = None) -> list[Result]:
-        """Greedy decoding of a mixed batch; one :class:`Result` per request, in order.
+        """Greedy decoding of a mixed batch, all at once; one :class:`Result` per request, in order.
 
         Requests whose adapter is unknown or cannot serve this base, or whose prompt is
         invalid, get an error; the others run together. A batch naming more adapters than
@@ -360,6 +360,9 @@ class LoraServer:
         groups[None] = []
         for i, req in enumerate(requests):
             try:
+                if req.do_sample:
+                    raise ValueError("LoraServer.generate decodes greedily (a static batch); serve sampled requests "
+                                     "with minipeft.serve_scheduler.serve(server, requests)")
                 prompts[i] = self._check_request(req)
             except ValueError as e:  # AdapterError included
                 results[i] = Result(error=str(e))

@@ -5,8 +5,8 @@ LoRA adapters, the base GEMM ``x W0^T`` runs once, and only the LoRA part is gat
 row, ``y_m += s_i (x_m A_i^T) B_i^T`` with ``i`` the adapter of row m: BGMV for decode (one
 token per request), SGMV for the prefill (each adapter's rows contiguous).
 
-**Ranks.** Adapters of different ranks (S-LoRA, Sheng et al. 2023, arXiv 2311.03285,
-Sec. 5: "heterogeneous" adapters) are kept in *rank classes*: class ``c`` stacks its
+**Ranks.** Adapters of different ranks (S-LoRA, Sheng et al. 2023, arXiv 2311.03285, serves
+adapters of heterogeneous ranks without padding them to the largest) are kept in *rank classes*: class ``c`` stacks its
 adapters at its rank ``r_c``, ``A_c (n_c, r_c, in)``, ``B_c (n_c, out, r_c)``, and an
 adapter goes to the smallest class whose rank holds it. Each forward runs BGMV/SGMV once
 per class in the batch, on that class's rows only: an adapter of rank 4 costs rank-4
@@ -117,7 +117,7 @@ class BatchContext:
         self.slots, self.used = slots, np.unique(slots[slots >= 0])
         self.per_class = []
         off = self.classes.offsets
-        for c in np.unique([self.classes.class_of(s) for s in self.used]).tolist():
+        for c in np.unique(np.searchsorted(off, self.used, side="right") - 1).tolist():  # classes with rows
             inside = (slots >= off[c]) & (slots < off[c + 1])
             local = np.where(inside, slots - off[c], -1)  # (R,)
             starts = np.r_[0, np.flatnonzero(np.diff(local)) + 1]

@@ -147,7 +147,7 @@ def serve(server: LoraServer, requests: list, max_batch_size: int = 32, eos_toke
                 admit = _admit(server, requests, pending, rows, arrival, now, max_batch_size)
                 if admit:  # prefill the newcomers, grouped by adapter slot (SGMV segments), and join them
                     slot_of = server._make_resident([requests[i].adapter for i in admit if requests[i].adapter],
-                                                    keep=[server.resident_name(s) for s in rows.slot if s >= 0])
+                                                    keep=_in_use(requests, rows))
                     admit.sort(key=lambda i: slot_of.get(requests[i].adapter, -1))
                     slots = [slot_of.get(requests[i].adapter, -1) for i in admit]
                     idx, mask = decoding.left_pad([prompts[i] for i in admit])
@@ -195,10 +195,15 @@ def serve(server: LoraServer, requests: list, max_batch_size: int = 32, eos_toke
     return report
 
 
+def _in_use(requests, rows) -> set:
+    """The adapters of the running rows (they keep their slots)."""
+    return {requests[i].adapter for i in rows.req if requests[i].adapter is not None}
+
+
 def _admit(server, requests, pending, rows, arrival, now, max_batch_size) -> list:
     """Arrived requests that join now, first come first served: batch rows and adapter slots permitting."""
     admit = []
-    in_use = {server.resident_name(s) for s in rows.slot if s >= 0}
+    in_use = _in_use(requests, rows)
     while pending and arrival[pending[0]] <= now and len(rows) + len(admit) < max_batch_size:
         name = requests[pending[0]].adapter
         if name is not None and name not in in_use:

@@ -166,3 +166,8 @@ def test_poisson_arrivals_and_bad_arguments(adapters):
         serve(server(adapters), workload(1), max_batch_size=0)
     with pytest.raises(ValueError, match="arrival must be a finite time"):
         Request([1], arrival=-1.0)
+
+
+def test_the_static_generate_refuses_sampled_requests(adapters):
+    res = server(adapters).generate([Request([1, 2], "r2", 2, do_sample=True, seed=0), Request([1, 2], "r2", 2)])
+    assert "serve_scheduler.serve" in res[0].error and res[1].ok
