@@ -258,10 +258,6 @@ class LoraServer:
         """Adapters in device slots, least recently used first."""
         return list(self._resident)
 
-    def resident_name(self, slot: int) -> str:
-        """The adapter in device slot ``slot``."""
-        return next(n for n, s in self._resident.items() if s == slot)
-
     def host_adapters(self) -> list[str]:
         """Adapters held in host memory, least recently used first."""
         return list(self._host)

@@ -171,3 +171,45 @@ def test_poisson_arrivals_and_bad_arguments(adapters):
 def test_the_static_generate_refuses_sampled_requests(adapters):
     res = server(adapters).generate([Request([1, 2], "r2", 2, do_sample=True, seed=0), Request([1, 2], "r2", 2)])
     assert "serve_scheduler.serve" in res[0].error and res[1].ok
+
+
+@pytest.mark.gpu
+def test_continuous_batching_on_the_gpu_gives_the_cpu_tokens(tmp_path):
+    """float32 on CuPy, with the BGMV/SGMV kernels per rank class and without them: the CPU's tokens."""
+    cfg = GPTConfig.preset("T0")
+    paths = {n: save_adapter(get_peft_model(GPT(cfg, seed=0), LoraConfig(init_lora_weights=False, seed=i, **kw)),
+                             os.path.join(tmp_path, n)) for i, (n, kw) in enumerate(SPECS.items())}
+    reqs = workload(24, seed=7)
+    out = {}
+    for device, kernels in (("cpu", False), ("cuda", True), ("cuda", False)):
+        srv = LoraServer(GPT(cfg, seed=0).to(device), ServeConfig(rank_classes=(2, 4, 8), use_kernels=kernels))
+        for n, p in paths.items():
+            srv.add_adapter(n, p)
+        out[device, kernels] = [r.tokens.tolist() for r in serve(srv, reqs, max_batch_size=6, step_time=1.0).results]
+    assert out["cuda", True] == out["cpu", False]
+    assert out["cuda", False] == out["cpu", False]
+
+
+def test_session_join_and_compact_keep_each_row_as_alone():
+    m = base().eval()
+    target = decoding.resolve_model(m)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, CFG.vocab_size, n) for n in (9, 3, 6)]
+    with decoding.inference(m):
+        alone_logits = []
+        for p in prompts:
+            s = decoding.Session(target, p[None])
+            s.start()
+            alone_logits.append(s.step(np.array([5])))
+        a = decoding.Session(target, *decoding.left_pad(prompts[:1]))
+        a.start()
+        a.step(np.array([5]))  # one step ahead: the joined sessions are of different lengths
+        b = decoding.Session(target, *decoding.left_pad(prompts[1:]))
+        b.start()
+        a.join(b)  # rows: 0 (9 + 1 tokens), 1 (3), 2 (6), right-aligned
+        assert a.cache.length == 10 and a.cache.mask.sum(axis=1).tolist() == [10, 3, 6]
+        a.select([1, 2])  # the long row leaves
+        a.compact()
+        assert a.cache.length == 6 and a.tokens.shape == (2, 6)
+        got = a.step(np.array([5, 5]))
+    np.testing.assert_allclose(got, np.concatenate(alone_logits[1:]), rtol=0, atol=1e-12)

@@ -147,3 +147,16 @@ def test_live_against_peft_mixed_batch():
         again = loaded.eval()(idx, adapter_names=names).logits.data
     assert np.abs(ours - ref).max() <= 1e-5 * np.abs(ref).max()
     assert np.abs(again - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.gpu
+def test_mixed_batch_on_the_gpu():
+    from minipeft.backend import to_numpy
+
+    pm, idx = model("float32"), ids()
+    want = pm(idx, adapter_names=NAMES).logits.data
+    pm.to("cuda")
+    got = to_numpy(pm(idx, adapter_names=NAMES).logits.data)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    toks = to_numpy(pm.generate(idx, 4, greedy=True, adapter_names=NAMES))
+    assert toks.shape == (len(NAMES), idx.shape[1] + 4)
