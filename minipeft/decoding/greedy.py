@@ -158,7 +158,8 @@ class PickTokens:
 def check_sampling(temperature: float, top_k, top_p, vocab_size: int | None = None) -> None:
     """ValueError unless temperature > 0, top_k None or in [1, vocab_size], top_p None or in (0, 1]."""
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature!r}); use greedy=True (or do_sample=False) for argmax decoding")
+        raise ValueError(f"temperature must be > 0 (got {temperature!r}); use greedy=True (or do_sample=False) "
+                         "for argmax decoding")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
                               or (vocab_size is not None and top_k > vocab_size)):
         raise ValueError(f"top_k must be None or an int in [1, {vocab_size or 'vocab_size'}], got {top_k!r}")
