@@ -145,22 +145,13 @@ def serve(server: LoraServer, requests: list, max_batch_size: int = 32, eos_toke
                     now = float(arrival[pending[0]])  # idle: the clock jumps to the next arrival
                 t0 = time.perf_counter()
                 admit = _admit(server, requests, pending, rows, arrival, now, max_batch_size)
-                if admit:  # prefill the newcomers, grouped by adapter slot (SGMV segments), and join them
-                    slot_of = server._make_resident([requests[i].adapter for i in admit if requests[i].adapter],
-                                                    keep=_in_use(requests, rows))
-                    admit.sort(key=lambda i: slot_of.get(requests[i].adapter, -1))
-                    slots = [slot_of.get(requests[i].adapter, -1) for i in admit]
-                    idx, mask = decoding.left_pad([prompts[i] for i in admit])
-                    server._ctx.set(np.array(slots), xp)
-                    new = decoding.Session(target, idx, mask)
-                    new_logits = new.start()
+                if admit:  # the newcomers' prompts run, then their rows join the batch
+                    new, new_logits = _prefill(server, target, requests, prompts, admit, rows)
                     if session is None:
                         session, logits = new, new_logits
                     else:
                         session.join(new)
-                        logits = xp.concatenate([logits, new_logits])
-                    for i, s in zip(admit, slots):
-                        rows.add(i, s, requests[i].seed)
+                        logits = xp.concatenate([logits, new_logits])  # (R + R', V)
                 nxt = choose_tokens(logits, [requests[i] for i in rows.req], rows.rng)  # (R,)
                 report.steps += 1
                 report.batch_sizes.append(len(rows))
@@ -193,6 +184,20 @@ def serve(server: LoraServer, requests: list, max_batch_size: int = 32, eos_toke
         finally:
             server._ctx.clear()
     return report
+
+
+def _prefill(server, target, requests, prompts, admit: list, rows: _Rows):
+    """Run the prompts of ``admit`` (grouped by adapter slot: SGMV segments); their Session and logits (R', V)."""
+    slot_of = server._make_resident([requests[i].adapter for i in admit if requests[i].adapter],
+                                    keep=_in_use(requests, rows))
+    admit.sort(key=lambda i: slot_of.get(requests[i].adapter, -1))
+    slots = [slot_of.get(requests[i].adapter, -1) for i in admit]
+    server._ctx.set(np.array(slots), target.xp)
+    new = decoding.Session(target, *decoding.left_pad([prompts[i] for i in admit]))
+    logits = new.start()
+    for i, slot in zip(admit, slots):
+        rows.add(i, slot, requests[i].seed)
+    return new, logits
 
 
 def _in_use(requests, rows) -> set:
