@@ -19,8 +19,9 @@ Then memory: the base plus N adapters against N merged copies, for a float32 and
 base. Last, requests that arrive over time (a Poisson schedule): continuous batching
 (requests join and leave the batch at every decode step, adapters held in rank classes,
 greedy or sampled with each request's own seed) against static batching, as throughput and
-latency against the arrival rate (``serving_continuous.py``), and each request's tokens
-under shuffled arrival orders against ``generate`` alone. First, it checks that every request of a mixed batch gets exactly the tokens of its
+latency against the arrival rate (``serving_continuous.py``), each request's tokens under
+shuffled arrival orders against ``generate`` alone, and peft's mixed batch in the model
+(``PeftModel(idx, adapter_names=[...])``) against the server's logits. First, it checks that every request of a mixed batch gets exactly the tokens of its
 adapter merged into the base and decoded alone, and that bad requests fail on their own.
 ``--base tiny`` is minipeft's pretrained model; a preset name (``T1``, ``gpt2`` ...) is a
 randomly initialised model of that shape (serving cost does not depend on the weights).
@@ -364,12 +365,16 @@ def _continuous(args, state, cfg, paths, prompts, n_new: int, dflt: dict, rep) -
     chk = serving_continuous.check_exact(server, lambda: _copy(state, cfg, args.device), paths,
                                          serving_continuous.workload(prompts[:6 if args.quick else 12], names, n_new,
                                                                      rng, sample=True), rng)
+    mixed = serving_continuous.check_mixed_logits(server, lambda: _copy(state, cfg, args.device), paths,
+                                                  prompts[:8], args.device)
     reqs = serving_continuous.workload(prompts[:dflt["batch"] if args.quick else 96], names, n_new, rng)
     sweep = serving_continuous.rate_sweep(server, reqs, dflt["fractions"], dflt["max_batch"], rng)
     rep.table([("adapter slots: ranks padded to r_max / rank classes " + "/".join(map(str, RANKS)),
                 f"{padded / 2**20:,.2f} MiB / {held / 2**20:,.2f} MiB"),
                ("tokens equal to generate alone, shuffled arrivals (%d of them sampled)" % chk["sampled"],
                 f"{chk['identical']} / {chk['total']}"),
+               ("PeftModel(idx, adapter_names=...) vs the server, %d rows: max |diff| / max |logit|" % mixed["rows"],
+                f"{mixed['rel_diff']:.1e}"),
                ("capacity (all requests at once)", f"{sweep['capacity_rps']:,.1f} req/s, "
                                                    f"{sweep['capacity_tps']:,.0f} tok/s")], headers=("", "minipeft"))
     rep.table([(f"{r['fraction']:g}x = {r['rate']:,.1f}", f"{r['continuous_tps']:,.0f}",
@@ -381,7 +386,7 @@ def _continuous(args, state, cfg, paths, prompts, n_new: int, dflt: dict, rep) -
                   f"{last['continuous_tps'] / last['static_tps']:.2f}x"),
                  ("tokens of each request = generate alone, any arrival order", "identical",
                   f"{chk['identical']}/{chk['total']}")])
-    return dict(check=chk, sweep=sweep, slot_bytes_padded=padded, slot_bytes_classes=held)
+    return dict(check=chk, mixed_logits=mixed, sweep=sweep, slot_bytes_padded=padded, slot_bytes_classes=held)
 
 
 def _add_arguments(p):

@@ -13,7 +13,8 @@ different numbers of tokens. Two ways of batching them on one ``LoraServer``:
 Time is simulated from measured compute (``serve_scheduler``'s clock): the server never
 sleeps, the clock jumps to the next arrival when it is idle. Then the tokens of requests
 served in a shuffled arrival order, with sampling, are compared with each request decoded
-alone by ``generate``.
+alone by ``generate``, and the server's logits with peft's mixed batch in the model itself
+(``PeftModel(idx, adapter_names=[...])``).
 """
 from __future__ import annotations
 
@@ -98,6 +99,22 @@ def check_exact(server, make_model, paths, requests, rng, schedules: int = 2) ->
     return dict(identical=same, total=schedules * len(requests), sampled=sum(q.do_sample for q in requests))
 
 
+def check_mixed_logits(server, make_model, paths, prompts, device: str) -> dict:
+    """``PeftModel(idx, adapter_names=...)`` (peft's mixed batch) against the server's logits, same batch."""
+    from ..peft import load_adapter
+
+    names = list(paths)[:3]
+    pm = from_pretrained(make_model(), paths[names[0]], adapter_name=names[0])
+    for n in names[1:]:
+        load_adapter(pm, paths[n], n)
+    T = min(len(p) for p in prompts)
+    idx = np.stack([np.asarray(p)[:T] for p in prompts])  # (B, T)
+    rows = [(names + ["__base__"])[k % (len(names) + 1)] for k in range(len(prompts))]
+    want = to_numpy(pm.eval()(idx, adapter_names=rows).logits.data)
+    got = to_numpy(server.forward(idx, rows).data)
+    return dict(rel_diff=float(np.abs(got - want).max() / np.abs(want).max()), adapters=names, rows=len(rows))
+
+
 def figure(sweep: dict, title: str = ""):
     """Generated tokens/s (left) and mean request latency (right) against the arrival rate."""
     import matplotlib.pyplot as plt
@@ -120,4 +137,4 @@ def figure(sweep: dict, title: str = ""):
     return fig
 
 
-__all__ = ["workload", "static_batching", "rate_sweep", "check_exact", "figure"]
+__all__ = ["workload", "static_batching", "rate_sweep", "check_exact", "check_mixed_logits", "figure"]

@@ -67,6 +67,7 @@ def test_random_adapters_are_peft_format(tmp_path):
 def test_continuous_batching_section(run):
     c = run[0]["continuous"]
     assert c["check"]["identical"] == c["check"]["total"] >= 12 and c["check"]["sampled"] >= 3
+    assert c["mixed_logits"]["rel_diff"] < 1e-5 and c["mixed_logits"]["rows"] == 8  # peft's path = the server's
     assert c["slot_bytes_classes"] < c["slot_bytes_padded"]  # rank classes: ranks 4 and 8 not padded to 16
     rows = c["sweep"]["rows"]
     assert [r["fraction"] for r in rows] == list(serving.QUICK["fractions"]) and c["sweep"]["capacity_rps"] > 0
