@@ -598,6 +598,45 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, s
 ])
 
 
+NOTEBOOKS["10_zero"] = ("Lesson 10 — Past one GPU: ZeRO beside PEFT, predicted and measured per rank", [
+    md("PEFT and quantization answer the memory question by training and storing less. The other answer "
+       "is to spread the training over many devices. Plain data parallelism (DP) does not help memory: "
+       "every rank holds the whole model, its gradients and the optimizer state. ZeRO (Rajbhandari et al. "
+       "2020) removes that redundancy one kind of state at a time: stage 1 partitions the optimizer state, "
+       "stage 2 the gradients too, stage 3 the weights too. With $\\Psi$ parameters, $N_d$ devices and "
+       "$K = 12$ bytes of mixed-precision Adam state per parameter, a device holds $(2+2+K)\\Psi$, "
+       "$4\\Psi + K\\Psi/N_d$, $2\\Psi + (2+K)\\Psi/N_d$ and $(2+2+K)\\Psi/N_d$ bytes:"),
+    code("from minipeft import memory_zero\nshow_source(memory_zero.zero_model_states)"),
+    md("Run the lesson in this process (a world of one rank, where every stage holds everything). It prints "
+       "the paper's Fig. 1 recomputed, the course's cases (GPT-2 1.5B, GPT-3 175B) with full fine-tuning, "
+       "LoRA and QLoRA at each stage, and a tiny GPT trained at stages 0-3:"),
+    code("from minipeft.lessons import zero\nresult = zero.main(ARGS)"),
+    md("**On two ranks.** `python -m minipeft.launch --nproc 2 -m minipeft.lessons.zero --quick` starts two "
+       "MPI ranks (`pip install mpi4py mpich`); `train()` sees them and shards every batch. The report then "
+       "gives each rank's bytes, measured next to the prediction, and checks the losses:"),
+    code("import importlib.util, subprocess, sys\n"
+         "if importlib.util.find_spec('mpi4py'):\n"
+         "    run = subprocess.run([sys.executable, '-m', 'minipeft.launch', '--nproc', '2', '-m',\n"
+         "                          'minipeft.lessons.zero', *ARGS], capture_output=True, text=True)\n"
+         "    print(run.stdout[run.stdout.find('-- Tiny GPT'):] or run.stderr[-3000:])\n"
+         "else:\n"
+         "    print('mpi4py is not installed here: pip install mpi4py mpich, then rerun this cell')"),
+    md("**Where the bytes go.** Stages 0-1 all-reduce every gradient; stages 2-3 reduce each bucket to the "
+       "rank that owns it and free the rest; stages 1-3 send each owner's updated weights to all; stage 3 "
+       "frees the weights it does not own after the step and gathers them before the next forward:"),
+    code("from minipeft.distributed import DataParallel\n"
+         "show_source(DataParallel.reduce_gradients)\nshow_source(DataParallel.finish_step)"),
+    md("**Exact on the CPU.** Floating-point addition is not associative, so a sum over ranks depends on its "
+       "order. On MPI minipeft gathers the ranks' buffers and adds them in rank order, the order in which "
+       "one process accumulates the same shards: the losses agree bit for bit, not just approximately."),
+    code("from minipeft.distributed.world import MPIWorld\nshow_source(MPIWorld.allreduce_sum_)"),
+    md("**Exercises.** (1) Run the lesson on 4 ranks with `--kind lora`: which stage saves what, and why does "
+       "the frozen base not shrink? (2) With `--optimizer adamw8bit`, what is $K$ now, and how far does "
+       "stage 1 alone take you? (3) From the course table: how many A100-40GB does GPT-3 175B need at "
+       "stage 3 with LoRA instead of full fine-tuning, counting only model states?"),
+])
+
+
 def main() -> None:
     for stem, (title, cells) in NOTEBOOKS.items():
         path = HERE / f"{stem}.ipynb"

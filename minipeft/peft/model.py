@@ -312,7 +312,13 @@ class PeftModel(Module):
         return self._unload(False)
 
     def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd", **kw):
-        """New adapter ``adapter_name`` combining ``adapters`` (method-specific; LoRA only)."""
+        """New adapter ``adapter_name`` combining ``adapters`` with ``weights`` (peft's; LoRA and (IA)³).
+
+        LoRA takes every peft ``combination_type`` -- "svd", "linear", "cat", "ties", "ties_svd",
+        "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
+        "magnitude_prune_svd" -- with ``density``, ``majority_sign_method``, ``svd_rank``,
+        ``svd_clamp``, and ``seed`` / ``dare_masks`` for DARE's random masks (merge.py).
+        """
         return self._method.add_weighted_adapter(self, list(adapters), list(weights), adapter_name,
                                                  combination_type, **kw)
 

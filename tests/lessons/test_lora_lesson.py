@@ -82,3 +82,15 @@ def test_subspace_rows_in_range(result):
     for row in result["subspace"]["rows"]:
         for i in (1, 4, 8):
             assert 0.0 <= row[f"phi{i}"] <= 1.0 + 1e-9
+
+
+def test_merges_by_every_combination_type(result):
+    """Section 5: every peft combination type ran; cat adds both updates, so it beats the base on both tasks."""
+    from minipeft.peft.merge import COMBINATIONS
+
+    m = result["merges"]
+    assert set(m["merged"]) == set(COMBINATIONS)
+    assert all(math.isfinite(v[t]) for v in m["merged"].values() for t in ("python", "c"))
+    assert m["merged"]["cat"]["r"] == 2 * m["merged"]["linear"]["r"]
+    assert m["alone"]["python"]["python"] < m["base"]["python"] and m["alone"]["c"]["c"] < m["base"]["c"]
+    assert m["merged"]["cat"]["python"] < m["base"]["python"] and m["merged"]["cat"]["c"] < m["base"]["c"]
