@@ -191,7 +191,7 @@ class LoraLayer(BaseTunerLayer):
         return dora.unmerged_weight(weight, delta, self.lora_magnitude_vector[adapter].data, norm)
 
     # ---- mixed-adapter batches (peft's adapter_names; mixed_batch.py)
-    batch_adapters = None  # set by mixed_batch() for a call: the adapter name of each row, or None
+    batch_adapters = None  # set by mixed_batch() for a call: the rows of each adapter (RowGroups), or None
 
     def forward(self, x, *args, **kwargs):
         if self.batch_adapters is None or self.disable_adapters:

@@ -84,8 +84,9 @@ def mixed_batch(peft_model, adapter_names, rows: int, forward: bool = True, laye
     if saved:
         raise ValueError(f"adapters {saved} train modules_to_save (whole modules per adapter), which minipeft's "
                          "mixed batches do not run; serve them one at a time with set_adapter()")
+    plan = RowGroups(names)  # grouped once for every layer and step of the call
     for m in layers:
-        m.batch_adapters = names
+        m.batch_adapters = plan
     try:
         yield
     finally:
@@ -93,34 +94,44 @@ def mixed_batch(peft_model, adapter_names, rows: int, forward: bool = True, laye
             m.batch_adapters = None
 
 
-def mixed_batch_forward(layer, x, names: list[str], *args, **kwargs):
+class RowGroups:
+    """The rows of each adapter name (first appearance order), and the permutation that puts them back."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.groups: dict[str, np.ndarray] = {}
+        for name in dict.fromkeys(names):
+            self.groups[name] = np.flatnonzero(np.asarray(names, dtype=object) == name)  # (b,)
+        self.inverse = np.argsort(np.concatenate(list(self.groups.values())))  # (B,): grouped order -> rows
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def mixed_batch_forward(layer, x, plan: RowGroups, *args, **kwargs):
     """peft's ``_mixed_batch_forward`` for one LoRA layer: base output, plus each adapter on its own rows.
 
-    ``x`` (B, ..., in) with ``len(names) == B``; returns (B, ..., out). The rows of each
+    ``x`` (B, ..., in) with ``len(plan) == B``; returns (B, ..., out). The rows of each
     adapter are gathered, their LoRA part added, and the rows put back in their order
     (differentiable: a gather and a concatenation).
     """
-    if x.shape[0] != len(names):
+    if x.shape[0] != len(plan):
         raise ValueError(f"Length of adapter_names should be the same as the number of inputs, but got "
-                         f"{len(names)} and {x.shape[0]} respectively (beam search repeats rows: give one name "
+                         f"{len(plan)} and {x.shape[0]} respectively (beam search repeats rows: give one name "
                          "per row it runs)")
     if layer.merged:
         raise ValueError("Cannot pass adapter_names when there are merged adapters, please call "
                          "unmerge_adapter() first")
     result = layer.base_layer(x, *args, **kwargs)  # (B, ..., out): the base, once for the whole batch
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(names):  # first appearance order: deterministic
-        groups.setdefault(name, []).append(row)
-    if not any(n in layer.lora_A for n in groups if n != BASE):
+    if not any(n in layer.lora_A for n in plan.groups if n != BASE):
         return result  # no row's adapter targets this layer
-    parts, order = [], []
-    for name, rows in groups.items():
+    parts = []
+    for name, rows in plan.groups.items():
         part = result[rows]  # (b, ..., out)
         if name != BASE and name in layer.lora_A:
             part = part + layer.adapter_forward(x[rows], name, part)
         parts.append(part)
-        order += rows
-    return F.concatenate(parts, axis=0)[np.argsort(order)]  # (B, ..., out), rows back in place
+    return F.concatenate(parts, axis=0)[plan.inverse]  # (B, ..., out), rows back in place
 
 
-__all__ = ["BASE", "mixed_batch", "mixed_batch_forward", "check_names"]
+__all__ = ["BASE", "mixed_batch", "mixed_batch_forward", "check_names", "RowGroups"]
