@@ -334,6 +334,20 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
        "recently used one. Requests naming an unknown adapter, or an adapter made for another base, get "
        "their own error; the rest of the batch runs."),
     code("show_source(serve.LoraServer._make_resident)"),
+    md("The same mixed batch exists inside the model, as peft has it: `peft_model(idx, adapter_names=[...])` "
+       "and `peft_model.generate(..., adapter_names=[...])` run row $m$ with adapter `adapter_names[m]` "
+       "(`'__base__'`: the base alone). Each LoRA layer runs its base once, then adds each adapter's "
+       "$s_i B_i A_i x$ to that adapter's rows. Unknown names, merged layers, DoRA and training mode are "
+       "errors, as in peft; the server gives the same logits (`tests/peft/test_mixed_batch.py`)."),
+    code("from minipeft.peft import mixed_batch\nshow_source(mixed_batch.mixed_batch_forward)"),
+    md("Requests do not arrive together. *Continuous batching* (Orca's iteration-level scheduling, used by "
+       "S-LoRA and LoRAX) lets a request join the running batch at the next decode step — its prompt is "
+       "prefilled and its key/value cache appended, left-padded, to the batch's — and leave as soon as it "
+       "is done. Adapters of different ranks sit in *rank classes* (stacks of rank 4, 8, 16 ...), so an "
+       "adapter costs its own rank, not the largest. Each request samples with its own settings and its "
+       "own random stream, so it gets exactly the tokens `generate` gives it alone:"),
+    code("from minipeft import serve_scheduler\nfrom minipeft.decoding import Session\n"
+         "show_source(Session.join)\nshow_source(serve_scheduler.choose_tokens)"),
     md("Run the lesson. It checks that each request of a mixed batch gets exactly the tokens of its "
        "adapter merged into the base and decoded alone, then measures throughput and latency as the "
        "number of adapters $N$ grows, against (a) the base alone, (b) one merged model per adapter served "
@@ -342,6 +356,12 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
     code("for n, r in zip(result['ns'], result['ratio_mixed_vs_base']):\n"
          "    print(f'N = {n:4d}: mixed batch decodes at {r:.2f}x the base model alone')\n"
          "display(Image(filename=str(FIGURES / 'serving_throughput.png')))"),
+    md("Requests arriving as a Poisson process: continuous batching against static batching (take what "
+       "has arrived, run it until its longest request ends), throughput and latency against the rate:"),
+    code("c = result['continuous']\n"
+         "print(f\"{c['check']['identical']}/{c['check']['total']} requests identical to generate alone \"\n"
+         "      f\"(shuffled arrivals, {c['check']['sampled']} sampled)\")\n"
+         "display(Image(filename=str(FIGURES / 'serving_arrivals.png')))"),
     md("Memory: the base once plus $N$ adapters, against $N$ merged copies of the model:"),
     code("m = result['memory']\n"
          "print(f\"one adapter: {m['adapter_bytes'] / 2**20:.2f} MiB, the base: {m['base_fp32'] / 2**20:.2f} MiB \"\n"
@@ -352,7 +372,9 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
        "(b) fall behind as $N$ grows? (2) Build a server with `ServeConfig(max_rank=64)`: how many slots "
        "does the same budget hold, and what does padding every adapter to rank 64 cost in memory and "
        "time? (3) Send Zipf-distributed traffic through a pool with 4 slots (section 4 of the lesson): "
-       "how does the hit rate change with the Zipf exponent?"),
+       "how does the hit rate change with the Zipf exponent? (4) Rerun section 5 with a larger "
+       "`max_batch_size`: at which arrival rate does static batching's latency take off, and why does "
+       "continuous batching hold out longer?"),
 ])
 
 NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretraining on English is worth in Python", [

@@ -304,12 +304,12 @@ class GPT(Module):
     # ---------------------------------------------------------------- generate
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None,
-                 prefix_key_values=None, inputs_embeds_prefix=None, use_cache: bool = True):
+                 prefix_key_values=None, inputs_embeds_prefix=None, use_cache: bool = True, top_p: float | None = None):
         """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + n) ids.
 
         Greedy (argmax), or sampling at ``temperature`` from the ``top_k`` most likely
-        tokens with ``seed`` (int or numpy Generator). A row that emitted ``eos_token_id``
-        keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
+        tokens (then the nucleus of ``top_p``) with ``seed`` (int or numpy Generator). A
+        row that emitted ``eos_token_id`` keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
         marks left padding (positions then count only kept tokens, as HF's generate).
         The key/value cache is used until the sequence fills ``block_size``; after that
         each step reruns the last window that fits (nanoGPT's crop). The loop is
@@ -319,7 +319,7 @@ class GPT(Module):
                                    ("inputs_embeds_prefix", inputs_embeds_prefix)) if v is not None}
         return decoding.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                                  seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask,
-                                 use_cache=use_cache, extra=extra)
+                                 use_cache=use_cache, extra=extra, top_p=top_p)
 
     # ---------------------------------------------------------------- Hugging Face files
     @classmethod

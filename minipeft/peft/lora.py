@@ -30,6 +30,7 @@ from . import dora, lora_init, merge
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
 from .layer import BaseTunerLayer, param_dtype_xp
 from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
+from .mixed_batch import mixed_batch, mixed_batch_forward
 from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
@@ -198,6 +199,14 @@ class LoraLayer(BaseTunerLayer):
         norm = self._caches.pop(f"{adapter}-weight_norm")
         return dora.unmerged_weight(weight, delta, self.lora_magnitude_vector[adapter].data, norm)
 
+    # ---- mixed-adapter batches (peft's adapter_names; mixed_batch.py)
+    batch_adapters = None  # set by mixed_batch() for a call: the rows of each adapter (RowGroups), or None
+
+    def forward(self, x, *args, **kwargs):
+        if self.batch_adapters is None or self.disable_adapters:
+            return super().forward(x, *args, **kwargs)
+        return mixed_batch_forward(self, x, self.batch_adapters, *args, **kwargs)
+
 
 def _lora(n_layer: int, n_embd: int, **kw) -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules=list(BLOCK_LINEARS), **kw)
@@ -225,6 +234,11 @@ class LoraMethod(PeftMethod):
                           "adapter of the model shares (as in peft). To use such an adapter beside others, save it "
                           "converted to plain LoRA: save_adapter(..., path_initial_model_for_weight_conversion=...)",
                           stacklevel=4)
+
+    @classmethod
+    def mixed_batch(cls, peft_model, adapter_names, rows: int, forward: bool = True):
+        """``PeftModel(idx, adapter_names=[...])``: each row its own adapter (mixed_batch.py)."""
+        return mixed_batch(peft_model, adapter_names, rows, forward, layer_class=cls.layer_class)
 
     @classmethod
     def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd", **kw) -> None:
