@@ -18,7 +18,8 @@ base model to Python code (the local standard library) with full fine-tuning, Lo
    the English validation text its base was pretrained on), and the course's claims
    judged from those numbers by the claims table's rules (``minipeft.claims.methods``):
    QLoRA matches LoRA, LoRA (and QLoRA) match full fine-tuning, PEFT forgets less. A **rank
-   check** trains LoRA once more at 8x its rank (64, QLoRA's; alpha/r kept, LoRA's chosen
+   check** trains LoRA once more at 8x its rank (64, QLoRA's, or half the base's width if less:
+   32 on 'tiny'; alpha/r kept, LoRA's chosen
    rate): where LoRA trails full fine-tuning, it says whether more rank closes the gap, the
    reason on a small base (its update is not of low rank; Aghajanyan et al. 2020);
 4. one real training step's memory by category, measured beside the calculator's prediction,
@@ -70,7 +71,7 @@ GRIDS = {"full": (1e-3, 3e-3, 1e-2),  # peak rates tried (cosine, 5% warm-up), a
 QUICK_GRIDS = {"full": (1e-3, 3e-3), "lora": (3e-3, 1e-2), "qlora": (3e-3, 1e-2)}  # --quick: 2 rates each
 STEPS_CPU = 300  # optimizer steps per run on the CPU default
 LORA_R, LORA_ALPHA = 8, 16  # LoRA rank and alpha, on every linear layer of every block
-RANK_CHECK = 8  # the rank check trains LoRA at 8x its rank (64, QLoRA's; at most the base's width)
+RANK_CHECK = 8  # the rank check trains LoRA at 8x its rank (64, QLoRA's; at most half the base's width)
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 CLAIM_IDS = {  # the claims table's entries whose rules judge this lesson's numbers
     "QLoRA vs LoRA": "qlora-matches-lora",
@@ -304,7 +305,7 @@ def main(argv=None) -> dict:
         curves[f"{method} (lr {chosen['lr']:g})"] = ([0] + chosen["curve"][0], [base_select] + chosen["curve"][1])
     # the rank check: LoRA with RANK_CHECK x its rank (alpha / r kept) at its chosen rate -- does more rank close
     # the gap to full fine-tuning? (on small bases it narrows: their update is not of low rank)
-    r_hi = min(RANK_CHECK * LORA_R, base.config.n_embd)
+    r_hi = min(RANK_CHECK * LORA_R, base.config.n_embd // 2)  # still low-rank: at most half the width
     rk_rows, rk_model = sweep("lora", base, [results["lora"]["lr"]], s, train_tok, select_loss, args.seed,
                               log=rep.text, r=r_hi)
     rank_check = dict(r=r_hi, alpha=LORA_ALPHA * r_hi / LORA_R, lr=results["lora"]["lr"], val_loss=report_loss(rk_model),
