@@ -4,7 +4,8 @@ For each ``--modes`` entry (full, lora, qlora as in ``train_step.py``) it builds
 GPT-2-shaped model and batch as ``benchmarks/train_step.py`` on CUDA and measures:
 
 1. **Step time**: ``--steps`` steps, the device synchronized around each; the median.
-2. **Per op**: every ``Function.forward``/``backward`` of ``minipeft.functional`` and
+2. **Per op**: every ``Function.forward``/``backward`` of ``minipeft/ops``, of the fast paths
+   that replace them (``minipeft.kernels.functions``, ``minipeft.amp``) and of
    ``minipeft.quant.modules`` (and the optimizer's ``step``) is wrapped so that it records
    a CUDA event before and after itself on the stream. The elapsed time between the two
    events is the stretch of the GPU's timeline that the op's kernels took (gaps where the
@@ -42,7 +43,7 @@ import train_step as TS  # noqa: E402
 from minipeft import amp  # noqa: E402
 from minipeft.engine import Function  # noqa: E402
 from minipeft.gpt import GPTConfig  # noqa: E402
-from minipeft.kernels import fused_enabled  # noqa: E402
+from minipeft.fast import enabled as fused_enabled  # noqa: E402
 from minipeft.optim import AdamW  # noqa: E402
 
 
@@ -184,7 +185,9 @@ def summarize_kernels(rows):
 
 
 def profile_mode(torch, cp, cfg, mode, args):
-    from minipeft import functional
+    from minipeft.kernels import functions as fused
+    from minipeft.ops import attention, elementwise, linalg, norm_act, reduction, shape
+    from minipeft.ops import loss as loss_ops
     from minipeft.quant import modules as qmodules
 
     B, T = args.batch, args.seq
@@ -213,7 +216,7 @@ def profile_mode(torch, cp, cfg, mode, args):
     step_ms = 1e3 * statistics.median(ts)
     loss = float(step().item())
 
-    timer = OpTimer(cp, [functional, qmodules])
+    timer = OpTimer(cp, [attention, elementwise, linalg, loss_ops, norm_act, reduction, shape, fused, amp, qmodules])
     n_prof = max(2, args.steps // 2)
     tsi = []
     try:

@@ -501,7 +501,7 @@ def _op_names() -> dict:
     from minipeft.engine import Function
 
     names = {}
-    for mod_name in ("minipeft.functional",):
+    for mod_name in ("minipeft.functional", "minipeft.kernels.functions", "minipeft.amp"):
         mod = sys.modules[mod_name]
         for cname, cls in inspect.getmembers(mod, inspect.isclass):
             if not issubclass(cls, Function) or cls is Function:

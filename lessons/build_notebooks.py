@@ -325,7 +325,7 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
     md("On a GPU the same two operations are CUDA RawKernels (`minipeft/kernels/bgmv.cu`): BGMV fuses "
        "shrink and expand in one block per row; SGMV reads a tile of an adapter's weights into shared "
        "memory once for up to 32 rows. `tests/kernels/test_bgmv.py` checks them against the twins."),
-    code("from minipeft.kernels import bgmv\nshow_source(bgmv.maybe_cuda_bgmv)"),
+    code("from minipeft.kernels import bgmv\nshow_source(bgmv.bgmv_cuda)"),
     md("The server wraps every served Linear in a `MultiLoraLinear`: base output first, then BGMV or SGMV "
        "with the slot of each row:"),
     code("show_source(serve.MultiLoraLinear.forward)"),
@@ -470,7 +470,7 @@ NOTEBOOKS["03_lora"] = ("Lesson 3 — LoRA: what it trains, which rank suffices,
          "print(f\"W: {ex['full']:,}  A: {ex['A']:,}  B: {ex['B']:,}  -> {100 * ex['reduction']:.1f}% fewer\")"),
     md("**Merging.** $W = W_0 + \\frac{\\alpha}{r} B A$ is an ordinary weight. After `merge_and_unload()` "
        "the model is a plain GPT that runs exactly the base model's operations:"),
-    code("from minipeft.peft.tuner import BaseTunerLayer\nshow_source(BaseTunerLayer.merge)"),
+    code("from minipeft.peft.layer import BaseTunerLayer\nshow_source(BaseTunerLayer.merge)"),
     md("Now the lesson. It prints the parameter counts, sweeps the rank next to full fine-tuning, "
        "times forward passes, and looks at the singular values of the full fine-tuning update."),
     code("result = lora.main(ARGS)"),

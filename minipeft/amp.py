@@ -16,9 +16,11 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
 * Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
   stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
 
-How it runs here. Under ``with autocast("float16"):`` the float32 2-D matrix products of
-:mod:`minipeft.functional` (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) and
-of the quantized layers take this path. Attention's batched (B, H) products stay float32:
+How it runs here. Under ``with autocast("float16"):`` the float32 2-D matrix products
+(``linear``, the LoRA branches, the LM head, 2-D ``matmul``) run as :class:`AmpLinear` and
+:class:`AmpMatMul`, 16-bit versions of the reference ops registered in :mod:`minipeft.fast`
+for the time autocast is on (the reference ops in ``minipeft/ops`` never see a float16);
+the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's batched (B, H) products stay float32:
 CuPy has no float16 batched GEMM (it converts to float32 and back), so there 16 bits
 would only add rounding and conversions. On the GPU a float16 product is a real CuPy float16 GEMM (cuBLAS, tensor
 cores, float32 accumulation) and the operands saved for backward are float16, which also
@@ -34,7 +36,9 @@ import math
 
 import numpy as np
 
-from .backend import xp_of
+from . import fast
+from .backend import sum_rows, xp_of
+from .ops.linalg import Linear, MatMul
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -86,7 +90,7 @@ def round_to_compute(a, compute_dtype: str):
     if compute_dtype == "float16":
         with np.errstate(over="ignore"):  # beyond 65504 is inf, as on the GPU; GradScaler handles it
             return a32.astype(xp.float16).astype(xp.float32)
-    from .quant.floats import round_to_bfloat16  # lazy: minipeft.quant imports this module's users
+    from .quant.floats import round_to_bfloat16  # lazy: only bfloat16 needs minipeft.quant
 
     return round_to_bfloat16(a32)
 
@@ -163,6 +167,82 @@ def gemm_2d(a, b, compute_dtype: str, cols: int | None = None):
         y = gemm(a.reshape(-1, a.shape[-1]), b, compute_dtype, cols=cols)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
     return gemm(a, b, compute_dtype, cols=cols)
+
+
+# ------------------------------------------------------------ 16-bit Functions
+
+
+class AmpMatMul(MatMul):
+    """2-D ``a @ b`` in ``compute_dtype``: 16-bit operands, float32 sums, the result rounded.
+
+    The dtype active at the forward is kept in ``ctx``, so the backward's two products run
+    in it too. Batched products stay float32 (see :class:`minipeft.ops.attention.Attention`:
+    CuPy has no float16 batched GEMM).
+    """
+
+    @staticmethod
+    def forward(ctx, a, b):
+        na, nb = ctx.needs_input_grad
+        dt = ctx.compute_dtype = autocast_dtype(a, b)
+        a, b = to_compute(a, dt), to_compute(b, dt)
+        ctx.save_for_backward(b if na else None, a if nb else None)  # the 16-bit operands
+        return gemm(a, b, dt)
+
+    @staticmethod
+    def backward(ctx, g):
+        b, a = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad
+        dt = ctx.compute_dtype
+        g = to_compute(g, dt)
+        return (gemm(g, b.T, dt) if na else None, gemm(a.T, g, dt) if nb else None)
+
+
+class AmpLinear(Linear):
+    """``y = x W^T + b`` with its three products (forward, dL/dx, dL/dW) in ``compute_dtype``.
+
+    The 16-bit ``x`` and ``W`` are what is saved (half the bytes of float32); the bias is
+    added in float32. ``W`` and the gradient are zero-padded to a multiple of 8 output
+    rows (tensor-core GEMMs, see :func:`aligned`) and the padding is cut off the results.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        nx, nw = ctx.needs_input_grad[:2]
+        dt = ctx.compute_dtype = autocast_dtype(x, w)
+        out = ctx.out_features = w.shape[0]
+        x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
+        ctx.save_for_backward(x if nw else None, w if nx else None)
+        y = gemm_2d(x, w.T, dt, cols=out)  # (..., out) float32
+        return y if b is None else y + b
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        dt, out = ctx.compute_dtype, ctx.out_features
+        # the 16-bit gradient (loss scaling keeps it from underflowing), padded like W: (..., out8)
+        gc = to_compute_padded(g, dt, aligned(out))
+        gx = gemm_2d(gc, w, dt) if needs[0] else None  # (..., in) float32
+        gw = gb = None
+        if needs[1]:
+            g2, x2 = gc.reshape(-1, gc.shape[-1]), x.reshape(-1, x.shape[-1])
+            gw = gemm(g2.T, x2, dt, rows=out)  # (out, in)
+        if len(needs) > 2 and needs[2]:
+            gb = sum_rows(g.reshape(-1, g.shape[-1]))  # (out,) float32
+        return (gx, gw, gb) if len(needs) > 2 else (gx, gw)
+
+
+def _autocast_2d(a, b) -> bool:
+    return a.ndim == b.ndim == 2 and autocast_dtype(a, b) is not None
+
+
+def _autocast_linear(x, w, b=None) -> bool:
+    return autocast_dtype(x, w) is not None
+
+
+# Other numbers by request, not the same numbers faster: MINIPEFT_KERNELS=0 leaves these on.
+fast.register(MatMul, AmpMatMul, when=_autocast_2d, switch=False)
+fast.register(Linear, AmpLinear, when=_autocast_linear, switch=False)
 
 
 class GradScaler:

@@ -120,6 +120,18 @@ def scatter_add(target, indices, values) -> None:
         np.add.at(target, indices, values)
 
 
+def sum_rows(a):
+    """``a.sum(axis=0)`` of a 2-D array (rows, n): the bias gradient of a linear layer.
+
+    On the GPU a float32 one runs as a cuBLAS GEMV, ``ones @ a``, which reads the array once,
+    coalesced: 2-3x faster than CuPy's column reduction at GPT-2 sizes. The fast paths of
+    ``linear`` use it; the reference writes ``g.sum(axis=0)``.
+    """
+    if device_of(a) == "cuda" and a.dtype == np.float32:
+        return _import_cupy().ones(a.shape[0], a.dtype) @ a
+    return a.sum(axis=0)
+
+
 class DeviceMemoryTracker:
     """Current and peak bytes allocated on the GPU while active (CuPy memory hook).
 

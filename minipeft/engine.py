@@ -5,7 +5,13 @@ The design follows micrograd and minitorch, with PyTorch's names:
 * A ``Function`` has ``forward(ctx, *arrays, **kw) -> array`` and
   ``backward(ctx, grad) -> tuple`` (one gradient per positional input, ``None`` where
   there is none). The forward and backward of each op sit side by side in
-  ``functional.py``.
+  ``minipeft/ops/``; ``minipeft/functional.py`` re-exports them and attaches them to
+  ``Tensor`` as its operators (``+``, ``@``, ``x[i]``, ``.sum()`` ...). This file imports
+  no ops.
+* ``Function.apply`` is the one place where a *fast path* may take an op's place: it asks
+  :func:`minipeft.fast.choose` which Function runs these arrays (the op itself, or, say,
+  a fused CUDA kernel registered for float32 CuPy arrays), and records that one in the
+  graph, so its own backward runs.
 * ``ctx.save_for_backward(*arrays)`` is the only way to keep an array for backward. The
   engine counts those bytes, so a lesson can print how much memory training holds for
   backward, now and at peak (``saved_bytes()``, ``peak_saved_bytes()``). Arrays that
@@ -27,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fast
 from .backend import device_of, to_device, to_numpy, xp_of
 
 # --------------------------------------------------------------------------- state
@@ -185,7 +192,8 @@ class Function:
             for key in (id(a.data), _buffer_key(a.data)[0])
         ) if record else frozenset()
         ctx = Context(needs if record else tuple(False for _ in args), leaf_ids, record)
-        out = cls.forward(ctx, *arrays, **kwargs)
+        fn = fast.choose(cls, *arrays, **kwargs)  # cls itself, or a fast path registered for these arrays
+        out = fn.forward(ctx, *arrays, **kwargs)
         result = Tensor(out, requires_grad=record)
         if record:
             # parents: a leaf that requires grad is kept (it receives .grad); a non-leaf is
@@ -194,7 +202,7 @@ class Function:
                 (a if a._ctx is None else a._ctx) if isinstance(a, Tensor) and a.requires_grad else None
                 for a in args
             )
-            result._ctx = _Node(cls, ctx, parents, result.shape)
+            result._ctx = _Node(fn, ctx, parents, result.shape)
         return result
 
 
@@ -223,7 +231,10 @@ class Tensor:
 
     ``data``: the NumPy/CuPy array. ``grad``: an array of the same shape after
     ``backward()`` (leaf tensors that require grad only). ``requires_grad``: whether
-    gradients flow to it.
+    gradients flow to it. Its operators (``+ - * / ** @``, ``x[i]``, ``.sum()``,
+    ``.mean()``, ``.max()``, ``.reshape()``, ``.transpose()``, ``.T``, ``.exp()``,
+    ``.log()``, ``.tanh()``, ``.astype()``) are the ops of ``minipeft/ops``, attached to
+    this class by :mod:`minipeft.functional`.
     """
 
     __array_priority__ = 1000  # so ndarray + Tensor calls Tensor.__radd__
@@ -296,11 +307,6 @@ class Tensor:
         t = Tensor(to_device(self.data, device), requires_grad=self.requires_grad)
         return t
 
-    def astype(self, dtype) -> "Tensor":
-        from . import functional as F
-
-        return F.cast(self, dtype)
-
     def zero_grad(self) -> None:
         self.grad = None
 
@@ -357,87 +363,9 @@ class Tensor:
                 prev = grads.get(id(p))
                 grads[id(p)] = pg if prev is None else prev + pg
 
-    # ---- operators: defined in functional.py, bound here lazily
-    def __add__(self, o):
-        return _F().add(self, o)
-
-    def __radd__(self, o):
-        return _F().add(o, self)
-
-    def __sub__(self, o):
-        return _F().sub(self, o)
-
-    def __rsub__(self, o):
-        return _F().sub(o, self)
-
-    def __mul__(self, o):
-        return _F().mul(self, o)
-
-    def __rmul__(self, o):
-        return _F().mul(o, self)
-
-    def __truediv__(self, o):
-        return _F().div(self, o)
-
-    def __rtruediv__(self, o):
-        return _F().div(o, self)
-
-    def __neg__(self):
-        return _F().neg(self)
-
-    def __pow__(self, p):
-        return _F().pow(self, p)
-
-    def __matmul__(self, o):
-        return _F().matmul(self, o)
-
-    def __rmatmul__(self, o):
-        return _F().matmul(o, self)
-
-    def __getitem__(self, idx):
-        return _F().getitem(self, idx)
-
-    def sum(self, axis=None, keepdims=False):
-        return _F().sum(self, axis, keepdims)
-
-    def mean(self, axis=None, keepdims=False):
-        return _F().mean(self, axis, keepdims)
-
-    def max(self, axis=None, keepdims=False):
-        return _F().max(self, axis, keepdims)
-
-    def reshape(self, *shape):
-        if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
-            shape = tuple(shape[0])
-        return _F().reshape(self, shape)
-
-    def transpose(self, *axes):
-        if len(axes) == 1 and isinstance(axes[0], (tuple, list)):
-            axes = tuple(axes[0])
-        return _F().transpose(self, axes or None)
-
-    @property
-    def T(self):
-        return _F().transpose(self, None)
-
-    def exp(self):
-        return _F().exp(self)
-
-    def log(self):
-        return _F().log(self)
-
-    def tanh(self):
-        return _F().tanh(self)
-
 
 def _not_scalar(t: Tensor):
     raise ValueError(f"item() needs a tensor with one element, got shape {t.shape}")
-
-
-def _F():
-    from . import functional
-
-    return functional
 
 
 def _topological_order(root) -> list:

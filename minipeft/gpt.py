@@ -1,4 +1,4 @@
-"""GPT-2 in one file: config, model, generation, Hugging Face checkpoints.
+"""GPT-2 in one file: config, model, Hugging Face checkpoints.
 
 The architecture of GPT-2 (Radford et al. 2019, section 2.3): GPT's decoder-only
 transformer (Radford et al. 2018) with LayerNorm moved to the input of each sub-block
@@ -14,10 +14,13 @@ Parameter names are GPT-2's exactly (``transformer.h.0.attn.c_attn.weight`` ...)
 peft ``target_modules`` and adapter keys match Hugging Face's. ``Linear.weight`` is
 ``(out, in)``; the checkpoint's Conv1D layout ``(in, out)`` is transposed at load/save.
 
-The forward has the extension points PEFT methods need, so they never patch it:
-``inputs_embeds_prefix`` (prompt tuning), ``prefix_key_values`` (prefix tuning),
-``output_hidden_states`` (side tuning); LoRA, adapters and (IA)^3 swap a submodule
+The forward reads as nanoGPT's (embeddings -> blocks -> ln_f -> lm_head); the extension
+points PEFT methods and decoding need are named steps of it, kept in ``minipeft.forward_call``,
+so methods never patch it: ``inputs_embeds_prefix`` (prompt tuning), ``prefix_key_values``
+(prefix tuning), ``past_key_values`` (the ``KVCache`` of ``minipeft.kv_cache``),
+``output_hidden_states`` (side tuning). LoRA, adapters and (IA)^3 swap a submodule
 (``attn.c_attn``, ``attn.c_proj``, ``mlp.c_fc``, ``mlp.c_proj``) with ``set_submodule``.
+``generate`` runs the one decoding loop of ``minipeft.decoding``.
 """
 from __future__ import annotations
 
@@ -30,10 +33,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import decoding
 from . import functional as F
 from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
-from .engine import Tensor, no_grad
+from .engine import Tensor
+from .forward_call import ForwardCall
+from .kv_cache import KVCache
 from .integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
 from .nn import Dropout, Embedding, LayerNorm, Linear, Module, ModuleList, Parameter
 
@@ -114,7 +120,7 @@ class GPTOutput:
     logits: Tensor  # (B, P + T, V): P prompt-embedding positions, then the T tokens
     loss: Tensor | None = None  # mean cross-entropy over the T token positions (scalar)
     hidden_states: list | None = None  # L + 1 Tensors (B, P + T, C), Hugging Face's convention
-    past_key_values: list | None = None  # per layer (k, v) arrays (B, H, S, D), for the next call
+    past_key_values: KVCache | None = None  # with use_cache: per layer (k, v) (B, H, S, D) and the mask (B, S)
 
 
 # ------------------------------------------------------------------------- modules
@@ -150,24 +156,21 @@ class CausalSelfAttention(Module):
         self.resid_dropout = Dropout(cfg.dropout)
         self.n_head = cfg.n_head
 
-    def forward(self, x, prefix_kv=None, past_kv=None, key_mask=None, use_cache=False):
+    def forward(self, x, front=None, key_mask=None):
+        """Causal self-attention of x (B, T, C); ``front``: keys/values (B, H, S, D) in front of x's own.
+
+        Returns the output (B, T, C) and the keys and values (B, H, S + T, D) it attended to.
+        """
         B, T, C = x.shape
         H, D = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, 3C)
         q, k, v = (t.reshape(B, T, H, D).transpose(0, 2, 1, 3) for t in F.split(qkv, C, axis=-1))  # (B, H, T, D)
-        if past_kv is not None:  # cached keys/values of earlier positions (arrays)
-            k = F.concatenate([Tensor(past_kv[0]), k], axis=2)  # (B, H, S + T, D)
-            v = F.concatenate([Tensor(past_kv[1]), v], axis=2)
-        if prefix_kv is not None:  # prefix tuning's learned keys/values, in front of everything
-            pk, pv = (F.cast(p if isinstance(p, Tensor) else Tensor(p), k.dtype) for p in prefix_kv)
-            if pk.shape[0] != B:
-                pk, pv = F.broadcast_to(pk, (B,) + pk.shape[1:]), F.broadcast_to(pv, (B,) + pv.shape[1:])
-            k = F.concatenate([pk, k], axis=2)  # (B, H, P + S + T, D)
-            v = F.concatenate([pv, v], axis=2)
-        present = (k.data, v.data) if use_cache else None
+        if front is not None:  # prefix tuning's keys/values and the cache of earlier positions
+            k = F.concatenate([F.cast(front[0], k.dtype), k], axis=2)  # (B, H, S + T, D)
+            v = F.concatenate([F.cast(front[1], v.dtype), v], axis=2)
         y = F.scaled_dot_product_attention(q, k, v, causal=True, key_mask=key_mask)  # (B, H, T, D)
         y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.c_proj(y)), present
+        return self.resid_dropout(self.c_proj(y)), (k, v)
 
 
 class MLP(Module):
@@ -191,11 +194,12 @@ class Block(Module):
         self.ln_2 = LayerNorm(cfg.n_embd, cfg.layer_norm_epsilon, dtype=cfg.dtype)
         self.mlp = MLP(cfg, rng)
 
-    def forward(self, x, prefix_kv=None, past_kv=None, key_mask=None, use_cache=False):
-        a, present = self.attn(self.ln_1(x), prefix_kv, past_kv, key_mask, use_cache)
+    def forward(self, x, front=None, key_mask=None):
+        """x (B, T, C) -> (B, T, C), and the keys/values of its attention (see ``CausalSelfAttention``)."""
+        a, kv = self.attn(self.ln_1(x), front, key_mask)
         x = x + a  # (B, T, C)
         x = x + self.mlp(self.ln_2(x))
-        return x, present
+        return x, kv
 
 
 class Transformer(Module):
@@ -236,86 +240,31 @@ class GPT(Module):
                    if n not in skip and (p.requires_grad or not trainable_only))
 
     # ---------------------------------------------------------------- forward
-    def forward(self, idx, targets=None, *, inputs_embeds_prefix=None, prefix_key_values=None,
-                attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                output_hidden_states=False, ignore_index=-100, label_smoothing=0.0) -> GPTOutput:
+    def forward(self, idx, targets=None, **extensions) -> GPTOutput:
         """Logits for token ids ``idx`` (B, T); the loss when ``targets`` (B, T) are given.
 
         ``targets`` are already shifted (nanoGPT's convention: ``targets[:, t]`` is the token
-        after ``idx[:, t]``); ``ignore_index`` entries count for nothing.
-
-        * ``inputs_embeds_prefix`` (B or 1, P, C): rows prepended to the token embeddings
-          before ``wpe`` is added (prompt tuning, as peft + HF: the prompt takes positions
-          0..P-1, the tokens P..P+T-1). Logits cover all P + T positions; the loss only
-          the last T.
-        * ``prefix_key_values``: per layer ``(k, v)`` of shape (B or 1, H, P, D) prepended to
-          that layer's keys and values (prefix tuning). As when HF gets the prefix as
-          ``past_key_values``, the tokens' positions start at P.
-        * ``past_key_values``: the ``past_key_values`` of an earlier call with ``use_cache``
-          (arrays, (B, H, S, D); they include that call's prefix); positions continue at S.
-        * ``attention_mask``: 1 keep / 0 padding, (B, T) over the tokens or (B, S + T) over
-          the cached positions then the tokens. Prefix and prompt positions are always kept.
-        * ``position_ids``: (P + T,) or (B, P + T) positions of the new rows (default:
-          consecutive, after any prefix and cache).
-        * ``output_hidden_states``: L + 1 Tensors as Hugging Face returns them: the embedding
-          output, the outputs of blocks 1..L-1, and ``ln_f`` applied to block L's output.
+        after ``idx[:, t]``); ``ignore_index`` entries count for nothing. ``extensions`` are
+        the named extension points of ``minipeft.forward_call`` (prompt and prefix tuning,
+        the key/value cache, padding, positions, hidden states, loss options); each step
+        below that uses one says so.
         """
-        cfg, wte = self.config, self.transformer.wte.weight
-        xp = xp_of(wte.data)
-        idx = self._check_idx(idx, xp)
-        B, T = idx.shape
-        n_prefix = self._check_layers_kv(prefix_key_values, "prefix_key_values", B, trainable=True)
-        n_past = self._check_layers_kv(past_key_values, "past_key_values", B, trainable=False)
-        x = self.transformer.wte(idx)  # (B, T, C)
-        n_prompt = 0
-        if inputs_embeds_prefix is not None:
-            pe = inputs_embeds_prefix if isinstance(inputs_embeds_prefix, Tensor) else Tensor(inputs_embeds_prefix)
-            if pe.ndim != 3 or pe.shape[0] not in (1, B) or pe.shape[2] != cfg.n_embd:
-                raise ValueError(f"inputs_embeds_prefix must have shape ({B} or 1, P, {cfg.n_embd}), got {pe.shape}")
-            if pe.shape[0] != B:
-                pe = F.broadcast_to(pe, (B,) + pe.shape[1:])
-            n_prompt = pe.shape[1]
-            x = F.concatenate([F.cast(pe, x.dtype), x], axis=1)  # (B, P + T, C)
-        offset, n_new = n_prefix + n_past, n_prompt + T
-        if position_ids is None:
-            pos = xp.arange(offset, offset + n_new)  # (P + T,)
-            last = offset + n_new
-        else:
-            pos = xp.asarray(position_ids.data if isinstance(position_ids, Tensor) else position_ids)
-            if pos.shape not in ((n_new,), (B, n_new)) or pos.dtype.kind not in "iu":
-                raise ValueError(f"position_ids must be integers of shape ({n_new},) or ({B}, {n_new}), got "
-                                 f"{pos.dtype} {pos.shape}")
-            last = int(pos.max()) + 1 if pos.size else 0
-        if last > cfg.block_size:
-            raise ValueError(
-                f"sequence too long: positions reach {last} (prefix {n_prefix} + cache {n_past} + prompt "
-                f"{n_prompt} + tokens {T}) but block_size is {cfg.block_size}; shorten the input or build the "
-                f"model with a larger GPTConfig.block_size")
-        x = self.transformer.drop(x + self.transformer.wpe(pos))  # (B, P + T, C)
-        key_mask = self._key_mask(attention_mask, xp, B, T, n_prefix, n_past, n_prompt)  # (B, Tk) or None
-        hidden = [] if output_hidden_states else None
-        presents = [] if use_cache else None
+        idx = self._check_idx(idx)  # (B, T)
+        call = ForwardCall(self.config, idx, **extensions)  # checked against the model and the batch
+        x = self.transformer.wte(idx)  # (B, T, C) token embeddings
+        x = call.prepend_prompt(x)  # (B, P' + T, C): prompt tuning's rows first
+        x = self.transformer.drop(x + self.transformer.wpe(call.positions))  # + learned positions
         for i, block in enumerate(self.transformer.h):
-            if hidden is not None:
-                hidden.append(x)
-            x, present = block(x, prefix_key_values[i] if prefix_key_values else None,
-                               past_key_values[i] if past_key_values else None, key_mask, use_cache)
-            if presents is not None:
-                presents.append(present)
-        x = self.transformer.ln_f(x)  # (B, P + T, C)
-        if hidden is not None:
-            hidden.append(x)
-        logits = self.lm_head(x)  # (B, P + T, V)
-        loss = None
-        if targets is not None:
-            t = xp.asarray(targets.data if isinstance(targets, Tensor) else targets)
-            if t.shape != (B, T):
-                raise ValueError(f"targets must have the shape of idx {(B, T)}, got {t.shape}")
-            tok_logits = logits[:, n_prompt:, :] if n_prompt else logits  # (B, T, V)
-            loss = F.cross_entropy(tok_logits, t, ignore_index=ignore_index, label_smoothing=label_smoothing)
-        return GPTOutput(logits, loss, hidden, presents)
+            call.keep_hidden(x)  # side tuning reads every block's input
+            x, kv = block(x, call.front_kv(i), call.key_mask)  # prefix and cached keys/values in front
+            call.keep_kv(kv)  # the cache for the next call
+        x = self.transformer.ln_f(x)  # (B, P' + T, C)
+        call.keep_hidden(x)
+        logits = self.lm_head(x)  # (B, P' + T, V)
+        return GPTOutput(logits, call.loss(logits, targets), call.hidden_states, call.new_cache())
 
-    def _check_idx(self, idx, xp):
+    def _check_idx(self, idx, xp=None):
+        xp = xp or xp_of(self.transformer.wte.weight.data)
         idx = xp.asarray(idx.data if isinstance(idx, Tensor) else idx)
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx must be integer token ids of shape (B, T), got a {idx.dtype} array of "
@@ -324,40 +273,6 @@ class GPT(Module):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
         return idx
-
-    def _check_layers_kv(self, kv, what, B, trainable) -> int:
-        """Check a per-layer list of (k, v); return its length P (or S)."""
-        if kv is None:
-            return 0
-        cfg = self.config
-        if len(kv) != cfg.n_layer:
-            raise ValueError(f"{what} must hold one (k, v) pair per layer ({cfg.n_layer}), got {len(kv)}")
-        n = None
-        for i, pair in enumerate(kv):
-            if len(pair) != 2:
-                raise ValueError(f"{what}[{i}] must be a (k, v) pair")
-            for t in pair:
-                s = tuple(t.shape)
-                ok_b = s[:1] == (B,) or (trainable and s[:1] == (1,))
-                same_p = n is None or s[2] == n
-                if len(s) != 4 or not ok_b or s[1] != cfg.n_head or s[3] != cfg.head_dim or not same_p:
-                    raise ValueError(f"{what}[{i}] tensors must have shape ({B}{' or 1' if trainable else ''}, "
-                                     f"{cfg.n_head}, P, {cfg.head_dim}) with one P for all layers, got {s}")
-                n = s[2]
-        return n
-
-    @staticmethod
-    def _key_mask(attention_mask, xp, B, T, n_prefix, n_past, n_prompt):
-        if attention_mask is None:
-            return None
-        m = xp.asarray(attention_mask.data if isinstance(attention_mask, Tensor) else attention_mask)
-        if m.shape not in ((B, T), (B, n_past + T)):
-            raise ValueError(f"attention_mask must have shape (B, T) = {(B, T)} or (B, S + T) = {(B, n_past + T)} "
-                             f"with S = {n_past} cached positions, got {m.shape}")
-        m = m.astype(bool)
-        past = m[:, :n_past] if m.shape[1] == n_past + T else xp.ones((B, n_past), bool)
-        ones = xp.ones((B, n_prefix), bool), xp.ones((B, n_prompt), bool)
-        return xp.concatenate([ones[0], past, ones[1], m[:, -T:] if T else m[:, :0]], axis=1)  # (B, Tk)
 
     # ---------------------------------------------------------------- generate
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -370,66 +285,14 @@ class GPT(Module):
         keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
         marks left padding (positions then count only kept tokens, as HF's generate).
         The key/value cache is used until the sequence fills ``block_size``; after that
-        each step reruns the last window that fits (nanoGPT's crop).
+        each step reruns the last window that fits (nanoGPT's crop). The loop is
+        ``minipeft.decoding``'s, shared with beam search, the server and side tuning.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-        V, block_size = self.config.vocab_size, self.config.block_size
-        if top_k is not None and not 1 <= top_k <= V:
-            raise ValueError(f"top_k must be in [1, {V}], got {top_k}")
-        rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-        xp = xp_of(self.transformer.wte.weight.data)
-        out = self._check_idx(idx, xp)  # (B, T)
-        B = out.shape[0]
-        masked = attention_mask is not None
-        tmask = xp.asarray(to_numpy(attention_mask)).astype(bool) if masked else xp.ones(out.shape, bool)
-        if tmask.shape != out.shape:
-            raise ValueError(f"attention_mask must have the shape of idx {out.shape}, got {tmask.shape}")
-        n_kv = 0 if prefix_key_values is None else int(prefix_key_values[0][0].shape[2])
-        n_prompt = 0 if inputs_embeds_prefix is None else int(inputs_embeds_prefix.shape[1])
-        n_fixed = n_kv + n_prompt  # positions taken by the prefixes
-        budget = block_size - n_fixed  # tokens that fit after them
-        if budget < 1:
-            raise ValueError(f"prefixes of {n_fixed} positions leave no room in block_size {block_size}")
-        done = np.zeros(B, bool)
-        past = cache_mask = n_kept = None
-        was_training = self.training
-        self.eval()
-        try:
-            with no_grad():
-                for _ in range(max_new_tokens):
-                    if not use_cache or past is None or past[0][0].shape[2] + 1 > block_size:
-                        win, wmask = out[:, -budget:], tmask[:, -budget:]  # (B, Tw): the window that fits
-                        pos = None
-                        if masked:  # HF generate's positions: count only kept tokens
-                            prompt_pos = xp.broadcast_to(xp.arange(n_kv, n_fixed)[None, :], (B, n_prompt))
-                            tok_pos = n_fixed + xp.maximum(xp.cumsum(wmask, axis=1) - 1, 0)
-                            pos = xp.concatenate([prompt_pos, tok_pos], axis=1)  # (B, P + Tw)
-                        o = self(win, prefix_key_values=prefix_key_values, inputs_embeds_prefix=inputs_embeds_prefix,
-                                 attention_mask=wmask if masked else None, position_ids=pos, use_cache=use_cache)
-                        cache_mask = xp.concatenate([xp.ones((B, n_fixed), bool), wmask], axis=1)  # (B, S)
-                        n_kept = wmask.sum(axis=1)  # (B,)
-                    else:  # one new token against the cache
-                        cache_mask = xp.concatenate([cache_mask, xp.ones((B, 1), bool)], axis=1)  # (B, S + 1)
-                        pos = (n_fixed + n_kept)[:, None] if masked else None
-                        o = self(out[:, -1:], past_key_values=past, use_cache=True, position_ids=pos,
-                                 attention_mask=cache_mask if masked else None)
-                        n_kept = n_kept + 1
-                    past = o.past_key_values
-                    logits = to_numpy(o.logits.data[:, -1, :]).astype(np.float64)  # (B, V)
-                    nxt = _pick(logits, greedy, temperature, top_k, rng)  # (B,)
-                    if eos_token_id is not None:
-                        nxt = np.where(done, eos_token_id, nxt)
-                        done |= nxt == eos_token_id
-                    out = xp.concatenate([out, xp.asarray(nxt, dtype=out.dtype)[:, None]], axis=1)  # (B, T + 1)
-                    tmask = xp.concatenate([tmask, xp.ones((B, 1), bool)], axis=1)
-                    if eos_token_id is not None and done.all():
-                        break
-        finally:
-            self.train(was_training)
-        return out
+        extra = {k: v for k, v in (("prefix_key_values", prefix_key_values),
+                                   ("inputs_embeds_prefix", inputs_embeds_prefix)) if v is not None}
+        return decoding.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                                 seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                                 use_cache=use_cache, extra=extra)
 
     # ---------------------------------------------------------------- Hugging Face files
     @classmethod
@@ -579,17 +442,3 @@ def _from_hf_state(raw: dict, cfg: GPTConfig) -> dict:
             raise ValueError("checkpoint has tie_word_embeddings=true but lm_head.weight differs from wte.weight; "
                              "set tie_word_embeddings=false in config.json to load an untied head")
     return state
-
-
-def _pick(logits: np.ndarray, greedy: bool, temperature: float, top_k, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row of ``logits`` (B, V): argmax, or a top-k sample at ``temperature``."""
-    if greedy:
-        return logits.argmax(axis=-1)
-    z = logits / temperature
-    if top_k is not None:
-        kth = np.sort(z, axis=-1)[:, -top_k][:, None]  # (B, 1): the k-th largest logit
-        z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max(axis=-1, keepdims=True))
-    cdf = np.cumsum(p, axis=-1)  # (B, V), unnormalised
-    u = rng.random(len(z))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), z.shape[-1] - 1)  # inverse-CDF sample

@@ -11,20 +11,25 @@ and trains a network 1/rf as wide. Prompt/prefix tuning train p*d / p*2*L*d vect
 
 Models: a GPT-2 shape (names as in the checkpoint, tied lm_head, biases everywhere) or a
 raw parameter count. Units: GB = 1e9 bytes, MB = 1e6 (the course's units).
-The measured counterpart (a profiler over a real step) lives in a separate file.
+Each kind of fine-tuning the calculator knows is one entry of ``METHOD_MODELS`` (what it
+adds to the model, what it does to the saved activations); a PEFT method's row in the
+method table (``minipeft.peft.method_table()``, column ``memory``) names the entry that
+models it. Activations are counted op by op in ``memory_activations``; the measured
+counterpart (a profiler over a real step) lives in ``memory_measure``.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
+from .memory_activations import activation_bytes
 from .sizes import BASES, SHAPES, shape_of
 
 GB, MB = 1e9, 1e6
 _DTYPE_BYTES = {"float64": 8, "fp64": 8, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2,
                 "bfloat16": 2, "bf16": 2, "int8": 1, "uint8": 1}
 OPTIMIZERS = ("adamw", "adam", "adamw8bit", "paged_adamw", "paged_adamw8bit", "sgd_momentum", "sgd")
-METHODS = ("full", "lora", "qlora", "side", "prompt", "prefix")
 MIN_8BIT_SIZE = 4096  # bnb: tensors with fewer elements keep 32-bit optimizer states
 STATE_BLOCKSIZE = 256  # bnb 8-bit optimizer state block size (one fp32 absmax per block)
 
@@ -187,107 +192,64 @@ class TrainConfig:
     ledger_view: bool = False  # True: skip arrays made outside the graph, as the engine's ledger does
 
 
-# ------------------------------------------------------------------------ activations
+# ---------------------------------------------------------------------- method models
 
 
-def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *, trainable_linears=(),
-                     lora_ranks=None, lora_dropout=0.0, ln_trainable=False, embeddings_trainable=False,
-                     n_prompt=0, n_prefix=0, side_width=0, side_inner=0, save_frozen_linear_inputs=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, ledger_view=False, mask_bytes=1, index_bytes=8):
-    """Bytes saved for backward by one training step of a GPT-2 LM, per term (summed over layers).
+def _lora_tensors(s: ModelShape, m: MethodConfig) -> list:
+    ls = linear_shapes(s)
+    out = []
+    for mod in resolve_targets(s, m.targets):
+        lora_matrix_param_count(ls[mod][1], ls[mod][0], m.r)  # validates the rank
+        out += [(f"h.{i}.{mod}.lora_{ab}.weight", m.r * ls[mod][ab == "B"], True, False)
+                for i in range(s.n_layer) for ab in "AB"]
+    return out
 
-    Mirrors minipeft.functional: an op records (and saves) only when an input needs grad;
-    Linear keeps x only when its weight is trained (dL/dx = g W needs W, not x);
-    LayerNorm keeps x̂ (if input or weight needs grad) and rstd (if input does); GELU its
-    input; Attention q, k, v and probs (B, H, T, Tk); Dropout a bool mask; Embedding its
-    indices; CrossEntropy probs (N, V) + int64 targets + bool valid; adds save nothing.
-    A buffer kept by two ops counts once. lora_ranks: {block module: r} (linear_shapes names).
-    side_width > 0: LST side network of that width; the backbone runs without a graph.
-    ledger_view: skip arrays made outside the graph (the engine's ledger treats them as leaves).
-    """
-    lora_ranks = dict(lora_ranks or {})
-    Tq = T + n_prompt  # prompt tuning lengthens the sequence the model sees
-    N = B * Tq  # positions
-    terms: dict[str, int] = {}
 
-    def add(key, nbytes):
-        terms[key] = terms.get(key, 0) + int(nbytes)
+def _prefix_tensors(s: ModelShape, m: MethodConfig) -> list:
+    c, L, p, h = s.n_embd, s.n_layer, m.n_virtual_tokens, m.encoder_hidden_size
+    if m.prefix_projection:  # Embedding(p, d) -> Linear(d, h) -> tanh -> Linear(h, 2 L d)
+        return [("prefix.embedding", p * c, True, False), ("prefix.mlp.0", c * h + h, True, False),
+                ("prefix.mlp.2", h * 2 * L * c + 2 * L * c, True, False)]
+    return [("prefix.embedding", p * 2 * L * c, True, False)]
 
-    def keep(x_rg):  # may an input made without a graph be counted?
-        return x_rg or not ledger_view
 
-    def linear(name, d_in, x_rg, trained, loras):  # -> whether the output needs grad
-        if (trained or (save_frozen_linear_inputs and x_rg)) and keep(x_rg):
-            add(f"{name}: input x", N * d_in * act_bytes)  # needed for dL/dW = g^T x
-        if loras:
-            r_all = sum(loras)  # slices share one input (loralib MergedLinear)
-            if lora_dropout > 0 and x_rg:
-                add(f"{name}: lora dropout mask", N * d_in * mask_bytes)  # bool (B, T, d_in)
-            if (lora_dropout > 0 and x_rg) or not trained:  # else the same buffer as above
-                if keep(x_rg):
-                    add(f"{name}: lora_A input", N * d_in * act_bytes)  # for dL/dA
-            add(f"{name}: lora_B input", N * r_all * act_bytes)  # A x, for dL/dB
-        return x_rg or trained or bool(loras)
+def _side_tensors(s: ModelShape, m: MethodConfig) -> list:
+    c, L = s.n_embd, s.n_layer
+    ds, fs = c // m.reduction_factor, s.d_ff // m.reduction_factor
+    if ds < 1 or fs < 1:
+        raise ValueError(f"reduction_factor {m.reduction_factor} leaves no side width for d={c}")
+    side = gpt2_param_count(ModelShape(L, ds, 1, 1, 1, fs)) - 4 * ds  # blocks only (no wte, wpe, ln_f)
+    return [("side.downsamples", (L + 1) * (c * ds + ds), True, False), ("side.gates", L, True, False),
+            ("side.blocks", side, True, False), ("side.upsample", ds * c + c, True, False)]
 
-    def layer_norm(name, C, x_rg, w_rg):
-        if x_rg or w_rg:
-            add(f"{name}: x_hat", N * C * act_bytes)  # (B, T, C), for dgamma and dx
-        if x_rg:
-            add(f"{name}: rstd", N * act_bytes)  # (B, T, 1)
-        return x_rg or w_rg
 
-    def block(p, C, F, Tk, g, trained, loras, ln_tr):  # one pre-LN block; -> stream needs grad
-        lr = lambda m: [r for k, r in loras.items() if k == m or k.startswith(m + ".")]  # noqa: E731
-        a = layer_norm(f"{p}ln_1", C, g, ln_tr)
-        qkv = linear(f"{p}attn.c_attn", C, a, "attn.c_attn" in trained, lr("attn.c_attn"))
-        if qkv or Tk > Tq:  # attention op recorded (prefix vectors are trained)
-            if Tk == Tq:  # q, k, v are views of one fused c_attn output: one (B, T, 3C) buffer
-                add(f"{p}attn: q, k, v", 3 * N * C * act_bytes)
-            else:  # k, v are new concatenations (B, H, Tk, C/H); q still keeps the whole fused buffer
-                add(f"{p}attn: k, v (with prefix)", 2 * B * Tk * C * act_bytes)
-                if keep(qkv):
-                    add(f"{p}attn: q (whole c_attn output)", 3 * N * C * act_bytes)
-            add(f"{p}attn: probs", B * n_head * Tq * Tk * act_bytes)  # softmax (B, H, T, Tk)
-        y = qkv or Tk > Tq
-        y = linear(f"{p}attn.c_proj", C, y, "attn.c_proj" in trained, lr("attn.c_proj"))
-        if resid_pdrop > 0 and y:
-            add(f"{p}resid dropout masks", N * C * mask_bytes)  # bool (B, T, C), attention branch
-        g = g or y  # residual add: saves nothing
-        m = layer_norm(f"{p}ln_2", C, g, ln_tr)
-        h = linear(f"{p}mlp.c_fc", C, m, "mlp.c_fc" in trained, lr("mlp.c_fc"))
-        if h:
-            add(f"{p}mlp: gelu input", N * F * act_bytes)  # (B, T, 4C)
-        h = linear(f"{p}mlp.c_proj", F, h, "mlp.c_proj" in trained, lr("mlp.c_proj"))
-        if resid_pdrop > 0 and h:
-            add(f"{p}resid dropout masks", N * C * mask_bytes)  # bool (B, T, C), MLP branch
-        return g or h
+@dataclass(frozen=True)
+class MethodModel:
+    """How the calculator models one kind of fine-tuning (an entry of ``METHOD_MODELS``)."""
 
-    C = n_embd
-    if embeddings_trainable:
-        add("wte: token indices", B * T * index_bytes)  # int64 (B, T), for the scatter-add
-        add("wpe: position indices", Tq * index_bytes)  # int64 (T,)
-    g = embeddings_trainable or n_prompt > 0  # the stream needs grad from the input on
-    if embd_pdrop > 0 and g:
-        add("embedding dropout mask", N * C * mask_bytes)  # bool (B, T, C)
-    if side_width > 0:  # LST: backbone under no_grad saves nothing; side ladder below
-        ds, all_lin = side_width, ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-        if not ledger_view:
-            add("side: down_i inputs (backbone states)", (n_layer + 1) * N * C * act_bytes)  # embeddings, b_1..b_L
-        add("side: gate operands", 2 * n_layer * N * ds * act_bytes)  # s and down_i(b_i) in mu*s + (1-mu)*d
-        for i in range(n_layer):
-            block(f"side.{i}.", ds, side_inner, Tq, True, all_lin, {}, True)  # fully trained block, width d/rf
-        add("side: up input", N * ds * act_bytes)  # up: d/rf -> d
-        g = True
-    else:
-        for i in range(n_layer):
-            g = block(f"h.{i}.", C, n_inner, Tq + n_prefix, g, set(trainable_linears), lora_ranks, ln_trainable)
-    layer_norm("ln_f", C, g, ln_trainable)
-    if embeddings_trainable:
-        add("lm_head: input", N * C * act_bytes)  # tied head: dL/dwte needs ln_f(x)
-    if g or embeddings_trainable:  # logits need grad: the loss op is recorded
-        add("cross_entropy: probs", B * T * vocab * act_bytes)  # (B*T, V): real tokens only, no prompt
-        add("cross_entropy: targets, valid", B * T * (index_bytes + 1))  # int64 + bool
-    return terms
+    adds: Callable  # (ModelShape, MethodConfig) -> [(name, numel, trainable, quantized)] added to the base
+    activations: Callable  # (ModelShape, MethodConfig) -> activation_bytes keyword arguments
+    trains_base: bool = False  # the base's own tensors train (full fine-tuning)
+    quantized_base: bool = False  # NF4 base unless MethodConfig.quantize says otherwise (QLoRA)
+
+
+def _lora_activations(s: ModelShape, m: MethodConfig) -> dict:
+    return dict(lora_ranks={k: m.r for k in resolve_targets(s, m.targets)})
+
+
+METHOD_MODELS = {
+    "full": MethodModel(lambda s, m: [], lambda s, m: dict(
+        trainable_linears=("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"), ln_trainable=True,
+        embeddings_trainable=True), trains_base=True),
+    "lora": MethodModel(_lora_tensors, _lora_activations),
+    "qlora": MethodModel(_lora_tensors, _lora_activations, quantized_base=True),
+    "side": MethodModel(_side_tensors, lambda s, m: dict(  # LST: the backbone runs without a graph
+        side_width=s.n_embd // m.reduction_factor, side_inner=s.d_ff // m.reduction_factor)),
+    "prompt": MethodModel(lambda s, m: [("prompt_embeddings", m.n_virtual_tokens * s.n_embd, True, False)],
+                          lambda s, m: dict(n_prompt=m.n_virtual_tokens)),
+    "prefix": MethodModel(_prefix_tensors, lambda s, m: dict(n_prefix=m.n_virtual_tokens)),
+}
+METHODS = tuple(METHOD_MODELS)
 
 
 # --------------------------------------------------------------------------- estimate
@@ -347,7 +309,7 @@ def _check(method: MethodConfig, train: TrainConfig):
         raise ValueError(f"unknown method {method.method!r}; expected one of {METHODS}")
     if train.optimizer not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {train.optimizer!r}; expected one of {OPTIMIZERS}")
-    if method.quantize and method.method == "full":
+    if method.quantize and METHOD_MODELS[method.method].trains_base:
         raise ValueError("full fine-tuning cannot train a 4-bit base; use method='qlora' or quantize=False")
     for name in ("r", "reduction_factor", "n_virtual_tokens", "encoder_hidden_size"):
         v = getattr(method, name)
@@ -364,7 +326,7 @@ def _check(method: MethodConfig, train: TrainConfig):
 
 def _gpt2_tensors(s: ModelShape, m: MethodConfig, quantize: bool):
     """[(name, numel, trainable, quantized)] for a GPT-2 shape under a method."""
-    c, f, L, full = s.n_embd, s.d_ff, s.n_layer, m.method == "full"
+    c, L, full = s.n_embd, s.n_layer, METHOD_MODELS[m.method].trains_base
     out = [("transformer.wte.weight", s.vocab_size * c, full, False),
            ("transformer.wpe.weight", s.n_positions * c, full, False)]
     for i in range(L):
@@ -372,36 +334,15 @@ def _gpt2_tensors(s: ModelShape, m: MethodConfig, quantize: bool):
             out += [(f"h.{i}.{mod}.weight", d_in * d_out, full, quantize), (f"h.{i}.{mod}.bias", d_out, full, False)]
         out += [(f"h.{i}.{ln}.{w}", c, full, False) for ln in ("ln_1", "ln_2") for w in ("weight", "bias")]
     out += [("transformer.ln_f.weight", c, full, False), ("transformer.ln_f.bias", c, full, False)]
-    if m.method in ("lora", "qlora"):
-        ls = linear_shapes(s)
-        for mod in resolve_targets(s, m.targets):
-            lora_matrix_param_count(ls[mod][1], ls[mod][0], m.r)  # validates the rank
-            out += [(f"h.{i}.{mod}.lora_{ab}.weight", m.r * ls[mod][ab == "B"], True, False)
-                    for i in range(L) for ab in "AB"]
-    elif m.method == "prompt":
-        out.append(("prompt_embeddings", m.n_virtual_tokens * c, True, False))
-    elif m.method == "prefix":
-        p, h = m.n_virtual_tokens, m.encoder_hidden_size
-        if m.prefix_projection:  # Embedding(p, d) -> Linear(d, h) -> tanh -> Linear(h, 2 L d)
-            out += [("prefix.embedding", p * c, True, False), ("prefix.mlp.0", c * h + h, True, False),
-                    ("prefix.mlp.2", h * 2 * L * c + 2 * L * c, True, False)]
-        else:
-            out.append(("prefix.embedding", p * 2 * L * c, True, False))
-    elif m.method == "side":
-        ds, fs = c // m.reduction_factor, f // m.reduction_factor
-        if ds < 1 or fs < 1:
-            raise ValueError(f"reduction_factor {m.reduction_factor} leaves no side width for d={c}")
-        side = gpt2_param_count(ModelShape(L, ds, 1, 1, 1, fs)) - 4 * ds  # blocks only (no wte, wpe, ln_f)
-        out += [("side.downsamples", (L + 1) * (c * ds + ds), True, False), ("side.gates", L, True, False),
-                ("side.blocks", side, True, False), ("side.upsample", ds * c + c, True, False)]
-    return out
+    return out + METHOD_MODELS[m.method].adds(s, m)
 
 
 def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfig | None = None) -> MemoryBreakdown:
     """Breakdown of one training step's memory (bytes) for a model shape, name or raw count."""
     m, t = method or MethodConfig(), train or TrainConfig()
     _check(m, t)
-    quantize = m.method == "qlora" if m.quantize is None else bool(m.quantize)
+    model_of = METHOD_MODELS[m.method]
+    quantize = model_of.quantized_base if m.quantize is None else bool(m.quantize)
     wb, ab = dtype_bytes(t.weight_dtype), dtype_bytes(t.compute_dtype or t.weight_dtype)
     fb, gb = dtype_bytes(t.frozen_dtype or t.weight_dtype), dtype_bytes(t.grad_dtype or t.weight_dtype)
     sb = dtype_bytes(t.state_dtype)
@@ -411,8 +352,8 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
         n = int(RAW_COUNTS.get(model, model))
         if n <= 0:
             raise ValueError(f"parameter count must be positive, got {model}")
-        tensors = [("base", n, m.method == "full", quantize)]
-        if m.method != "full":
+        tensors = [("base", n, model_of.trains_base, quantize)]
+        if not model_of.trains_base:
             if m.trainable_params is None or m.trainable_params < 1:
                 raise ValueError(f"a raw parameter count with method {m.method!r} needs "
                                  "MethodConfig(trainable_params=...) (the adapter's size)")
@@ -448,19 +389,10 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
         T = s.n_positions if t.seq_len is None else t.seq_len
         if not isinstance(T, int) or T < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {T!r}")
-        lin4 = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-        ranks = {k: m.r for k in resolve_targets(s, m.targets)} if m.method in ("lora", "qlora") else {}
-        side = m.method == "side"
         acts = sum(activation_bytes(
-            t.batch_size, T, s.n_layer, s.n_embd, s.n_head, s.d_ff, s.vocab_size, ab,
-            trainable_linears=lin4 if m.method == "full" else (), lora_ranks=ranks, lora_dropout=m.lora_dropout,
-            ln_trainable=m.method == "full", embeddings_trainable=m.method == "full",
-            n_prompt=m.n_virtual_tokens if m.method == "prompt" else 0,
-            n_prefix=m.n_virtual_tokens if m.method == "prefix" else 0,
-            side_width=s.n_embd // m.reduction_factor if side else 0,
-            side_inner=s.d_ff // m.reduction_factor if side else 0,
+            t.batch_size, T, s.n_layer, s.n_embd, s.n_head, s.d_ff, s.vocab_size, ab, lora_dropout=m.lora_dropout,
             save_frozen_linear_inputs=t.save_frozen_linear_inputs, resid_pdrop=t.resid_pdrop,
-            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view).values())
+            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, **model_of.activations(s, m)).values())
     return MemoryBreakdown(w_tr, w_fr, sum(trainable) * gb, o, acts, q_c, sum(k for _, k, _, _ in tensors),
                            sum(trainable), t.optimizer.startswith("paged_"), known)
 

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from . import functional as F
+from . import init  # noqa: F401  (nn.init.kaiming_uniform ..., as torch.nn.init)
 from .backend import get_xp, resolve_device, to_device
 from .engine import Tensor
 
@@ -26,6 +27,11 @@ class Parameter(Tensor):
 
     def __repr__(self) -> str:
         return "Parameter" + super().__repr__()[6:]
+
+    @classmethod
+    def from_numpy(cls, array, dtype=np.float32, xp=np) -> "Parameter":
+        """A Parameter holding the host ``array`` (e.g. an ``init`` draw) as ``dtype`` on ``xp``'s device."""
+        return cls(xp.asarray(np.asarray(array, dtype=dtype)))
 
 
 class Module:
@@ -274,6 +280,21 @@ class Linear(Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+    @classmethod
+    def from_weight(cls, weight, bias=None) -> "Linear":
+        """A Linear holding ``weight`` (out, in) and ``bias`` (out,) as given, with no random init.
+
+        PEFT methods build their layers this way (LoRA's A and B, an adapter's projections):
+        they draw the weights themselves from the adapter's seed.
+        """
+        weight = weight if isinstance(weight, Parameter) else Parameter(weight)
+        lin = cls(1, 1, bias=bias is not None, rng=0)  # a cheap shell; the tensors are set below
+        lin.out_features, lin.in_features = weight.shape
+        lin.weight = weight
+        if bias is not None:
+            lin.bias = bias if isinstance(bias, Parameter) else Parameter(bias)
+        return lin
+
 
 class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, rng=None, dtype=np.float32, std: float = 1.0):
@@ -286,6 +307,15 @@ class Embedding(Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}"
+
+    @classmethod
+    def from_weight(cls, weight) -> "Embedding":
+        """An Embedding whose table is ``weight`` (num_embeddings, embedding_dim), with no random init."""
+        weight = weight if isinstance(weight, Parameter) else Parameter(weight)
+        emb = cls(1, 1, rng=0)  # a cheap shell; the table is set below
+        emb.num_embeddings, emb.embedding_dim = weight.shape
+        emb.weight = weight
+        return emb
 
 
 class LayerNorm(Module):

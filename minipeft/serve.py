@@ -26,24 +26,22 @@ adapter, or one that cannot serve this base, gets its own error and the others r
 """
 from __future__ import annotations
 
-import math
 import os
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import synchronize, to_device, to_numpy, xp_of
-from .engine import Tensor, no_grad
+from . import decoding, fast
+from .backend import to_device, to_numpy, xp_of
+from .engine import Tensor
 from .gpt import GPT
-from .kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv
+from .kernels import bgmv as bgmv_kernels
 from .nn import Module
-from .peft.config import pattern_value
-from .peft.io import read_adapter
-from .peft.lora import param_dtype_xp
-from .peft.tuner import PeftModel, is_linear_like
+from .peft.layer import is_linear_like, param_dtype_xp
+from .peft.model import PeftModel
+from .serve_adapters import AdapterError, HostAdapter, read_lora_adapter
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -87,6 +85,11 @@ def sgmv_reference(y, x, lora_A, lora_B, indptr, seg_slot, scales):
     return y
 
 
+# On float32 CuPy arrays the CUDA kernels (minipeft/kernels/bgmv.cu) run instead of the twins above.
+fast.register(bgmv_reference, bgmv_kernels.bgmv_cuda, when=bgmv_kernels.bgmv_applies)
+fast.register(sgmv_reference, bgmv_kernels.sgmv_cuda, when=bgmv_kernels.sgmv_applies)
+
+
 # ------------------------------------------------------------------ configuration, requests, results
 
 
@@ -99,7 +102,7 @@ class ServeConfig:
     device_budget_bytes: int = 64 * 2**20  # bytes of adapter slots on the model's device (sets n_slots)
     host_budget_bytes: int | None = None  # bytes of adapters kept in host memory; None = no limit
     base_model_name: str | None = None  # if set, adapters whose base_model_name_or_path differs are refused
-    use_kernels: bool = True  # CUDA RawKernels for float32 on a GPU (False: the twins everywhere)
+    use_kernels: bool = True  # CUDA RawKernels for float32 on a GPU (False, or MINIPEFT_KERNELS=0: the twins)
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) or not self.target_modules:
@@ -112,10 +115,6 @@ class ServeConfig:
             raise ValueError(f"device_budget_bytes must be a positive int, got {self.device_budget_bytes!r}")
         if self.host_budget_bytes is not None and self.host_budget_bytes <= 0:
             raise ValueError(f"host_budget_bytes must be None or positive, got {self.host_budget_bytes!r}")
-
-
-class AdapterError(ValueError):
-    """An adapter this server cannot serve (unknown, unreadable, another base, another method)."""
 
 
 @dataclass
@@ -146,17 +145,6 @@ class Result:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-@dataclass
-class HostAdapter:
-    """An adapter read from its peft-format directory and checked against the base (host NumPy)."""
-
-    name: str
-    path: str
-    r: int  # largest rank over its modules
-    weights: dict  # module name -> (A (r, in) float32, B (out, r) float32, scale)
-    nbytes: int  # bytes of its A and B arrays
 
 
 # ------------------------------------------------------------------ the wrapped layer
@@ -227,19 +215,15 @@ class MultiLoraLinear(Module):
             return y
         xd, yd = x.data, y.data
         A, B, s = self.lora_A, self.lora_B, self.scales
-        if xd.size == len(ctx.slots) * self.in_features and self.use_kernels \
-                and maybe_cuda_bgmv(yd, xd, A, B, ctx.slots_dev, s):
-            return y  # decode on the GPU: (B, 1, in) -> (B, 1, out) in place, no reshapes
         M = xd.size // self.in_features
         x2, y2 = xd.reshape(M, self.in_features), yd.reshape(M, self.out_features)  # (B*T, in), (B*T, out)
         T = M // len(ctx.slots)
+        # the twins, or their CUDA kernels where fast.choose finds they apply (use_kernels=False: the twins)
         if T == 1:  # decode: one row per request
-            if not (self.use_kernels and maybe_cuda_bgmv(y2, x2, A, B, ctx.slots_dev, s)):
-                bgmv_reference(y2, x2, A, B, ctx.slots_dev, s)
+            fast.call(bgmv_reference, y2, x2, A, B, ctx.slots_dev, s, allow_fast=self.use_kernels)
         else:  # prefill: request k's T rows follow request k-1's, same-adapter requests are adjacent
             indptr = ctx.req_ptr * T
-            if not (self.use_kernels and maybe_cuda_sgmv(y2, x2, A, B, indptr, ctx.seg_slot, s)):
-                sgmv_reference(y2, x2, A, B, indptr, ctx.seg_slot, s)
+            fast.call(sgmv_reference, y2, x2, A, B, indptr, ctx.seg_slot, s, allow_fast=self.use_kernels)
         return Tensor(y2.reshape(yd.shape))
 
     def _moved_to(self, device: str) -> None:
@@ -277,57 +261,25 @@ def greedy_batch(model: GPT, prompts: list, max_new_tokens: int, eos_token_id: i
                  timing: dict | None = None) -> np.ndarray:
     """Greedy continuation of prompts of different lengths, left-padded, on the key/value cache.
 
-    The arithmetic of ``GPT.generate(greedy=True, attention_mask=...)``: padding is masked
-    and positions count only kept tokens, so each row continues exactly as its prompt
-    alone would. Returns (B, max_new_tokens) host ids; a row that emitted ``eos_token_id``
-    keeps emitting it. ``timing`` (a dict) accumulates prefill_s, decode_s, decode_tokens.
+    The one decoding loop of ``minipeft.decoding`` (``GPT.generate(greedy=True,
+    attention_mask=...)``'s): padding is masked and positions count only kept tokens, so
+    each row continues exactly as its prompt alone would. Returns (B, max_new_tokens) host
+    ids; a row that emitted ``eos_token_id`` keeps emitting it. ``timing`` (a dict)
+    accumulates prefill_s, decode_s, prefill_tokens, decode_tokens.
     """
-    xp = xp_of(model.transformer.wte.weight.data)
-    B, T = len(prompts), max(len(p) for p in prompts)
-    idx, mask = np.zeros((B, T), np.int64), np.zeros((B, T), bool)
-    for b, p in enumerate(prompts):
-        idx[b, T - len(p):], mask[b, T - len(p):] = p, True
-    mask_d = xp.asarray(mask)
-    new, done = [], np.zeros(B, bool)
-    was_training = model.training
-    model.eval()
-    try:
-        with no_grad():
-            synchronize(_device(xp))
-            t0 = time.perf_counter()
-            pos = xp.maximum(xp.cumsum(mask_d, axis=1) - 1, 0)  # (B, T)
-            o = model(xp.asarray(idx), attention_mask=mask_d, position_ids=pos, use_cache=True)
-            nxt = xp.argmax(o.logits.data[:, -1, :], axis=-1)  # (B,)
-            n_kept, past = mask_d.sum(axis=1), o.past_key_values
-            synchronize(_device(xp))
-            t1 = time.perf_counter()
-            for step in range(max_new_tokens):
-                if eos_token_id is not None:
-                    nxt_h = np.where(done, eos_token_id, to_numpy(nxt))
-                    done |= nxt_h == eos_token_id
-                    nxt = xp.asarray(nxt_h)
-                new.append(nxt)
-                if step == max_new_tokens - 1 or (eos_token_id is not None and done.all()):
-                    break
-                mask_d = xp.concatenate([mask_d, xp.ones((B, 1), bool)], axis=1)  # (B, S + 1)
-                o = model(nxt[:, None], past_key_values=past, use_cache=True, attention_mask=mask_d,
-                          position_ids=n_kept[:, None])
-                nxt, n_kept, past = xp.argmax(o.logits.data[:, -1, :], axis=-1), n_kept + 1, o.past_key_values
-            out = np.stack([to_numpy(t) for t in new], axis=1).astype(np.int64)  # (B, n)
-            t2 = time.perf_counter()
-    finally:
-        model.train(was_training)
+    idx, mask = decoding.left_pad(prompts)
+    target = decoding.resolve_model(model)
+    with decoding.inference(model):
+        session = decoding.Session(target, idx, mask)
+        if session.steps(max_new_tokens) < max_new_tokens:
+            raise ValueError(f"prompts of up to {idx.shape[1]} tokens + {max_new_tokens} new tokens do not fit "
+                             f"block_size {model.config.block_size}; decode them in smaller batches")
+        pick = decoding.PickTokens(target.xp, session.rows, eos_token_id=eos_token_id)
+        decoding.run(session, pick, max_new_tokens, timing)
+        out = to_numpy(pick.tokens(np.int64))  # (B, n)
     if out.shape[1] < max_new_tokens:  # every row ended: pad with eos
-        out = np.concatenate([out, np.full((B, max_new_tokens - out.shape[1]), eos_token_id)], axis=1)
-    if timing is not None:
-        for k, v in (("prefill_s", t1 - t0), ("decode_s", t2 - t1), ("decode_tokens", B * (len(new) - 1)),
-                     ("prefill_tokens", int(mask.sum()))):
-            timing[k] = timing.get(k, 0) + v
+        out = np.concatenate([out, np.full((len(prompts), max_new_tokens - out.shape[1]), eos_token_id)], axis=1)
     return out
-
-
-def _device(xp) -> str:
-    return "cpu" if xp is np else "cuda"
 
 
 def _model_bytes(model: Module) -> int:
@@ -441,7 +393,7 @@ class LoraServer:
             raise AdapterError(f"unknown adapter {name!r}: it was never added to this server (added: "
                                f"{known[:8]}{' ...' if len(known) > 8 else ''}); add it with "
                                "server.add_adapter(name, directory)")
-        adapter = self._read(name, self._paths[name])
+        adapter = read_lora_adapter(name, self._paths[name], self.model, self.layers, self.config)
         self.stats["disk_loads"] += 1
         self._host[name] = adapter
         budget = self.config.host_budget_bytes
@@ -449,68 +401,6 @@ class LoraServer:
             self._host.popitem(last=False)  # the least recently used; read from disk again when needed
             self.stats["host_evictions"] += 1
         return adapter
-
-    def _read(self, name: str, path: str) -> HostAdapter:
-        """Read and check one adapter: LoRA only, every tensor fits a served layer of this base."""
-        where = f"adapter {name!r} ({path})"
-        try:
-            config, tensors, *_ = read_adapter(path)
-        except (OSError, ValueError) as e:
-            raise AdapterError(f"{where} cannot be read: {e}") from e
-        if config.peft_type != "LORA":
-            raise AdapterError(f"{where} is a {config.peft_type} adapter; only LoRA adapters share a batch "
-                               "(BGMV/SGMV add x A^T B^T per row): serve it on its own PeftModel")
-        if config.use_dora:
-            raise AdapterError(f"{where} uses DoRA, whose magnitude rescales the base output per adapter; the batched "
-                               "path adds only s B A x: merge it (merge_and_unload) and serve the merged model")
-        want, got = self.config.base_model_name, config.base_model_name_or_path
-        if want and got and os.path.normpath(str(got)) != os.path.normpath(want):
-            raise AdapterError(f"{where} is for another base: it was trained on {got!r}, this server's base is "
-                               f"{want!r}")
-        pairs: dict[str, dict] = {}
-        for key, arr in tensors.items():
-            m = re.fullmatch(r"base_model\.model\.(.+)\.lora_([AB])\.weight", key)
-            if m is None:
-                raise AdapterError(f"{where} holds {key!r}, which is not a LoRA A/B weight (bias={config.bias!r} or "
-                                   "modules_to_save tensors change the base for every request); save it with "
-                                   "bias='none' and no modules_to_save to serve it in a mixed batch")
-            pairs.setdefault(m.group(1), {})[m.group(2)] = arr
-        weights = {}
-        for mod, ab in pairs.items():
-            if set(ab) != {"A", "B"}:
-                raise AdapterError(f"{where}: module {mod} has lora_{''.join(ab)} but not both lora_A and lora_B")
-            weights[mod] = self._check_module(where, config, mod, ab["A"], ab["B"])
-        return HostAdapter(name, path, max(w[0].shape[0] for w in weights.values()), weights,
-                           sum(w[0].nbytes + w[1].nbytes for w in weights.values()))
-
-    def _check_module(self, where: str, config, mod: str, A, B) -> tuple:
-        layer = self.layers.get(mod)
-        if layer is None:
-            try:
-                self.model.get_submodule(mod)
-            except KeyError:
-                raise AdapterError(f"{where} is for another base: it has weights for {mod!r}, a module this model "
-                                   "does not have") from None
-            raise AdapterError(f"{where} has weights for {mod}, which this server does not serve (target_modules="
-                               f"{list(self.config.target_modules)}); build the server with a ServeConfig whose "
-                               "target_modules include it")
-        n_in, n_out = layer.in_features, layer.out_features
-        r = A.shape[0] if A.ndim == 2 else -1
-        if A.ndim != 2 or B.ndim != 2 or A.shape[1] != n_in or B.shape != (n_out, r):
-            raise AdapterError(f"{where} is for another base: at {mod} lora_A is {tuple(A.shape)} and lora_B "
-                               f"{tuple(B.shape)}, but this model's layer needs (r, {n_in}) and ({n_out}, r)")
-        if r > self.config.max_rank:
-            raise AdapterError(f"{where} has rank {r} at {mod}, above this server's max_rank "
-                               f"{self.config.max_rank}; build the server with ServeConfig(max_rank={r}) or more")
-        r_cfg = pattern_value(mod, config.rank_pattern, config.r)
-        if r != r_cfg:
-            raise AdapterError(f"{where}: {mod} has rank {r} in adapter_model.safetensors but {r_cfg} in "
-                               "adapter_config.json; the two files do not belong together")
-        if not (np.isfinite(A).all() and np.isfinite(B).all()):
-            raise AdapterError(f"{where}: {mod} has NaN or inf weights; the adapter is broken")
-        alpha = pattern_value(mod, config.alpha_pattern, config.lora_alpha)
-        scale = alpha / math.sqrt(r) if config.use_rslora else alpha / r  # LoRA / rsLoRA scaling
-        return np.ascontiguousarray(A, np.float32), np.ascontiguousarray(B, np.float32), float(scale)
 
     def _make_resident(self, names: list[str]) -> dict[str, int]:
         """Slots for ``names`` (at most n_slots), evicting the least recently used others."""
@@ -578,11 +468,17 @@ class LoraServer:
         return results
 
     def _run_wave(self, wave, names, requests, prompts, results, eos_token_id) -> None:
+        n_new = max(requests[i].max_new_tokens for i in wave)
+        late = [i for i in wave if len(prompts[i]) + n_new - 1 > self.model.config.block_size]
+        if late:  # left-padded to the longest prompt, the batch would run out of positions: two waves
+            for part in (late, [i for i in wave if i not in late]):  # each request alone always fits
+                self._run_wave(part, [n for n in names if any(requests[i].adapter == n for i in part)], requests,
+                               prompts, results, eos_token_id)
+            return
         slot_of = self._make_resident(names)
         slots = np.array([slot_of.get(requests[i].adapter, -1) for i in wave])
         order = np.argsort(slots, kind="stable")  # each adapter's requests contiguous (SGMV segments)
         rows = [wave[k] for k in order]
-        n_new = max(requests[i].max_new_tokens for i in rows)
         self._ctx.set(slots[order], xp_of(self.model.transformer.wte.weight.data))
         try:
             out = greedy_batch(self.model, [prompts[i] for i in rows], n_new, eos_token_id, self.stats)

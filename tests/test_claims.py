@@ -371,3 +371,81 @@ def test_a_claim_falls_back_to_the_next_recorded_run_that_has_its_numbers(tmp_pa
     (root / "cpu-2026-12-01" / "qlora.json").write_text(json.dumps(old))
     entry = evaluate(claim, load_results(root, repo=tmp_path, extra={}))
     assert entry["verdict"] == "not-attempted" and "base_source_val_loss" in entry["note"]
+
+
+def test_a_lesson_run_in_parts_is_read_part_by_part(tmp_path):
+    """``--parts 1`` and ``--parts 3`` in two processes: ``<lesson>_part<N>.json`` files, each a run of the
+    lesson; a claim reads the part that holds its numbers."""
+    import json
+
+    from minipeft.claims.results import _lesson_of, load_results
+
+    assert _lesson_of("peft_methods_part3") == "peft_methods"
+    assert _lesson_of("qlora_cuda_part1") == "qlora"
+    assert _lesson_of("pretrain_small") is None and _lesson_of("generate_part2") is None
+    root = tmp_path / "benchmarks" / "results"
+    _write(root / "h200-2026-12-03" / "qlora_part1.json", {"methods": {"full": {"val_loss": 1.0}}})
+    _write(root / "h200-2026-12-03" / "qlora_part2.json", {"base_source_val_loss": 2.0})
+    results = load_results(root, repo=tmp_path, extra={})
+    labels = {results["qlora"].label} | {r.label for r in results.others["qlora"]}
+    assert labels == {"benchmarks/results/h200-2026-12-03/qlora_part1.json",
+                      "benchmarks/results/h200-2026-12-03/qlora_part2.json"}
+
+
+def test_lora_all_linear_claim_reads_the_rank_chosen_on_validation():
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import Results
+
+    methods = {"full": {"BLEU": 0.76}, "lora_all": {"BLEU": 0.70}}
+    claim = next(c for c in CLAIMS if c.id == "lora-all-linear-vs-ft-e2e")
+    old = evaluate(claim, Results.from_dicts({"e2e": {"methods": methods}}))
+    assert old["minipeft"]["relation"] == pytest.approx(0.70 / 0.76) and old["verdict"] == "partly"
+    new = evaluate(claim, Results.from_dicts({"e2e": {"methods": methods, "lora_all_tuned": {
+        "BLEU": 0.75, "r": 64, "ranks_considered": [8, 16, 32, 64]}}}))
+    assert new["minipeft"]["relation"] == pytest.approx(0.75 / 0.76) and new["verdict"] == "reproduced"
+    assert "r=64" in new["minipeft"]["text"]
+
+
+def test_timings_of_a_run_on_a_shared_machine_are_not_judged(tmp_path):
+    """A run listed in its folder's SHARED_MACHINE keeps its other numbers; a speed claim reads the next run."""
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import load_results
+
+    root = tmp_path / "benchmarks" / "results"
+    pm = lambda f, l: {"methods": {"full": {"ms_per_step": f, "val_loss": 1.0},  # noqa: E731
+                                   "lora": {"ms_per_step": l, "val_loss": 1.0}}}
+    _write(root / "h200-2026-12-03" / "peft_methods.json", pm(10.0, 20.0))
+    (root / "h200-2026-12-03" / "SHARED_MACHINE").write_text("# shared\npeft_methods.json  # with e2e\n")
+    _write(root / "cpu-2026-12-01" / "peft_methods.json", pm(12.5, 10.0))
+    results = load_results(root, repo=tmp_path, extra={})
+    assert results["peft_methods"].shared and results["peft_methods"].kind == "gpu"
+    speed = next(c for c in CLAIMS if c.id == "lora-speedup")
+    e = evaluate(speed, results)
+    assert "cpu-2026-12-01" in e["source"] and e["minipeft"]["relation"] == pytest.approx(1.25)
+    (root / "cpu-2026-12-01" / "peft_methods.json").unlink()
+    e = evaluate(speed, load_results(root, repo=tmp_path, extra={}))
+    assert e["verdict"] == "not-attempted" and "shared the machine" in e["note"]
+
+
+def test_peft_trailing_full_ft_is_explained_by_the_recorded_rank_sweeps():
+    from minipeft.claims import CLAIMS
+    from minipeft.claims.core import evaluate
+    from minipeft.claims.results import Results
+
+    claim = next(c for c in CLAIMS if c.id == "peft-comparable-to-ft")
+    qlora = {"methods": {"full": {"val_loss": 1.0}, "lora": {"val_loss": 1.1}}}
+    lora = {"rank_sweep": {"1": {"val_loss": 2.2}, "16": {"val_loss": 2.0}, "32": {"val_loss": 1.95}},
+            "full_ft": {"val_loss": 1.9}}
+    e = evaluate(claim, Results.from_dicts({"qlora": qlora, "lora": lora}))
+    assert e["verdict"] == "contradicted"
+    assert "r=1 2.200 -> r=16 2.000 -> r=32 1.950, full fine-tuning 1.900" in e["note"]
+    assert "memory/lora.json: rank_sweep, full_ft.val_loss" in e["source"]
+    # LoRA within 2% of full: nothing to explain
+    close = {"methods": {"full": {"val_loss": 1.0}, "lora": {"val_loss": 1.01}}}
+    e = evaluate(claim, Results.from_dicts({"qlora": close, "lora": lora}))
+    assert e["verdict"] == "reproduced" and "largest rank swept" not in e["note"]
+    # no sweep recorded: the claim is judged all the same, with its scale note only
+    e = evaluate(claim, Results.from_dicts({"qlora": qlora}))
+    assert e["verdict"] == "contradicted" and "largest rank swept" not in e["note"] and "Scale" in e["note"]

@@ -9,6 +9,7 @@ import pytest
 from minipeft.decoding import (DecodeConfig, banned_ngram_tokens, beam_search, decode, greedy_search, length_norm,
                                sequence_log_prob)
 from minipeft.gpt import GPT, GPTConfig
+from minipeft.kv_cache import KVCache
 from minipeft.peft import (LoraConfig, PfeifferConfig, PrefixTuningConfig, PromptTuningConfig, TopKBlocksConfig,
                            get_peft_model)
 
@@ -100,7 +101,7 @@ class Markov:
             [past_key_values[0][0][:, 0, :, 0].astype(np.int64), idx], axis=1)
         logits = self.table[hist[:, -2], hist[:, -1]][:, None, :]  # (B, 1, V)
         kv = hist[:, None, :, None].astype(np.float64)  # (B, 1, S, 1)
-        return SimpleNamespace(logits=logits, past_key_values=[(kv, kv)])
+        return SimpleNamespace(logits=logits, past_key_values=KVCache([(kv, kv)]))
 
     def log_prob(self, prompt, seq):
         hist, total = list(prompt), 0.0

@@ -284,3 +284,27 @@ def test_gradcheck_reports_wrong_gradients():
         gradcheck(lambda t: t * float(rng.random()), [x])
     assert gradcheck(lambda t: t * t, [x]) < 1e-7
     assert x.grad is None  # gradcheck leaves the caller's grads alone
+
+
+# ---- init helpers: layers built around given weights (PEFT methods draw their own)
+
+
+def test_kaiming_uniform_bounds_match_torch():
+    rng = np.random.default_rng(0)
+    w = nn.init.kaiming_uniform(rng, (300, 400))  # a = sqrt(5): nn.Linear's and LoRA A's bound 1/sqrt(in)
+    assert w.shape == (300, 400) and np.abs(w).max() <= 1 / np.sqrt(400) < np.abs(w).max() * 1.01
+    w = nn.init.kaiming_uniform(rng, (300, 24), a=0.0)  # ReLU gain: sqrt(6 / in) (VeRA's projections)
+    assert np.abs(w).max() <= np.sqrt(6 / 24) < np.abs(w).max() * 1.05
+
+
+def test_from_weight_keeps_the_given_tensors():
+    w = nn.Parameter.from_numpy(np.arange(6).reshape(2, 3), np.float64)
+    assert w.dtype == np.float64 and w.requires_grad
+    lin = nn.Linear.from_weight(w, np.ones(2))
+    assert (lin.in_features, lin.out_features) == (3, 2) and lin.weight is w
+    assert [n for n, _ in lin.named_parameters()] == ["weight", "bias"]
+    np.testing.assert_array_equal(lin(Tensor(np.ones((1, 3)))).data, [[4.0, 13.0]])  # x W^T + b
+    assert nn.Linear.from_weight(np.zeros((4, 5))).bias is None
+    emb = nn.Embedding.from_weight(np.eye(3, 2))
+    assert (emb.num_embeddings, emb.embedding_dim) == (3, 2)
+    np.testing.assert_array_equal(emb(np.array([2, 0])).data, [[0.0, 0.0], [1.0, 0.0]])

@@ -102,12 +102,16 @@ def test_padded_rank_equals_unpadded():
                                bgmv_reference(np.zeros((3, 6)), x, A, B, idx, s), rtol=1e-13, atol=1e-14)
 
 
-def test_kernel_hooks_decline_numpy():
-    from minipeft.kernels.bgmv import maybe_cuda_bgmv, maybe_cuda_sgmv, sgmv_tiles
+def test_kernels_decline_numpy():
+    from minipeft import fast
+    from minipeft.kernels.bgmv import bgmv_applies, sgmv_applies, sgmv_tiles
 
     z = np.zeros((2, 2), np.float32)
-    assert not maybe_cuda_bgmv(z, z, z[None], z[None], [0, 0], np.ones(1, np.float32))
-    assert not maybe_cuda_sgmv(z, z, z[None], z[None], [0, 2], [0], np.ones(1, np.float32))
+    bgmv_args, sgmv_args = (z, z, z[None], z[None], [0, 0], np.ones(1, np.float32)), \
+        (z, z, z[None], z[None], [0, 2], [0], np.ones(1, np.float32))
+    assert not bgmv_applies(*bgmv_args) and not sgmv_applies(*sgmv_args)
+    assert fast.choose(bgmv_reference, *bgmv_args) is bgmv_reference  # on NumPy the twin runs
+    assert fast.choose(sgmv_reference, *sgmv_args) is sgmv_reference
     seg, row0 = sgmv_tiles([0, 70, 70, 75, 140], [3, 1, -1, 0])
     assert seg.tolist() == [0, 0, 0, 3, 3, 3] and row0.tolist() == [0, 32, 64, 75, 107, 139]
 

@@ -120,18 +120,17 @@ def evaluate(claim: Claim, results: Results) -> dict:
     }
 
 
-def lesson_claims(lesson: str, result: dict, report=None, claims=None) -> list[dict]:
-    """The claims ``lesson`` measures, judged on the dict its ``main`` is about to return.
+def lesson_claims(lesson: str, result: dict, report=None, *, claims) -> list[dict]:
+    """The ``claims`` ``lesson`` measures, judged on the dict its ``main`` is about to return.
 
     With ``report`` (a lessons ``Report``), prints each as one ``Report.claim`` line: the
     course's statement, minipeft's number, the relation and the verdict, with the note
     where they differ -- the same verdicts the claims table gives for a recorded run.
+    (:func:`minipeft.claims.lesson_claims` passes every claim, ``CLAIMS``, by default.)
     """
-    from . import CLAIMS
-
     results = Results.from_dicts({lesson: result}, "this run")
     out = []
-    for c in (CLAIMS if claims is None else claims):
+    for c in claims:
         if c.lesson != lesson:
             continue
         m, v, notes, _ = _judge(c, results)
@@ -182,12 +181,13 @@ def to_markdown(entries: list[dict]) -> str:
 
 
 def write_claims(results_root="benchmarks/results", out_json="figures/claims.json", out_md="figures/claims.md",
-                 prefer: str = "gpu", claims=None, results: Results | None = None) -> list[dict]:
-    """Evaluate every claim on the recorded runs under ``results_root``; write the JSON list and the Markdown table."""
-    from . import CLAIMS
+                 prefer: str = "gpu", *, claims, results: Results | None = None) -> list[dict]:
+    """Evaluate ``claims`` on the recorded runs under ``results_root``; write the JSON list and the Markdown table.
 
+    (:func:`minipeft.claims.write_claims` passes every claim, ``CLAIMS``, by default.)
+    """
     results = results if results is not None else load_results(results_root, prefer=prefer)
-    entries = evaluate_all(CLAIMS if claims is None else claims, results)
+    entries = evaluate_all(claims, results)
     if out_json is not None:
         write_text_atomic(Path(out_json), json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
     if out_md is not None:

@@ -3,7 +3,8 @@
 Layout (``benchmarks/results/``): one folder per run, ``<device>-<YYYY-MM-DD>/``
 (``h200-2026-12-02``, ``cpu-2026-12-01``), holding ``<lesson>.json`` -- the dict a
 lesson's ``main`` returned, written by ``--json``. ``<lesson>_cuda.json`` and
-``<lesson>_cpu.json`` are read too. A folder named ``cpu-...`` is a CPU run; any other
+``<lesson>_cpu.json`` are read too, and ``<lesson>_part<N>.json`` (a lesson run in parts, one process
+each: every part is a run of the lesson that holds only its part's numbers). A folder named ``cpu-...`` is a CPU run; any other
 device name is a GPU run. Extra files outside that tree (``figures/transfer_data.json``,
 the transfer lesson's saved data) are read as runs of their lesson, dated by their own
 ``date`` field.
@@ -41,6 +42,7 @@ class Run:
     kind: str  # 'gpu' or 'cpu'
     date: str  # YYYY-MM-DD ('' if unknown)
     data: dict = field(repr=False, default_factory=dict)
+    shared: bool = False  # its timings were taken while other runs shared the machine (SHARED_MACHINE file)
 
 
 def _normalize(lesson: str, data: dict) -> dict:
@@ -59,13 +61,14 @@ def lesson_names() -> tuple[str, ...]:
     return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if not m.name.startswith("_")))
 
 
+_STEM = re.compile(r"^(?P<lesson>.+?)(_cuda|_cpu|_gpu)?(_part\d+)?$")
+
+
 def _lesson_of(stem: str) -> str | None:
-    """The lesson a file stem records ('qlora_cuda' -> 'qlora'), or None for other files (benchmark outputs)."""
-    names = lesson_names()
-    for suffix in ("", "_cuda", "_cpu", "_gpu"):
-        if stem.endswith(suffix) and stem[: len(stem) - len(suffix)] in names:
-            return stem[: len(stem) - len(suffix)]
-    return None
+    """The lesson a file stem records ('qlora_cuda' -> 'qlora', 'peft_methods_part3' -> 'peft_methods': a
+    lesson run in parts, e.g. ``--parts 3``, one process each), or None for other files (benchmark outputs)."""
+    m = _STEM.match(stem)
+    return m["lesson"] if m and m["lesson"] in lesson_names() else None
 
 
 def _rel(path: Path, repo: Path) -> str:
@@ -73,6 +76,18 @@ def _rel(path: Path, repo: Path) -> str:
         return path.resolve().relative_to(repo.resolve()).as_posix()
     except ValueError:
         return path.as_posix()
+
+
+SHARED_MACHINE = "SHARED_MACHINE"  # in a run folder: the JSON files (one per line) whose timings were shared
+
+
+def _shared_machine(d: Path) -> set[str]:
+    """Names listed in ``d/SHARED_MACHINE`` ('#' starts a comment): runs made while others shared the machine,
+    so their timings are not speed measurements (claims about speed read the next run instead)."""
+    f = d / SHARED_MACHINE
+    if not f.is_file():
+        return set()
+    return {line.split("#", 1)[0].strip() for line in f.read_text().splitlines()} - {""}
 
 
 def discover(root, repo=None, extra=None) -> list[Run]:
@@ -86,10 +101,11 @@ def discover(root, repo=None, extra=None) -> list[Run]:
             if not m:
                 continue
             kind = "cpu" if m["device"].lower() == "cpu" else "gpu"
+            shared = _shared_machine(d)
             for f in sorted(d.glob("*.json")):
                 lesson = _lesson_of(f.stem)
                 if lesson is not None:  # other JSON (benchmark outputs) is not a lesson's result
-                    runs.append(Run(lesson, f, _rel(f, repo), kind, m["date"]))
+                    runs.append(Run(lesson, f, _rel(f, repo), kind, m["date"], shared=f.name in shared))
     for lesson, files in (DEFAULT_EXTRA if extra is None else extra).items():
         for name in files:
             f = Path(name) if Path(name).is_absolute() else repo / name
@@ -182,6 +198,13 @@ class Reader:
             where = f" under {self.results.searched}" if self.results.searched else ""
             raise Missing(f"no recorded '{lesson}' run{where} (run python -m minipeft.lessons.{lesson} --json FILE)")
         return self.results[lesson]
+
+    def timings(self, lesson: str) -> None:
+        """Raise :class:`Missing` when ``lesson``'s run was made on a shared machine (its timings mean nothing)."""
+        run = self.run(lesson)
+        if run.shared:
+            raise Missing(f"{run.label} was run while other runs shared the machine ({SHARED_MACHINE}): "
+                          "its timings are not speed measurements")
 
     def has(self, lesson: str, *path) -> bool:
         try:

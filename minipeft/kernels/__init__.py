@@ -1,36 +1,50 @@
-"""CUDA RawKernels (``<name>.cu``) with their Python launchers (``<name>.py``).
+"""CUDA RawKernels (``<name>.cu``) with their launchers (``<name>.py``), and the plug board
+that registers each one as the fast path of its NumPy twin.
 
 Only this package and :mod:`minipeft.backend` import CuPy, and only when a CuPy array
-reaches them. Each kernel has a NumPy twin (the code that runs on the CPU, usually in
-:mod:`minipeft.functional` or :mod:`minipeft.optim`) and a ``gpu`` test in
-``tests/kernels`` that they agree.
+reaches them. Launchers take arrays and tables (a ``QuantState`` from
+:mod:`minipeft.quant.state` bundles those of a quantized tensor) and import no private
+name; the code they replace is the reference a student reads (``minipeft/ops``,
+``minipeft/quant``, ``minipeft/optim/core.py``), and a ``gpu`` test in ``tests/kernels``
+checks that the two agree (bit for bit for AdamW and the quantizers). Shared device
+helpers are in ``common.cuh``, included through NVRTC.
 
-The fused training kernels (layer norm, GELU, attention softmax, cross-entropy, AdamW)
-replace the twin's array code only for float32 CuPy arrays. ``MINIPEFT_KERNELS=0`` in the
-environment turns them off, so the very same NumPy-style code runs through CuPy instead
-(what ``benchmarks/gpu_profile.py`` compares against, and how a student can check that a
-kernel changes speed, not results). The quantization kernels are not affected: they are
-bit-exact twins with nothing to compare.
+Below, every kernel is registered in :mod:`minipeft.fast` with the condition under
+which it runs (float32 CuPy arrays, mostly). ``MINIPEFT_KERNELS=0`` in the environment
+turns all of them off, the bit-exact quantizers included, so the very same NumPy-style
+code runs through CuPy instead (what ``benchmarks/gpu_profile.py`` compares against, and
+how a student can check that a kernel changes speed, not results). BGMV / SGMV
+(``bgmv.py``), whose twins live in :mod:`minipeft.serve` above this package, are
+registered there.
 """
 from __future__ import annotations
 
-import os
+from .. import fast
+from ..ops.attention import Attention
+from ..ops.linalg import Linear
+from ..ops.loss import CrossEntropy
+from ..ops.norm_act import GELU, LayerNorm
+from ..optim import core as optim_core
+from ..quant import blockwise, int8
+from . import adamw, functions, quant4bit, quant8bit
 
 
-def fused_enabled() -> bool:
-    """True unless ``MINIPEFT_KERNELS=0``: use the fused training kernels on float32 CuPy arrays."""
-    return os.environ.get("MINIPEFT_KERNELS", "1") != "0"
+def _first_on_gpu(a, *args, **kwargs) -> bool:
+    """The quantizers' condition: the array to (de)quantize is a CuPy array."""
+    return fast.on_gpu(a)
 
 
-def use_fused(*arrays, contiguous: bool = True) -> bool:
-    """True when every array is a float32 CuPy array (C-contiguous unless ``contiguous=False``)
-    and the fused kernels are on.
+# Training: fused Functions in place of the reference ops (minipeft/kernels/functions.py)
+fast.register(GELU, functions.FusedGELU, when=functions.gelu_applies)
+fast.register(LayerNorm, functions.FusedLayerNorm, when=functions.layernorm_applies)
+fast.register(CrossEntropy, functions.FusedCrossEntropy, when=functions.cross_entropy_applies)
+fast.register(Attention, functions.FusedAttention, when=functions.attention_applies)
+fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
+fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)
 
-    Cheap on the CPU path: a NumPy array fails the first test without importing anything.
-    """
-    for a in arrays:
-        if not type(a).__module__.startswith("cupy") or a.dtype != "float32":
-            return False
-        if contiguous and not a.flags.c_contiguous:
-            return False
-    return fused_enabled()
+# Quantization: bit-exact kernels in place of minipeft.quant's array code
+fast.register(blockwise.quantize_4bit, quant4bit.quantize_4bit_cuda, when=_first_on_gpu)
+fast.register(blockwise.dequantize_4bit, quant4bit.dequantize_4bit_cuda, when=_first_on_gpu)
+fast.register(blockwise.quantize_blockwise, quant8bit.quantize_blockwise_cuda, when=_first_on_gpu)
+fast.register(blockwise.dequantize_blockwise, quant8bit.dequantize_blockwise_cuda, when=_first_on_gpu)
+fast.register(int8.int8_vectorwise_quant, quant8bit.int8_vectorwise_quant_cuda, when=_first_on_gpu)

@@ -1,12 +1,35 @@
-"""Compile a ``.cu`` file of this folder once per device (NVRTC) and hand out its kernels."""
+"""Compile a ``.cu`` file of this folder once per device (NVRTC) and hand out its kernels.
+
+A ``.cu`` file may ``#include "common.cuh"`` (the device helpers several kernels share):
+NVRTC finds it through ``-I`` this folder. CuPy caches compiled modules on disk by source
+text and options, not by the headers a source includes, so a digest of the headers is
+passed as one more option: editing a header recompiles what includes it.
+"""
 from __future__ import annotations
 
 import functools
+import glob
+import hashlib
 import os
 
 import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@functools.lru_cache(maxsize=None)
+def _headers_digest() -> str:
+    """sha256 of every ``.cuh`` file of this folder (first 16 hex digits)."""
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(_HERE, "*.cuh"))):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
+def compile_options() -> tuple[str, ...]:
+    """NVRTC options of every module: C++17, this folder on the include path, the headers' digest."""
+    return ("-std=c++17", f"-I{_HERE}", f"-DMINIPEFT_HEADERS_SHA={_headers_digest()}")
 THREADS = 256  # threads per CUDA block of the fused kernels
 MAX_GRID = 132 * 32  # grid-stride kernels launch at most this many blocks (H100: 132 SMs)
 
@@ -20,7 +43,7 @@ def cupy():
 @functools.lru_cache(maxsize=None)
 def _module(filename: str, device_id: int):
     with open(os.path.join(_HERE, filename), encoding="utf-8") as f:
-        return cupy().RawModule(code=f.read(), options=("-std=c++17",))
+        return cupy().RawModule(code=f.read(), options=compile_options())
 
 
 @functools.lru_cache(maxsize=None)

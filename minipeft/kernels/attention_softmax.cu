@@ -10,20 +10,8 @@
 // row forward (max, sum, write), two backward, the repeats served from L1. The twin's
 // scale, where, max, subtract, exp, sum and divide are seven full passes over s.
 
-typedef long long i64;
-typedef unsigned char u8;
+#include "common.cuh"   // i64, u8, warp_sum, warp_max
 #define NEG_MAX (-3.402823466e38f)
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
 
 extern "C" __global__ void attn_softmax_forward(float* __restrict__ s, i64 n_rows, int Tq, int Tk, int H,
                                                 float scale, int causal, const u8* __restrict__ key_mask,

@@ -1,7 +1,8 @@
 """Fused masked, scaled softmax of attention scores (forward) and its backward, in place.
 
-The NumPy twin is :class:`minipeft.functional.Attention` (which calls these for float32
-CuPy arrays); ``tests/kernels/test_attention_softmax.py`` checks that they agree.
+The NumPy twin is :class:`minipeft.ops.attention.Attention`;
+:class:`~minipeft.kernels.functions.FusedAttention` runs these in its place for float32 CuPy
+arrays; ``tests/kernels/test_attention_softmax.py`` checks that they agree.
 Floor for GPT-2 small at B=8, T=512 (scores (8, 12, 512, 512), 100 MB in float32): the
 forward reads and writes the scores once (~70 µs at 3 TB/s), the backward reads p and
 dp and writes ds (~100 µs); the twin makes 7 and 5 full passes. The two matrix products

@@ -12,14 +12,16 @@ a request's prompt tokens, requests sorted by adapter) and reuses each tile of w
 up to 32 rows. The NumPy twins are :func:`minipeft.serve.bgmv_reference` and
 :func:`minipeft.serve.sgmv_reference`; ``tests/kernels/test_bgmv.py`` checks that they agree.
 
-``maybe_cuda_bgmv`` / ``maybe_cuda_sgmv`` are the hooks :mod:`minipeft.serve` calls: they
-run the kernel and return True for float32 CuPy arrays of a supported size, and return
-False otherwise (the caller then runs the twin), never raising for an unsupported case.
+:func:`bgmv_cuda` / :func:`sgmv_cuda` take the twins' arguments and return ``y`` as they do;
+:func:`bgmv_applies` / :func:`sgmv_applies` say for which arguments (float32 CuPy arrays of
+a supported size). :mod:`minipeft.serve` registers them as its twins' fast paths in
+:mod:`minipeft.fast` (the twins live there, above this package).
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..fast import on_gpu
 from ._module import cupy as _cupy, kernel
 
 THREADS = 256        # threads per block of every kernel (the SGMV kernels assume exactly 256)
@@ -43,27 +45,29 @@ def _int32(cp, a):
     return a if a.dtype == cp.int32 and a.flags.c_contiguous else cp.ascontiguousarray(a, dtype=cp.int32)
 
 
-def maybe_cuda_bgmv(y, x, lora_A, lora_B, indices, scales) -> bool:
-    """``y[m] += scales[i] (x[m] A[i]^T) B[i]^T`` with ``i = indices[m]`` on the GPU; False if not applicable.
-
-    ``y`` (M, H2), ``x`` (M, H1) (or any shapes of M rows, e.g. (M, 1, H)), ``lora_A``
-    (N, R, H1), ``lora_B`` (N, H2, R), ``indices`` (M,) ints (< 0: skip the row),
-    ``scales`` (N,): float32 C-contiguous CuPy arrays.
-    """
-    if type(y).__module__.split(".")[0] != "cupy":
-        return False
-    cp = _cupy()
-    if not _usable(cp, y, x, lora_A, lora_B, scales):
+def bgmv_applies(y, x, lora_A, lora_B, indices, scales) -> bool:
+    """True for float32 C-contiguous CuPy arrays of fitting shapes whose rows fit in shared memory."""
+    if not on_gpu(y) or not _usable(_cupy(), y, x, lora_A, lora_B, scales):
         return False
     H1, R, H2 = x.shape[-1], lora_A.shape[1], lora_B.shape[1]
     M = x.size // H1 if H1 else 0
-    smem = 4 * (H1 + R)
-    if smem > SMEM_LIMIT or M == 0 or y.size != M * H2 or lora_A.shape[2] != H1:
-        return M == 0 and y.size == 0
+    return 4 * (H1 + R) <= SMEM_LIMIT and M > 0 and y.size == M * H2 and lora_A.shape[2] == H1
+
+
+def bgmv_cuda(y, x, lora_A, lora_B, indices, scales):
+    """``y[m] += scales[i] (x[m] A[i]^T) B[i]^T`` with ``i = indices[m]`` on the GPU, in place; returns ``y``.
+
+    ``y`` (M, H2), ``x`` (M, H1) (or any shapes of M rows, e.g. (M, 1, H)), ``lora_A``
+    (N, R, H1), ``lora_B`` (N, H2, R), ``indices`` (M,) ints (< 0: skip the row),
+    ``scales`` (N,): float32 C-contiguous CuPy arrays (see :func:`bgmv_applies`).
+    """
+    cp = _cupy()
+    H1, R, H2 = x.shape[-1], lora_A.shape[1], lora_B.shape[1]
+    M = x.size // H1
     idx = _int32(cp, indices)
     _kernel("bgmv_f32")((M,), (THREADS,), (x, lora_A, lora_B, idx, scales, y, np.int32(H1), np.int32(H2),
-                                           np.int32(R)), shared_mem=smem)
-    return True
+                                           np.int32(R)), shared_mem=4 * (H1 + R))
+    return y
 
 
 def sgmv_tiles(indptr, seg_slot) -> tuple[np.ndarray, np.ndarray]:
@@ -77,25 +81,25 @@ def sgmv_tiles(indptr, seg_slot) -> tuple[np.ndarray, np.ndarray]:
     return seg.astype(np.int32), row0.astype(np.int32)
 
 
-def maybe_cuda_sgmv(y, x, lora_A, lora_B, indptr, seg_slot, scales) -> bool:
-    """SGMV: ``y[s:e] += scales[i] (x[s:e] A[i]^T) B[i]^T`` for each segment on the GPU; False if not applicable.
+def sgmv_applies(y, x, lora_A, lora_B, indptr, seg_slot, scales) -> bool:
+    """True for float32 C-contiguous CuPy arrays with a padded rank of at most ``RMAX``."""
+    return on_gpu(y) and _usable(_cupy(), y, x, lora_A, lora_B, scales) and lora_A.shape[1] <= RMAX
+
+
+def sgmv_cuda(y, x, lora_A, lora_B, indptr, seg_slot, scales):
+    """SGMV: ``y[s:e] += scales[i] (x[s:e] A[i]^T) B[i]^T`` for each segment on the GPU, in place; returns ``y``.
 
     ``indptr`` (S + 1,) and ``seg_slot`` (S,) are host integer arrays (segment ``k`` is rows
     ``indptr[k]:indptr[k+1]``, adapter slot ``seg_slot[k]``, < 0 skips it); the rest as
-    :func:`maybe_cuda_bgmv`. Two launches: shrink into a (M, R) scratch, then expand.
+    :func:`bgmv_cuda` (see :func:`sgmv_applies`). Two launches: shrink into a (M, R)
+    scratch, then expand.
     """
-    if type(y).__module__.split(".")[0] != "cupy":
-        return False
     cp = _cupy()
-    if not _usable(cp, y, x, lora_A, lora_B, scales):
-        return False
     M, H1 = x.shape
     R, H2 = lora_A.shape[1], lora_B.shape[1]
-    if R > RMAX:
-        return False
     tile_seg, tile_row0 = sgmv_tiles(indptr, seg_slot)
     if len(tile_seg) == 0:
-        return True
+        return y
     d_seg, d_row0 = cp.asarray(tile_seg), cp.asarray(tile_row0)
     d_ptr = cp.asarray(np.asarray(indptr, np.int32))
     d_slot = cp.asarray(np.asarray(seg_slot, np.int32))
@@ -105,7 +109,7 @@ def maybe_cuda_sgmv(y, x, lora_A, lora_B, indptr, seg_slot, scales) -> bool:
     grid = (len(tile_seg), -(-H2 // TO))
     _kernel("sgmv_expand_f32")(grid, (THREADS,), (v, lora_B, d_seg, d_row0, d_ptr, d_slot, scales, y,
                                                   np.int32(H2), np.int32(R)))
-    return True
+    return y
 
 
-__all__ = ["maybe_cuda_bgmv", "maybe_cuda_sgmv", "sgmv_tiles", "THREADS", "TM", "TO", "RMAX"]
+__all__ = ["bgmv_applies", "bgmv_cuda", "sgmv_applies", "sgmv_cuda", "sgmv_tiles", "THREADS", "TM", "TO", "RMAX"]

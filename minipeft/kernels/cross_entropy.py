@@ -1,6 +1,7 @@
 """Fused softmax + cross-entropy (with ``ignore_index`` and label smoothing): forward and backward.
 
-The NumPy twin is :class:`minipeft.functional.CrossEntropy`, which calls these for float32
+The NumPy twin is :class:`minipeft.ops.loss.CrossEntropy`;
+:class:`~minipeft.kernels.functions.FusedCrossEntropy` runs these in its place for float32
 CuPy logits and saves the same arrays (``probs``, the safe targets, the valid mask), so
 the engine's count of saved bytes is the same on either path;
 ``tests/kernels/test_cross_entropy.py`` checks that they agree. Unlike the twin, the

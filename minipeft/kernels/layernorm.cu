@@ -10,13 +10,7 @@
 // partial sums (a block of 32 x 8 threads over 32 columns and a chunk of rows) that the
 // launcher adds up, so the result is deterministic (no atomics).
 
-typedef long long i64;
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
+#include "common.cuh"   // i64, u8, warp_sum, warp_max
 
 extern "C" __global__ void layernorm_forward(const float* __restrict__ x, const float* __restrict__ w,
                                              const float* __restrict__ b, float eps, i64 n_rows, int C,

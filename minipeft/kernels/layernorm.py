@@ -1,8 +1,9 @@
 """Fused layer norm (Ba et al. 2016) forward and backward: one warp per row.
 
-The NumPy twin is :class:`minipeft.functional.LayerNorm`, which calls these for float32
-CuPy arrays and saves the same arrays for backward (``xhat`` and ``rstd``), so the
-engine's count of saved bytes is the same on either path. ``tests/kernels/test_layernorm.py``
+The NumPy twin is :class:`minipeft.ops.norm_act.LayerNorm`;
+:class:`~minipeft.kernels.functions.FusedLayerNorm` runs these in its place for float32 CuPy
+arrays and saves the same arrays for backward (``xhat`` and ``rstd``), so the engine's
+count of saved bytes is the same on either path. ``tests/kernels/test_layernorm.py``
 checks that they agree. Floor for GPT-2 small's (8*512, 768) activations: the forward
 reads x and writes y and xhat (12 bytes per element, ~12 µs at 3 TB/s), the backward
 reads g and xhat and writes dx (12 bytes) plus one more read of both for dw, db; the

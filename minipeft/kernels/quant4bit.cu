@@ -18,46 +18,7 @@
 // issued before any use; each chunk is one 4-byte load and one 16-byte store (float16) or
 // two (float32), consecutive threads on consecutive chunks so every access is coalesced.
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
-
-#define FLT_TINY 1.17549435e-38f   // 2**-126, the smallest normal float32
-
-__device__ __forceinline__ float flush(float x) {        // CUDA -ftz: subnormal -> +-0
-    return fabsf(x) < FLT_TINY ? copysignf(0.0f, x) : x;
-}
-__device__ __forceinline__ float h2f(u16 h) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
-__device__ __forceinline__ u32 f2h(float f) {            // round to nearest even
-    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return (u32)h;
-}
-
-// 8 elements from e0 (zeros past n): 16-byte loads when the 8 are all in range.
-__device__ __forceinline__ void load8(const float* __restrict__ x, i64 e0, i64 n, float v[8]) {
-    if (e0 + 8 <= n) {
-        const float4 a = *reinterpret_cast<const float4*>(x + e0);
-        const float4 b = *reinterpret_cast<const float4*>(x + e0 + 4);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = (e0 + k < n) ? x[e0 + k] : 0.0f;
-    }
-}
-__device__ __forceinline__ void load8(const u16* __restrict__ x, i64 e0, i64 n, float v[8]) {
-    if (e0 + 8 <= n) {
-        const uint4 a = *reinterpret_cast<const uint4*>(x + e0);
-        const u32 w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) { v[2 * k] = h2f((u16)(w[k] & 0xFFFF)); v[2 * k + 1] = h2f((u16)(w[k] >> 16)); }
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = (e0 + k < n) ? h2f(x[e0 + k]) : 0.0f;
-    }
-}
+#include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax
 
 // Index of one scaled value: map[#{k : thr[k] < a}], a = s (or |s| for FP4, whose bit 3 is
 // the sign); unused thresholds are +inf. NaN (an all-zero block's 0 * inf) -> index 0.
@@ -78,7 +39,7 @@ __device__ void quantize_4bit(const T* __restrict__ x, i64 n, int log2_bs,
                               u8* __restrict__ packed, float* __restrict__ absmax) {
     __shared__ float thr[16];
     __shared__ u8 map[16];
-    __shared__ float warp_max[32];
+    __shared__ float smem_max[32];
     if (threadIdx.x < 16) { thr[threadIdx.x] = thr_g[threadIdx.x]; map[threadIdx.x] = map_g[threadIdx.x]; }
     __syncthreads();
 
@@ -91,16 +52,7 @@ __device__ void quantize_4bit(const T* __restrict__ x, i64 n, int log2_bs,
     for (int k = 0; k < 8; ++k) { v[k] = flush(v[k]); m = fmaxf(m, fabsf(v[k])); }
 
     const int G = 1 << (log2_bs - 3);                      // threads per quantization block
-    const int lanes = G < 32 ? G : 32;
-    for (int off = 1; off < lanes; off <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-    if (G > 32) {                                          // uniform over the thread block
-        const int warp = threadIdx.x >> 5, per = G >> 5;
-        if ((threadIdx.x & 31) == 0) warp_max[warp] = m;
-        __syncthreads();
-        const int first = warp & ~(per - 1);
-        m = warp_max[first];
-        for (int w = 1; w < per; ++w) m = fmaxf(m, warp_max[first + w]);
-    }
+    m = group_absmax(m, log2_bs, smem_max);
 
     const i64 n_blocks = (n + (1LL << log2_bs) - 1) >> log2_bs;
     const i64 b = e0 >> log2_bs;
@@ -166,14 +118,7 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
         const i64 c = base + (i64)u * blockDim.x, e0 = c * 8;
         if (e0 >= n) break;
         const i64 b = e0 >> log2_bs;                       // the 8 values share one block (B >= 32)
-        float a;
-        if (NESTED) {
-            const float d2 = flush(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)),
-                                             flush(__ldg(absmax2 + (b >> log2_bs2)))));
-            a = flush(__fadd_rn(d2, off));                 // the twin flushes the absmax it scales by
-        } else {
-            a = flush(__ldg(absmax + b));
-        }
+        const float a = block_absmax<NESTED>(b, absmax, qabsmax, code2, absmax2, off, log2_bs2);
         float v[8];
 #pragma unroll
         for (int k = 0; k < 4; ++k) {

@@ -8,13 +8,14 @@ high nibble), ``x^ = decode[q] * absmax_b``; double quantization stores the absm
 The NumPy twins are :func:`minipeft.quant.blockwise.quantize_4bit` and
 :func:`minipeft.quant.blockwise.dequantize_4bit`; ``tests/kernels`` checks that the
 kernels agree with them bit for bit (packed bytes, absmax, nested state, dequantized
-values). The tables the kernels compare against and decode with are taken from the twin's
-own modules, never retyped here. Each call is one kernel launch (double quantization adds
-the mean of the absmax and one 8-bit launch, see :mod:`minipeft.kernels.quant8bit`).
+values). The tables the kernels compare against and decode with are the twin's
+(:mod:`minipeft.quant.codes`, :mod:`minipeft.quant.state`), never retyped here. Each call
+is one kernel launch (double quantization adds the mean of the absmax and one 8-bit
+launch, see :mod:`minipeft.kernels.quant8bit`).
 
-``maybe_cuda_quantize_4bit`` / ``maybe_cuda_dequantize_4bit`` are the hooks
-:mod:`minipeft.quant.blockwise` calls: they return the kernel's result for a CuPy array
-and ``None`` otherwise (the NumPy path then runs).
+:func:`quantize_4bit_cuda` and :func:`dequantize_4bit_cuda` take the twins' arguments and
+run their checks; :mod:`minipeft.kernels` registers them as the twins' fast paths for
+CuPy arrays, so ``minipeft.quant.quantize_4bit(cupy_array)`` runs the kernel.
 """
 from __future__ import annotations
 
@@ -23,8 +24,12 @@ import functools
 import numpy as np
 
 from ..backend import device_of
+from ..quant import codes
+from ..quant.state import (DECODE_4BIT, QuantState, check_4bit_state, check_blocksize, check_input,
+                           check_out_dtype, check_quant_type_4bit)
 from ._module import aligned_to, as_f32, kernel, log2
 from ._module import cupy as _cupy
+from .quant8bit import double_quantize_cuda, nested_arrays
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
 UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
@@ -48,8 +53,6 @@ def decision_table(quant_type: str):
     float32 midpoints of its sorted distinct values mapped back to the first index holding
     each value (``codes.nearest_code_index``).
     """
-    from ..quant import codes
-
     thr = np.full(16, np.inf, np.float32)
     imap = np.zeros(16, np.uint8)
     if quant_type == "fp4":
@@ -69,11 +72,10 @@ def decode_table(quant_type: str) -> np.ndarray | None:
     """The 16 values the twin multiplies absmax by, or None when it uses the state's code.
 
     :mod:`minipeft.quant.blockwise` decodes NF4 and FP4 from bitsandbytes' built-in tables
-    (FP4 index 8 is -0.0 there) and anything else from ``quant_state.code``.
+    (``quant.state.DECODE_4BIT``: FP4 index 8 is -0.0 there) and anything else from
+    ``quant_state.code``.
     """
-    from ..quant import blockwise
-
-    table = getattr(blockwise, "_DECODE_4BIT", {}).get(quant_type)
+    table = DECODE_4BIT.get(quant_type)
     return None if table is None else np.asarray(table, np.float32)
 
 
@@ -92,16 +94,12 @@ def _device_decode(quant_type: str, device_id: int):
 
 @functools.lru_cache(maxsize=None)
 def _device_code(quant_type: str, device_id: int):
-    from ..quant import codes
-
     return _cupy().asarray(codes.get_4bit_type(quant_type))
 
 
 # ---------------------------------------------------------------------------------------
 # Quantize
 def _launch_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistics: bool):
-    from ..quant import blockwise as bw
-
     cp = _cupy()
     dev = cp.cuda.runtime.getDevice()
     x = aligned_to(cp, A, 16)                                            # contiguous, n values
@@ -116,12 +114,10 @@ def _launch_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistic
     name = "quantize_4bit_f16" if x.dtype == cp.float16 else "quantize_4bit_f32"
     _kernel(name)((grid,), (threads,), (x, np.int64(n), np.int32(log2(blocksize)), thr, imap,
                                          np.int32(fp4), packed, absmax))
-    state = bw.QuantState(absmax=absmax, shape=tuple(A.shape),
+    state = QuantState(absmax=absmax, shape=tuple(A.shape),
                           code=_device_code(quant_type, dev).copy(), blocksize=blocksize,
                           quant_type=quant_type, dtype=np.dtype(A.dtype))
     if compress_statistics:
-        from .quant8bit import double_quantize_cuda
-
         state.absmax, state.offset, state.state2 = double_quantize_cuda(absmax, blocksize=256)
     return packed, state
 
@@ -131,17 +127,14 @@ def quantize_4bit_cuda(x, blocksize: int = 64, quant_type: str = "fp4",
     """4-bit block-wise quantization of a CuPy array: ``(packed uint8 ((n+1)//2, 1), QuantState)``.
 
     The same result, bit for bit, and the same checks as
-    :func:`minipeft.quant.blockwise.quantize_4bit` (which calls this for CuPy input).
+    :func:`minipeft.quant.blockwise.quantize_4bit` (whose fast path this is for CuPy input).
     """
-    from ..quant import blockwise as bw
-
     if device_of(x) != "cuda":
         raise TypeError(f"quantize_4bit_cuda expects a CuPy array, got {type(x).__name__}; "
                         "use minipeft.quant.blockwise.quantize_4bit for NumPy arrays")
-    bw._check_input(x, "quantize_4bit_cuda")
-    blocksize = bw._check_blocksize(blocksize)
-    if quant_type not in bw.QUANT_TYPES_4BIT:
-        raise ValueError(f"quant_type must be one of {bw.QUANT_TYPES_4BIT}, got {quant_type!r}")
+    check_input(x, "quantize_4bit_cuda")
+    blocksize = check_blocksize(blocksize)
+    check_quant_type_4bit(quant_type)
     return _launch_quantize_4bit(x, blocksize, quant_type, bool(compress_statistics))
 
 
@@ -171,8 +164,6 @@ def _dequantize_launch(A, quant_state, dtype, out=None):
         out = cp.empty(shape, dtype=dtype)                             # shape of the original
     half = out.dtype == cp.float16
     if qs.nested:
-        from .quant8bit import nested_arrays
-
         qabsmax, code2, absmax2, offset, bs2 = nested_arrays(qs)
         ptrs = (decode, absmax2, qabsmax, code2, absmax2, offset)
         name = "dequantize_4bit_f16_nested" if half else "dequantize_4bit_f32_nested"
@@ -200,9 +191,7 @@ def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
     kernel launch (what a frozen ``Linear4bit`` weight needs on every forward). The
     returned array is overwritten by the next call.
     """
-    from ..quant import blockwise as bw
-
-    dt = bw._check_out_dtype(quant_state.dtype if out_dtype is None else out_dtype)
+    dt = check_out_dtype(quant_state.dtype if out_dtype is None else out_dtype)
     fn, grid, block, args, out = _dequantize_launch(packed, quant_state, dt)
 
     def run():
@@ -212,40 +201,16 @@ def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
     return run
 
 
-def dequantize_4bit_cuda(packed, quant_state, out_dtype=None):
+def dequantize_4bit_cuda(packed, quant_state, dtype=None):
     """Inverse of :func:`quantize_4bit_cuda` on the GPU: ``decode[q] * absmax[block]``, cast once.
 
-    ``out_dtype`` is float16 or float32 (default: the state's dtype). Bit for bit the
-    result of :func:`minipeft.quant.blockwise.dequantize_4bit`; the nested absmax is
-    reconstructed inside the same launch.
+    ``dtype`` is float16 or float32 (default: the state's dtype). Bit for bit the result
+    of :func:`minipeft.quant.blockwise.dequantize_4bit` (whose fast path this is for CuPy
+    input); the nested absmax is reconstructed inside the same launch.
     """
-    from ..quant import blockwise as bw
-
     if device_of(packed) != "cuda":
         raise TypeError(f"dequantize_4bit_cuda expects a CuPy array, got {type(packed).__name__}")
-    if np.dtype(packed.dtype) != np.uint8:
-        raise TypeError(f"dequantize_4bit expects packed uint8 bytes, got {packed.dtype}")
-    if quant_state is None or quant_state.quant_type not in bw.QUANT_TYPES_4BIT:
-        raise ValueError("dequantize_4bit needs the QuantState returned by quantize_4bit")
-    bw._check_blocksize(quant_state.blocksize)
-    dt = bw._check_out_dtype(quant_state.dtype if out_dtype is None else out_dtype)
+    check_4bit_state(packed, quant_state)
+    check_blocksize(quant_state.blocksize)
+    dt = check_out_dtype(quant_state.dtype if dtype is None else dtype)
     return _launch_dequantize_4bit(packed, quant_state, dt)
-
-
-# ---------------------------------------------------------------------------------------
-# Hooks for minipeft.quant.blockwise (called after its own checks)
-def maybe_cuda_quantize_4bit(A, blocksize: int, quant_type: str, compress_statistics: bool):
-    """The kernel's ``(packed, state)`` for a CuPy array, ``None`` for anything else."""
-    if device_of(A) != "cuda":
-        return None
-    return _launch_quantize_4bit(A, int(blocksize), quant_type, bool(compress_statistics))
-
-
-def maybe_cuda_dequantize_4bit(A, quant_state, dtype):
-    """The kernel's dequantized array for CuPy input, ``None`` for anything else.
-
-    ``dtype`` is the already-checked output dtype.
-    """
-    if device_of(A) != "cuda":
-        return None
-    return _launch_dequantize_4bit(A, quant_state, np.dtype(dtype))

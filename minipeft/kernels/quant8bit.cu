@@ -15,47 +15,7 @@
 // Float semantics follow the twins op for op: flush-to-zero only where they flush, every
 // product/sum rounded on its own (__fmul_rn/__fadd_rn/__fsub_rn), IEEE reciprocal/division.
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
-
-#define FLT_TINY 1.17549435e-38f   // 2**-126
-
-__device__ __forceinline__ float flush(float x) {
-    return fabsf(x) < FLT_TINY ? copysignf(0.0f, x) : x;
-}
-__device__ __forceinline__ float h2f(u16 h) {
-    float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
-}
-__device__ __forceinline__ u32 f2h(float f) {
-    u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return (u32)h;
-}
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(u16 x) { return h2f(x); }
-
-__device__ __forceinline__ void load8(const float* __restrict__ x, i64 e0, i64 n, float v[8]) {
-    if (e0 + 8 <= n) {
-        const float4 a = *reinterpret_cast<const float4*>(x + e0);
-        const float4 b = *reinterpret_cast<const float4*>(x + e0 + 4);
-        v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
-        v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = (e0 + k < n) ? x[e0 + k] : 0.0f;
-    }
-}
-__device__ __forceinline__ void load8(const u16* __restrict__ x, i64 e0, i64 n, float v[8]) {
-    if (e0 + 8 <= n) {
-        const uint4 a = *reinterpret_cast<const uint4*>(x + e0);
-        const u32 w[4] = {a.x, a.y, a.z, a.w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) { v[2 * k] = h2f((u16)(w[k] & 0xFFFF)); v[2 * k + 1] = h2f((u16)(w[k] >> 16)); }
-    } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) v[k] = (e0 + k < n) ? h2f(x[e0 + k]) : 0.0f;
-    }
-}
+#include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, to_f32, load8, warp_max, group_absmax, block_absmax
 
 // Nearest code index of s: lower_bound over 256 midpoint slots (unused = +inf), ties (s on a
 // midpoint) to the even position, then the code's index. NaN -> 0.
@@ -76,7 +36,7 @@ __device__ void quantize_8bit(const T* __restrict__ x, i64 n, int log2_bs, const
                               int has_offset, u8* __restrict__ q, float* __restrict__ absmax) {
     __shared__ float mids[256];
     __shared__ u8 map[256];
-    __shared__ float warp_max[32];
+    __shared__ float smem_max[32];
     for (int i = threadIdx.x; i < 256; i += blockDim.x) { mids[i] = mids_g[i]; map[i] = map_g[i]; }
     __syncthreads();
 
@@ -94,17 +54,8 @@ __device__ void quantize_8bit(const T* __restrict__ x, i64 n, int log2_bs, const
         v[k] = flush(v[k]);
         m = fmaxf(m, fabsf(v[k]));
     }
-    const int G = 1 << (log2_bs - 3);
-    const int lanes = G < 32 ? G : 32;
-    for (int o = 1; o < lanes; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (G > 32) {
-        const int warp = threadIdx.x >> 5, per = G >> 5;
-        if ((threadIdx.x & 31) == 0) warp_max[warp] = m;
-        __syncthreads();
-        const int first = warp & ~(per - 1);
-        m = warp_max[first];
-        for (int w = 1; w < per; ++w) m = fmaxf(m, warp_max[first + w]);
-    }
+    const int G = 1 << (log2_bs - 3);                      // threads per quantization block
+    m = group_absmax(m, log2_bs, smem_max);
     const i64 n_blocks = (n + (1LL << log2_bs) - 1) >> log2_bs;
     const i64 b = e0 >> log2_bs;
     if ((t & (G - 1)) == 0 && b < n_blocks) absmax[b] = m;
@@ -171,14 +122,7 @@ __device__ void dequantize_8bit(const u8* __restrict__ q, i64 n, const float* __
         const i64 e0 = (base + (i64)u * blockDim.x) * 4;
         if (e0 >= n) break;
         const i64 b = e0 >> log2_bs;
-        float a;
-        if (NESTED) {
-            const float d2 = flush(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)),
-                                             flush(__ldg(absmax2 + (b >> log2_bs2)))));
-            a = flush(__fadd_rn(d2, off));
-        } else {
-            a = flush(__ldg(absmax + b));
-        }
+        const float a = block_absmax<NESTED>(b, absmax, qabsmax, code2, absmax2, off, log2_bs2);
         float v[4];
 #pragma unroll
         for (int k = 0; k < 4; ++k) v[k] = flush(__fmul_rn(tab[(word[u] >> (8 * k)) & 0xFFu], a));
@@ -213,7 +157,7 @@ DEQ8(dequantize_8bit_f32_nested, false, true)
 template <typename T>
 __device__ void int8_rowwise(const T* __restrict__ x, i64 K, float threshold, int use_threshold,
                              signed char* __restrict__ q, float* __restrict__ stats) {
-    __shared__ float warp_max[32];
+    __shared__ float smem_max[32];
     __shared__ float row_max;
     const T* row = x + (i64)blockIdx.x * K;
     signed char* qrow = q + (i64)blockIdx.x * K;
@@ -222,12 +166,12 @@ __device__ void int8_rowwise(const T* __restrict__ x, i64 K, float threshold, in
         const float v = to_f32(row[j]);
         if (!(use_threshold && fabsf(v) >= threshold)) m = fmaxf(m, fabsf(v));
     }
-    for (int o = 16; o >= 1; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = m;
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) smem_max[threadIdx.x >> 5] = m;
     __syncthreads();
     if (threadIdx.x == 0) {
-        float r = warp_max[0];
-        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) r = fmaxf(r, warp_max[w]);
+        float r = smem_max[0];
+        for (int w = 1; w < (int)(blockDim.x >> 5); ++w) r = fmaxf(r, smem_max[w]);
         row_max = r;
         stats[blockIdx.x] = r;
     }

@@ -14,8 +14,9 @@ The NumPy twins are :func:`minipeft.quant.blockwise.quantize_blockwise`,
 :func:`~minipeft.quant.blockwise.dequantize_blockwise`,
 :func:`~minipeft.quant.blockwise.double_quantize` and
 :func:`minipeft.quant.int8.int8_vectorwise_quant`; ``tests/kernels`` checks bit equality.
-The ``maybe_cuda_*`` functions are the hooks the twins' modules call: the kernel's result
-for a CuPy array, ``None`` otherwise.
+The ``*_cuda`` functions take the twins' arguments and run their checks
+(:mod:`minipeft.quant.state`); :mod:`minipeft.kernels` registers them as the twins' fast
+paths for CuPy arrays.
 """
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ import functools
 import numpy as np
 
 from ..backend import device_of, to_numpy
+from ..quant.codes import DYNAMIC_SIGNED, midpoints
+from ..quant.int8 import outlier_columns
+from ..quant.state import (QuantState, blockwise_state, check_blocksize, check_float, check_input, check_out_dtype,
+                           mean_f32)
 from ._module import aligned_to, as_f32, kernel, log2
 from ._module import cupy as _cupy
 
@@ -51,13 +56,11 @@ def search_table(code) -> tuple[np.ndarray, np.ndarray, int]:
 
 @functools.lru_cache(maxsize=64)
 def _search_table(code_bytes: bytes):
-    from ..quant import codes
-
     host = np.frombuffer(code_bytes, dtype=np.float32)
     if host.size < 2 or not np.isfinite(host).all():
         raise ValueError("code must hold at least two finite values")
     _, first = np.unique(host, return_index=True)
-    t = codes.midpoints(host)
+    t = midpoints(host)
     mids = np.full(256, np.inf, np.float32)
     imap = np.zeros(256, np.uint8)
     mids[: t.size] = t
@@ -109,16 +112,13 @@ def _launch_quantize(A, code_host: np.ndarray, blocksize: int, offset=None):
 
 
 def _launch_quantize_blockwise(A, code, blocksize: int, nested: bool):
-    from ..quant import blockwise as bw
-    from ..quant.codes import DYNAMIC_SIGNED
-
     cp = _cupy()
     code_dev = cp.asarray(DYNAMIC_SIGNED if code is None else code, dtype=cp.float32)
     if code_dev.ndim != 1 or not 2 <= code_dev.size <= 256:
         raise ValueError(f"an 8-bit code must be 1-D with 2..256 values, got shape {code_dev.shape}")
     q, absmax = _launch_quantize(A, DYNAMIC_SIGNED if code is None else to_numpy(code), blocksize)
-    state = bw.QuantState(absmax=absmax, shape=tuple(A.shape), code=code_dev, blocksize=blocksize,
-                          dtype=np.dtype(A.dtype))
+    state = QuantState(absmax=absmax, shape=tuple(A.shape), code=code_dev, blocksize=blocksize,
+                       dtype=np.dtype(A.dtype))
     if nested:
         state.absmax, state.offset, state.state2 = double_quantize_cuda(absmax, blocksize=blocksize)
     return q.reshape(A.shape), state
@@ -129,28 +129,23 @@ def quantize_blockwise_cuda(A, code=None, *, blocksize: int = 4096, nested: bool
 
     Bit for bit :func:`minipeft.quant.blockwise.quantize_blockwise`, with its checks.
     """
-    from ..quant import blockwise as bw
-
     if device_of(A) != "cuda":
         raise TypeError(f"quantize_blockwise_cuda expects a CuPy array, got {type(A).__name__}")
-    bw._check_input(A, "quantize_blockwise_cuda")
-    return _launch_quantize_blockwise(A, code, bw._check_blocksize(blocksize), bool(nested))
+    check_input(A, "quantize_blockwise_cuda")
+    return _launch_quantize_blockwise(A, code, check_blocksize(blocksize), bool(nested))
 
 
 def double_quantize_cuda(absmax, *, blocksize: int = 256):
     """Double quantization on the GPU: ``(uint8 codes, offset, state2)`` as the twin's
     :func:`minipeft.quant.blockwise.double_quantize` (offset = its float32 mean, then one
     launch quantizing ``absmax - offset`` with the signed dynamic map)."""
-    from ..quant import blockwise as bw
-    from ..quant.codes import DYNAMIC_SIGNED
-
     cp = _cupy()
     absmax = cp.asarray(absmax, dtype=cp.float32)
-    offset = bw._mean_f32(absmax)                                      # the twin's own mean
+    offset = mean_f32(absmax)                                          # the twin's own mean
     q2, absmax2 = _launch_quantize(absmax, DYNAMIC_SIGNED, blocksize, offset=offset)
     code = cp.asarray(DYNAMIC_SIGNED)
-    state2 = bw.QuantState(absmax=absmax2, shape=tuple(absmax.shape), code=code,
-                           blocksize=blocksize, dtype=np.dtype(np.float32))
+    state2 = QuantState(absmax=absmax2, shape=tuple(absmax.shape), code=code,
+                        blocksize=blocksize, dtype=np.dtype(np.float32))
     return q2.reshape(absmax.shape), offset, state2
 
 
@@ -191,28 +186,24 @@ def _launch_dequantize_blockwise(A, quant_state, dtype):
     return out.reshape(A.shape)
 
 
-def dequantize_blockwise_cuda(A, quant_state, dtype=None):
+def dequantize_blockwise_cuda(A, quant_state=None, dtype=None, *, absmax=None, code=None, blocksize: int = 4096):
     """Inverse of :func:`quantize_blockwise_cuda`: ``code[A] * absmax[block]``, cast once.
 
-    Bit for bit :func:`minipeft.quant.blockwise.dequantize_blockwise` (nested absmax
-    reconstructed inside the same launch).
+    Bit for bit :func:`minipeft.quant.blockwise.dequantize_blockwise`, with its arguments
+    (a state, or ``absmax``/``code``/``blocksize``); the nested absmax is reconstructed
+    inside the same launch.
     """
-    from ..quant import blockwise as bw
-
     if device_of(A) != "cuda":
         raise TypeError(f"dequantize_blockwise_cuda expects a CuPy array, got {type(A).__name__}")
-    if np.dtype(A.dtype) != np.uint8:
-        raise TypeError(f"dequantize_blockwise expects uint8 indices, got {A.dtype}")
-    bw._check_blocksize(quant_state.blocksize)
-    dt = bw._check_out_dtype(quant_state.dtype if dtype is None else dtype)
+    quant_state = blockwise_state(A, quant_state, absmax, code, blocksize)
+    check_blocksize(quant_state.blocksize)
+    dt = check_out_dtype(quant_state.dtype if dtype is None else dtype)
     return _launch_dequantize_blockwise(A, quant_state, dt)
 
 
 # ---------------------------------------------------------------------------------------
 # Row-wise int8 (LLM.int8())
 def _launch_int8_vectorwise_quant(A, threshold: float):
-    from ..quant.int8 import outlier_columns
-
     cp = _cupy()
     x = aligned_to(cp, A, 4)
     K = int(A.shape[-1])
@@ -235,34 +226,9 @@ def int8_vectorwise_quant_cuda(A, threshold: float = 0.0):
 
     Bit for bit :func:`minipeft.quant.int8.int8_vectorwise_quant`, with its checks.
     """
-    from ..quant import int8
-
     if device_of(A) != "cuda":
         raise TypeError(f"int8_vectorwise_quant_cuda expects a CuPy array, got {type(A).__name__}")
-    int8._check_float(A, "int8_vectorwise_quant_cuda")
+    check_float(A, "int8_vectorwise_quant_cuda")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    return _launch_int8_vectorwise_quant(A, float(threshold))
-
-
-# ---------------------------------------------------------------------------------------
-# Hooks for minipeft.quant.blockwise / minipeft.quant.int8 (called after their own checks)
-def maybe_cuda_quantize_blockwise(A, code, blocksize: int, nested: bool):
-    """The kernel's ``(q, state)`` for a CuPy array, ``None`` for anything else."""
-    if device_of(A) != "cuda":
-        return None
-    return _launch_quantize_blockwise(A, code, int(blocksize), bool(nested))
-
-
-def maybe_cuda_dequantize_blockwise(A, quant_state, dtype):
-    """The kernel's dequantized array for CuPy input (``dtype`` already checked), else ``None``."""
-    if device_of(A) != "cuda":
-        return None
-    return _launch_dequantize_blockwise(A, quant_state, np.dtype(dtype))
-
-
-def maybe_cuda_int8_vectorwise_quant(A, threshold: float):
-    """The kernel's ``(q, row_stats, cols)`` for a CuPy array, ``None`` for anything else."""
-    if device_of(A) != "cuda":
-        return None
     return _launch_int8_vectorwise_quant(A, float(threshold))

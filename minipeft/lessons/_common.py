@@ -111,6 +111,9 @@ class Report:
 
     def table(self, rows, headers) -> None:
         cells = [[_fmt(c) for c in headers]] + [[_fmt(c) for c in r] for r in rows]
+        ragged = [r for r in cells[1:] if len(r) != len(headers)]
+        if ragged:
+            raise ValueError(f"table row {ragged[0]} has {len(ragged[0])} cells for {len(headers)} headers")
         widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
         for j, r in enumerate(cells):
             line = "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

@@ -1,10 +1,11 @@
 """The peft_methods lesson's recipes: each method's config and learning rate, and how it is fine-tuned.
 
 Shared by every part of the lesson (``minipeft.lessons.peft_methods``) and by its study of
-adapters against full fine-tuning (``_peft_adapters``): one ``method_config`` per method
-of the course, one peak learning rate per method (``LR``), one fine-tuning recipe
-(``train_config``: AdamW, cosine schedule after a 5% warm-up, clipping), one validation
-measurement (``val_loss``).
+adapters against full fine-tuning (``_peft_adapters``): the methods of the course and their
+configs and peak learning rates come from the method table (``minipeft.peft.method_table()``,
+each method's file declares its rows); here are one fine-tuning recipe (``train_config``:
+AdamW, cosine schedule after a 5% warm-up, clipping) and one validation measurement
+(``val_loss``).
 """
 from __future__ import annotations
 
@@ -15,67 +16,30 @@ from .. import pretrained
 from ..data import lm_batches
 from ..data.batches import num_eval_windows
 from ..gpt import GPT
-from ..peft import (BitFitConfig, FullFineTuningConfig, HoulsbyConfig, IA3Config, LoHaConfig, LoKrConfig,
-                    LoraConfig, PfeifferConfig, PrefixTuningConfig, PromptTuningConfig, TopKBlocksConfig,
-                    VeraConfig, get_peft_model)
+from ..peft import get_peft_model, method_table
+from ..peft.method import BLOCK_LINEARS
+from ..peft.prefix_tuning import PREFIX_TOKENS  # noqa: F401 (the lesson's API)
+from ..peft.prompt_tuning import PROMPT_TEXT, PROMPT_TOKENS  # noqa: F401 (the lesson's API)
 from ..train import TrainConfig, train
 
-LINEARS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]  # the LoRA family adapts every linear layer
-PROMPT_TOKENS = 20  # prompt tuning length (Lester et al.: 1 -> 20 is the big gain)
-PREFIX_TOKENS = 10  # prefix length (Li & Liang's table-to-text setting)
-PROMPT_TEXT = "Python source code:\n"  # 20 bytes: the prompt starts at their embeddings (the paper's best init)
+LINEARS = list(BLOCK_LINEARS)  # the LoRA family adapts every linear layer
+TABLE = method_table()  # name -> Recipe: every method of the course, as its own file declares it
 
 # name -> (label, family); families are the course's taxonomy (Lialin et al. 2023)
-METHODS = {
-    "full": ("full fine-tuning", "full"),
-    "top_k": ("top-k blocks", "selective"),
-    "bitfit": ("BitFit", "selective"),
-    "lora": ("LoRA r=8", "reparameterization"),
-    "rslora": ("rsLoRA r=8", "reparameterization"),
-    "dora": ("DoRA r=8", "reparameterization"),
-    "loha": ("LoHa r=4", "reparameterization"),
-    "lokr": ("LoKr r=8", "reparameterization"),
-    "vera": ("VeRA r=256", "reparameterization"),
-    "houlsby": ("Houlsby adapter", "additive: adapters"),
-    "pfeiffer": ("Pfeiffer adapter", "additive: adapters"),
-    "ia3": ("(IA)^3", "additive: adapters"),
-    "prefix": (f"prefix tuning P={PREFIX_TOKENS}", "additive: soft prompts"),
-    "prompt": (f"prompt tuning P={PROMPT_TOKENS}", "additive: soft prompts"),
-}
-# Peak learning rates: per method, the lowest final validation loss of a sweep in steps of about 3x,
-# extended until the best lay inside the range (the smaller LR when two ended within 0.002 nats), at the CPU
-# default budget (tiny base, 300 steps of 8 x 96 tokens, seed 0). Ranges swept: full 3e-4..1e-2; top-k
-# 3e-4..3e-2; BitFit 3e-3..3e-1; LoRA, DoRA 1e-3..3e-2; rsLoRA 1e-3..1e-2; LoHa, LoKr, Houlsby, Pfeiffer
+METHODS = {name: (r.label, r.family) for name, r in TABLE.items()}
+# Peak learning rates (the table's ``lr``): per method, the lowest final validation loss of a sweep in steps
+# of about 3x, extended until the best lay inside the range (the smaller LR when two ended within 0.002 nats),
+# at the CPU default budget (tiny base, 300 steps of 8 x 96 tokens, seed 0). Ranges swept: full 3e-4..1e-2;
+# top-k 3e-4..3e-2; BitFit 3e-3..3e-1; LoRA, DoRA 1e-3..3e-2; rsLoRA 1e-3..1e-2; LoHa, LoKr, Houlsby, Pfeiffer
 # 1e-3..1e-1; VeRA 3e-3..3e-1; (IA)3 1e-2..3e-1; prefix 1e-3..1e-1; prompt 3e-3..1e-1.
-LR = {"full": 3e-3, "top_k": 1e-2, "bitfit": 1e-1, "lora": 1e-2, "rslora": 3e-3, "dora": 1e-2, "loha": 3e-2,
-      "lokr": 3e-2, "vera": 1e-1, "houlsby": 3e-2, "pfeiffer": 3e-2, "ia3": 1e-1, "prefix": 3e-2, "prompt": 1e-2}
+LR = {name: r.lr for name, r in TABLE.items()}
+
 
 def method_config(name: str, n_layer: int, n_embd: int, seed: int = 0):
     """The ``PeftConfig`` of method ``name`` for a GPT with ``n_layer`` blocks of width ``n_embd``."""
-    m = max(2, n_embd // 8)  # bottleneck width: d/8 (Houlsby's 3.6%-of-parameters regime on our bases)
-    cfgs = {
-        "full": lambda: FullFineTuningConfig(),
-        # FT-TOP2 trains 2 of GPT-2 M's 24 blocks; a 2-block base trains its top 1 (2 would be all of them)
-        "top_k": lambda: TopKBlocksConfig(top_k_blocks=min(2, n_layer - 1)),
-        "bitfit": lambda: BitFitConfig(),
-        "lora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS),
-        "rslora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS, use_rslora=True),
-        "dora": lambda: LoraConfig(r=8, lora_alpha=16, target_modules=LINEARS, use_dora=True),
-        "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=LINEARS),  # LoRA r=8's parameter count
-        "lokr": lambda: LoKrConfig(r=8, alpha=8, target_modules=LINEARS),
-        "vera": lambda: VeraConfig(r=256, target_modules=LINEARS, save_projection=False),  # A, B from the seed
-        "houlsby": lambda: HoulsbyConfig(adapter_size=m),
-        "pfeiffer": lambda: PfeifferConfig(adapter_size=m),
-        "ia3": lambda: IA3Config(paper_kv_only=True),  # K, V and the MLP's hidden units, as the paper
-        # trained through the MLP (hidden = d); the last Linear starts at 0, so the prefix starts at 0
-        "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS, prefix_projection=True,
-                                             init_weights="zero"),
-        "prompt": lambda: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS, prompt_tuning_init="TEXT",
-                                             prompt_tuning_init_text=PROMPT_TEXT),
-    }
-    if name not in cfgs:
-        raise ValueError(f"unknown method {name!r}; methods: {list(cfgs)}")
-    cfg = cfgs[name]()
+    if name not in TABLE:
+        raise ValueError(f"unknown method {name!r}; methods: {list(TABLE)}")
+    cfg = TABLE[name].config(n_layer, n_embd)
     cfg.seed = seed
     return cfg
 

@@ -166,6 +166,8 @@ def _prepare(ctx: Context):
 
 # ------------------------------------------------------------------ one run
 
+CACHE_VERSION = 2  # bumped when what a cached run holds changes (2: ranks >= LoRA's own r are decoded)
+
 
 def _cache_path(ctx: Context, key: str, lr: float, r: int | None) -> Path | None:
     """Where a run's result is kept: named by the run, keyed by everything that changes it."""
@@ -174,7 +176,7 @@ def _cache_path(ctx: Context, key: str, lr: float, r: int | None) -> Path | None
     import hashlib
     import json
 
-    fp = json.dumps([dataclasses.asdict(ctx.budget), ctx.data_path, ctx.seed, ctx.device, key, lr, r,
+    fp = json.dumps([CACHE_VERSION, dataclasses.asdict(ctx.budget), ctx.data_path, ctx.seed, ctx.device, key, lr, r,
                      ctx.base_sha256], sort_keys=True, default=str)
     tag = hashlib.sha256(fp.encode()).hexdigest()[:16]
     return Path(ctx.cache_dir) / f"{key}{'' if r is None else f'_r{r}'}_lr{lr:g}-{tag}.json"
@@ -201,8 +203,9 @@ def run_one(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
 def train_and_score(ctx: Context, key: str, lr: float, r: int | None = None) -> dict:
     """Train ``key`` at ``lr`` (rank ``r``) from a copy of the base; validation loss, then test scores.
 
-    A rank-sweep run (``r`` given) is decoded only when ``budget.decode_ranks``; otherwise its
-    test metrics are NaN and only its validation loss is measured.
+    A rank-sweep run (``r`` given) below LoRA's own rank is decoded only when ``budget.decode_ranks``;
+    otherwise its test metrics are NaN and only its validation loss is measured. Ranks at or above
+    LoRA's own are always decoded: the lesson reports LoRA with its rank chosen on validation among them.
     """
     from ..decoding import DecodeConfig
     from ..evaluate import decode_texts, score
@@ -229,7 +232,7 @@ def train_and_score(ctx: Context, key: str, lr: float, r: int | None = None) -> 
     cfg = DecodeConfig(num_beams=b.beam, max_new_tokens=b.max_new, length_penalty=LENGTH_PENALTY,
                        no_repeat_ngram_size=NO_REPEAT_BYTES, ngram_include_prompt=False, batch_size=b.decode_batch)
     t1 = time.perf_counter()
-    decode = np.isfinite(val) and (r is None or b.decode_ranks)
+    decode = np.isfinite(val) and (r is None or b.decode_ranks or (key == "lora_all" and r >= b.lora_r[1]))
     hyps = decode_texts(model, test.prompts(), cfg, tok) if decode else [""] * len(test)
     scores = score(hyps, test) if decode else dict.fromkeys(("BLEU", "NIST", "ROUGE_L", "CIDEr"), float("nan"))
     out = {"key": key, "label": label(key, b, r), "lr": lr, "r": r, "trainable": int(trainable), "kept": int(kept),

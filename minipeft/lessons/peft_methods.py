@@ -1,6 +1,6 @@
 """Lesson: every PEFT method on one task — parameters, loss, speed, memory — and when adapters win.
 
-``python -m minipeft.lessons.peft_methods [--quick] [--device cuda] [--figures DIR] [--parts 123]``
+``python -m minipeft.lessons.peft_methods [--quick] [--device cuda] [--figures DIR] [--parts 123] [--jobs N]``
 
 One pretrained base (minipeft's English model, ``minipeft.pretrained``) is adapted to one
 downstream distribution, Python code from the local standard library, by every method of
@@ -57,7 +57,8 @@ from ._peft_adapters import (LR_LADDER, PAIR, STOPPING_RULE, adapter_verdicts, d
                              early_stopped_run, lr_grid, lr_sensitivity, lr_sensitivity_over_seeds, lr_sweep,
                              report_adapters, split_validation)
 from ._peft_recipes import (LINEARS, LR, METHODS, PREFIX_TOKENS, PROMPT_TEXT, PROMPT_TOKENS,  # noqa: F401 (API)
-                            build, fine_tune, log, method_config, scored_tokens, train_config, val_loss, warmup_steps)
+                            TABLE, build, fine_tune, log, method_config, scored_tokens, train_config, val_loss,
+                            warmup_steps)
 from ._common import Report, finish, parse_args, save_figure
 
 _GPU_SCALE_SIZES = ("tiny", "small", "medium")  # part 3's bases with --device cuda (at least 3, Lester et al.'s trend)
@@ -151,19 +152,11 @@ def time_steps(models: dict, batch, rounds: int, steps: int) -> dict:
     return {n: 1000 * float(np.median(t)) for n, t in times.items()}
 
 
-MEMORY_MODELED = {  # the methods minipeft.memory's calculator models, as it describes them
-    "full": lambda c: MethodConfig(method="full"),
-    "lora": lambda c: MethodConfig(method="lora", targets=tuple(LINEARS), r=8),
-    "prefix": lambda c: MethodConfig(method="prefix", n_virtual_tokens=PREFIX_TOKENS, prefix_projection=True,
-                                     encoder_hidden_size=c.n_embd),
-    "prompt": lambda c: MethodConfig(method="prompt", n_virtual_tokens=PROMPT_TOKENS),
-}
-
-
 def predicted_memory(config, s) -> dict:
-    """The calculator's one-step total (bytes) for the methods it models."""
+    """The calculator's one-step total (bytes) for the methods it models (the method table's ``memory``)."""
     tc = MemTrainConfig(batch_size=s["batch"], seq_len=s["block"], ledger_view=True)
-    return {n: estimate_memory(config, f(config), tc).total for n, f in MEMORY_MODELED.items()}
+    return {n: estimate_memory(config, MethodConfig(**r.memory(config.n_layer, config.n_embd)), tc).total
+            for n, r in TABLE.items() if r.memory is not None}
 
 
 # ---- 3. prompt tuning's gap to full fine-tuning as the base grows --------------------------------
@@ -264,17 +257,56 @@ def prompt_gap_vs_size(train_tok, val_tok, s, lrs) -> list[dict]:
 
 
 # ---- the lesson -------------------------------------------------------------------------------
+def _task_data(s):
+    """(base, train tokens, validation tokens) of the task: the cached base and the Python corpus."""
+    base = pretrained.load(s["size"], "english", device=s["device"], quick=s["quick"])
+    data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
+    return base, to_device(data.train, s["device"]), to_device(data.val, s["device"])
+
+
+def compute_part(task) -> tuple[str, dict, float]:
+    """Part ``'1'``, ``'2'`` or ``'3'`` of the lesson: (part, its raw result, seconds). Module-level, so a
+    spawned worker process can run it (``--jobs``); it loads the base and the corpus itself."""
+    part, s, lrs = task
+    t0 = time.perf_counter()
+    if part == "3":
+        _, train_tok, val_tok = _task_data(s)
+        out = {"rows": prompt_gap_vs_size(train_tok, val_tok, s, lrs)}
+    else:
+        base, train_tok, val_tok = _task_data(s)
+        out = (compare_methods if part == "1" else data_and_lr)(base, train_tok, val_tok, s, lrs)
+    return part, out, time.perf_counter() - t0
+
+
+def compute_parts(parts, s, lrs, jobs: int) -> dict:
+    """``{part: (result, seconds)}``: in this process, or in ``jobs`` spawned processes (longest part first)."""
+    order = [p for p in ("1", "3", "2") if p in parts]  # part 1 is the longest, then 3 (it pretrains a base once)
+    tasks = [(p, s, lrs) for p in order]
+    if jobs == 1 or len(tasks) == 1:
+        return {p: (out, sec) for p, out, sec in map(compute_part, tasks)}
+    from ..parallel import spawn_map
+    from . import peft_methods  # pickled by its module's name, also when this file runs as __main__ (-m)
+
+    log(f"[peft_methods] parts {', '.join(order)} in {min(jobs, len(tasks))} processes")
+    return {p: (out, sec) for _, (p, out, sec) in spawn_map(peft_methods.compute_part, tasks, min(jobs, len(tasks)),
+                                                            env={"OPENBLAS_NUM_THREADS": "1"})}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv, __doc__.split("\n")[0], _add_arguments)
     s = _settings(args)
     lrs = dict(LR, **_parse_lr(args.extra.lr))
     parts = set(args.extra.parts)
+    jobs = args.extra.jobs if args.extra.jobs is not None else (2 if args.device == "cpu" and not args.quick else 1)
+    if jobs < 1:
+        raise SystemExit(f"--jobs {jobs}: must be at least 1")
     rep = Report("Every PEFT method on one task, and when adapters beat full fine-tuning"
                  + (" (quick mode: seconds-long runs, numbers not meaningful)" if args.quick else ""))
     base, meta = pretrained.load(s["size"], "english", device=args.device, quick=args.quick, return_meta=True)
     data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
     train_tok, val_tok = to_device(data.train, args.device), to_device(data.val, args.device)
     base_val = val_loss(base, val_tok, s)
+    done = compute_parts(parts, s, lrs, jobs)
     result = {"size": s["size"], "steps": s["steps"], "base_val_loss": base_val, "lr": lrs, "seconds": {}}
     rep.text(f"base: '{s['size']}' ({base.num_parameters():,} parameters, {base.config.n_layer} blocks, "
              f"d {base.config.n_embd}), pretrained to {meta['val_loss']:.3f} nats/token on English; on Python "
@@ -282,9 +314,7 @@ def main(argv=None) -> dict:
              f"standard-library code; validation {s['val_batches'] * 8 * s['block']:,} held-out bytes.")
 
     if "1" in parts:
-        t0 = time.perf_counter()
-        res = compare_methods(base, train_tok, val_tok, s, lrs)
-        result["seconds"]["part1"] = time.perf_counter() - t0
+        res, result["seconds"]["part1"] = done["1"]
         predicted = predicted_memory(base.config, s)
         _report_methods(rep, res, base_val, s, predicted)
         result["methods"] = res
@@ -295,9 +325,7 @@ def main(argv=None) -> dict:
         save_figure(peft_methods_tradeoff(res, base_val, title=f"{len(res)} methods on one task "
                                           f"({s['steps']} steps, '{s['size']}' base)"), args, "peft_methods")
     if "2" in parts:
-        t0 = time.perf_counter()
-        r2 = data_and_lr(base, train_tok, val_tok, s, lrs)
-        result["seconds"]["part2"] = time.perf_counter() - t0
+        r2, result["seconds"]["part2"] = done["2"]
         report_adapters(rep, r2, s)
         result["adapters_vs_full"] = r2
         from ..plotting import adapters_vs_full
@@ -308,9 +336,7 @@ def main(argv=None) -> dict:
                                      title="left: reported-slice loss at the checkpoint the stopping slice selected; "
                                            "right: mean final loss over seeds"), args, "peft_methods_adapters")
     if "3" in parts:
-        t0 = time.perf_counter()
-        rows = prompt_gap_vs_size(train_tok, val_tok, s, lrs)
-        result["seconds"]["part3"] = time.perf_counter() - t0
+        rows, result["seconds"]["part3"] = done["3"][0]["rows"], done["3"][1]
         note = scale_note(s, rows)
         _report_scale(rep, rows, s, note)
         result["scale"] = rows
@@ -421,6 +447,8 @@ def _parse_lr(items) -> dict:
 def _add_arguments(p):
     p.add_argument("--lr", action="append", metavar="METHOD=VALUE", help="override a method's peak learning rate")
     p.add_argument("--parts", default="123", help="which parts to run (default 123)")
+    p.add_argument("--jobs", type=int, default=None, help="run the parts in this many spawned processes "
+                   "(default: 2 on a CPU, the cores of a laptop; 1 on a GPU and in quick mode)")
 
 
 if __name__ == "__main__":

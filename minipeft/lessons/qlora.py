@@ -51,7 +51,7 @@ from ..engine import no_grad
 from ..memory import MethodConfig, TrainConfig as MemTrainConfig, course_figures, estimate_memory
 from ..memory_measure import compare, measure_training_step
 from ..optim import AdamW
-from ..peft import LoraConfig, get_peft_model
+from ..peft import LoraConfig, get_peft_model, get_qlora_model
 from ..quant.modules import quantize_model
 from ..train import TrainConfig, train
 from ._common import Report, finish, parse_args, save_figure
@@ -93,10 +93,9 @@ def build(method: str, base, compute_dtype: str = "float32", seed: int = 0):
     model = copy.deepcopy(base)
     if method == "full":
         return model
-    if method == "qlora":
-        quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True,
-                       compute_dtype=compute_dtype, verbose=False)
     cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LINEARS), seed=seed)
+    if method == "qlora":  # NF4 base, blocks of 64, double quantization (minipeft.peft.qlora)
+        return get_qlora_model(model, cfg, compute_dtype=compute_dtype)
     return get_peft_model(model, cfg)
 
 

@@ -29,8 +29,7 @@ from ..engine import no_grad
 from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
-from ..peft import LoraConfig, LSTConfig, QSTConfig, get_peft_model, held_leaf_bytes
-from ..quant.modules import quantize_model
+from ..peft import LoraConfig, LSTConfig, QSTConfig, get_peft_model, get_qlora_model, held_leaf_bytes
 from ..train import TrainConfig, train
 
 METHODS = ("full", "lora", "qlora", "lst", "qst")  # the methods whose memory the lesson measures
@@ -72,11 +71,11 @@ def build(method: str, base, compute_dtype: str = "float32", seed: int = 0, r: i
     if method == "full":
         return model
     if method in ("lora", "qlora"):
-        if method == "qlora":
-            quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True,
-                           compute_dtype=compute_dtype, verbose=False)
-        return get_peft_model(model, LoraConfig(r=QLORA_R, lora_alpha=QLORA_ALPHA, lora_dropout=QLORA_DROPOUT,
-                                                target_modules=list(LINEARS), seed=seed))
+        cfg = LoraConfig(r=QLORA_R, lora_alpha=QLORA_ALPHA, lora_dropout=QLORA_DROPOUT, target_modules=list(LINEARS),
+                         seed=seed)
+        if method == "qlora":  # NF4 base, blocks of 64, double quantization (minipeft.peft.qlora)
+            return get_qlora_model(model, cfg, compute_dtype=compute_dtype)
+        return get_peft_model(model, cfg)
     if method == "lst":
         return get_peft_model(model, LSTConfig(reduction_factor=r or LST_R, seed=seed))
     if method == "qst":

@@ -25,24 +25,20 @@ import math
 
 import numpy as np
 
+from .. import fast
 from ..backend import to_device, xp_of
 from ..engine import Tensor
-from ..kernels import use_fused
 
 # ------------------------------------------------------------------ update rules
 
 
+@fast.dispatch  # float32 CuPy arrays: one fused kernel instead (minipeft/kernels/adamw.cu), bit for bit
 def adamw_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], eps: float, wd: float) -> None:
     """One AdamW step, in place on the arrays ``p`` (param), ``m`` and ``v`` (moments).
 
     ``step`` is the 1-based count of this update (used for bias correction). ``m``/``v``
     may be float32 while ``p`` is lower precision: the math runs in ``m``'s dtype.
     """
-    if use_fused(p, m, v) and g.dtype == p.dtype:  # float32 CuPy: one kernel, this code's twin bit for bit
-        from ..kernels.adamw import adamw_update_cuda
-
-        adamw_update_cuda(p, g, m, v, step, lr, betas, eps, wd)
-        return
     b1, b2 = betas
     work = p if p.dtype == m.dtype else p.astype(m.dtype)
     g = g if g.dtype == m.dtype else g.astype(m.dtype)

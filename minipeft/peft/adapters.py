@@ -50,10 +50,11 @@ import numpy as np
 
 from .. import functional as F
 from ..engine import Tensor
-from ..nn import Linear, ModuleDict
+from ..init import kaiming_uniform, trunc_normal
+from ..nn import Linear, ModuleDict, Parameter
 from .config import PeftConfig
-from .lora import kaiming_uniform, new_param, param_dtype_xp
-from .tuner import BaseTunerLayer, PeftMethod, register
+from .layer import BaseTunerLayer, param_dtype_xp
+from .method import PeftMethod, Recipe, register
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -129,24 +130,6 @@ class PfeifferConfig(BottleneckConfig):
     non_linearity: str = "relu"  # adapter-hub's SeqBnConfig default
 
 
-def trunc_normal(rng: np.random.Generator, shape, std: float, cut: float = 2.0) -> np.ndarray:
-    """N(0, std²) truncated at ±cut·std, by redrawing the values outside (Houlsby et al. §3.6)."""
-    out = rng.standard_normal(shape)
-    bad = np.abs(out) > cut
-    while bad.any():
-        out[bad] = rng.standard_normal(int(bad.sum()))
-        bad = np.abs(out) > cut
-    return out * std
-
-
-def _linear(n_in: int, n_out: int, weight: np.ndarray, bias: np.ndarray, dtype, xp) -> Linear:
-    lin = Linear(1, 1, rng=0)  # a cheap shell; weights set below
-    lin.in_features, lin.out_features = n_in, n_out
-    lin.weight = new_param(weight, dtype, xp)  # (out, in)
-    lin.bias = new_param(bias, dtype, xp)
-    return lin
-
-
 class BottleneckLayer(BaseTunerLayer):
     """``y = base(x);  y + adapter_up(f(adapter_down(y)))`` per active adapter."""
 
@@ -169,8 +152,10 @@ class BottleneckLayer(BaseTunerLayer):
         else:  # "mam_adapter": Kaiming down (nn.Linear's default), zero up
             w_down, w_up = kaiming_uniform(rng, (m, d)), np.zeros((d, m))
         self.non_linearity[adapter_name] = config.non_linearity
-        self.adapter_down[adapter_name] = _linear(d, m, w_down, np.zeros(m), dtype, xp)
-        self.adapter_up[adapter_name] = _linear(m, d, w_up, np.zeros(d), dtype, xp)
+        self.adapter_down[adapter_name] = Linear.from_weight(Parameter.from_numpy(w_down, dtype, xp),  # (m, d)
+                                                             Parameter.from_numpy(np.zeros(m), dtype, xp))
+        self.adapter_up[adapter_name] = Linear.from_weight(Parameter.from_numpy(w_up, dtype, xp),  # (d, m)
+                                                           Parameter.from_numpy(np.zeros(d), dtype, xp))
 
     def adapter_forward(self, x: Tensor, adapter: str, base_result: Tensor) -> Tensor:
         act = ACTIVATIONS[self.non_linearity[adapter]]
@@ -185,12 +170,22 @@ class BottleneckLayer(BaseTunerLayer):
         raise TypeError("bottleneck adapters have no weight delta (they are non-linear); they cannot be merged")
 
 
+def _bottleneck(n_embd: int) -> int:
+    """The course's bottleneck width m = d/8 (Houlsby's 3.6%-of-parameters regime on minipeft's bases)."""
+    return max(2, n_embd // 8)
+
+
 @register
 class BottleneckMethod(PeftMethod):
-    peft_type = "BOTTLENECK"
     config_class = BottleneckConfig
     layer_class = BottleneckLayer
     mergeable = False
+    recipes = (
+        Recipe("houlsby", "Houlsby adapter", "additive: adapters",
+               lambda n_layer, n_embd: HoulsbyConfig(adapter_size=_bottleneck(n_embd)), lr=3e-2),
+        Recipe("pfeiffer", "Pfeiffer adapter", "additive: adapters",
+               lambda n_layer, n_embd: PfeifferConfig(adapter_size=_bottleneck(n_embd)), lr=3e-2),
+    )
 
     @classmethod
     def prepare_config(cls, config: BottleneckConfig) -> BottleneckConfig:
@@ -207,4 +202,4 @@ def num_adapter_parameters(d: int, m: int) -> int:
 
 
 __all__ = ["BottleneckConfig", "HoulsbyConfig", "PfeifferConfig", "BottleneckLayer", "BottleneckMethod",
-           "trunc_normal", "num_adapter_parameters", "ACTIVATIONS"]
+           "num_adapter_parameters", "ACTIVATIONS"]

@@ -26,8 +26,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-#: peft_type -> config class; filled by ``__init_subclass__`` (``from_dict`` dispatches on it).
-CONFIG_CLASSES: dict[str, type["PeftConfig"]] = {}
+from .method import REGISTRY
 
 #: Keys peft writes for bookkeeping that carry no meaning for minipeft; read and dropped.
 _IGNORED_KEYS = ("peft_version",)
@@ -37,7 +36,8 @@ _IGNORED_KEYS = ("peft_version",)
 class PeftConfig:
     """Fields every PEFT method shares (peft's ``PeftConfig``), plus matching fields.
 
-    Subclasses set ``peft_type`` and add their own fields. ``seed`` is minipeft's own
+    Subclasses set ``peft_type`` and add their own fields; the method that registers the
+    config (``@register``, method.py) is how ``from_dict`` finds it. ``seed`` is minipeft's own
     (runtime only, never written to JSON): adapter weights are drawn from
     ``numpy.random.default_rng([seed, crc32(module name)])`` so a given seed gives the
     same adapter on every run, whatever else is targeted.
@@ -62,11 +62,6 @@ class PeftConfig:
     exclude_modules: list[str] | str | None = None  # names/suffixes or a regex never to target
     modules_to_save: list[str] | None = None  # extra modules trained in full and saved whole (e.g. a new head)
     seed: int = 0  # minipeft only: seeds the adapter initialization (not saved)
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if cls.__dict__.get("peft_type"):
-            CONFIG_CLASSES[cls.peft_type] = cls
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # NaN or inf in any number (lora_alpha, a dropout, alpha_pattern ...)
@@ -123,7 +118,7 @@ class PeftConfig:
     def matches(self, name: str) -> bool:
         """Whether the module called ``name`` is a target (peft's semantics, see module doc).
 
-        ``"all-linear"`` is resolved by the tuner (it needs the module's type), not here.
+        ``"all-linear"`` is resolved by ``PeftMethod.find_targets`` (it needs the module's type), not here.
         """
         if self.is_excluded(name):
             return False
@@ -161,7 +156,7 @@ class PeftConfig:
 
     @classmethod
     def from_dict(cls, d: dict, strict: bool = True) -> "PeftConfig":
-        """Build the config ``d`` describes (its ``peft_type`` picks the class).
+        """Build the config ``d`` describes (its ``peft_type`` picks the registered method's config class).
 
         Unknown keys raise ``ValueError`` (``strict=False``: warn and drop them, as peft
         does). Keys peft has but minipeft does not implement are accepted only with
@@ -174,13 +169,13 @@ class PeftConfig:
         target = cls
         if cls.peft_type is None:
             if ptype is None:
-                raise ValueError("config has no 'peft_type'; expected one of " + ", ".join(sorted(CONFIG_CLASSES)))
-            if ptype not in CONFIG_CLASSES:
+                raise ValueError("config has no 'peft_type'; expected one of " + ", ".join(sorted(REGISTRY)))
+            if ptype not in REGISTRY:
                 raise ValueError(
-                    f"unknown peft_type {ptype!r}: minipeft implements {sorted(CONFIG_CLASSES)}. "
+                    f"unknown peft_type {ptype!r}: minipeft implements {sorted(REGISTRY)}. "
                     "Is this an adapter for a method minipeft lacks?"
                 )
-            target = CONFIG_CLASSES[ptype]
+            target = REGISTRY[ptype].config_class
         elif ptype is not None and ptype != cls.peft_type:
             raise ValueError(f"{cls.__name__}.from_dict got a config with peft_type {ptype!r}, "
                              f"expected {cls.peft_type!r}")
@@ -266,4 +261,4 @@ def check_layers(cfg) -> None:
         raise ValueError("layers_to_transform cannot be used with a regex target_modules; put the index in the regex")
 
 
-__all__ = ["PeftConfig", "CONFIG_CLASSES", "layer_index", "pattern_value"]
+__all__ = ["PeftConfig", "layer_index", "pattern_value"]

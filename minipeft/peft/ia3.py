@@ -40,10 +40,10 @@ import numpy as np
 from .. import functional as F
 from ..backend import xp_of
 from ..engine import Tensor, no_grad
-from ..nn import ParameterDict
+from ..nn import Parameter, ParameterDict
 from .config import PeftConfig
-from .lora import new_param, param_dtype_xp
-from .tuner import BaseTunerLayer, PeftMethod, register
+from .layer import BaseTunerLayer, param_dtype_xp
+from .method import PeftMethod, Recipe, register
 
 
 @dataclass
@@ -129,7 +129,7 @@ class IA3Layer(BaseTunerLayer):
         init = np.ones(shape) if config.init_ia3_weights else rng.standard_normal(shape)
         self.is_feedforward = ff
         self.kv_only[adapter_name] = kv_only
-        self.ia3_l[adapter_name] = new_param(init, dtype, xp)
+        self.ia3_l[adapter_name] = Parameter.from_numpy(init, dtype, xp)
 
     # ---- maths
     def scale(self, adapter: str) -> Tensor:
@@ -202,9 +202,10 @@ class IA3Layer(BaseTunerLayer):
 
 @register
 class IA3Method(PeftMethod):
-    peft_type = "IA3"
     config_class = IA3Config
     layer_class = IA3Layer
+    recipes = (Recipe("ia3", "(IA)^3", "additive: adapters",  # K, V and the MLP's hidden units, as the paper
+                      lambda n_layer, n_embd: IA3Config(paper_kv_only=True), lr=1e-1),)
 
     @classmethod
     def prepare_config(cls, config: IA3Config) -> IA3Config:

@@ -82,8 +82,10 @@ from ..backend import to_numpy
 from ..integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
 from ..nn import Module
 from .config import PeftConfig
+from .layer import BaseTunerLayer, walk
 from .lora_slices import plain_lora_config, plain_lora_tensors
-from .tuner import REGISTRY, BaseTunerLayer, PeftModel, get_peft_model, walk
+from .method import REGISTRY
+from .model import PeftModel, get_peft_model
 
 CONFIG_NAME = "adapter_config.json"  # peft's CONFIG_NAME
 #: Config fields that only steer the initialization, which loading overwrites. A file may name an init

@@ -8,8 +8,7 @@ dW1a = (G ⊙ W2) W1b^T, dW1b = W1a^T (G ⊙ W2), and symmetrically for W2a, W2b
 
 peft rejects GPT-2's ``Conv1D`` for LoHa, so these keys (``hada_w1_a`` ...) for GPT-2
 have no peft counterpart; minipeft uses peft's names for its (out, in) Linear.
-``LycorisLayer`` (shared with LoKr) adds peft's rank dropout (drop rows of ΔW, rescaled
-by the kept fraction) and module dropout (skip the adapter for a whole step).
+``LycorisLayer`` (lycoris.py, shared with LoKr) adds peft's rank dropout and module dropout.
 """
 from __future__ import annotations
 
@@ -17,13 +16,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .. import functional as F
 from ..engine import Function, Tensor
-from ..nn import ParameterDict
-from ..random import generator
-from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
-from .lora import kaiming_uniform, new_param, param_dtype_xp
-from .tuner import BaseTunerLayer, PeftMethod, register
+from ..init import kaiming_uniform
+from ..nn import Parameter, ParameterDict
+from .config import PeftConfig
+from .layer import param_dtype_xp
+from .lycoris import LycorisLayer, check_lycoris
+from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
 @dataclass
@@ -49,17 +48,6 @@ class LoHaConfig(PeftConfig):
         check_lycoris(self)
 
 
-def check_lycoris(cfg) -> None:
-    check_rank("r", cfg.r)
-    for k, v in cfg.rank_pattern.items():
-        check_rank(f"rank_pattern[{k!r}]", v)
-    check_dropout("rank_dropout", cfg.rank_dropout)
-    check_dropout("module_dropout", cfg.module_dropout)
-    if cfg.use_effective_conv2d:
-        raise ValueError("use_effective_conv2d applies to Conv2d only; minipeft has no convolutions (leave False)")
-    check_layers(cfg)
-
-
 class HadaWeight(Function):
     """``((w1a @ w1b) * (w2a @ w2b)) * scale`` with peft's memory-saving backward."""
 
@@ -83,45 +71,6 @@ class HadaWeight(Function):
         return g1a, g1b, g2a, g2b, None
 
 
-class LycorisLayer(BaseTunerLayer):
-    """Shared by LoHa and LoKr: the forward adds ``x ΔW^T``, with rank and module dropout."""
-
-    rank_dropout_scale_default = True
-
-    def __init__(self, base_layer) -> None:
-        super().__init__(base_layer)
-        self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.rank_dropout: dict[str, float] = {}
-        self.module_dropout: dict[str, float] = {}
-        self.rank_dropout_scale: dict[str, bool] = {}
-
-    def _set_hparams(self, adapter_name, config, name) -> int:
-        r = pattern_value(name, config.rank_pattern, config.r)
-        alpha = pattern_value(name, config.alpha_pattern, config.alpha)
-        check_rank("r", r)
-        self.r[adapter_name], self.alpha[adapter_name] = r, alpha
-        self.scaling[adapter_name] = alpha / r
-        self.rank_dropout[adapter_name] = config.rank_dropout
-        self.module_dropout[adapter_name] = config.module_dropout
-        self.rank_dropout_scale[adapter_name] = getattr(config, "rank_dropout_scale", self.rank_dropout_scale_default)
-        return r
-
-    def adapter_forward(self, x: Tensor, adapter: str, base_result: Tensor):
-        rng = generator(x.device)
-        if self.training and self.module_dropout[adapter] and float(rng.random()) < self.module_dropout[adapter]:
-            return None  # module dropout: skip the adapter this step
-        delta = self.get_delta_weight(adapter)  # (out, in)
-        p = self.rank_dropout[adapter]
-        if self.training and p:
-            keep = (rng.random(self.out_features) > p).astype(delta.dtype)  # (out,) rows kept
-            if self.rank_dropout_scale[adapter]:
-                keep = keep / max(float(keep.mean()), 1e-12)
-            delta = delta * keep[:, None]
-        return F.linear(x, delta)
-
-
 class LoHaLayer(LycorisLayer):
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     other_param_names = ("r", "alpha", "scaling", "rank_dropout", "module_dropout", "rank_dropout_scale")
@@ -139,7 +88,7 @@ class LoHaLayer(LycorisLayer):
         w2a = kaiming_uniform(rng, (out, r))
         w2b = np.zeros((r, inp)) if config.init_weights else kaiming_uniform(rng, (r, inp))
         for attr, w in zip(self.adapter_layer_names, (w1a, w1b, w2a, w2b)):
-            getattr(self, attr)[adapter_name] = new_param(w, dtype, xp)
+            getattr(self, attr)[adapter_name] = Parameter.from_numpy(w, dtype, xp)
 
     def get_delta_weight(self, adapter: str) -> Tensor:
         return HadaWeight.apply(self.hada_w1_a[adapter], self.hada_w1_b[adapter], self.hada_w2_a[adapter],
@@ -148,9 +97,10 @@ class LoHaLayer(LycorisLayer):
 
 @register
 class LoHaMethod(PeftMethod):
-    peft_type = "LOHA"
     config_class = LoHaConfig
     layer_class = LoHaLayer
+    recipes = (Recipe("loha", "LoHa r=4", "reparameterization",  # r=4: LoRA r=8's parameter count
+                      lambda n_layer, n_embd: LoHaConfig(r=4, alpha=8, target_modules=list(BLOCK_LINEARS)), lr=3e-2),)
 
 
-__all__ = ["LoHaConfig", "LoHaLayer", "LoHaMethod", "HadaWeight", "LycorisLayer", "check_lycoris"]
+__all__ = ["LoHaConfig", "LoHaLayer", "LoHaMethod", "HadaWeight"]

@@ -18,11 +18,12 @@ import numpy as np
 
 from .. import functional as F
 from ..engine import Tensor
-from ..nn import ParameterDict
+from ..init import kaiming_uniform
+from ..nn import Parameter, ParameterDict
 from .config import PeftConfig
-from .loha import LycorisLayer, check_lycoris
-from .lora import kaiming_uniform, new_param, param_dtype_xp
-from .tuner import PeftMethod, register
+from .layer import param_dtype_xp
+from .lycoris import LycorisLayer, check_lycoris
+from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
 @dataclass
@@ -112,7 +113,7 @@ class LoKrLayer(LycorisLayer):
         else:
             w2 = {"lokr_w2_a": draw((out_k, r), False), "lokr_w2_b": draw((r, in_n), init == "lycoris")}
         for attr, w in {**w1, **w2}.items():
-            getattr(self, attr)[adapter_name] = new_param(w, dtype, xp)
+            getattr(self, attr)[adapter_name] = Parameter.from_numpy(w, dtype, xp)
 
     def factors(self, adapter: str) -> tuple[Tensor, Tensor]:
         """(W1, W2) of ``adapter``, multiplied out where they are low-rank."""
@@ -129,9 +130,10 @@ class LoKrLayer(LycorisLayer):
 
 @register
 class LoKrMethod(PeftMethod):
-    peft_type = "LOKR"
     config_class = LoKrConfig
     layer_class = LoKrLayer
+    recipes = (Recipe("lokr", "LoKr r=8", "reparameterization",
+                      lambda n_layer, n_embd: LoKrConfig(r=8, alpha=8, target_modules=list(BLOCK_LINEARS)), lr=3e-2),)
 
 
 __all__ = ["LoKrConfig", "LoKrLayer", "LoKrMethod", "factorization", "kron"]

@@ -1,13 +1,9 @@
-"""LoRA (arXiv 2106.09685), rsLoRA (arXiv 2312.03732) and DoRA (arXiv 2402.09353).
+"""LoRA (arXiv 2106.09685) and rsLoRA (arXiv 2312.03732); DoRA (arXiv 2402.09353) as an option.
 
 LoRA, eq. (3) of the paper: ``h = W0 x + (alpha/r) B A x`` with W0 (out, in) frozen,
 A (r, in) Kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B (out, r) = 0, so
 the wrapped layer equals the base at step 0. rsLoRA scales by ``alpha/sqrt(r)``.
-
-DoRA (§4.3 and peft's ``tuners/lora/dora.py``): with ``n = ||W0 + s B A||`` per output
-row, treated as a constant in backward, and a trainable magnitude ``m`` (initialized
-to ``n``, i.e. ``||W0||`` per row when B = 0):
-``y = W0 x + b + (m/n - 1) * (W0 x) + (m/n) * s * B A x``.
+``use_dora=True`` adds DoRA's trainable magnitude (dora.py holds its equations).
 
 Weights live in per-adapter dicts so in-memory keys read like peft's:
 ``c_attn.lora_A.default.weight`` [r, in], ``c_attn.lora_B.default.weight`` [out, r];
@@ -30,10 +26,13 @@ import numpy as np
 from .. import functional as F
 from ..backend import xp_of
 from ..engine import Tensor, no_grad
+from ..init import kaiming_uniform
 from ..nn import Dropout, Linear, ModuleDict, Parameter, ParameterDict
+from . import dora
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
+from .layer import BaseTunerLayer, param_dtype_xp
 from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
-from .tuner import BaseTunerLayer, PeftMethod, register
+from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
 @dataclass
@@ -92,36 +91,6 @@ class LoraConfig(PeftConfig):
         self.enable_lora = check_enable_lora(self.enable_lora, self.use_dora)
 
 
-def kaiming_uniform(rng: np.random.Generator, shape: tuple[int, int], a: float = math.sqrt(5)) -> np.ndarray:
-    """torch's ``kaiming_uniform_(w, a)`` for a 2-D weight: U(±gain·sqrt(3/fan_in)), fan_in = shape[1].
-
-    With a = sqrt(5) (LoRA's A, nn.Linear's default) the bound is 1/sqrt(fan_in).
-    """
-    gain = math.sqrt(2.0 / (1.0 + a * a))
-    bound = gain * math.sqrt(3.0 / shape[1])
-    return rng.uniform(-bound, bound, shape)
-
-
-def param_dtype_xp(base_layer):
-    """Adapter weights take the base weight's float dtype and device (float32 for quantized bases)."""
-    w = getattr(base_layer, "weight", None)
-    arr = w.data if isinstance(w, Tensor) else None
-    if arr is None:
-        return np.float32, np
-    xp = xp_of(arr)
-    return (arr.dtype if xp.issubdtype(arr.dtype, np.floating) else np.float32), xp
-
-
-def new_param(array, dtype, xp) -> Parameter:
-    return Parameter(xp.asarray(np.asarray(array, dtype=dtype)))
-
-
-def _linear(in_features: int, out_features: int, weight: np.ndarray, dtype, xp) -> Linear:
-    lin = Linear(in_features, out_features, bias=False, rng=0, dtype=dtype)  # init overwritten below
-    lin.weight = new_param(weight, dtype, xp)
-    return lin
-
-
 class LoraLayer(BaseTunerLayer):
     """A Linear (at ``base_layer``) plus LoRA adapters: ``y = base(x) + s · B(A(dropout(x)))``."""
 
@@ -169,8 +138,8 @@ class LoraLayer(BaseTunerLayer):
         else:
             a = kaiming_uniform(rng, (n * r, self.in_features))
         b = np.zeros((n * q, r)) if init else kaiming_uniform(rng, (n * q, r))
-        self.lora_A[adapter_name] = _linear(self.in_features, n * r, a, dtype, xp)
-        self.lora_B[adapter_name] = _linear(r, n * q, b, dtype, xp)
+        self.lora_A[adapter_name] = Linear.from_weight(Parameter.from_numpy(a, dtype, xp))  # (n r, in)
+        self.lora_B[adapter_name] = Linear.from_weight(Parameter.from_numpy(b, dtype, xp))  # (n q, r)
         self.use_dora[adapter_name] = bool(config.use_dora)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = Parameter(self.dora_weight_norm(adapter_name).astype(dtype))
@@ -184,57 +153,52 @@ class LoraLayer(BaseTunerLayer):
         return F.matmul(B, A) * self.scaling[adapter]
 
     def dora_weight_norm(self, adapter: str):
-        """``||W0 + s·B·A||`` per output row, a constant (no gradient), shape (out,)."""
-        w = self.base_weight()
-        xp = xp_of(w)
-        lora_w = self.lora_B[adapter].weight.data @ self.lora_A[adapter].weight.data
-        return xp.sqrt(((w + self.scaling[adapter] * lora_w) ** 2).sum(axis=1))
+        """DoRA's ``||W0 + s·B·A||`` per output row, a constant (no gradient), shape (out,)."""
+        lora_w = self.lora_B[adapter].weight.data @ self.lora_A[adapter].weight.data  # (out, in)
+        return dora.weight_norm(self.base_weight(), lora_w, self.scaling[adapter])
 
     def adapter_forward(self, x: Tensor, adapter: str, base_result: Tensor) -> Tensor:
-        dropout = self.lora_dropout[adapter]
-        xd = dropout(x)
+        xd = self.lora_dropout[adapter](x)
         s = self.scaling[adapter]
         mask = self.enable_lora.get(adapter)
         if mask:  # LoRA on slices of the output (no DoRA: LoraConfig rejects it)
             return sliced_lora_forward(self.lora_A[adapter](xd), self.lora_B[adapter].weight, mask,
                                        self.r[adapter]) * s  # (..., out)
         lora = self.lora_B[adapter](self.lora_A[adapter](xd))  # (..., out)
-        if not self.use_dora[adapter]:
-            return lora * s
-        norm = self.dora_weight_norm(adapter)  # (out,) constant
-        scale = self.lora_magnitude_vector[adapter] / norm  # (out,) m / n, gradient to m only
-        if dropout.p > 0.0 and self.training:
-            w = Tensor(self.base_weight())
-            base = F.linear(xd, w)  # W0 dropout(x), as peft when dropout is active
-        else:
-            bias = getattr(self.base_layer, "bias", None)
-            base = base_result - bias if bias is not None else base_result  # W0 x
-        return (scale - 1.0) * base + scale * lora * s
+        if self.use_dora[adapter]:
+            return dora.forward(self, adapter, xd, lora, base_result)
+        return lora * s
 
     def merged_weight(self, weight, adapter: str):
         delta = self.get_delta_weight(adapter).data.astype(weight.dtype)
         if not self.use_dora[adapter]:
             return weight + delta
-        xp = xp_of(weight)
-        norm = xp.sqrt(((weight + delta) ** 2).sum(axis=1))  # (out,)
-        self._caches[f"{adapter}-weight_norm"] = norm
-        factor = self.lora_magnitude_vector[adapter].data / norm
-        return factor[:, None] * (weight + delta)
+        merged, self._caches[f"{adapter}-weight_norm"] = dora.merged_weight(
+            weight, delta, self.lora_magnitude_vector[adapter].data)
+        return merged
 
     def unmerged_weight(self, weight, adapter: str):
         delta = self.get_delta_weight(adapter).data.astype(weight.dtype)
         if not self.use_dora[adapter]:
             return weight - delta
         norm = self._caches.pop(f"{adapter}-weight_norm")
-        factor = self.lora_magnitude_vector[adapter].data / norm
-        return weight / factor[:, None] - delta
+        return dora.unmerged_weight(weight, delta, self.lora_magnitude_vector[adapter].data, norm)
+
+
+def _lora(n_layer: int, n_embd: int, **kw) -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=16, target_modules=list(BLOCK_LINEARS), **kw)
 
 
 @register
 class LoraMethod(PeftMethod):
-    peft_type = "LORA"
     config_class = LoraConfig
     layer_class = LoraLayer
+    recipes = (  # r=8, alpha=16 on every linear layer of every block
+        Recipe("lora", "LoRA r=8", "reparameterization", _lora, lr=1e-2,
+               memory=lambda n_layer, n_embd: dict(method="lora", targets=BLOCK_LINEARS, r=8)),
+        Recipe("rslora", "rsLoRA r=8", "reparameterization", lambda n, d: _lora(n, d, use_rslora=True), lr=3e-3),
+        Recipe("dora", "DoRA r=8", "reparameterization", lambda n, d: _lora(n, d, use_dora=True), lr=1e-2),
+    )
 
     @classmethod
     def check_new_adapter(cls, peft_model, config, adapter_name) -> None:
@@ -333,4 +297,4 @@ class LoraMethod(PeftMethod):
         peft_model._refresh_trainable()
 
 
-__all__ = ["LoraConfig", "LoraLayer", "LoraMethod", "kaiming_uniform"]
+__all__ = ["LoraConfig", "LoraLayer", "LoraMethod"]

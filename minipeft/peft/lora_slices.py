@@ -29,7 +29,7 @@ import math
 from .. import functional as F
 from ..backend import xp_of
 from ..engine import Tensor
-from .tuner import BaseTunerLayer
+from .layer import BaseTunerLayer
 
 
 def check_enable_lora(enable_lora, use_dora: bool = False) -> list[bool] | None:

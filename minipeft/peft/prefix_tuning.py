@@ -43,10 +43,11 @@ import numpy as np
 from .. import functional as F
 from ..backend import to_device, to_numpy, xp_of
 from ..engine import Tensor, no_grad
-from ..nn import Embedding, Linear, Module, ModuleList
-from .lora import new_param
-from .prompt_tuning import PromptLearningConfig, PromptLearningMethod, encoder_dtype
-from .tuner import register
+from ..nn import Embedding, Linear, Module, ModuleList, Parameter
+from .method import Recipe, register
+from .prompt_learning import PromptLearningConfig, PromptLearningMethod, encoder_dtype
+
+PREFIX_TOKENS = 10  # the course's prefix length (Li & Liang's table-to-text setting)
 
 
 @dataclass
@@ -115,10 +116,7 @@ def _device(xp) -> str:
 
 
 def _embedding(weight: np.ndarray, dtype, xp) -> Embedding:
-    emb = Embedding(1, 1, rng=0)  # a cheap shell; the weight is set below
-    emb.num_embeddings, emb.embedding_dim = weight.shape
-    emb.weight = new_param(weight, dtype, xp)
-    return emb
+    return Embedding.from_weight(Parameter.from_numpy(weight, dtype, xp))
 
 
 def split_key_values(flat: Tensor, num_layers: int, num_heads: int) -> list[tuple[Tensor, Tensor]]:
@@ -200,8 +198,13 @@ class PrefixOutputView(Tensor):
 
 @register
 class PrefixTuningMethod(PromptLearningMethod):
-    peft_type = "PREFIX_TUNING"
     config_class = PrefixTuningConfig
+    # trained through the MLP (hidden = d); its last Linear starts at 0, so the prefix starts at 0
+    recipes = (Recipe("prefix", f"prefix tuning P={PREFIX_TOKENS}", "additive: soft prompts",
+                      lambda n_layer, n_embd: PrefixTuningConfig(num_virtual_tokens=PREFIX_TOKENS,
+                                                                 prefix_projection=True, init_weights="zero"), lr=3e-2,
+                      memory=lambda n_layer, n_embd: dict(method="prefix", n_virtual_tokens=PREFIX_TOKENS,
+                                                          prefix_projection=True, encoder_hidden_size=n_embd)),)
 
     @classmethod
     def build_encoder(cls, peft_model, config, rng) -> Module:
@@ -237,4 +240,4 @@ class PrefixTuningMethod(PromptLearningMethod):
 
 
 __all__ = ["PrefixTuningConfig", "PrefixEncoder", "PrefixTuningMethod", "PrefixOutputView", "split_key_values",
-           "prefix_prompt_embeddings", "load_prefix_prompt_embeddings", "remove_reparameterization"]
+           "PREFIX_TOKENS", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings", "remove_reparameterization"]

@@ -23,80 +23,28 @@ prefix). Initializations (``prompt_tuning_init``, peft's):
   never downloads a tokenizer.
 
 ``generate`` works on the PeftModel: it calls ``GPT.generate(inputs_embeds_prefix=...)``
-(and the base alone inside ``disable_adapter()``).
+(``generation_kwargs``; the base alone inside ``disable_adapter()``).
 
-This file also holds what prompt and prefix tuning share: ``PromptLearningConfig``
-(peft's fields, filled from the model as peft does) and the ``generate`` override.
+What prompt and prefix tuning share (``PromptLearningConfig``, ``PromptLearningMethod``) is
+in prompt_learning.py.
 """
 from __future__ import annotations
 
 import math
-import types
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import to_numpy, xp_of
 from ..engine import Tensor, no_grad
-from ..nn import Embedding, Module, ModuleDict
-from .config import PeftConfig
-from .lora import new_param
-from .tuner import PeftMethod, derive_rng, register
+from ..nn import Embedding, Module, Parameter
+from .method import Recipe, register
+from .prompt_learning import PromptLearningConfig, PromptLearningMethod, encoder_dtype
 
 BYTE_TOKENIZER_NAME = "minipeft/byte"  # tokenizer_name_or_path meaning minipeft's ByteTokenizer
 INITS = ("RANDOM", "SAMPLE_VOCAB", "TEXT")
-
-
-def _positive_or_none(name: str, v) -> None:
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
-        raise ValueError(f"{name} must be a positive int or None (filled from the model), got {v!r}")
-
-
-@dataclass
-class PromptLearningConfig(PeftConfig):
-    """peft's ``PromptLearningConfig``: fields shared by prompt and prefix tuning.
-
-    ``token_dim``, ``num_layers``, ``num_attention_heads`` and
-    ``num_transformer_submodules`` are filled from the model at ``get_peft_model`` (as
-    peft does); given values must match the model (an adapter for another shape fails).
-    """
-
-    json_omit = ("target_modules", "exclude_modules")  # prompt learning wraps no modules
-
-    num_virtual_tokens: int | None = None  # P, the prompt length (required)
-    token_dim: int | None = None  # C, the model width (filled from the model)
-    num_transformer_submodules: int | None = None  # 1 for a decoder-only model (filled)
-    num_attention_heads: int | None = None  # H (filled from the model)
-    num_layers: int | None = None  # L (filled from the model)
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.target_modules is not None or self.exclude_modules is not None:
-            raise ValueError(f"{type(self).__name__} wraps no modules: leave target_modules/exclude_modules None")
-        if self.num_virtual_tokens is None:
-            raise ValueError(f"{type(self).__name__} needs num_virtual_tokens (the prompt length P), e.g. 20")
-        for k in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                  "num_layers"):
-            _positive_or_none(k, getattr(self, k))
-        if self.num_transformer_submodules not in (None, 1):
-            raise ValueError("num_transformer_submodules must be 1: minipeft's GPT is decoder-only "
-                             f"(2 is for encoder-decoder models), got {self.num_transformer_submodules}")
-
-    def fill_from_model(self, model) -> None:
-        """Fill the shape fields from a GPT's config; ValueError if a given one disagrees."""
-        cfg = getattr(model, "config", None)
-        if cfg is None or not all(hasattr(cfg, k) for k in ("n_layer", "n_embd", "n_head")):
-            raise TypeError(f"{self.peft_type} needs a GPT-like model with config.n_layer/n_embd/n_head and a "
-                            f"forward taking inputs_embeds_prefix/prefix_key_values, got {type(model).__name__}")
-        want = {"token_dim": cfg.n_embd, "num_layers": cfg.n_layer, "num_attention_heads": cfg.n_head,
-                "num_transformer_submodules": 1}
-        bad = [f"{k}={getattr(self, k)} (model: {v})" for k, v in want.items()
-               if getattr(self, k) is not None and getattr(self, k) != v]
-        if bad:
-            raise ValueError(f"{self.peft_type} config does not fit this model: {', '.join(bad)}. "
-                             "Is it an adapter for another base model?")
-        for k, v in want.items():
-            setattr(self, k, int(v))
+PROMPT_TOKENS = 20  # the course's prompt length (Lester et al.: 1 -> 20 is the big gain)
+PROMPT_TEXT = "Python source code:\n"  # 20 bytes: the course's prompt starts at their embeddings (best init)
 
 
 @dataclass
@@ -139,9 +87,7 @@ class PromptEmbedding(Module):
 
     def __init__(self, weight: np.ndarray, dtype=np.float32, xp=np) -> None:
         super().__init__()
-        self.embedding = Embedding(1, 1, rng=0)  # a cheap shell; the weight is set below
-        self.embedding.num_embeddings, self.embedding.embedding_dim = weight.shape
-        self.embedding.weight = new_param(weight, dtype, xp)  # (P, C)
+        self.embedding = Embedding.from_weight(Parameter.from_numpy(weight, dtype, xp))  # (P, C)
 
     def forward(self) -> Tensor:
         return self.embedding.weight  # (P, C)
@@ -155,11 +101,6 @@ def init_ids_from_text(ids, n: int) -> np.ndarray:
     if len(ids) < n:
         ids = ids * math.ceil(n / len(ids))
     return np.asarray(ids[:n], dtype=np.int64)
-
-
-def encoder_dtype(wte: Tensor):
-    """Prompt weights: float64 on a float64 model (gradient checks), otherwise float32 (as peft)."""
-    return np.float64 if wte.dtype == np.float64 else np.float32
 
 
 def initial_prompt(config: PromptTuningConfig, wte: Tensor, rng: np.random.Generator) -> np.ndarray:
@@ -184,81 +125,14 @@ def initial_prompt(config: PromptTuningConfig, wte: Tensor, rng: np.random.Gener
     return to_numpy(wte.data)[ids]  # (P, C) rows of the token embedding
 
 
-# ----------------------------------------------------------- shared by prompt and prefix tuning
-
-
-def install_generate(peft_model) -> None:
-    """Give ``peft_model`` a ``generate`` that passes the method's prefix to ``GPT.generate``.
-
-    ``PeftModel`` forwards unknown attributes (``generate``) to the base model, which
-    knows nothing of the prompt; this instance attribute takes precedence. The method
-    supplies the extra arguments through ``generation_kwargs(peft_model)``.
-    """
-    if "generate" not in peft_model.__dict__:
-        peft_model.generate = types.MethodType(_generate, peft_model)
-
-
-def _generate(self, idx, max_new_tokens: int, **kwargs):
-    """``GPT.generate`` with the active adapter's prompt/prefix (the base alone when disabled)."""
-    base = self.get_base_model()
-    if not self._disabled:
-        extra = self.method.generation_kwargs(self)
-        clash = [k for k in extra if kwargs.get(k) is not None]
-        if clash:
-            raise ValueError(f"{self.peft_type} supplies {clash} itself; do not pass them to generate()")
-        kwargs.update(extra)
-    return base.generate(idx, max_new_tokens, **kwargs)
-
-
-class PromptLearningMethod(PeftMethod):
-    """Hooks shared by prompt and prefix tuning: encoders in ``peft_model.prompt_encoder``."""
-
-    mergeable = False
-
-    @classmethod
-    def find_targets(cls, model, config):
-        return []  # wraps nothing
-
-    @classmethod
-    def build_encoder(cls, peft_model, config, rng) -> Module:
-        raise NotImplementedError
-
-    @classmethod
-    def prepare(cls, peft_model, config, adapter_name, targets) -> None:
-        config.fill_from_model(peft_model.get_base_model())
-        rng = derive_rng(config.seed, "prompt_encoder")  # get_peft_model's rng= does not reach here: seed only
-        encoder = cls.build_encoder(peft_model, config, rng)
-        if "prompt_encoder" not in peft_model._modules:
-            peft_model.prompt_encoder = ModuleDict()
-        peft_model.prompt_encoder[adapter_name] = encoder
-        install_generate(peft_model)
-
-    @classmethod
-    def mark_trainable(cls, peft_model, config, adapter_name) -> None:
-        pass  # nothing of the base trains (no bias option in prompt learning)
-
-    @classmethod
-    def set_adapter(cls, peft_model, adapter_name, inference_mode) -> None:
-        for name, enc in peft_model.prompt_encoder.items():
-            enc.requires_grad_(name == adapter_name and not inference_mode)
-
-    @classmethod
-    def delete_adapter(cls, peft_model, adapter_name) -> None:
-        if "prompt_encoder" in peft_model._modules and adapter_name in peft_model.prompt_encoder:
-            del peft_model.prompt_encoder[adapter_name]
-
-    @classmethod
-    def check_prefix_arg(cls, key: str, kwargs: dict) -> bool:
-        """Whether to add the prefix to this call (not when continuing from a cache)."""
-        if kwargs.get(key) is not None:
-            raise ValueError(f"{cls.peft_type} supplies {key} itself; do not pass it to the PeftModel")
-        return kwargs.get("past_key_values") is None  # the cache already holds the prefix
-
-
 @register
 class PromptTuningMethod(PromptLearningMethod):
-    peft_type = "PROMPT_TUNING"
     config_class = PromptTuningConfig
+    recipes = (Recipe("prompt", f"prompt tuning P={PROMPT_TOKENS}", "additive: soft prompts",
+                      lambda n_layer, n_embd: PromptTuningConfig(num_virtual_tokens=PROMPT_TOKENS,
+                                                                 prompt_tuning_init="TEXT",
+                                                                 prompt_tuning_init_text=PROMPT_TEXT), lr=1e-2,
+                      memory=lambda n_layer, n_embd: dict(method="prompt", n_virtual_tokens=PROMPT_TOKENS)),)
 
     @classmethod
     def build_encoder(cls, peft_model, config, rng) -> Module:
@@ -290,5 +164,5 @@ class PromptTuningMethod(PromptLearningMethod):
         return [(f"prompt_encoder.{adapter_name}.embedding.weight", "prompt_embeddings", w)]
 
 
-__all__ = ["PromptLearningConfig", "PromptTuningConfig", "PromptEmbedding", "PromptTuningMethod",
-           "PromptLearningMethod", "initial_prompt", "init_ids_from_text", "install_generate", "BYTE_TOKENIZER_NAME"]
+__all__ = ["PromptTuningConfig", "PromptEmbedding", "PromptTuningMethod", "initial_prompt", "init_ids_from_text",
+           "BYTE_TOKENIZER_NAME", "PROMPT_TOKENS", "PROMPT_TEXT"]

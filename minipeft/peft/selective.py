@@ -25,12 +25,12 @@ no-op and ``merge_and_unload()``/``unload()`` return the trained model, and
 from __future__ import annotations
 
 import re
-import types
 from dataclasses import dataclass
 
 from ..nn import ModuleList
 from .config import PeftConfig
-from .tuner import PeftMethod, describe_modules, register, walk
+from .layer import describe_modules, walk
+from .method import PeftMethod, Recipe, register
 
 _PREFIX = "base_model.model."
 
@@ -126,7 +126,12 @@ class SelectiveMethod(PeftMethod):
         if not cls.choose(peft_model.get_base_model(), config):
             raise ValueError(f"{cls.peft_type}: {config} selects no parameter of this model; its modules are: "
                              f"{describe_modules(peft_model.get_base_model())}")
-        peft_model.disable_adapter = types.MethodType(_no_disable, peft_model)
+
+    @classmethod
+    def check_disable(cls, peft_model) -> None:
+        """There is nothing to disable: the trained tensors are the base model's own."""
+        raise TypeError(f"{cls.peft_type} fine-tunes the base model's own tensors in place, so there is no "
+                        "untouched base to run; keep copy.deepcopy(model) from before get_peft_model to compare")
 
     @classmethod
     def mark_trainable(cls, peft_model, config, adapter_name) -> None:
@@ -139,31 +144,28 @@ class SelectiveMethod(PeftMethod):
         return [(_PREFIX + n, _PREFIX + n, p) for n, p in cls.choose(peft_model.get_base_model(), cfg)]
 
 
-def _no_disable(self):
-    """Replaces ``PeftModel.disable_adapter`` for these methods: there is nothing to disable."""
-    raise TypeError(f"{self.peft_type} fine-tunes the base model's own tensors in place, so there is no "
-                    "untouched base to run; keep copy.deepcopy(model) from before get_peft_model to compare")
+@register
+class TopKBlocksMethod(SelectiveMethod):
+    config_class = TopKBlocksConfig
+    choose = staticmethod(_top_k)
+    # FT-TOP2 trains 2 of GPT-2 M's 24 blocks; a 2-block base trains its top 1 (2 would be all of them)
+    recipes = (Recipe("top_k", "top-k blocks", "selective",
+                      lambda n_layer, n_embd: TopKBlocksConfig(top_k_blocks=min(2, n_layer - 1)), lr=1e-2),)
 
 
 @register
 class BitFitMethod(SelectiveMethod):
-    peft_type = "BITFIT"
     config_class = BitFitConfig
     choose = staticmethod(_bitfit)
-
-
-@register
-class TopKBlocksMethod(SelectiveMethod):
-    peft_type = "TOP_K_BLOCKS"
-    config_class = TopKBlocksConfig
-    choose = staticmethod(_top_k)
+    recipes = (Recipe("bitfit", "BitFit", "selective", lambda n_layer, n_embd: BitFitConfig(), lr=1e-1),)
 
 
 @register
 class FullFineTuningMethod(SelectiveMethod):
-    peft_type = "FULL"
     config_class = FullFineTuningConfig
     choose = staticmethod(_full)
+    recipes = (Recipe("full", "full fine-tuning", "full", lambda n_layer, n_embd: FullFineTuningConfig(), lr=3e-3,
+                      memory=lambda n_layer, n_embd: dict(method="full")),)
 
 
 __all__ = ["BitFitConfig", "TopKBlocksConfig", "FullFineTuningConfig", "BitFitMethod", "TopKBlocksMethod",

@@ -51,18 +51,20 @@ on disk, ``side_network.*`` (the adapter name removed). peft has none of these m
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 
 import numpy as np
 
+from .. import decoding
 from .. import functional as F
-from ..backend import to_numpy, xp_of
+from ..backend import xp_of
 from ..engine import Tensor, _buffer_key, _Node, no_grad
-from ..gpt import GPT, Block, GPTConfig, GPTOutput, _pick
+from ..forward_call import key_mask_of
+from ..gpt import GPT, Block, GPTConfig, GPTOutput
 from ..nn import LayerNorm, Linear, Module, ModuleDict, ModuleList, Parameter
 from .config import PeftConfig
-from .tuner import PeftMethod, derive_rng, register
+from .layer import derive_rng
+from .method import PeftMethod, register
 
 DOWNSAMPLES = ("linear", "adapter", "avgpool")
 
@@ -263,8 +265,6 @@ def _width_check(cfg: GPTConfig, config: SideConfig) -> None:
 class SideTuningMethod(PeftMethod):
     """Hooks shared by Side-Tuning, LST and QST: the network lives at ``peft_model.side_network``."""
 
-    peft_type = "SIDE_TUNING"
-    config_class = SideTuningConfig
     mergeable = False
 
     @classmethod
@@ -283,8 +283,11 @@ class SideTuningMethod(PeftMethod):
         if "side_network" not in peft_model._modules:
             peft_model.side_network = ModuleDict()
         peft_model.side_network[adapter_name] = net.train(base.training)
-        if "generate" not in peft_model.__dict__:
-            peft_model.generate = types.MethodType(_generate, peft_model)
+
+    @classmethod
+    def generate(cls, peft_model, *args, **kwargs):
+        """No key/value cache runs through the side network: rerun the window each step."""
+        return _generate(peft_model, *args, **kwargs)
 
     @classmethod
     def prepare_backbone(cls, base, config) -> None:
@@ -325,7 +328,7 @@ class SideTuningMethod(PeftMethod):
         hidden = out.hidden_states  # L + 1 leaf Tensors (B, T, d)
         xp = xp_of(hidden[0].data)
         B, T = hidden[0].shape[:2]
-        key_mask = GPT._key_mask(attention_mask, xp, B, T, 0, 0, 0)  # (B, T) or None
+        key_mask = key_mask_of(attention_mask, B, T, xp)  # (B, T) or None
         logits = cls.side_logits(peft_model, hidden, key_mask)  # (B, T, V)
         loss = None
         if targets is not None:
@@ -348,19 +351,16 @@ class SideTuningMethod(PeftMethod):
 
 @register
 class SideTuning(SideTuningMethod):
-    peft_type = "SIDE_TUNING"
     config_class = SideTuningConfig
 
 
 @register
 class LadderSideTuning(SideTuningMethod):
-    peft_type = "LST"
     config_class = LSTConfig
 
 
 @register
 class QuantizedSideTuning(SideTuningMethod):
-    peft_type = "QST"
     config_class = QSTConfig
 
     @classmethod
@@ -386,37 +386,15 @@ def set_alpha(peft_model, value: float, adapter: str | None = None) -> None:
 
 
 def _generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-              greedy: bool = False, seed=None, eos_token_id: int | None = None):
+              greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None):
     """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens, rerunning the last ``block_size`` window each step.
 
-    The side network keeps no key/value cache, so each step runs backbone and side network
-    on the whole window (greedy, or sampling at ``temperature`` among the ``top_k`` best).
+    The side network keeps no key/value cache, so each step of the one decoding loop
+    (``minipeft.decoding``) runs backbone and side network on the whole window (greedy, or
+    sampling at ``temperature`` among the ``top_k`` best).
     """
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-    base = self.get_base_model()
-    xp = xp_of(base.transformer.wte.weight.data)
-    out = base._check_idx(idx, xp)  # (B, T)
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    done = np.zeros(out.shape[0], bool)
-    was_training = self.training
-    self.eval()
-    try:
-        with no_grad():
-            for _ in range(max_new_tokens):
-                logits = self(out[:, -base.config.block_size:]).logits.data[:, -1, :]  # (B, V)
-                nxt = _pick(to_numpy(logits).astype(np.float64), greedy, temperature, top_k, rng)  # (B,)
-                if eos_token_id is not None:
-                    nxt = np.where(done, eos_token_id, nxt)
-                    done |= nxt == eos_token_id
-                out = xp.concatenate([out, xp.asarray(nxt, dtype=out.dtype)[:, None]], axis=1)  # (B, T + 1)
-                if eos_token_id is not None and done.all():
-                    break
-    finally:
-        self.train(was_training)
-    return out
+    return decoding.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
+                             seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask)
 
 
 def held_leaf_bytes(root: Tensor, model: Module | None = None) -> int:

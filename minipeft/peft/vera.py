@@ -23,10 +23,11 @@ import numpy as np
 from .. import functional as F
 from ..backend import to_device
 from ..engine import Tensor
-from ..nn import Dropout, Module, ModuleDict, ParameterDict
+from ..init import kaiming_uniform
+from ..nn import Dropout, Module, ModuleDict, Parameter, ParameterDict
 from .config import PeftConfig, check_dropout, check_layers, check_rank
-from .lora import kaiming_uniform, new_param, param_dtype_xp
-from .tuner import BaseTunerLayer, PeftMethod, register
+from .layer import BaseTunerLayer, param_dtype_xp
+from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
 @dataclass
@@ -131,8 +132,8 @@ class VeraLayer(BaseTunerLayer):
             lam_b, lam_d = np.zeros(self.out_features), np.full(config.r, config.d_initial)
         else:
             lam_b, lam_d = np.ones(self.out_features), rng.standard_normal(config.r)
-        self.vera_lambda_b[adapter_name] = new_param(lam_b, dtype, xp)
-        self.vera_lambda_d[adapter_name] = new_param(lam_d, dtype, xp)
+        self.vera_lambda_b[adapter_name] = Parameter.from_numpy(lam_b, dtype, xp)
+        self.vera_lambda_d[adapter_name] = Parameter.from_numpy(lam_d, dtype, xp)
 
     def _slices(self, adapter: str) -> tuple[Tensor, Tensor]:
         a = self._vera_A[adapter].data[:, : self.in_features]  # (r, in)
@@ -154,9 +155,11 @@ class VeraLayer(BaseTunerLayer):
 
 @register
 class VeraMethod(PeftMethod):
-    peft_type = "VERA"
     config_class = VeraConfig
     layer_class = VeraLayer
+    recipes = (Recipe("vera", "VeRA r=256", "reparameterization",  # A, B come back from the seed: not saved
+                      lambda n_layer, n_embd: VeraConfig(r=256, target_modules=list(BLOCK_LINEARS),
+                                                         save_projection=False), lr=1e-1),)
 
     @classmethod
     def check_new_adapter(cls, peft_model, config, adapter_name) -> None:
@@ -182,8 +185,8 @@ class VeraMethod(PeftMethod):
         b = kaiming_uniform(rng, (max_out, config.r), a=0.0)  # U(±sqrt(6/r))
         base = targets[0][1]
         dtype, xp = param_dtype_xp(getattr(base, "base_layer", base))
-        va[adapter_name] = Tensor(new_param(a, dtype, xp).data)
-        vb[adapter_name] = Tensor(new_param(b, dtype, xp).data)
+        va[adapter_name] = Tensor(xp.asarray(a.astype(dtype)))  # frozen: a Tensor, not a Parameter
+        vb[adapter_name] = Tensor(xp.asarray(b.astype(dtype)))
 
     @classmethod
     def extra_adapter_state(cls, peft_model, adapter_name):

@@ -31,130 +31,17 @@ tables moved to the array's device.
 from __future__ import annotations
 
 import contextlib
-import json
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from ..backend import to_device, to_numpy, xp_of
-from ..kernels import quant4bit as _k4, quant8bit as _k8  # CUDA twins, used for CuPy arrays
-from .codes import (DYNAMIC_SIGNED, FP4_MAGNITUDE, NF4, fp4_index, get_4bit_type,
-                    nearest_code_index, nf4_index)
+from .. import fast
+from ..backend import xp_of
+from .codes import DYNAMIC_SIGNED, fp4_index, get_4bit_type, nearest_code_index, nf4_index
 from .floats import flush_subnormals
+from .state import (DECODE_4BIT, QUANT_TYPES_4BIT, QuantState, blockwise_state, check_4bit_state,  # noqa: F401
+                    check_blocksize, check_input, check_out_dtype, check_quant_type_4bit, mean_f32)
 
-_F32 = np.float32
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
 ZERO_BLOCK_INDEX = 0   # what bitsandbytes' CUDA kernels store for an all-zero block (0 * inf = NaN)
-
-
-@dataclass
-class QuantState:
-    """What it takes to dequantize; the fields of bitsandbytes' ``QuantState``."""
-
-    absmax: Any                          # (n_blocks,) float32; nested: uint8 codes of absmax-offset
-    shape: tuple | None = None           # shape of the original tensor
-    code: Any = None                     # float32 table the indices point into (16 or 256)
-    blocksize: int | None = None         # elements per block (32 ... 4096, a power of two)
-    quant_type: str | None = None        # "nf4" | "fp4" | "int4" for 4-bit; None for 8-bit
-    dtype: Any = None                    # dtype of the original tensor; dequantize returns it
-    offset: Any = None                   # float32 mean of the first-level absmax (nested only)
-    state2: "QuantState | None" = None   # the absmax's own state (dynamic map, blocks of 256)
-
-    @property
-    def nested(self) -> bool:
-        """True when the absmax values are double-quantized."""
-        return self.state2 is not None
-
-    def to(self, device: str) -> "QuantState":
-        """A copy with every array on ``device`` ('cpu' or 'cuda')."""
-        move = (lambda a: None if a is None else to_device(a, device))
-        return QuantState(move(self.absmax), self.shape, move(self.code), self.blocksize,
-                          self.quant_type, self.dtype, move(self.offset),
-                          None if self.state2 is None else self.state2.to(device))
-
-    def as_dict(self, packed: bool = False) -> dict:
-        """bitsandbytes' serialization dict (keys ``absmax, quant_map, nested_*, ...``).
-
-        With ``packed=True`` the non-array items are JSON-encoded into a uint8 array under
-        ``quant_state.bitsandbytes__<quant_type>``, as bitsandbytes writes safetensors files.
-        """
-        d: dict = {"quant_type": self.quant_type, "absmax": self.absmax,
-                   "blocksize": self.blocksize, "quant_map": self.code,
-                   "dtype": np.dtype(self.dtype).name, "shape": tuple(self.shape)}
-        if self.nested:
-            d.update({"nested_absmax": self.state2.absmax,
-                      "nested_blocksize": self.state2.blocksize,
-                      "nested_quant_map": self.state2.code,
-                      "nested_dtype": np.dtype(self.state2.dtype).name,
-                      "nested_offset": float(self.offset)})
-        if not packed:
-            return d
-        arrays = {k: v for k, v in d.items() if hasattr(v, "dtype")}
-        rest = {k: (list(v) if isinstance(v, tuple) else v)
-                for k, v in d.items() if not hasattr(v, "dtype")}
-        blob = np.frombuffer(json.dumps(rest).encode("utf-8"), dtype=np.uint8).copy()
-        arrays[f"quant_state.bitsandbytes__{self.quant_type}"] = blob
-        return arrays
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "QuantState":
-        """Inverse of :meth:`as_dict` (packed or not; key prefixes are stripped)."""
-        d = dict(d)
-        packed_keys = [k for k in d if "quant_state.bitsandbytes__" in k]
-        if len(packed_keys) > 1:
-            raise ValueError(f"expected at most one packed quant_state entry, got {packed_keys}")
-        for key in packed_keys:
-            d.update(json.loads(to_numpy(d.pop(key)).astype(np.uint8).tobytes().decode("utf-8")))
-        d = {k.split(".")[-1]: v for k, v in d.items()}                  # strip prefixes
-        state2 = offset = None
-        if "nested_absmax" in d:
-            state2 = cls(absmax=d["nested_absmax"], blocksize=int(d["nested_blocksize"]),
-                         code=d["nested_quant_map"], dtype=np.dtype(d["nested_dtype"]))
-            xp = xp_of(d["nested_absmax"])
-            offset = xp.asarray(d["nested_offset"], dtype=xp.float32)
-        return cls(absmax=d["absmax"], shape=tuple(d["shape"]), code=d["quant_map"],
-                   blocksize=int(d["blocksize"]), quant_type=d["quant_type"],
-                   dtype=np.dtype(d["dtype"]), offset=offset, state2=state2)
-
-
-# ---------------------------------------------------------------------------------------
-# Checks
-def _check_blocksize(blocksize) -> int:
-    if isinstance(blocksize, bool) or not isinstance(blocksize, (int, np.integer)):
-        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__}")
-    b = int(blocksize)
-    if not (32 <= b <= 4096 and b & (b - 1) == 0):
-        raise ValueError(f"blocksize {b} is not supported: expected a power of two from 32 to "
-                         "4096 (bitsandbytes' kernels: 32, 64, ..., 4096); 64 is QLoRA's choice")
-    return b
-
-
-def _check_input(A, what: str):
-    if not hasattr(A, "dtype") or not hasattr(A, "shape"):
-        raise TypeError(f"{what} expects a NumPy or CuPy array, got {type(A).__name__}")
-    if np.dtype(A.dtype) not in _FLOAT_DTYPES:
-        raise TypeError(f"{what} supports float32 and float16 arrays (as bitsandbytes, which also "
-                        f"takes bfloat16), got {A.dtype}; convert with A.astype(np.float32)")
-    if A.size == 0:
-        raise ValueError(f"{what} got an empty array of shape {tuple(A.shape)}; "
-                         "nothing to quantize")
-    xp = xp_of(A)
-    finite = xp.isfinite(A)
-    if not bool(finite.all()):
-        bad = int(A.size - int(finite.sum()))
-        raise ValueError(f"{what} got {bad} NaN/inf value(s) in an array of shape "
-                         f"{tuple(A.shape)}: "
-                         "a block's absmax would be inf/NaN and every value in it lost; "
-                         "find where they come from (or replace them, e.g. xp.nan_to_num) first")
-
-
-def _check_out_dtype(dtype):
-    dt = np.dtype(dtype)
-    if dt not in _FLOAT_DTYPES:
-        raise TypeError(f"dequantize can return float32 or float16, got {dt}")
-    return dt
 
 
 # ---------------------------------------------------------------------------------------
@@ -209,20 +96,9 @@ def _from_blocks(values, absmax, blocksize: int, n: int, shape, dtype):
     return out.reshape(-1)[:n].astype(dtype).reshape(shape)
 
 
-def _mean_f32(x):
-    """float32 mean as PyTorch's CUDA reduction forms it: sum, then times float32(1/n).
-
-    The sum is taken in float64 and rounded once; PyTorch sums in float32 in a
-    kernel-defined order, so the two can differ by an ulp (then so does everything
-    computed from the offset).
-    """
-    xp = xp_of(x)
-    total = xp.sum(x.astype(xp.float64)).astype(xp.float32)
-    return (total * (xp.float32(1) / xp.float32(x.size))).astype(xp.float32)
-
-
 # ---------------------------------------------------------------------------------------
 # 8-bit
+@fast.dispatch  # CuPy arrays: minipeft/kernels/quant8bit.cu, bit for bit
 def quantize_blockwise(A, code=None, *, blocksize: int = 4096, nested: bool = False):
     """8-bit block-wise quantization: ``(uint8 indices shaped like A, QuantState)``.
 
@@ -230,10 +106,8 @@ def quantize_blockwise(A, code=None, *, blocksize: int = 4096, nested: bool = Fa
     even index, as bitsandbytes' CUDA binary search does. ``nested=True`` quantizes the
     absmax again (offset = their mean, same blocksize), like bitsandbytes.
     """
-    _check_input(A, "quantize_blockwise")
-    blocksize = _check_blocksize(blocksize)
-    if (hit := _k8.maybe_cuda_quantize_blockwise(A, code, blocksize, nested)) is not None:
-        return hit
+    check_input(A, "quantize_blockwise")
+    blocksize = check_blocksize(blocksize)
     xp = xp_of(A)
     code = xp.asarray(DYNAMIC_SIGNED if code is None else code, dtype=xp.float32)
     if code.ndim != 1 or not 2 <= code.size <= 256:
@@ -250,6 +124,7 @@ def quantize_blockwise(A, code=None, *, blocksize: int = 4096, nested: bool = Fa
     return q, state
 
 
+@fast.dispatch  # CuPy arrays: minipeft/kernels/quant8bit.cu, bit for bit
 def dequantize_blockwise(A, quant_state: QuantState | None = None, *, absmax=None, code=None,
                          blocksize: int = 4096, dtype=None):
     """Inverse of :func:`quantize_blockwise`: ``code[A] * absmax[block]`` in float32.
@@ -257,24 +132,14 @@ def dequantize_blockwise(A, quant_state: QuantState | None = None, *, absmax=Non
     Pass the ``quant_state``, or ``absmax`` (and optionally ``code``, ``blocksize``).
     The result has the state's dtype unless ``dtype`` is given.
     """
+    quant_state = blockwise_state(A, quant_state, absmax, code, blocksize)
+    bs = check_blocksize(quant_state.blocksize)
+    out_dtype = check_out_dtype(quant_state.dtype if dtype is None else dtype)
     xp = xp_of(A)
-    if np.dtype(A.dtype) != np.uint8:
-        raise TypeError(f"dequantize_blockwise expects uint8 indices, got {A.dtype}")
-    if quant_state is None:
-        if absmax is None:
-            raise ValueError("dequantize_blockwise needs quant_state or absmax")
-        quant_state = QuantState(absmax=absmax, shape=tuple(A.shape),
-                                 code=DYNAMIC_SIGNED if code is None else code,
-                                 blocksize=blocksize, dtype=np.dtype(np.float32))
-    bs = _check_blocksize(quant_state.blocksize)
-    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
-    if (hit := _k8.maybe_cuda_dequantize_blockwise(A, quant_state, out_dtype)) is not None:
-        return hit
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = double_dequantize(absmax, quant_state.offset, quant_state.state2)
     table = xp.asarray(quant_state.code, dtype=xp.float32)
-    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
     return _from_blocks(table[A.reshape(-1)], absmax, bs, A.size, A.shape, out_dtype)
 
 
@@ -289,7 +154,7 @@ def double_quantize(absmax, *, blocksize: int = 256, offset=None):
     """
     xp = xp_of(absmax)
     absmax = absmax.astype(xp.float32)
-    offset = _mean_f32(absmax) if offset is None else xp.asarray(offset, dtype=xp.float32)
+    offset = mean_f32(absmax) if offset is None else xp.asarray(offset, dtype=xp.float32)
     qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=blocksize)
     return qabsmax, offset, state2
 
@@ -303,6 +168,7 @@ def double_dequantize(qabsmax, offset, state2: QuantState):
 
 # ---------------------------------------------------------------------------------------
 # 4-bit
+@fast.dispatch  # CuPy arrays: minipeft/kernels/quant4bit.cu, bit for bit
 def quantize_4bit(A, *, blocksize: int = 64, compress_statistics: bool = False,
                   quant_type: str = "fp4"):
     """4-bit block-wise quantization, packed two per byte: ``(uint8 ((n+1)//2, 1), QuantState)``.
@@ -312,12 +178,9 @@ def quantize_4bit(A, *, blocksize: int = 64, compress_statistics: bool = False,
     2j+1 in its low nibble; an odd length is padded with 0.0 (NF4 index 7, FP4 index 0).
     ``compress_statistics=True`` double-quantizes the absmax (blocks of 256).
     """
-    _check_input(A, "quantize_4bit")
-    blocksize = _check_blocksize(blocksize)
-    if quant_type not in QUANT_TYPES_4BIT:
-        raise ValueError(f"quant_type must be one of {QUANT_TYPES_4BIT}, got {quant_type!r}")
-    if (hit := _k4.maybe_cuda_quantize_4bit(A, blocksize, quant_type, compress_statistics)) is not None:
-        return hit
+    check_input(A, "quantize_4bit")
+    blocksize = check_blocksize(blocksize)
+    check_quant_type_4bit(quant_type)
     xp = xp_of(A)
     code = xp.asarray(get_4bit_type(quant_type))
     scaled, absmax, n = _to_blocks(A, blocksize)                       # (n_blocks, B)
@@ -347,6 +210,7 @@ def unpack_4bit(packed, n: int):
     return xp.stack([b >> 4, b & 0xF], axis=-1).reshape(-1)[:n]        # (n,)
 
 
+@fast.dispatch  # CuPy arrays: minipeft/kernels/quant4bit.cu, bit for bit
 def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
     """Inverse of :func:`quantize_4bit`: ``code[q] * absmax[block]`` in float32, cast once.
 
@@ -354,31 +218,18 @@ def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
     than ``quant_state.code``: FP4 is ``magnitude[q & 7] * absmax * sign`` with the sign
     from bit 3, so index 0b1000 gives -0.0 (bitsandbytes' code tensor holds +0.0 there).
     """
-    if np.dtype(A.dtype) != np.uint8:
-        raise TypeError(f"dequantize_4bit expects packed uint8 bytes, got {A.dtype}")
-    if quant_state is None or quant_state.quant_type not in QUANT_TYPES_4BIT:
-        raise ValueError("dequantize_4bit needs the QuantState returned by quantize_4bit")
+    check_4bit_state(A, quant_state)
     xp = xp_of(A)
-    bs = _check_blocksize(quant_state.blocksize)
-    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
-    if (hit := _k4.maybe_cuda_dequantize_4bit(A, quant_state, out_dtype)) is not None:
-        return hit
+    bs = check_blocksize(quant_state.blocksize)
+    out_dtype = check_out_dtype(quant_state.dtype if dtype is None else dtype)
     n = int(np.prod(quant_state.shape, dtype=np.int64))
     idx = unpack_4bit(A, n)
     absmax = quant_state.absmax
     if quant_state.nested:
         absmax = double_dequantize(absmax, quant_state.offset, quant_state.state2)
-    table = xp.asarray(_DECODE_4BIT.get(quant_state.quant_type, quant_state.code),
+    table = xp.asarray(DECODE_4BIT.get(quant_state.quant_type, quant_state.code),
                        dtype=xp.float32)
-    out_dtype = _check_out_dtype(quant_state.dtype if dtype is None else dtype)
     return _from_blocks(table[idx], absmax, bs, n, quant_state.shape, out_dtype)
-
-
-# What the CUDA dequantizer multiplies absmax by, per 4-bit index: NF4 its table; FP4 the
-# magnitude of the low 3 bits times the sign of bit 3 (a sign flip is exact, so the order
-# of the two products does not matter, and index 8 is 0 * -1 = -0.0).
-_DECODE_4BIT = {"nf4": NF4,
-                "fp4": np.concatenate([FP4_MAGNITUDE, -FP4_MAGNITUDE]).astype(_F32)}
 
 
 def quantize_nf4(A, *, blocksize: int = 64, compress_statistics: bool = False):

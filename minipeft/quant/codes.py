@@ -27,7 +27,6 @@ move them to the data's device with ``xp.asarray``.
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import norm
 
 from ..backend import to_numpy, xp_of
 
@@ -197,6 +196,8 @@ def create_normal_map(offset: float = 0.9677083, use_extra_value: bool = True) -
     Note: this is *not* the paper's formula q_i = (Q(i/(2^k+1)) + Q((i+1)/(2^k+1)))/2;
     it is what the library computes, and :data:`NF4` is its slice ``[:8] + [-8:]``.
     """
+    from scipy.stats import norm  # here, not at the top: importing scipy.stats takes ~0.8 s
+
     n_pos = 9 if use_extra_value else 8
     v_pos = norm.ppf(linspace_f32(offset, 0.5, n_pos)[:-1].astype(np.float64))  # 8 or 7
     v_neg = -norm.ppf(linspace_f32(offset, 0.5, 8)[:-1].astype(np.float64))     # 7

@@ -31,25 +31,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import fast
 from ..backend import xp_of
-from ..kernels import quant8bit as _k8  # CUDA twin, used for CuPy arrays
+from .state import FLOAT_DTYPES, check_float
 
 MM_DEQUANT_CONST = np.float32(6.200012e-05)    # == float32(1 / 127**2), bitsandbytes' CUDA value
 INV_127 = np.float32(1.0 / 127.0)              # 7.874015718698502e-3
-_FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))
-
-
-def _check_float(A, what: str):
-    if not hasattr(A, "dtype"):
-        raise TypeError(f"{what} expects a NumPy or CuPy array, got {type(A).__name__}")
-    if np.dtype(A.dtype) not in _FLOAT_DTYPES:
-        raise TypeError(f"{what} supports float16 and float32 arrays, got {A.dtype}; "
-                        "use A.astype(np.float32)")
-    if A.ndim < 1 or A.size == 0:
-        raise ValueError(f"{what} needs a non-empty array with a last (hidden) axis, got shape "
-                         f"{tuple(A.shape)}")
-    if not bool(xp_of(A).isfinite(A).all()):
-        raise ValueError(f"{what} got NaN/inf values; int8 scales cannot be formed from them")
 
 
 def outlier_columns(X, threshold: float = 6.0):
@@ -66,6 +53,7 @@ def outlier_columns(X, threshold: float = 6.0):
     return xp.nonzero(xp.any(xp.abs(rows) >= threshold, axis=0))[0].astype(xp.int64)
 
 
+@fast.dispatch  # CuPy arrays: minipeft/kernels/quant8bit.cu, bit for bit
 def int8_vectorwise_quant(A, threshold: float = 0.0):
     """Row-wise absmax int8 quantization, as bitsandbytes' ``int8_vectorwise_quant``.
 
@@ -76,11 +64,9 @@ def int8_vectorwise_quant(A, threshold: float = 0.0):
     with ``|a| >= threshold`` do not count towards their row's absmax, and every column
     that holds one is zeroed in CA. An all-zero row gets stats 0 and codes 0.
     """
-    _check_float(A, "int8_vectorwise_quant")
+    check_float(A, "int8_vectorwise_quant")
     if threshold < 0:
         raise ValueError(f"threshold must be >= 0, got {threshold}")
-    if (hit := _k8.maybe_cuda_int8_vectorwise_quant(A, threshold)) is not None:
-        return hit
     xp = xp_of(A)
     rows = A.reshape(-1, A.shape[-1]).astype(xp.float32)              # (N, K)
     cols = None
@@ -136,7 +122,7 @@ def int8_mm_dequant(A, row_stats, col_stats, dtype=np.float16, bias=None):
     if np.dtype(A.dtype) != np.int32:
         raise TypeError(f"int8_mm_dequant expects the int32 product, got {A.dtype}")
     out_dtype = np.dtype(dtype)
-    if out_dtype not in _FLOAT_DTYPES:
+    if out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"int8_mm_dequant returns float16 or float32, got {out_dtype}")
     C = A.reshape(-1, A.shape[-1]).astype(xp.float32)                 # (N, out)
     row = xp.asarray(row_stats, dtype=xp.float32).reshape(-1)[:, None]
@@ -157,7 +143,7 @@ def matmul_8bit(X, CB, SCB, threshold: float = 6.0, bias=None, weight=None):
     int8-dequantized weight columns ``CB[:, O] * SCB / 127`` (or ``weight[:, O]`` when the
     float weight is given); the rest through int8 with int32 accumulation.
     """
-    _check_float(X, "matmul_8bit")
+    check_float(X, "matmul_8bit")
     xp = xp_of(X)
     rows = X.reshape(-1, X.shape[-1])                                  # (N, K)
     CA, SCA, cols = int8_vectorwise_quant(rows, threshold)
@@ -179,7 +165,7 @@ def llm_int8_matmul(X, W, threshold: float = 6.0, bias=None, keep_float_outliers
     ``keep_float_outliers=True`` the outlier columns use W itself (the paper's Sec. 3.2 form)
     instead of its int8 version (bitsandbytes >= 0.45).
     """
-    _check_float(W, "llm_int8_matmul")
+    check_float(W, "llm_int8_matmul")
     CB, SCB, _ = int8_vectorwise_quant(W)                              # (out, K), (out,)
     return matmul_8bit(X, CB, SCB, threshold=threshold, bias=bias,
                        weight=W if keep_float_outliers else None)

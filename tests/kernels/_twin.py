@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minipeft import fast
 from minipeft.backend import to_numpy
 from minipeft.engine import Tensor
 
@@ -27,7 +28,11 @@ def rel_err(a, b, floor: float = 1e-30) -> float:
 
 
 class Counter:
-    """Wrap a kernel launcher and count its calls (to prove the fused path ran)."""
+    """Wrap a kernel launcher and count its calls (to prove the fused path ran).
+
+    The launcher is replaced in its module and, where :mod:`minipeft.fast` holds it as a
+    registered fast path (AdamW, the quantizers), in that registry entry too.
+    """
 
     def __init__(self, monkeypatch, module, name):
         self.n = 0
@@ -38,3 +43,6 @@ class Counter:
             return inner(*a, **k)
 
         monkeypatch.setattr(module, name, wrapped)
+        for path in fast.paths():
+            if path.impl is inner:
+                monkeypatch.setattr(path, "impl", wrapped)

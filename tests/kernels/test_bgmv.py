@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+from minipeft import fast
 from minipeft.backend import to_numpy
 from minipeft.serve import bgmv_reference, sgmv_reference
 
@@ -58,7 +59,9 @@ def test_bgmv_kernel_equals_twin(cp, kb, shape):
     want = bgmv_reference(y0.astype(np.float64), x.astype(np.float64), A.astype(np.float64),
                           B.astype(np.float64), idx, s.astype(np.float64))
     y = cp.asarray(y0)
-    assert kb.maybe_cuda_bgmv(y, cp.asarray(x), cp.asarray(A), cp.asarray(B), cp.asarray(idx), cp.asarray(s))
+    args = (y, cp.asarray(x), cp.asarray(A), cp.asarray(B), cp.asarray(idx), cp.asarray(s))
+    assert kb.bgmv_applies(*args) and fast.choose(bgmv_reference, *args) is kb.bgmv_cuda
+    assert kb.bgmv_cuda(*args) is y
     got = to_numpy(y)
     _close(got, want, y0)
     assert np.array_equal(got[idx < 0].view(np.uint32), y0[idx < 0].view(np.uint32))  # base rows untouched
@@ -75,20 +78,27 @@ def test_sgmv_kernel_equals_twin(cp, kb, lens, R):
     want = sgmv_reference(y0.astype(np.float64), x.astype(np.float64), A.astype(np.float64),
                           B.astype(np.float64), indptr, seg_slot, s.astype(np.float64))
     y = cp.asarray(y0)
-    assert kb.maybe_cuda_sgmv(y, cp.asarray(x), cp.asarray(A), cp.asarray(B), indptr, seg_slot, cp.asarray(s))
+    args = (y, cp.asarray(x), cp.asarray(A), cp.asarray(B), indptr, seg_slot, cp.asarray(s))
+    assert kb.sgmv_applies(*args) and fast.choose(sgmv_reference, *args) is kb.sgmv_cuda
+    assert kb.sgmv_cuda(*args) is y
     got = to_numpy(y)
     _close(got, want, y0)
     base_rows = np.repeat(seg_slot < 0, lens)
     assert np.array_equal(got[base_rows].view(np.uint32), y0[base_rows].view(np.uint32))
 
 
-def test_hooks_decline_what_they_cannot_run(cp, kb):
+def test_kernels_decline_what_they_cannot_run(cp, kb, monkeypatch):
     x64 = cp.zeros((2, 8))
-    assert not kb.maybe_cuda_bgmv(x64, x64, cp.zeros((1, 2, 8)), cp.zeros((1, 8, 2)), cp.zeros(2, cp.int32),
-                                  cp.ones(1))
+    args64 = (x64, x64, cp.zeros((1, 2, 8)), cp.zeros((1, 8, 2)), cp.zeros(2, cp.int32), cp.ones(1))
+    assert not kb.bgmv_applies(*args64) and fast.choose(bgmv_reference, *args64) is bgmv_reference
     f = cp.float32
     y, x = cp.zeros((4, 8), f), cp.zeros((4, 8), f)
-    assert not kb.maybe_cuda_sgmv(y, x, cp.zeros((1, 65, 8), f), cp.zeros((1, 8, 65), f), [0, 4], [0], cp.ones(1, f))
+    rank65 = (y, x, cp.zeros((1, 65, 8), f), cp.zeros((1, 8, 65), f), [0, 4], [0], cp.ones(1, f))
+    assert not kb.sgmv_applies(*rank65) and fast.choose(sgmv_reference, *rank65) is sgmv_reference
+    ok = (y, x, cp.zeros((1, 4, 8), f), cp.zeros((1, 8, 4), f), cp.zeros(4, cp.int32), cp.ones(1, f))
+    assert fast.choose(bgmv_reference, *ok) is kb.bgmv_cuda
+    monkeypatch.setenv("MINIPEFT_KERNELS", "0")                       # the one switch turns it off
+    assert fast.choose(bgmv_reference, *ok) is bgmv_reference
 
 
 def test_server_on_the_gpu_gives_the_cpu_tokens(tmp_path):

@@ -238,18 +238,41 @@ def test_int8_vectorwise_quant_matches_twin(cp, k8, dtype, threshold):
 
 # ---------------------------------------------------------------------------------------
 # Hooks and errors
-def test_hooks_only_take_cupy(cp, k4, k8):
+def test_registry_sends_cupy_to_the_kernels(cp, k4, k8):
+    """The quantizers' fast paths: the kernel for a CuPy array, the twin for NumPy or with the switch off."""
+    from minipeft import fast
+
     x = make_input(1, (300,), np.float32, 64)
-    assert k4.maybe_cuda_quantize_4bit(x, 64, "nf4", False) is None
-    assert k8.maybe_cuda_quantize_blockwise(x, None, 256, False) is None
-    assert k8.maybe_cuda_int8_vectorwise_quant(x.reshape(3, 100), 0.0) is None
-    rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4")
-    assert k4.maybe_cuda_dequantize_4bit(rpacked, rstate, np.float32) is None
-    packed, state = k4.maybe_cuda_quantize_4bit(cp.asarray(x), 64, "nf4", True)
+    pairs = [(B.quantize_4bit, k4.quantize_4bit_cuda), (B.dequantize_4bit, k4.dequantize_4bit_cuda),
+             (B.quantize_blockwise, k8.quantize_blockwise_cuda),
+             (B.dequantize_blockwise, k8.dequantize_blockwise_cuda),
+             (I8.int8_vectorwise_quant, k8.int8_vectorwise_quant_cuda)]
+    for reference, kernel in pairs:
+        assert fast.choose(reference, cp.asarray(x)) is kernel, reference.__name__
+        assert fast.choose(reference, x) is reference, reference.__name__
+    packed, state = B.quantize_4bit(cp.asarray(x), blocksize=64, quant_type="nf4", compress_statistics=True)
     rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
     assert_same(packed, rpacked)
-    assert_same(k4.maybe_cuda_dequantize_4bit(packed, state, np.float16),
+    assert_same(B.dequantize_4bit(packed, state, dtype=np.float16),
                 B.dequantize_4bit(rpacked, rstate, dtype=np.float16))
+
+
+def test_switch_off_runs_the_twins_on_cupy(cp, k4, k8, monkeypatch):
+    """MINIPEFT_KERNELS=0: the NumPy-style twins run through CuPy, and give the kernels' bits."""
+    from ._twin import Counter
+
+    x = cp.asarray(make_input(4, (3, 1001), np.float32, 64))
+    kpacked, kstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    kq, ks8 = B.quantize_blockwise(x, blocksize=256)
+    calls = [Counter(monkeypatch, k4, "quantize_4bit_cuda"), Counter(monkeypatch, k8, "quantize_blockwise_cuda")]
+    monkeypatch.setenv("MINIPEFT_KERNELS", "0")
+    packed, state = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    q, s8 = B.quantize_blockwise(x, blocksize=256)
+    assert [c.n for c in calls] == [0, 0], "a kernel ran with MINIPEFT_KERNELS=0"
+    assert_same(packed, kpacked, "packed")
+    assert_states_equal(state, kstate)
+    assert_same(q, kq, "codes")
+    assert_same(B.dequantize_blockwise(q, s8), B.dequantize_blockwise(kq, ks8))
 
 
 def test_blockwise_on_cupy_matches_kernels(cp, k4, k8):

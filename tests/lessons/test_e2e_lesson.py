@@ -122,3 +122,21 @@ def test_a_rate_chosen_at_the_end_of_its_grid_is_flagged():
     assert e2e._at_edge(1e-2, (1e-3, 3e-3, 1e-2)) and e2e._at_edge(1e-3, (1e-3, 3e-3, 1e-2))
     assert not e2e._at_edge(3e-3, (1e-3, 3e-3, 1e-2))
     assert not e2e._at_edge(1e-2, (1e-2,))  # one rate (the CPU default) is not a sweep
+
+
+def test_lora_rank_is_chosen_on_validation_among_ranks_at_or_above_its_own():
+    nan = float("nan")
+    ranks = {2: {"val_loss": 0.40, "lr": 3e-3}, 8: {"val_loss": 0.60, "lr": 3e-3},
+             32: {"val_loss": 0.50, "lr": 3e-3}, 64: {"val_loss": 0.50, "lr": 3e-3}, 128: {"val_loss": nan}}
+    t = e2e.lora_rank_chosen(ranks, 8)
+    assert t["r"] == 32 and t["ranks_considered"] == [8, 32, 64]  # r=2 is below LoRA's own; a tie keeps the smaller
+    assert t["label"] == "LoRA all (r=32, chosen on val)" and t["val_loss"] == 0.50
+    with pytest.raises(ValueError, match="no finished rank >= 256"):
+        e2e.lora_rank_chosen(ranks, 256)
+
+
+def test_the_rank_chosen_row_is_recorded_and_decoded(result):
+    t = result["lora_all_tuned"]
+    assert t["r"] in result["ranks"] and t["r"] >= min(t["ranks_considered"])
+    assert math.isfinite(t["BLEU"]) and t["val_loss"] == min(result["ranks"][r]["val_loss"]
+                                                              for r in t["ranks_considered"])

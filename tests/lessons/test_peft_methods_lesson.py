@@ -154,3 +154,23 @@ def test_bad_lr_override():
         peft_methods._parse_lr(["nonsense=1e-3"])
     assert peft_methods._parse_lr(["lora=1e-2"]) == {"lora": 1e-2}
     assert all(lr > 0 for lr in peft_methods.LR.values()) and set(peft_methods.LR) == set(peft_methods.METHODS)
+
+
+_TIMING_KEYS = {"seconds", "ms_per_step", "tokens_per_sec", "train_ms_per_step", "step_seconds", "pretrain_seconds"}
+
+
+def _without_timings(d):
+    if isinstance(d, dict):
+        return {k: _without_timings(v) for k, v in d.items() if k not in _TIMING_KEYS}
+    if isinstance(d, list):
+        return [_without_timings(x) for x in d]
+    return d
+
+
+def test_parts_in_two_processes_give_the_same_numbers(result):
+    """``--jobs 2`` runs the three parts in spawned processes: every number but the timings is the same."""
+    two = peft_methods.main(["--quick", "--jobs", "2"])
+    one = {k: v for k, v in result.items() if k != "_out"}
+    assert _without_timings(two) == _without_timings(one)
+    with pytest.raises(SystemExit, match="--jobs 0: must be at least 1"):
+        peft_methods.main(["--quick", "--jobs", "0"])

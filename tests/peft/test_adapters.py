@@ -4,9 +4,10 @@ import json
 import numpy as np
 import pytest
 
+from minipeft.init import trunc_normal
 from minipeft.peft import (BottleneckConfig, BottleneckLayer, HoulsbyConfig, PeftConfig, PfeifferConfig,
                            get_peft_model)
-from minipeft.peft.adapters import num_adapter_parameters, trunc_normal
+from minipeft.peft.adapters import num_adapter_parameters
 from minipeft.testing import gradcheck_module
 
 from . import batch, linear, logits, perturb, tiny_gpt, train, x_input

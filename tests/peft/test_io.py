@@ -31,14 +31,6 @@ def rel_err(a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
 
 
-def optional(name, cls_name, make):
-    """A parametrize entry for a method whose module may not exist yet (skipped until it does)."""
-    cls = getattr(mp, cls_name, None)
-    if cls is None:
-        return pytest.param(name, None, marks=pytest.mark.skip(reason=f"minipeft.peft has no {cls_name} yet"), id=name)
-    return pytest.param(name, lambda: make(cls), id=name)
-
-
 # Every method, configured for the GPT-2 module names; non-trivial weights come from perturb().
 METHODS = [
     pytest.param("lora", lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]), id="lora"),
@@ -50,17 +42,27 @@ METHODS = [
     pytest.param("loha", lambda: LoHaConfig(r=2, alpha=4, target_modules=["c_attn", "mlp.c_proj"]), id="loha"),
     pytest.param("lokr", lambda: LoKrConfig(r=2, target_modules=["c_attn"]), id="lokr"),
     pytest.param("vera", lambda: VeraConfig(r=8, target_modules=["c_attn", "c_fc"]), id="vera"),
-    optional("ia3", "IA3Config", lambda c: c()),
-    optional("prompt_tuning", "PromptTuningConfig", lambda c: c(num_virtual_tokens=4)),
-    optional("prefix_tuning", "PrefixTuningConfig", lambda c: c(num_virtual_tokens=4)),
-    optional("prefix_tuning_projection", "PrefixTuningConfig",
-             lambda c: c(num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=8)),
-    optional("houlsby", "HoulsbyConfig", lambda c: c(adapter_size=4)),
-    optional("pfeiffer", "PfeifferConfig", lambda c: c(reduction_factor=4)),
-    optional("bitfit", "BitFitConfig", lambda c: c()),
-    optional("top_k_blocks", "TopKBlocksConfig", lambda c: c(top_k_blocks=1)),
-    optional("full", "FullFineTuningConfig", lambda c: c()),
+    pytest.param("ia3", lambda: mp.IA3Config(), id="ia3"),
+    pytest.param("prompt_tuning", lambda: mp.PromptTuningConfig(num_virtual_tokens=4), id="prompt_tuning"),
+    pytest.param("prefix_tuning", lambda: mp.PrefixTuningConfig(num_virtual_tokens=4), id="prefix_tuning"),
+    pytest.param("prefix_tuning_projection", lambda: mp.PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=True,
+                                                                           encoder_hidden_size=8),
+                 id="prefix_tuning_projection"),
+    pytest.param("houlsby", lambda: mp.HoulsbyConfig(adapter_size=4), id="houlsby"),
+    pytest.param("pfeiffer", lambda: mp.PfeifferConfig(reduction_factor=4), id="pfeiffer"),
+    pytest.param("bitfit", lambda: mp.BitFitConfig(), id="bitfit"),
+    pytest.param("top_k_blocks", lambda: mp.TopKBlocksConfig(top_k_blocks=1), id="top_k_blocks"),
+    pytest.param("full", lambda: mp.FullFineTuningConfig(), id="full"),
+    pytest.param("side_tuning", lambda: mp.SideTuningConfig(reduction_factor=4), id="side_tuning"),
+    pytest.param("lst", lambda: mp.LSTConfig(reduction_factor=4), id="lst"),
+    pytest.param("qst", lambda: mp.QSTConfig(reduction_factor=4, compute_dtype="float32"), id="qst"),
 ]
+
+
+def test_every_registered_method_has_a_case():
+    """Here, or as a recipe of the method table (test_method_table.py saves and loads every recipe)."""
+    recipes = {r.config(2, 16).peft_type for r in mp.method_table().values()}
+    assert {p.values[1]().peft_type for p in METHODS} | recipes == set(mp.REGISTRY)
 
 
 def model_state(model) -> dict:
@@ -178,22 +180,14 @@ def test_named_adapters_subfolders_and_loading_into_a_peft_model(tmp_path):
 
 
 PEFT_FIXTURES = ["lora", "dora", "ia3", "prompt_tuning", "prefix_tuning"]
-PEFT_TYPES = {"lora": "LORA", "dora": "LORA", "ia3": "IA3", "prompt_tuning": "PROMPT_TUNING",
-              "prefix_tuning": "PREFIX_TUNING"}
 
 
 def fixture_dir(method: str) -> str:
     return os.path.join(FIXTURES, f"peft_{method}")
 
 
-def skip_if_method_missing(method: str) -> None:
-    if PEFT_TYPES[method] not in mp.REGISTRY:
-        pytest.skip(f"minipeft has no {PEFT_TYPES[method]} method yet")
-
-
 @pytest.mark.parametrize("method", PEFT_FIXTURES)
 def test_peft_fixture_gives_peft_logits(method):
-    skip_if_method_missing(method)
     ref = load_file(os.path.join(FIXTURES, f"peft_{method}_logits.safetensors"))
     base = GPT.from_hf(HF_DIR)
     T = ref["input_ids"].shape[1]
@@ -208,7 +202,6 @@ def test_peft_fixture_gives_peft_logits(method):
 @pytest.mark.parametrize("method", PEFT_FIXTURES)
 def test_resaving_peft_fixture_reproduces_peft_files(tmp_path, method):
     """Load peft's file, save it again: same tensors (keys, shapes, values) and the same config values."""
-    skip_if_method_missing(method)
     model = from_pretrained(GPT.from_hf(HF_DIR), fixture_dir(method))
     save_adapter(model, tmp_path)
     theirs = load_file(os.path.join(fixture_dir(method), "adapter_model.safetensors"))
@@ -229,7 +222,6 @@ def test_resaving_peft_fixture_reproduces_peft_files(tmp_path, method):
 def test_prompt_tuning_text_init_file_loads(tmp_path):
     """A prompt trained from TEXT with GPT-2's tokenizer: the init does not matter when loading, so
     minipeft (which never downloads a tokenizer) still loads it, and saving writes the file's fields back."""
-    skip_if_method_missing("prompt_tuning")
     shutil.copytree(fixture_dir("prompt_tuning"), tmp_path / "text")
     edit_config(tmp_path / "text", prompt_tuning_init="TEXT", prompt_tuning_init_text="Classify the review:",
                 tokenizer_name_or_path="gpt2")
@@ -281,11 +273,12 @@ PEFT_SIDE = [
                                             target_modules=["c_attn", "c_proj"]), id="dora"),
     pytest.param("lora_bias_all", lambda: LoraConfig(r=2, bias="all"), id="lora_bias_all"),
     pytest.param("vera", lambda: VeraConfig(r=8, target_modules=["c_attn", "mlp.c_proj"]), id="vera"),
-    optional("ia3", "IA3Config", lambda c: c()),
-    optional("prompt_tuning", "PromptTuningConfig", lambda c: c(num_virtual_tokens=6)),
-    optional("prefix_tuning", "PrefixTuningConfig", lambda c: c(num_virtual_tokens=6)),
-    optional("prefix_tuning_projection", "PrefixTuningConfig",
-             lambda c: c(num_virtual_tokens=6, prefix_projection=True, encoder_hidden_size=16)),
+    pytest.param("ia3", lambda: mp.IA3Config(), id="ia3"),
+    pytest.param("prompt_tuning", lambda: mp.PromptTuningConfig(num_virtual_tokens=6), id="prompt_tuning"),
+    pytest.param("prefix_tuning", lambda: mp.PrefixTuningConfig(num_virtual_tokens=6), id="prefix_tuning"),
+    pytest.param("prefix_tuning_projection", lambda: mp.PrefixTuningConfig(num_virtual_tokens=6, prefix_projection=True,
+                                                                           encoder_hidden_size=16),
+                 id="prefix_tuning_projection"),
 ]
 
 

@@ -307,7 +307,7 @@ def test_extension_points_with_a_model_level_method():
     from dataclasses import dataclass
 
     from minipeft.nn import Parameter, ParameterDict
-    from minipeft.peft import CONFIG_CLASSES, PeftMethod, register
+    from minipeft.peft import PeftMethod, register
 
     @dataclass
     class ShiftConfig(PeftConfig):
@@ -317,7 +317,7 @@ def test_extension_points_with_a_model_level_method():
 
     @register
     class ShiftMethod(PeftMethod):
-        peft_type, config_class, mergeable = "TOY_SHIFT", ShiftConfig, False
+        config_class, mergeable = ShiftConfig, False
 
         @classmethod
         def find_targets(cls, model, config):
@@ -370,4 +370,3 @@ def test_extension_points_with_a_model_level_method():
         assert list(model.shift) == ["two"]
     finally:
         REGISTRY.pop("TOY_SHIFT", None)
-        CONFIG_CLASSES.pop("TOY_SHIFT", None)

@@ -1,270 +1,29 @@
-"""The one PEFT API: ``get_peft_model(model, config) -> PeftModel``, and the layer protocol.
+"""The model side of PEFT: ``get_peft_model(model, config) -> PeftModel``.
 
 Structure and names follow Hugging Face peft (``peft_model.py``, ``tuners/tuners_utils.py``)
-so in-memory parameter names match peft's:
-``PeftModel.base_model`` is a ``TunerModel`` whose ``.model`` is the wrapped GPT, giving
+so in-memory parameter names match peft's: ``PeftModel.base_model`` is a ``TunerModel``
+whose ``.model`` is the wrapped GPT, giving
 ``base_model.model.transformer.h.0.attn.c_attn.lora_A.default.weight``.
 
-* ``REGISTRY`` maps a ``peft_type`` ("LORA") to a ``PeftMethod`` subclass; a method
-  module registers itself with ``@register``.
-* ``BaseTunerLayer`` wraps one module (at ``.base_layer``) and keeps per-adapter weights
-  in ``ModuleDict``/``ParameterDict`` attributes named in ``adapter_layer_names``; it
-  knows how to run, merge and unmerge them.
-* ``ModulesToSaveWrapper`` keeps a fully trainable copy of a module per adapter.
-See ``minipeft/peft/__init__.py`` for how a new method plugs in.
+``PeftModel`` does what every method shares -- freezing the base, adding, choosing and
+deleting named adapters (rolling back on error), merging, counting, listing the tensors
+an adapter saves -- and asks the method (``PeftMethod`` hooks, method.py) for the rest.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
-import re
 import warnings
 import weakref
-import zlib
 from collections import OrderedDict
-from typing import ClassVar
 
 import numpy as np
 
-from ..backend import to_device, xp_of
-from ..engine import Tensor, no_grad
-from ..nn import Linear, Module, ModuleDict
+from ..backend import to_device
+from ..engine import Tensor
+from ..nn import Module
 from .config import PeftConfig
-
-REGISTRY: dict[str, type["PeftMethod"]] = {}
-
-
-def register(method: type["PeftMethod"]) -> type["PeftMethod"]:
-    """Class decorator: make ``get_peft_model`` dispatch ``method.peft_type`` to ``method``."""
-    REGISTRY[method.peft_type] = method
-    return method
-
-
-def derive_rng(seed: int, name: str) -> np.random.Generator:
-    """The generator for the adapter on module ``name``: depends on (seed, name) only."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
-
-
-def is_linear_like(m: Module) -> bool:
-    """A Linear, or any module that says its ``in_features``/``out_features`` (e.g. a 4-bit Linear)."""
-    if isinstance(m, BaseTunerLayer):
-        return False
-    return isinstance(m, Linear) or (
-        isinstance(getattr(m, "in_features", None), int) and isinstance(getattr(m, "out_features", None), int)
-    )
-
-
-def walk(model: Module, prefix: str = ""):
-    """(name, module) over ``model``, not descending into tuner layers or save-wrappers."""
-    yield prefix, model
-    if isinstance(model, (BaseTunerLayer, ModulesToSaveWrapper)):
-        return
-    for name, child in model._modules.items():
-        yield from walk(child, f"{prefix}.{name}" if prefix else name)
-
-
-def describe_modules(model: Module) -> str:
-    """Module names with layer indices folded (``transformer.h.{i}.attn.c_attn``), for error messages."""
-    seen: dict[str, str] = {}
-    for name, m in walk(model):
-        if name:
-            seen.setdefault(re.sub(r"\.\d+(?=\.|$)", ".{i}", name), type(m).__name__)
-    return ", ".join(f"{n} ({t})" for n, t in seen.items())
-
-
-# ------------------------------------------------------------------ tuner layer
-
-
-class BaseTunerLayer(Module):
-    """A module wrapped with one or more named adapters (peft's ``BaseTunerLayer``).
-
-    Subclasses set ``adapter_layer_names`` (dict attributes that hold each adapter's
-    trainable weights, keyed by adapter name: they define the saved keys) and
-    ``other_param_names`` (per-adapter hyper-parameter dicts), and implement
-    ``update_layer`` (create an adapter), ``adapter_forward`` (what the adapter adds
-    to the base output) and ``get_delta_weight`` (the (out, in) weight change, for
-    merging). Weight methods get ``forward``/``merge``/``unmerge`` from here.
-    """
-
-    adapter_layer_names: ClassVar[tuple[str, ...]] = ()
-    other_param_names: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, base_layer: Module) -> None:
-        super().__init__()
-        if not is_linear_like(base_layer):
-            raise TypeError(
-                f"{type(self).__name__} wraps Linear-like layers (with in_features/out_features), "
-                f"got {type(base_layer).__name__}"
-            )
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        self.active_adapters: list[str] = []
-        self.merged_adapters: list[str] = []
-        self.disable_adapters = False
-        self._caches: dict = {}
-
-    # ---- bookkeeping
-    def get_base_layer(self) -> Module:
-        return self.base_layer
-
-    @property
-    def adapter_names(self) -> list[str]:
-        names: list[str] = []
-        for attr in self.adapter_layer_names:
-            for k in getattr(self, attr).keys():
-                if k not in names:
-                    names.append(k)
-        return names
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
-
-    def update_layer(self, adapter_name: str, config, rng: np.random.Generator, **ctx) -> None:
-        raise NotImplementedError
-
-    def set_adapter(self, names, inference_mode: bool = False) -> None:
-        """Make ``names`` the active adapters: only their weights require grad."""
-        names = [names] if isinstance(names, str) else list(names)
-        for attr in self.adapter_layer_names:
-            d = getattr(self, attr)
-            for key in d.keys():
-                train = key in names and not inference_mode
-                item = d[key]
-                if isinstance(item, Module):
-                    item.requires_grad_(train)
-                else:
-                    item.requires_grad = train
-        self.active_adapters = names
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if self.merged:
-            warnings.warn(f"deleting adapter {adapter_name!r} from a merged layer: unmerging first", stacklevel=2)
-            self.unmerge()
-        for attr in self.adapter_layer_names + self.other_param_names:
-            d = getattr(self, attr)
-            if adapter_name in d:
-                del d[adapter_name]
-        self.active_adapters = [a for a in self.active_adapters if a != adapter_name]
-
-    # ---- compute
-    def adapter_forward(self, x: Tensor, adapter: str, base_result: Tensor) -> Tensor | None:
-        """What ``adapter`` adds to ``base_result`` for input ``x`` (None: nothing this time)."""
-        raise NotImplementedError
-
-    def forward(self, x, *args, **kwargs):
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return result
-        present = self.adapter_names
-        for a in self.active_adapters:
-            if a in present:
-                delta = self.adapter_forward(x, a, result)
-                if delta is not None:
-                    result = result + delta
-        return result
-
-    def get_delta_weight(self, adapter: str) -> Tensor:
-        """The adapter's weight change, shape (out, in) like ``Linear.weight``."""
-        raise NotImplementedError
-
-    # ---- base weight access (Linear, or a quantized layer offering dequantize())
-    def base_weight(self):
-        """The base weight as a float array (out, in); quantized bases are dequantized."""
-        base = self.get_base_layer()
-        w = getattr(base, "weight", None)
-        if isinstance(w, Tensor) and xp_of(w.data).issubdtype(w.dtype, np.floating):
-            return w.data
-        if hasattr(base, "dequantize"):
-            return base.dequantize()
-        raise TypeError(f"cannot read a float weight from {type(base).__name__} (no float .weight, no dequantize())")
-
-    def set_base_weight(self, array) -> None:
-        base = self.get_base_layer()
-        w = getattr(base, "weight", None)
-        if isinstance(w, Tensor) and xp_of(w.data).issubdtype(w.dtype, np.floating):
-            w.data = array.astype(w.dtype, copy=False)
-            return
-        raise TypeError(
-            f"cannot merge into a {type(base).__name__} base layer (its weight is not a float Parameter, e.g. "
-            "quantized); keep the adapter unmerged, or dequantize the model before merging"
-        )
-
-    def merged_weight(self, weight, adapter: str):
-        """Base weight with ``adapter`` merged in (additive methods: W + ΔW)."""
-        return weight + self.get_delta_weight(adapter).data.astype(weight.dtype)
-
-    def unmerged_weight(self, weight, adapter: str):
-        """Inverse of ``merged_weight`` (to float rounding)."""
-        return weight - self.get_delta_weight(adapter).data.astype(weight.dtype)
-
-    def merge(self, adapter_names=None, safe_merge: bool = False) -> None:
-        """Fold the active (or given) adapters into the base weight: no extra latency after."""
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
-        present = self.adapter_names
-        with no_grad():
-            for a in names:
-                if a not in present or a in self.merged_adapters:
-                    continue
-                new = self.merged_weight(self.base_weight(), a)
-                if safe_merge and not bool(xp_of(new).isfinite(new).all()):
-                    raise ValueError(f"merging adapter {a!r} gives non-finite weights; the adapter is broken")
-                self.set_base_weight(new)
-                self.merged_adapters.append(a)
-
-    def unmerge(self) -> None:
-        """Subtract every merged adapter again, last merged first."""
-        with no_grad():
-            while self.merged_adapters:
-                a = self.merged_adapters.pop()
-                self.set_base_weight(self.unmerged_weight(self.base_weight(), a))
-
-    def extra_repr(self) -> str:
-        return f"adapters={self.adapter_names}, active={self.active_adapters}, merged={self.merged_adapters}"
-
-
-class ModulesToSaveWrapper(Module):
-    """A module trained in full: one trainable copy per adapter (peft's ``ModulesToSaveWrapper``).
-
-    In memory: ``lm_head.modules_to_save.default.weight``; on disk: ``lm_head.weight``.
-    """
-
-    def __init__(self, module: Module, adapter_name: str) -> None:
-        super().__init__()
-        self.original_module = module
-        self.modules_to_save = ModuleDict()
-        self.active_adapter: str | None = adapter_name
-        self.disable_adapters = False
-        self.update(adapter_name)
-
-    def update(self, adapter_name: str) -> None:
-        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module).requires_grad_(True)
-
-    def forward(self, *args, **kwargs):
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
-            return self.original_module(*args, **kwargs)
-        return self.modules_to_save[self.active_adapter](*args, **kwargs)
-
-    def set_adapter(self, names, inference_mode: bool = False) -> None:
-        names = [names] if isinstance(names, str) else list(names)
-        for key, m in self.modules_to_save.items():
-            m.requires_grad_(key in names and not inference_mode)
-        self.active_adapter = names[0] if names else None
-
-    def enable_adapters(self, enabled: bool) -> None:
-        self.disable_adapters = not enabled
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        if adapter_name in self.modules_to_save:
-            del self.modules_to_save[adapter_name]
+from .layer import BaseTunerLayer, ModulesToSaveWrapper, derive_rng, describe_modules, walk
+from .method import REGISTRY, PeftMethod, trained_biases
 
 
 class TunerModel(Module):
@@ -284,112 +43,6 @@ class TunerModel(Module):
         return getattr(model, name)
 
 
-# ------------------------------------------------------------------ methods
-
-
-class PeftMethod:
-    """One PEFT method's hooks; subclass, set the class attributes, decorate with ``@register``.
-
-    Every hook has a default that suits layer-wrapping methods (LoRA and kin); methods
-    that add model-level state (VeRA's shared projections, prompt/prefix tuning)
-    override ``prepare``/``find_targets``/``forward``/``extra_adapter_state``/
-    ``set_adapter``/``delete_adapter``.
-    """
-
-    peft_type: ClassVar[str] = ""
-    config_class: ClassVar[type[PeftConfig]] = PeftConfig
-    layer_class: ClassVar[type[BaseTunerLayer] | None] = None
-    #: False for methods whose change is not a weight delta (prompt/prefix tuning, bottleneck adapters)
-    mergeable: ClassVar[bool] = True
-
-    @classmethod
-    def prepare_config(cls, config: PeftConfig) -> PeftConfig:
-        """A copy of ``config`` with defaults filled in (GPT-2's target modules)."""
-        if config.target_modules is None and config.default_target_modules is not None:
-            return dataclasses.replace(config, target_modules=list(config.default_target_modules))
-        return dataclasses.replace(config)
-
-    @classmethod
-    def check_new_adapter(cls, peft_model: "PeftModel", config: PeftConfig, adapter_name: str) -> None:
-        """Raise if ``config`` conflicts with the adapters already there."""
-
-    @classmethod
-    def can_wrap(cls, module: Module) -> bool:
-        return (cls.layer_class is not None and isinstance(module, cls.layer_class)) or is_linear_like(module)
-
-    @classmethod
-    def find_targets(cls, model: Module, config: PeftConfig) -> list[tuple[str, Module]]:
-        """(name, module) pairs to wrap; ValueError listing the model's modules if none."""
-        if config.target_modules == "all-linear":
-            found = [(n, m) for n, m in walk(model) if n and is_linear_like(m)
-                     and n.rsplit(".", 1)[-1] != "lm_head" and not config.is_excluded(n)]
-        else:
-            found = [(n, m) for n, m in walk(model) if n and config.matches(n)]
-        bad = [f"{n} ({type(m).__name__})" for n, m in found if not cls.can_wrap(m)]
-        if bad:
-            raise ValueError(
-                f"{cls.peft_type}: target_modules={config.target_modules!r} matched modules it cannot wrap: "
-                f"{bad[:10]}; it wraps Linear layers. Name the Linear layers instead (e.g. 'c_attn')."
-            )
-        if not found:
-            raise ValueError(
-                f"{cls.peft_type}: target_modules={config.target_modules!r} matches no module of "
-                f"{type(model).__name__}. Its modules are: {describe_modules(model)}"
-            )
-        return found
-
-    @classmethod
-    def prepare(cls, peft_model: "PeftModel", config, adapter_name: str, targets) -> None:
-        """Model-level setup before the targets are wrapped (VeRA's shared A, B; a prompt encoder)."""
-
-    @classmethod
-    def wrap(cls, module: Module, name: str, config, adapter_name: str, rng, tuner_model: TunerModel) -> Module:
-        """Add ``adapter_name`` to ``module``: wrap a plain module, or extend an existing wrapper."""
-        layer = module if isinstance(module, cls.layer_class) else cls.layer_class(module)
-        layer.update_layer(adapter_name, config, rng, name=name, tuner_model=tuner_model)
-        return layer
-
-    @classmethod
-    def mark_trainable(cls, peft_model: "PeftModel", config, adapter_name: str) -> None:
-        """Extra trainability rules after the adapter weights (default: ``bias`` = none/all/<prefix>_only)."""
-        bias = getattr(config, "bias", "none")
-        base = peft_model.base_named_parameters()
-        biases = {n: p for n, p in base.items() if n.rsplit(".", 1)[-1] == "bias"}
-        for p in biases.values():
-            p.requires_grad = False
-        if bias == "all":
-            chosen = biases.values()
-        elif bias.endswith("_only"):
-            chosen = [m.get_base_layer().bias for m in peft_model.modules()
-                      if isinstance(m, BaseTunerLayer) and adapter_name in m.adapter_names
-                      and getattr(m.get_base_layer(), "bias", None) is not None]
-        else:
-            chosen = []
-        for p in chosen:
-            p.requires_grad = not config.inference_mode
-
-    @classmethod
-    def forward(cls, peft_model: "PeftModel", *args, **kwargs):
-        return peft_model.base_model(*args, **kwargs)
-
-    @classmethod
-    def extra_adapter_state(cls, peft_model: "PeftModel", adapter_name: str) -> list[tuple[str, str, Tensor]]:
-        """Model-level tensors of an adapter: (in-memory key, peft on-disk key, Tensor)."""
-        return []
-
-    @classmethod
-    def set_adapter(cls, peft_model: "PeftModel", adapter_name: str, inference_mode: bool) -> None:
-        """Trainability of model-level state when ``adapter_name`` becomes active."""
-
-    @classmethod
-    def delete_adapter(cls, peft_model: "PeftModel", adapter_name: str) -> None:
-        """Remove model-level state of ``adapter_name``."""
-
-    @classmethod
-    def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type, **kw) -> None:
-        raise TypeError(f"add_weighted_adapter is not supported for {cls.peft_type} (only LORA)")
-
-
 def method_for(config: PeftConfig) -> type[PeftMethod]:
     if not isinstance(config, PeftConfig):
         raise TypeError(f"expected a PeftConfig (e.g. LoraConfig(r=8)), got {type(config).__name__}")
@@ -398,15 +51,12 @@ def method_for(config: PeftConfig) -> type[PeftMethod]:
     return REGISTRY[config.peft_type]
 
 
-# ------------------------------------------------------------------ PeftModel
-
-
 class PeftModel(Module):
     """A base model with named adapters; calls go to the wrapped model (peft's ``PeftModel``).
 
     Only one adapter is active at a time (``set_adapter``); ``disable_adapter()`` runs the
-    base alone. Attributes the PeftModel lacks (``config``, ``generate``...) are looked up
-    on the wrapped model.
+    base alone. Attributes the PeftModel lacks (``config``, ``num_parameters``...) are
+    looked up on the wrapped model.
     """
 
     def __init__(self, model: Module, config: PeftConfig, adapter_name: str = "default", rng=None) -> None:
@@ -463,6 +113,10 @@ class PeftModel(Module):
         if self._disabled:
             return self.base_model.model(*args, **kwargs)
         return self._method.forward(self, *args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        """Continue token ids with the active adapter (``GPT.generate``'s arguments; the method's ``generate``)."""
+        return self._method.generate(self, *args, **kwargs)
 
     # ---- adding, choosing, removing adapters
     def _inject(self, config: PeftConfig, adapter_name: str, rng) -> None:
@@ -561,9 +215,16 @@ class PeftModel(Module):
             warnings.warn(f"deleted the active adapter; {self._active_adapter!r} is active now", stacklevel=2)
         self._refresh_trainable()
 
-    @contextlib.contextmanager
     def disable_adapter(self):
-        """``with model.disable_adapter(): ...`` runs the base model alone."""
+        """``with model.disable_adapter(): ...`` runs the base model alone (forward and ``generate``).
+
+        ``TypeError`` at once for methods that train the base in place (``PeftMethod.check_disable``).
+        """
+        self._method.check_disable(self)
+        return self._adapters_disabled()
+
+    @contextlib.contextmanager
+    def _adapters_disabled(self):
         prev = self._disabled
         self._set_enabled(False)
         self._disabled = True
@@ -667,16 +328,9 @@ class PeftModel(Module):
                 for pn, p in m.modules_to_save[a].named_parameters():
                     out.append((f"{mname}.modules_to_save.{a}.{pn}", f"{mname}.{pn}", p))
         out += self._method.extra_adapter_state(self, a)
-        bias = getattr(self.peft_config[a], "bias", "none") if with_bias else "none"
-        if bias != "none":
-            if bias == "all":
-                chosen = {n for n in self.base_named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
-            else:
-                chosen = {f"{n}.base_layer.bias" for n, m in self.named_modules()
-                          if isinstance(m, BaseTunerLayer) and a in m.adapter_names
-                          and getattr(m.get_base_layer(), "bias", None) is not None}
-            params = dict(self.named_parameters())
-            out += [(n, n, params[n]) for n in sorted(chosen)]
+        if with_bias:  # the base biases the adapter trains, under their own names
+            biases = trained_biases(self, self.peft_config[a], a)
+            out += [(n, n, biases[n]) for n in sorted(biases)]
         return out
 
     def adapter_state_dict(self, adapter_name: str | None = None) -> "OrderedDict[str, Tensor]":
@@ -755,7 +409,4 @@ def check_not_wrapped(model: Module) -> None:
         "(base2 = copy.deepcopy(base)), or peft_model.unload() first to get the plain base back")
 
 
-__all__ = [
-    "REGISTRY", "register", "BaseTunerLayer", "ModulesToSaveWrapper", "TunerModel", "PeftMethod", "PeftModel",
-    "get_peft_model", "check_not_wrapped", "derive_rng", "walk", "describe_modules", "is_linear_like", "method_for",
-]
+__all__ = ["TunerModel", "PeftModel", "get_peft_model", "check_not_wrapped", "method_for"]

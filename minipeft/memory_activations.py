@@ -1,0 +1,113 @@
+"""Memory arithmetic, activations: the bytes one training step saves for backward, op by op.
+
+A GPT-2 language model's forward, mirrored op by op from ``minipeft.functional``: an op
+saves arrays for backward only when one of its inputs needs a gradient, so what a step
+keeps depends on what trains (full fine-tuning, LoRA's ranks, a prompt or prefix, a side
+network). ``minipeft.memory.estimate_memory`` calls ``activation_bytes`` with the settings
+of the method it models; the measured counterpart is the engine's ledger
+(``minipeft.memory_measure``).
+"""
+from __future__ import annotations
+
+
+def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *, trainable_linears=(),
+                     lora_ranks=None, lora_dropout=0.0, ln_trainable=False, embeddings_trainable=False,
+                     n_prompt=0, n_prefix=0, side_width=0, side_inner=0, save_frozen_linear_inputs=False,
+                     resid_pdrop=0.0, embd_pdrop=0.0, ledger_view=False, mask_bytes=1, index_bytes=8):
+    """Bytes saved for backward by one training step of a GPT-2 LM, per term (summed over layers).
+
+    Mirrors minipeft.functional: an op records (and saves) only when an input needs grad;
+    Linear keeps x only when its weight is trained (dL/dx = g W needs W, not x);
+    LayerNorm keeps x̂ (if input or weight needs grad) and rstd (if input does); GELU its
+    input; Attention q, k, v and probs (B, H, T, Tk); Dropout a bool mask; Embedding its
+    indices; CrossEntropy probs (N, V) + int64 targets + bool valid; adds save nothing.
+    A buffer kept by two ops counts once. lora_ranks: {block module: r} (linear_shapes names).
+    side_width > 0: LST side network of that width; the backbone runs without a graph.
+    ledger_view: skip arrays made outside the graph (the engine's ledger treats them as leaves).
+    """
+    lora_ranks = dict(lora_ranks or {})
+    Tq = T + n_prompt  # prompt tuning lengthens the sequence the model sees
+    N = B * Tq  # positions
+    terms: dict[str, int] = {}
+
+    def add(key, nbytes):
+        terms[key] = terms.get(key, 0) + int(nbytes)
+
+    def keep(x_rg):  # may an input made without a graph be counted?
+        return x_rg or not ledger_view
+
+    def linear(name, d_in, x_rg, trained, loras):  # -> whether the output needs grad
+        if (trained or (save_frozen_linear_inputs and x_rg)) and keep(x_rg):
+            add(f"{name}: input x", N * d_in * act_bytes)  # needed for dL/dW = g^T x
+        if loras:
+            r_all = sum(loras)  # slices share one input (loralib MergedLinear)
+            if lora_dropout > 0 and x_rg:
+                add(f"{name}: lora dropout mask", N * d_in * mask_bytes)  # bool (B, T, d_in)
+            if (lora_dropout > 0 and x_rg) or not trained:  # else the same buffer as above
+                if keep(x_rg):
+                    add(f"{name}: lora_A input", N * d_in * act_bytes)  # for dL/dA
+            add(f"{name}: lora_B input", N * r_all * act_bytes)  # A x, for dL/dB
+        return x_rg or trained or bool(loras)
+
+    def layer_norm(name, C, x_rg, w_rg):
+        if x_rg or w_rg:
+            add(f"{name}: x_hat", N * C * act_bytes)  # (B, T, C), for dgamma and dx
+        if x_rg:
+            add(f"{name}: rstd", N * act_bytes)  # (B, T, 1)
+        return x_rg or w_rg
+
+    def block(p, C, F, Tk, g, trained, loras, ln_tr):  # one pre-LN block; -> stream needs grad
+        lr = lambda m: [r for k, r in loras.items() if k == m or k.startswith(m + ".")]  # noqa: E731
+        a = layer_norm(f"{p}ln_1", C, g, ln_tr)
+        qkv = linear(f"{p}attn.c_attn", C, a, "attn.c_attn" in trained, lr("attn.c_attn"))
+        if qkv or Tk > Tq:  # attention op recorded (prefix vectors are trained)
+            if Tk == Tq:  # q, k, v are views of one fused c_attn output: one (B, T, 3C) buffer
+                add(f"{p}attn: q, k, v", 3 * N * C * act_bytes)
+            else:  # k, v are new concatenations (B, H, Tk, C/H); q still keeps the whole fused buffer
+                add(f"{p}attn: k, v (with prefix)", 2 * B * Tk * C * act_bytes)
+                if keep(qkv):
+                    add(f"{p}attn: q (whole c_attn output)", 3 * N * C * act_bytes)
+            add(f"{p}attn: probs", B * n_head * Tq * Tk * act_bytes)  # softmax (B, H, T, Tk)
+        y = qkv or Tk > Tq
+        y = linear(f"{p}attn.c_proj", C, y, "attn.c_proj" in trained, lr("attn.c_proj"))
+        if resid_pdrop > 0 and y:
+            add(f"{p}resid dropout masks", N * C * mask_bytes)  # bool (B, T, C), attention branch
+        g = g or y  # residual add: saves nothing
+        m = layer_norm(f"{p}ln_2", C, g, ln_tr)
+        h = linear(f"{p}mlp.c_fc", C, m, "mlp.c_fc" in trained, lr("mlp.c_fc"))
+        if h:
+            add(f"{p}mlp: gelu input", N * F * act_bytes)  # (B, T, 4C)
+        h = linear(f"{p}mlp.c_proj", F, h, "mlp.c_proj" in trained, lr("mlp.c_proj"))
+        if resid_pdrop > 0 and h:
+            add(f"{p}resid dropout masks", N * C * mask_bytes)  # bool (B, T, C), MLP branch
+        return g or h
+
+    C = n_embd
+    if embeddings_trainable:
+        add("wte: token indices", B * T * index_bytes)  # int64 (B, T), for the scatter-add
+        add("wpe: position indices", Tq * index_bytes)  # int64 (T,)
+    g = embeddings_trainable or n_prompt > 0  # the stream needs grad from the input on
+    if embd_pdrop > 0 and g:
+        add("embedding dropout mask", N * C * mask_bytes)  # bool (B, T, C)
+    if side_width > 0:  # LST: backbone under no_grad saves nothing; side ladder below
+        ds, all_lin = side_width, ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+        if not ledger_view:
+            add("side: down_i inputs (backbone states)", (n_layer + 1) * N * C * act_bytes)  # embeddings, b_1..b_L
+        add("side: gate operands", 2 * n_layer * N * ds * act_bytes)  # s and down_i(b_i) in mu*s + (1-mu)*d
+        for i in range(n_layer):
+            block(f"side.{i}.", ds, side_inner, Tq, True, all_lin, {}, True)  # fully trained block, width d/rf
+        add("side: up input", N * ds * act_bytes)  # up: d/rf -> d
+        g = True
+    else:
+        for i in range(n_layer):
+            g = block(f"h.{i}.", C, n_inner, Tq + n_prefix, g, set(trainable_linears), lora_ranks, ln_trainable)
+    layer_norm("ln_f", C, g, ln_trainable)
+    if embeddings_trainable:
+        add("lm_head: input", N * C * act_bytes)  # tied head: dL/dwte needs ln_f(x)
+    if g or embeddings_trainable:  # logits need grad: the loss op is recorded
+        add("cross_entropy: probs", B * T * vocab * act_bytes)  # (B*T, V): real tokens only, no prompt
+        add("cross_entropy: targets, valid", B * T * (index_bytes + 1))  # int64 + bool
+    return terms
+
+
+__all__ = ["activation_bytes"]
