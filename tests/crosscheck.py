@@ -49,7 +49,7 @@ def as_failure(skip_reason: str) -> str | None:
             f"Install the reference libraries: {INSTALL}.")
 
 
-def optional(name: str):
+def import_or_none(name: str):
     """``import name`` for a test that only adds a comparison when the library is there:
     the module, or None when it is missing - an ImportError when the switch is on."""
     try:

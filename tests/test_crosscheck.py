@@ -88,14 +88,14 @@ def test_a_bad_switch_value_is_refused(monkeypatch, tmp_path):
     assert code == 4 and "MINIPEFT_REQUIRE_CROSSCHECK must be 0 or 1" in out, out  # usage error
 
 
-def test_optional_import(monkeypatch):
+def test_import_or_none(monkeypatch):
     monkeypatch.setenv(crosscheck.ENV, "0")
-    assert crosscheck.optional("minipeft_no_such_module") is None
-    assert crosscheck.optional("json") is importlib.import_module("json")
+    assert crosscheck.import_or_none("minipeft_no_such_module") is None
+    assert crosscheck.import_or_none("json") is importlib.import_module("json")
     monkeypatch.setenv(crosscheck.ENV, "1")
     with pytest.raises(ImportError, match="MINIPEFT_REQUIRE_CROSSCHECK=1 but minipeft_no_such_module "
                                           "does not import"):
-        crosscheck.optional("minipeft_no_such_module")
+        crosscheck.import_or_none("minipeft_no_such_module")
 
 
 def test_without_the_switch_missing_libraries_skip(tmp_path):

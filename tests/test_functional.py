@@ -13,9 +13,9 @@ from minipeft.backend import to_numpy
 from minipeft.engine import Tensor
 from minipeft.testing import asarray_on, gradcheck
 
-from .crosscheck import optional
+from .crosscheck import import_or_none
 
-torch = optional("torch")  # None without torch (those comparisons are left out); CI requires it
+torch = import_or_none("torch")  # None without torch (those comparisons are left out); CI requires it
 
 
 @pytest.fixture
