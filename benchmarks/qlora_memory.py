@@ -17,6 +17,12 @@ category, beside ``minipeft.memory.estimate_memory``'s prediction:
   The measured step is the second one, so the optimizer state already exists, as in every
   step of a real run after the first.
 
+``--checkpointing lora,qlora`` (the default) also runs those methods with gradient
+checkpointing (``model.gradient_checkpointing_enable()``: each block keeps its input only and
+is recomputed in backward), rows marked ``+gc``, predicted with the calculator's
+``gradient_checkpointing=True``; a summary line per method sets the activations with and
+without it beside the LoRA parameters (the course: activations dominate LoRA's memory).
+
 ``--largest`` walks a ladder of GPT shapes (2.7B ... 65B) and reports the largest whose
 QLoRA step ran without running out of device memory.
 """
@@ -38,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minipeft.backend import get_xp, resolve_device, synchronize  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
-from minipeft.memory import MethodConfig, TrainConfig, estimate_memory, format_bytes  # noqa: E402
+from minipeft.memory import MethodConfig, StepSetup, estimate_memory, format_bytes  # noqa: E402
 from minipeft.memory_measure import CATEGORIES, measure_training_step  # noqa: E402
 from minipeft.nn import Linear, Parameter  # noqa: E402
 from minipeft.optim import AdamW  # noqa: E402
@@ -96,11 +102,14 @@ def free_device(device: str) -> None:
         get_xp("cuda").get_default_memory_pool().free_all_blocks()
 
 
-def run_one(cfg, method, device, batch, seq) -> dict:
+def run_one(cfg, method, device, batch, seq, checkpointing: bool = False) -> dict:
     xp = get_xp(device)
     free_device(device)
     t0 = time.perf_counter()
     model = build(cfg, method, device)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()
     build_s = time.perf_counter() - t0
     rng = np.random.default_rng(0)
     x = xp.asarray(rng.integers(0, cfg.vocab_size, (batch, seq)))
@@ -110,8 +119,10 @@ def run_one(cfg, method, device, batch, seq) -> dict:
     before = device_in_use(device)  # steady state: weights and optimizer state in place
     meas = measure_training_step(model, (x, y), opt)
     mcfg = MethodConfig(method=method, targets=LINEARS, r=8, blocksize=64, double_quant=True)
-    pred = estimate_memory(cfg, mcfg, TrainConfig(batch_size=batch, seq_len=seq, ledger_view=True))
-    row = {"model": cfg_name(cfg), "method": method, "params": int(pred.n_params),
+    tcfg = StepSetup(batch_size=batch, seq_len=seq, ledger_view=True, resid_pdrop=cfg.dropout,
+                      embd_pdrop=cfg.dropout, gradient_checkpointing=checkpointing)
+    pred = estimate_memory(cfg, mcfg, tcfg)
+    row = {"model": cfg_name(cfg), "method": method + ("+gc" if checkpointing else ""), "params": int(pred.n_params),
            "trainable": int(pred.n_trainable), "batch": batch, "seq": seq, "build_s": build_s,
            "step_s": meas.step_seconds, "loss": meas.loss,
            "measured": {k: getattr(meas, k) for k in CATEGORIES} | {"total": meas.total},
@@ -138,6 +149,14 @@ def print_row(r: dict) -> None:
         print(f"  device peak during the step (pool in use before + step peak): {format_bytes(r['device_peak'])}")
 
 
+def print_saving(plain: dict, gc_row: dict) -> None:
+    """Activations with and without gradient checkpointing, beside the trained (LoRA) parameters."""
+    a, g, w = plain["measured"]["activations"], gc_row["measured"]["activations"], plain["measured"]["weights_trainable"]
+    print(f"  {plain['method']}: activations {format_bytes(a)} -> {format_bytes(g)} with gradient checkpointing "
+          f"({a / max(g, 1):.1f}x less; predicted {format_bytes(gc_row['predicted']['activations'])}); "
+          f"trainable weights {format_bytes(w)} (activations / weights: {a / max(w, 1):.0f}x -> {g / max(w, 1):.0f}x)")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -145,6 +164,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="full,lora,qlora")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--checkpointing", default="lora,qlora",
+                    help="methods also run with gradient checkpointing ('' for none)")
     ap.add_argument("--largest", action="store_true", help="also find the largest GPT shape whose QLoRA step fits")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args(argv)
@@ -163,6 +184,11 @@ def main(argv=None):
             r = run_one(cfg, method, device, a.batch, a.seq)
             print_row(r)
             rows.append(r)
+            if method in a.checkpointing.split(","):
+                gc_row = run_one(cfg, method, device, a.batch, a.seq, checkpointing=True)
+                print_row(gc_row)
+                rows.append(gc_row)
+                print_saving(r, gc_row)
     if a.largest:
         fitted = None
         for name, L, d, h in LADDER:

@@ -132,7 +132,7 @@ NOTEBOOKS["09_qlora"] = ("QLoRA — a 4-bit base, LoRA on every linear layer: wh
     code("from minipeft.quant import modules\nshow_source(modules.MatMul4bit)"),
     md("Before training anything: the course's memory arithmetic, each figure computed from its "
        "inputs by `minipeft.memory`, with the relation that must hold (≈ within a tolerance, or a bound):"),
-    code("from minipeft.memory import format_course_figures\nprint(format_course_figures())"),
+    code("from minipeft.memory_course import format_course_figures\nprint(format_course_figures())"),
     md("A fair comparison gives each method its own learning rate: LoRA's update starts at zero and is "
        "scaled by alpha / r, so it usually wants a larger rate than full fine-tuning. Each method is trained "
        "at every rate of its grid; the Python validation text is cut in two halves, the first (the *stopping* "
@@ -334,6 +334,20 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
        "recently used one. Requests naming an unknown adapter, or an adapter made for another base, get "
        "their own error; the rest of the batch runs."),
     code("show_source(serve.LoraServer._make_resident)"),
+    md("The same mixed batch exists inside the model, as peft has it: `peft_model(idx, adapter_names=[...])` "
+       "and `peft_model.generate(..., adapter_names=[...])` run row $m$ with adapter `adapter_names[m]` "
+       "(`'__base__'`: the base alone). Each LoRA layer runs its base once, then adds each adapter's "
+       "$s_i B_i A_i x$ to that adapter's rows. Unknown names, merged layers, DoRA and training mode are "
+       "errors, as in peft; the server gives the same logits (`tests/peft/test_mixed_batch.py`)."),
+    code("from minipeft.peft import mixed_batch\nshow_source(mixed_batch.mixed_batch_forward)"),
+    md("Requests do not arrive together. *Continuous batching* (Orca's iteration-level scheduling, used by "
+       "S-LoRA and LoRAX) lets a request join the running batch at the next decode step — its prompt is "
+       "prefilled and its key/value cache appended, left-padded, to the batch's — and leave as soon as it "
+       "is done. Adapters of different ranks sit in *rank classes* (stacks of rank 4, 8, 16 ...), so an "
+       "adapter costs its own rank, not the largest. Each request samples with its own settings and its "
+       "own random stream, so it gets exactly the tokens `generate` gives it alone:"),
+    code("from minipeft import serve_scheduler\nfrom minipeft.decoding import Session\n"
+         "show_source(Session.join)\nshow_source(serve_scheduler.choose_tokens)"),
     md("Run the lesson. It checks that each request of a mixed batch gets exactly the tokens of its "
        "adapter merged into the base and decoded alone, then measures throughput and latency as the "
        "number of adapters $N$ grows, against (a) the base alone, (b) one merged model per adapter served "
@@ -342,6 +356,12 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
     code("for n, r in zip(result['ns'], result['ratio_mixed_vs_base']):\n"
          "    print(f'N = {n:4d}: mixed batch decodes at {r:.2f}x the base model alone')\n"
          "display(Image(filename=str(FIGURES / 'serving_throughput.png')))"),
+    md("Requests arriving as a Poisson process: continuous batching against static batching (take what "
+       "has arrived, run it until its longest request ends), throughput and latency against the rate:"),
+    code("c = result['continuous']\n"
+         "print(f\"{c['check']['identical']}/{c['check']['total']} requests identical to generate alone \"\n"
+         "      f\"(shuffled arrivals, {c['check']['sampled']} sampled)\")\n"
+         "display(Image(filename=str(FIGURES / 'serving_arrivals.png')))"),
     md("Memory: the base once plus $N$ adapters, against $N$ merged copies of the model:"),
     code("m = result['memory']\n"
          "print(f\"one adapter: {m['adapter_bytes'] / 2**20:.2f} MiB, the base: {m['base_fp32'] / 2**20:.2f} MiB \"\n"
@@ -352,7 +372,9 @@ NOTEBOOKS["08_serving"] = ("Lesson 8 — One base model, many adapters: serving 
        "(b) fall behind as $N$ grows? (2) Build a server with `ServeConfig(max_rank=64)`: how many slots "
        "does the same budget hold, and what does padding every adapter to rank 64 cost in memory and "
        "time? (3) Send Zipf-distributed traffic through a pool with 4 slots (section 4 of the lesson): "
-       "how does the hit rate change with the Zipf exponent?"),
+       "how does the hit rate change with the Zipf exponent? (4) Rerun section 5 with a larger "
+       "`max_batch_size`: at which arrival rate does static batching's latency take off, and why does "
+       "continuous batching hold out longer?"),
 ])
 
 NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretraining on English is worth in Python", [
@@ -573,6 +595,45 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, s
        "methods the same way? (2) Evaluate one adapter with `--beam 1`, `--beam 5` and `--beam 10`: how much "
        "does the beam add, and at what cost in time? (3) Set the length penalty to 0 and to 2: what happens to "
        "the outputs' length and to BLEU's brevity penalty?"),
+])
+
+
+NOTEBOOKS["10_zero"] = ("Lesson 10 — Past one GPU: ZeRO beside PEFT, predicted and measured per rank", [
+    md("PEFT and quantization answer the memory question by training and storing less. The other answer "
+       "is to spread the training over many devices. Plain data parallelism (DP) does not help memory: "
+       "every rank holds the whole model, its gradients and the optimizer state. ZeRO (Rajbhandari et al. "
+       "2020) removes that redundancy one kind of state at a time: stage 1 partitions the optimizer state, "
+       "stage 2 the gradients too, stage 3 the weights too. With $\\Psi$ parameters, $N_d$ devices and "
+       "$K = 12$ bytes of mixed-precision Adam state per parameter, a device holds $(2+2+K)\\Psi$, "
+       "$4\\Psi + K\\Psi/N_d$, $2\\Psi + (2+K)\\Psi/N_d$ and $(2+2+K)\\Psi/N_d$ bytes:"),
+    code("from minipeft import memory_zero\nshow_source(memory_zero.zero_model_states)"),
+    md("Run the lesson in this process (a world of one rank, where every stage holds everything). It prints "
+       "the paper's Fig. 1 recomputed, the course's cases (GPT-2 1.5B, GPT-3 175B) with full fine-tuning, "
+       "LoRA and QLoRA at each stage, and a tiny GPT trained at stages 0-3:"),
+    code("from minipeft.lessons import zero\nresult = zero.main(ARGS)"),
+    md("**On two ranks.** `python -m minipeft.launch --nproc 2 -m minipeft.lessons.zero --quick` starts two "
+       "MPI ranks (`pip install mpi4py mpich`); `train()` sees them and shards every batch. The report then "
+       "gives each rank's bytes, measured next to the prediction, and checks the losses:"),
+    code("import importlib.util, subprocess, sys\n"
+         "if importlib.util.find_spec('mpi4py'):\n"
+         "    run = subprocess.run([sys.executable, '-m', 'minipeft.launch', '--nproc', '2', '-m',\n"
+         "                          'minipeft.lessons.zero', *ARGS], capture_output=True, text=True)\n"
+         "    print(run.stdout[run.stdout.find('-- Tiny GPT'):] or run.stderr[-3000:])\n"
+         "else:\n"
+         "    print('mpi4py is not installed here: pip install mpi4py mpich, then rerun this cell')"),
+    md("**Where the bytes go.** Stages 0-1 all-reduce every gradient; stages 2-3 reduce each bucket to the "
+       "rank that owns it and free the rest; stages 1-3 send each owner's updated weights to all; stage 3 "
+       "frees the weights it does not own after the step and gathers them before the next forward:"),
+    code("from minipeft.distributed import DataParallel\n"
+         "show_source(DataParallel.reduce_gradients)\nshow_source(DataParallel.finish_step)"),
+    md("**Exact on the CPU.** Floating-point addition is not associative, so a sum over ranks depends on its "
+       "order. On MPI minipeft gathers the ranks' buffers and adds them in rank order, the order in which "
+       "one process accumulates the same shards: the losses agree bit for bit, not just approximately."),
+    code("from minipeft.distributed.world import MPIWorld\nshow_source(MPIWorld.allreduce_sum_)"),
+    md("**Exercises.** (1) Run the lesson on 4 ranks with `--kind lora`: which stage saves what, and why does "
+       "the frozen base not shrink? (2) With `--optimizer adamw8bit`, what is $K$ now, and how far does "
+       "stage 1 alone take you? (3) From the course table: how many A100-40GB does GPT-3 175B need at "
+       "stage 3 with LoRA instead of full fine-tuning, counting only model states?"),
 ])
 
 

@@ -327,41 +327,78 @@ class Tensor:
             grad = xp.asarray(grad.data if isinstance(grad, Tensor) else grad, dtype=self.dtype)
             if grad.shape != self.shape:
                 raise ValueError(f"backward(grad): grad has shape {grad.shape} but the tensor has {self.shape}")
-        root = self if self._ctx is None else self._ctx
-        order = _topological_order(root)
-        grads: dict[int, Any] = {id(root): grad}
-        for node in order:
-            g = grads.pop(id(node), None)
-            if g is None:
+        _backpropagate(self, grad, retain_graph, _accumulate_into_grad)
+
+
+def _accumulate_into_grad(leaf: Tensor, g) -> None:
+    """backward()'s sink: add a leaf's gradient into its ``.grad``."""
+    if isinstance(g, np.generic):
+        g = np.asarray(g)
+    # copy: g may be shared with another leaf or the caller (in-place safe)
+    leaf.grad = g.copy() if leaf.grad is None else leaf.grad + g
+
+
+def _backpropagate(output: Tensor, grad, retain_graph: bool, sink) -> None:
+    """Walk the graph of ``output`` in reverse topological order; ``sink(leaf, g)`` receives
+    each leaf's gradient (``backward`` adds it into ``.grad``, ``grad`` collects it)."""
+    root = output if output._ctx is None else output._ctx
+    order = _topological_order(root)
+    grads: dict[int, Any] = {id(root): grad}
+    for node in order:
+        g = grads.pop(id(node), None)
+        if g is None:
+            continue
+        if isinstance(node, Tensor):  # a leaf
+            if node.requires_grad:
+                sink(node, g)
+            continue
+        if node.freed:
+            raise RuntimeError(
+                f"backward through a graph that was already freed (at {node.fn.__name__}): "
+                "its saved arrays were released by an earlier backward(); pass "
+                "retain_graph=True to the first backward to go through it twice"
+            )
+        fn, ctx, parents = node.fn, node.ctx, node.parents
+        in_grads = fn.backward(ctx, g)
+        if not isinstance(in_grads, tuple):
+            in_grads = (in_grads,)
+        if not retain_graph:
+            node.free()
+        for p, pg in zip(parents, in_grads):
+            if p is None or pg is None or not p.requires_grad:
                 continue
-            if isinstance(node, Tensor):  # a leaf
-                if node.requires_grad:
-                    if isinstance(g, np.generic):
-                        g = np.asarray(g)
-                    # copy: g may be shared with another leaf or the caller (in-place safe)
-                    node.grad = g.copy() if node.grad is None else node.grad + g
-                continue
-            if node.freed:
+            if pg.shape != p.shape:
                 raise RuntimeError(
-                    f"backward through a graph that was already freed (at {node.fn.__name__}): "
-                    "its saved arrays were released by an earlier backward(); pass "
-                    "retain_graph=True to the first backward to go through it twice"
+                    f"{fn.__name__}.backward returned shape {pg.shape} for input of shape {p.shape}"
                 )
-            fn, ctx, parents = node.fn, node.ctx, node.parents
-            in_grads = fn.backward(ctx, g)
-            if not isinstance(in_grads, tuple):
-                in_grads = (in_grads,)
-            if not retain_graph:
-                node.free()
-            for p, pg in zip(parents, in_grads):
-                if p is None or pg is None or not p.requires_grad:
-                    continue
-                if pg.shape != p.shape:
-                    raise RuntimeError(
-                        f"{fn.__name__}.backward returned shape {pg.shape} for input of shape {p.shape}"
-                    )
-                prev = grads.get(id(p))
-                grads[id(p)] = pg if prev is None else prev + pg
+            prev = grads.get(id(p))
+            grads[id(p)] = pg if prev is None else prev + pg
+
+
+def grad(output: Tensor, inputs, grad_output) -> tuple:
+    """Gradients of ``output`` with respect to the leaf tensors ``inputs``, returned rather
+    than added into their ``.grad`` (PyTorch's ``torch.autograd.grad``). ``grad_output`` is
+    dL/d(output), an array of its shape. An input the output does not depend on gets
+    ``None``. Every leaf of the graph that requires grad must be among ``inputs``, so no
+    gradient is lost (gradient checkpointing passes a block's input and its parameters).
+    The graph is freed as ``backward`` frees it.
+    """
+    inputs = tuple(inputs)
+    wanted = {id(t): i for i, t in enumerate(inputs)}
+    out: list = [None] * len(inputs)
+
+    def collect(leaf: Tensor, g) -> None:
+        i = wanted.get(id(leaf))
+        if i is None:
+            raise RuntimeError(
+                f"grad(): the graph reaches a leaf tensor of shape {leaf.shape} that requires grad but is "
+                "not among the inputs, so its gradient would be lost; pass it in inputs")
+        out[i] = g if out[i] is None else out[i] + g
+
+    if not output.requires_grad:
+        return tuple(out)
+    _backpropagate(output, grad_output, False, collect)
+    return tuple(out)
 
 
 def _not_scalar(t: Tensor):

@@ -35,9 +35,10 @@ import numpy as np
 
 from . import decoding
 from . import functional as F
+from .checkpointing import checkpoint
 from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
-from .engine import Tensor
+from .engine import Tensor, is_grad_enabled
 from .forward_call import ForwardCall
 from .kv_cache import KVCache
 from .integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
@@ -124,6 +125,13 @@ class GPTOutput:
 
 
 # ------------------------------------------------------------------------- modules
+
+
+def _block_hidden(block, key_mask):
+    """A block as a function of Tensors (x, k, v) -> x, for ``checkpoint`` (keys/values dropped)."""
+    def run(x, k, v):
+        return block(x, None if k is None else (k, v), key_mask)[0]
+    return run
 
 
 def _param(rng, shape, std: float, dtype: str) -> Parameter:
@@ -233,6 +241,17 @@ class GPT(Module):
         else:
             self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, False, 0.02, rng, cfg.dtype)
 
+    # ---------------------------------------------------------------- gradient checkpointing
+    is_gradient_checkpointing = False  # transformers' name; set by the two methods below
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Keep only each block's input in training; recompute the block in backward
+        (Chen et al. 2016; ``minipeft.checkpointing``). Same gradients, fewer saved bytes."""
+        self.is_gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.is_gradient_checkpointing = False
+
     def num_parameters(self, trainable_only: bool = False, non_embedding: bool = False) -> int:
         """Parameter count; ``non_embedding`` leaves out wte, wpe and lm_head (Kaplan et al.'s N)."""
         skip = {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"} if non_embedding else set()
@@ -254,8 +273,16 @@ class GPT(Module):
         x = self.transformer.wte(idx)  # (B, T, C) token embeddings
         x = call.prepend_prompt(x)  # (B, P' + T, C): prompt tuning's rows first
         x = self.transformer.drop(x + self.transformer.wpe(call.positions))  # + learned positions
+        recompute = self.is_gradient_checkpointing and self.training and is_grad_enabled()
+        if recompute and extensions.get("use_cache"):
+            raise ValueError("use_cache=True with gradient checkpointing in training: checkpointed blocks keep "
+                             "no keys/values; pass use_cache=False, or call model.eval() to decode")
         for i, block in enumerate(self.transformer.h):
             call.keep_hidden(x)  # side tuning reads every block's input
+            if recompute:  # keep only x; the block runs again in backward (minipeft.checkpointing)
+                front = call.front_kv(i) or (None, None)  # (k, v) Tensors (B, H, P + S, D), or none
+                x = checkpoint(_block_hidden(block, call.key_mask), x, *front, params=block.parameters())
+                continue
             x, kv = block(x, call.front_kv(i), call.key_mask)  # prefix and cached keys/values in front
             call.keep_kv(kv)  # the cache for the next call
         x = self.transformer.ln_f(x)  # (B, P' + T, C)
@@ -277,12 +304,12 @@ class GPT(Module):
     # ---------------------------------------------------------------- generate
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None,
-                 prefix_key_values=None, inputs_embeds_prefix=None, use_cache: bool = True):
+                 prefix_key_values=None, inputs_embeds_prefix=None, use_cache: bool = True, top_p: float | None = None):
         """Continue ``idx`` (B, T) by ``max_new_tokens`` tokens; returns (B, T + n) ids.
 
         Greedy (argmax), or sampling at ``temperature`` from the ``top_k`` most likely
-        tokens with ``seed`` (int or numpy Generator). A row that emitted ``eos_token_id``
-        keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
+        tokens (then the nucleus of ``top_p``) with ``seed`` (int or numpy Generator). A
+        row that emitted ``eos_token_id`` keeps emitting it; generation stops when every row has. ``attention_mask`` (B, T)
         marks left padding (positions then count only kept tokens, as HF's generate).
         The key/value cache is used until the sequence fills ``block_size``; after that
         each step reruns the last window that fits (nanoGPT's crop). The loop is
@@ -292,7 +319,7 @@ class GPT(Module):
                                    ("inputs_embeds_prefix", inputs_embeds_prefix)) if v is not None}
         return decoding.generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, greedy=greedy,
                                  seed=seed, eos_token_id=eos_token_id, attention_mask=attention_mask,
-                                 use_cache=use_cache, extra=extra)
+                                 use_cache=use_cache, extra=extra, top_p=top_p)
 
     # ---------------------------------------------------------------- Hugging Face files
     @classmethod

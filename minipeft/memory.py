@@ -9,8 +9,12 @@ bit/param of constants, or 8/64 + 32/(64*256) = 0.127 with double quantization
 (quantization.md §5). Side tuning (LST, arXiv 2206.06522) runs the backbone without a graph
 and trains a network 1/rf as wide. Prompt/prefix tuning train p*d / p*2*L*d vectors.
 
-Models: a GPT-2 shape (names as in the checkpoint, tied lm_head, biases everywhere) or a
-raw parameter count. Units: GB = 1e9 bytes, MB = 1e6 (the course's units).
+The vocabulary is the library's own: a model is a ``GPTConfig`` (or a size name from
+``minipeft.sizes``, read through ``GPTConfig.preset``; GPT-2's architecture, tied lm_head,
+biases everywhere) or a raw parameter count; what is trained is a PEFT config
+(``LoraConfig``, ``PromptTuningConfig``, ...; ``method_config`` reads it) or a
+``MethodConfig``; how one step runs is a ``StepSetup``. Predicted and measured memory are
+the same ``Breakdown``. Units: GB = 1e9 bytes, MB = 1e6 (the course's units).
 Each kind of fine-tuning the calculator knows is one entry of ``METHOD_MODELS`` (what it
 adds to the model, what it does to the saved activations); a PEFT method's row in the
 method table (``minipeft.peft.method_table()``, column ``memory``) names the entry that
@@ -20,11 +24,12 @@ counterpart (a profiler over a real step) lives in ``memory_measure``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
+from .gpt import GPTConfig
 from .memory_activations import activation_bytes
-from .sizes import BASES, SHAPES, shape_of
+from .sizes import BASES, SHAPES
 
 GB, MB = 1e9, 1e6
 _DTYPE_BYTES = {"float64": 8, "fp64": 8, "float32": 4, "fp32": 4, "float16": 2, "fp16": 2,
@@ -45,52 +50,37 @@ def dtype_bytes(name: str) -> int:
 # ----------------------------------------------------------------------------- models
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """A GPT-2-architecture model (pre-LN blocks, tied lm_head, learned positions)."""
-
-    n_layer: int  # transformer blocks
-    n_embd: int  # model width d
-    n_head: int  # attention heads
-    vocab_size: int = 50257  # GPT-2 BPE vocabulary
-    n_positions: int = 1024  # context length (block_size)
-    n_inner: int | None = None  # MLP width; None -> 4 * n_embd
-
-    @property
-    def d_ff(self) -> int:
-        return 4 * self.n_embd if self.n_inner is None else self.n_inner
-
-
 # Named shapes: GPT-2's sizes (Radford et al. 2019), GPT-3 175B (Brown et al. 2020, Table 2.1) and
-# minipeft's own bases, all read from the one table in minipeft.sizes (base names such as 'small' too).
-MODELS = {name: ModelShape(f["n_layer"], f["n_embd"], f["n_head"], f["vocab_size"], f["block_size"])
-          for name, f in ((n, shape_of(n)) for n in [*SHAPES, *BASES])}
+# minipeft's own bases: the one table of minipeft.sizes, read through GPTConfig.preset.
 # LLaMA (Touvron et al. 2023, Table 2): published parameter counts, used as raw counts.
 RAW_COUNTS = {"llama-7b": 6.7e9, "llama-13b": 13.0e9, "llama-33b": 32.5e9, "llama-65b": 65.2e9}
 
 
-def as_shape(model) -> ModelShape:
-    """ModelShape from a ModelShape, a name, a dict or a config object (GPTConfig, GPT2Config)."""
-    if isinstance(model, ModelShape):
+def as_config(model) -> GPTConfig:
+    """The ``GPTConfig`` of a GPTConfig, a size name ('gpt2', 'small'), a dict or a config object (GPT2Config).
+
+    A dict or foreign object must give n_layer, n_embd and n_head; its vocabulary defaults to
+    GPT-2's 50257 and its positions to ``n_positions`` (Hugging Face) or ``block_size``.
+    """
+    if isinstance(model, GPTConfig):
         return model
     if isinstance(model, str):
-        if model in MODELS:
-            return MODELS[model]
-        raise ValueError(f"unknown model {model!r}; shapes: {sorted(MODELS)}, raw counts: {sorted(RAW_COUNTS)}")
+        if model in SHAPES or model in BASES:
+            return GPTConfig.preset(model)
+        raise ValueError(f"unknown model {model!r}; sizes: {sorted([*SHAPES, *BASES])}, "
+                         f"raw counts: {sorted(RAW_COUNTS)}")
     get = model.get if isinstance(model, dict) else (lambda k, d=None: getattr(model, k, d))
     try:
         n_pos = get("n_positions", None) or get("block_size", None) or 1024
-        shape = ModelShape(int(get("n_layer")), int(get("n_embd")), int(get("n_head")),
-                           int(get("vocab_size", 50257)), int(n_pos), get("n_inner", None))
+        fields_ = dict(n_layer=int(get("n_layer")), n_embd=int(get("n_embd")), n_head=int(get("n_head")),
+                       vocab_size=int(get("vocab_size", 50257)), block_size=int(n_pos), n_inner=get("n_inner", None))
     except (TypeError, KeyError) as e:
         raise TypeError(f"cannot read a model shape from {model!r}: need n_layer, n_embd, n_head "
                         "(and optionally vocab_size, n_positions/block_size, n_inner)") from e
-    if min(shape.n_layer, shape.n_embd, shape.n_head, shape.vocab_size, shape.n_positions, shape.d_ff) <= 0:
-        raise ValueError(f"model shape sizes must be positive, got {shape}")
-    return shape
+    return GPTConfig(**fields_)  # checks every size is positive
 
 
-def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
+def linear_shapes(shape: GPTConfig) -> dict[str, tuple[int, int]]:
     """(d_in, d_out) of each linear in one block; '.q/.k/.v' are the slices of fused c_attn."""
     c, f = shape.n_embd, shape.d_ff
     out = {"attn.c_attn": (c, 3 * c), "attn.c_proj": (c, c), "mlp.c_fc": (c, f), "mlp.c_proj": (f, c)}
@@ -98,15 +88,19 @@ def linear_shapes(shape: ModelShape) -> dict[str, tuple[int, int]]:
     return out
 
 
-def gpt2_param_count(shape) -> int:
+def block_param_count(c: int, f: int) -> int:
+    """Parameters of one GPT-2 block of width ``c`` and MLP width ``f``: ln_1, ln_2 and four linears."""
+    return 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c)
+
+
+def gpt2_param_count(model) -> int:
     """Exact parameter count of a GPT-2 LM with tied head (124,439,808 for GPT-2 small)."""
-    s = as_shape(shape)
-    c, f = s.n_embd, s.d_ff
-    block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * f + f) + (f * c + c)  # ln_1,2; 4 linears
-    return s.vocab_size * c + s.n_positions * c + s.n_layer * block + 2 * c  # wte, wpe, blocks, ln_f
+    s = as_config(model)
+    block = block_param_count(s.n_embd, s.d_ff)
+    return s.vocab_size * s.n_embd + s.block_size * s.n_embd + s.n_layer * block + 2 * s.n_embd  # wte, wpe, ln_f
 
 
-def resolve_targets(shape: ModelShape, targets) -> list[str]:
+def resolve_targets(shape: GPTConfig, targets) -> list[str]:
     """Block-relative module names matched by peft-style targets (exact or '.'-suffix match)."""
     if isinstance(targets, str):
         targets = (targets,)
@@ -135,9 +129,9 @@ def lora_matrix_param_count(d_out: int, d_in: int, r: int) -> int:
     return r * (d_in + d_out)
 
 
-def lora_param_count(shape, targets, r: int) -> int:
+def lora_param_count(model, targets, r: int) -> int:
     """Trainable LoRA parameters over every block (no LoRA bias, as peft bias='none')."""
-    s = as_shape(shape)
+    s = as_config(model)
     ls = linear_shapes(s)
     return s.n_layer * sum(lora_matrix_param_count(ls[m][1], ls[m][0], r) for m in resolve_targets(s, targets))
 
@@ -173,12 +167,52 @@ class MethodConfig:
     trainable_params: int | None = None  # for raw counts: adapter parameters (required there)
 
 
+def method_config(config=None, quantize: bool | None = None) -> MethodConfig:
+    """The ``MethodConfig`` that models a PEFT config (``LoraConfig``, ``PromptTuningConfig``, ...).
+
+    A ``MethodConfig`` passes through, None is full fine-tuning. ``quantize=True`` models the
+    base in NF4 (LoRA on it is QLoRA; a side network on it is QST). A setting the calculator
+    cannot model (a regex of targets, per-module ranks, DoRA, trained biases) is an error.
+    """
+    if config is None:
+        return MethodConfig("full", quantize=quantize)
+    if isinstance(config, MethodConfig):
+        return config if quantize is None else replace(config, quantize=quantize)
+    kind = getattr(config, "peft_type", None)
+    name = type(config).__name__
+    if kind == "LORA":
+        targets = config.target_modules or ("c_attn",)  # peft's GPT-2 default
+        unmodelled = [what for what, bad in (
+            ("a regex of target_modules", isinstance(targets, str)), ("rank_pattern", bool(config.rank_pattern)),
+            ("layers_to_transform", config.layers_to_transform is not None), ("use_dora", config.use_dora),
+            (f"bias={config.bias!r}", config.bias != "none")) if bad]
+        if unmodelled:
+            raise ValueError(f"the memory calculator models plain LoRA; {name} sets {', '.join(unmodelled)}. "
+                             "Give a list of target module names and leave the rest at peft's defaults")
+        return MethodConfig("qlora" if quantize else "lora", targets=tuple(targets), r=config.r,
+                            lora_dropout=config.lora_dropout)
+    if kind == "PROMPT_TUNING":
+        return MethodConfig("prompt", n_virtual_tokens=config.num_virtual_tokens, quantize=quantize)
+    if kind == "PREFIX_TUNING":
+        return MethodConfig("prefix", n_virtual_tokens=config.num_virtual_tokens, quantize=quantize,
+                            prefix_projection=config.prefix_projection,
+                            encoder_hidden_size=config.encoder_hidden_size or MethodConfig.encoder_hidden_size)
+    if kind in ("LST", "QST"):
+        return MethodConfig("side", reduction_factor=config.reduction_factor,
+                            quantize=(kind == "QST") if quantize is None else quantize)
+    if kind == "FULL":
+        return MethodConfig("full", quantize=quantize)
+    raise ValueError(f"the memory calculator has no model of {name} (peft_type {kind!r}); it models "
+                     "LoraConfig, PromptTuningConfig, PrefixTuningConfig, LSTConfig, QSTConfig and "
+                     "FullFineTuningConfig, or give a MethodConfig")
+
+
 @dataclass(frozen=True)
-class TrainConfig:
-    """How it is trained."""
+class StepSetup:
+    """How one training step runs: batch, sequence, dtypes, optimizer (``train.TrainConfig`` says how long)."""
 
     batch_size: int = 1  # B
-    seq_len: int | None = None  # T; None -> model's n_positions
+    seq_len: int | None = None  # T; None -> the model's block_size (its positions)
     weight_dtype: str = "float32"  # trainable weights
     frozen_dtype: str | None = None  # frozen, unquantized weights; None -> weight_dtype
     grad_dtype: str | None = None  # None -> weight_dtype
@@ -190,12 +224,13 @@ class TrainConfig:
     embd_pdrop: float = 0.0  # embedding dropout
     save_frozen_linear_inputs: bool = False  # True: a frozen linear keeps x anyway (naive engine)
     ledger_view: bool = False  # True: skip arrays made outside the graph, as the engine's ledger does
+    gradient_checkpointing: bool = False  # True: blocks keep their input only, recomputed in backward
 
 
 # ---------------------------------------------------------------------- method models
 
 
-def _lora_tensors(s: ModelShape, m: MethodConfig) -> list:
+def _lora_tensors(s: GPTConfig, m: MethodConfig) -> list:
     ls = linear_shapes(s)
     out = []
     for mod in resolve_targets(s, m.targets):
@@ -205,7 +240,7 @@ def _lora_tensors(s: ModelShape, m: MethodConfig) -> list:
     return out
 
 
-def _prefix_tensors(s: ModelShape, m: MethodConfig) -> list:
+def _prefix_tensors(s: GPTConfig, m: MethodConfig) -> list:
     c, L, p, h = s.n_embd, s.n_layer, m.n_virtual_tokens, m.encoder_hidden_size
     if m.prefix_projection:  # Embedding(p, d) -> Linear(d, h) -> tanh -> Linear(h, 2 L d)
         return [("prefix.embedding", p * c, True, False), ("prefix.mlp.0", c * h + h, True, False),
@@ -213,12 +248,12 @@ def _prefix_tensors(s: ModelShape, m: MethodConfig) -> list:
     return [("prefix.embedding", p * 2 * L * c, True, False)]
 
 
-def _side_tensors(s: ModelShape, m: MethodConfig) -> list:
+def _side_tensors(s: GPTConfig, m: MethodConfig) -> list:
     c, L = s.n_embd, s.n_layer
     ds, fs = c // m.reduction_factor, s.d_ff // m.reduction_factor
     if ds < 1 or fs < 1:
         raise ValueError(f"reduction_factor {m.reduction_factor} leaves no side width for d={c}")
-    side = gpt2_param_count(ModelShape(L, ds, 1, 1, 1, fs)) - 4 * ds  # blocks only (no wte, wpe, ln_f)
+    side = L * block_param_count(ds, fs)
     return [("side.downsamples", (L + 1) * (c * ds + ds), True, False), ("side.gates", L, True, False),
             ("side.blocks", side, True, False), ("side.upsample", ds * c + c, True, False)]
 
@@ -227,13 +262,13 @@ def _side_tensors(s: ModelShape, m: MethodConfig) -> list:
 class MethodModel:
     """How the calculator models one kind of fine-tuning (an entry of ``METHOD_MODELS``)."""
 
-    adds: Callable  # (ModelShape, MethodConfig) -> [(name, numel, trainable, quantized)] added to the base
-    activations: Callable  # (ModelShape, MethodConfig) -> activation_bytes keyword arguments
+    adds: Callable  # (GPTConfig, MethodConfig) -> [(name, numel, trainable, quantized)] added to the base
+    activations: Callable  # (GPTConfig, MethodConfig) -> activation_bytes keyword arguments
     trains_base: bool = False  # the base's own tensors train (full fine-tuning)
     quantized_base: bool = False  # NF4 base unless MethodConfig.quantize says otherwise (QLoRA)
 
 
-def _lora_activations(s: ModelShape, m: MethodConfig) -> dict:
+def _lora_activations(s: GPTConfig, m: MethodConfig) -> dict:
     return dict(lora_ranks={k: m.r for k in resolve_targets(s, m.targets)})
 
 
@@ -255,20 +290,29 @@ METHODS = tuple(METHOD_MODELS)
 # --------------------------------------------------------------------------- estimate
 
 
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """Bytes by category. weights_frozen includes packed 4-bit codes; their scales are quant_constants."""
+CATEGORIES = ("weights_trainable", "weights_frozen", "gradients", "optimizer_state", "activations",
+              "quant_constants")
 
-    weights_trainable: int
-    weights_frozen: int
-    gradients: int
-    optimizer_state: int
-    activations: int
-    quant_constants: int
-    n_params: int = 0  # all parameters (base + added)
-    n_trainable: int = 0
+
+@dataclass(frozen=True)
+class Breakdown:
+    """One training step's memory in bytes by category, predicted (``estimate_memory``) or measured
+    (``memory_measure.measure_training_step``). weights_frozen includes packed 4-bit codes; their
+    scales and code tables are quant_constants."""
+
+    weights_trainable: int  # parameters that train
+    weights_frozen: int  # frozen parameters and packed quantized codes
+    gradients: int  # .grad arrays (trainable parameters only)
+    optimizer_state: int  # the optimizer's moments (and master weights)
+    activations: int  # bytes saved for backward (peak of the step)
+    quant_constants: int  # absmax, nested absmax, offsets and code tables of quantized weights
+    n_params: int = 0  # predicted: all parameters (base + added)
+    n_trainable: int = 0  # predicted: trainable parameters
     optimizer_paged: bool = False  # paged optimizer: state lives in host memory
-    activations_known: bool = True  # False for raw parameter counts
+    activations_known: bool = True  # False for raw parameter counts (no shape, no activations)
+    device_peak: int = 0  # measured on a GPU: peak bytes of the CuPy pool during the step (0 elsewhere)
+    step_seconds: float = 0.0  # measured: wall time of the step
+    loss: float | None = None  # measured: the step's loss
 
     @property
     def total(self) -> int:
@@ -284,7 +328,7 @@ class MemoryBreakdown:
         return {**asdict(self), "total": self.total, "device_total": self.device_total}
 
     def table(self, title: str = "") -> str:
-        rows = [(f.name, getattr(self, f.name)) for f in fields(self)][:6] + [("total", self.total)]
+        rows = [(name, getattr(self, name)) for name in CATEGORIES] + [("total", self.total)]
         lines = [title] if title else []
         lines.append(f"{'category':<20}{'bytes':>18}  {'human':>10}")
         for name, v in rows:
@@ -304,7 +348,7 @@ def format_bytes(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def _check(method: MethodConfig, train: TrainConfig):
+def _check(method: MethodConfig, train: StepSetup):
     if method.method not in METHODS:
         raise ValueError(f"unknown method {method.method!r}; expected one of {METHODS}")
     if train.optimizer not in OPTIMIZERS:
@@ -324,11 +368,11 @@ def _check(method: MethodConfig, train: TrainConfig):
         raise ValueError(f"batch_size must be an integer >= 1, got {train.batch_size!r}")
 
 
-def _gpt2_tensors(s: ModelShape, m: MethodConfig, quantize: bool):
+def _gpt2_tensors(s: GPTConfig, m: MethodConfig, quantize: bool):
     """[(name, numel, trainable, quantized)] for a GPT-2 shape under a method."""
     c, L, full = s.n_embd, s.n_layer, METHOD_MODELS[m.method].trains_base
     out = [("transformer.wte.weight", s.vocab_size * c, full, False),
-           ("transformer.wpe.weight", s.n_positions * c, full, False)]
+           ("transformer.wpe.weight", s.block_size * c, full, False)]
     for i in range(L):
         for mod, (d_in, d_out) in list(linear_shapes(s).items())[:4]:
             out += [(f"h.{i}.{mod}.weight", d_in * d_out, full, quantize), (f"h.{i}.{mod}.bias", d_out, full, False)]
@@ -337,9 +381,14 @@ def _gpt2_tensors(s: ModelShape, m: MethodConfig, quantize: bool):
     return out + METHOD_MODELS[m.method].adds(s, m)
 
 
-def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfig | None = None) -> MemoryBreakdown:
-    """Breakdown of one training step's memory (bytes) for a model shape, name or raw count."""
-    m, t = method or MethodConfig(), train or TrainConfig()
+def estimate_memory(model, method=None, setup: StepSetup | None = None) -> Breakdown:
+    """Predicted memory (bytes) of one training step.
+
+    ``model``: a ``GPTConfig``, a size name or a raw parameter count; ``method``: a PEFT config
+    (read by ``method_config``), a ``MethodConfig`` or None (full fine-tuning); ``setup``: how the
+    step runs (``StepSetup()``: batch 1, full context, float32, AdamW).
+    """
+    m, t = method_config(method), setup or StepSetup()
     _check(m, t)
     model_of = METHOD_MODELS[m.method]
     quantize = model_of.quantized_base if m.quantize is None else bool(m.quantize)
@@ -359,7 +408,7 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
                                  "MethodConfig(trainable_params=...) (the adapter's size)")
             tensors.append(("adapter", int(m.trainable_params), True, False))
     else:
-        s = as_shape(model)
+        s = as_config(model)
         tensors = _gpt2_tensors(s, m, quantize)
     trainable = [k for _, k, tr, _ in tensors if tr]
     w_tr = sum(trainable) * wb
@@ -386,111 +435,13 @@ def estimate_memory(model, method: MethodConfig | None = None, train: TrainConfi
     o += 4 * sum(trainable) if t.master_weights else 0
     acts, known = 0, not raw
     if known:
-        T = s.n_positions if t.seq_len is None else t.seq_len
+        T = s.block_size if t.seq_len is None else t.seq_len
         if not isinstance(T, int) or T < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {T!r}")
         acts = sum(activation_bytes(
             t.batch_size, T, s.n_layer, s.n_embd, s.n_head, s.d_ff, s.vocab_size, ab, lora_dropout=m.lora_dropout,
             save_frozen_linear_inputs=t.save_frozen_linear_inputs, resid_pdrop=t.resid_pdrop,
-            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, **model_of.activations(s, m)).values())
-    return MemoryBreakdown(w_tr, w_fr, sum(trainable) * gb, o, acts, q_c, sum(k for _, k, _, _ in tensors),
+            embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, gradient_checkpointing=t.gradient_checkpointing,
+            **model_of.activations(s, m)).values())
+    return Breakdown(w_tr, w_fr, sum(trainable) * gb, o, acts, q_c, sum(k for _, k, _, _ in tensors),
                            sum(trainable), t.optimizer.startswith("paged_"), known)
-
-
-# ----------------------------------------------------------------------- course cases
-
-
-@dataclass(frozen=True)
-class CourseFigure:
-    case: str  # what is computed
-    minipeft: float  # computed here from the case's inputs
-    course: float  # as stated in the lecture notes / issue
-    unit: str
-    relation: str = "≈"  # '≈' within rel_tol, '≤' / '<' a bound the course number states
-    rel_tol: float = 0.01
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        if self.relation == "≤":
-            return self.minipeft <= self.course * (1 + 1e-12)
-        if self.relation == "<":
-            return self.minipeft < self.course
-        if self.relation == "≥":
-            return self.minipeft >= self.course * (1 - 1e-12)
-        return abs(self.minipeft - self.course) <= self.rel_tol * abs(self.course)
-
-
-# LLaMA dims (released configs: layers, hidden, intermediate) only to size QLoRA's r=64 adapters
-_LLAMA_DIMS = {"llama-33b": (60, 6656, 17920), "llama-65b": (80, 8192, 22016)}
-
-
-def course_figures() -> list[CourseFigure]:
-    """Each course memory figure recomputed from its inputs, next to the number the course states."""
-    F = CourseFigure
-    rows = []
-    full32 = TrainConfig(weight_dtype="float32", optimizer="adamw")
-    b = estimate_memory(1.5e9, MethodConfig("full"), full32)
-    rows.append(F("1.5B params, fp32 AdamW: weights 4 + grads 4 + m,v 8 B/param", b.total / GB, 24, "GB",
-                  note="model states only; activations, buffers and fragmentation come on top"))
-    b = estimate_memory("gpt2-xl", MethodConfig("full"), full32)
-    rows.append(F("GPT-2 XL exact count (1,557,611,200), same accounting, states only",
-                  (b.total - b.activations) / GB, 24, "GB", "≥"))
-    bits, dq = quant_constant_bits(64), quant_constant_bits(64, double_quant=True)
-    rows.append(F("block-wise fp32 absmax constants, block 64", bits, 0.5, "bit/param", rel_tol=0))
-    rows.append(F("double quant: 8-bit constants + fp32 per 256 blocks", dq, 0.127, "bit/param", rel_tol=0.005))
-    rows.append(F("double quant: reduction of constant memory", 100 * (1 - dq / bits), 75, "%", rel_tol=0.01))
-    rows.append(F("double quant saving at 65B (LLaMA 65.2B)", RAW_COUNTS["llama-65b"] * (bits - dq) / 8 / GB, 3,
-                  "GB", rel_tol=0.05, note=f"saving {bits - dq:.3f} bit/param (course: ~0.4)"))
-    lo = lora_matrix_param_count(512, 64, 8)
-    rows.append(F("LoRA r=8 on 512x64: trainable (A 8x64 + B 512x8)", lo, 512 + 4096, "params", rel_tol=0))
-    rows.append(F("LoRA r=8 on 512x64: trainable cut vs 32,768", 100 * (1 - lo / (512 * 64)), 86, "%", rel_tol=0.005))
-    g3 = gpt2_param_count("gpt3-175b")
-    rows.append(F("GPT-3 175B parameters from its shape (96 x 12288, vocab 50257, ctx 2048)", g3 / 1e9, 175, "B",
-                  note="tied head, GPT-2 architecture"))
-    lq = MethodConfig("lora", targets=("c_attn.q", "c_attn.v"), r=4)
-    nl = lora_param_count("gpt3-175b", lq.targets, 4)
-    rows.append(F("GPT-3 LoRA r=4 on Wq, Wv: trainable", nl / 1e6, 18, "M", rel_tol=0.05,
-                  note="LoRA paper §7.1 budget of 18M; the course's '18M' is rounded down"))
-    rows.append(F("GPT-3 LoRA r=4 on Wq, Wv: share of all parameters", 100 * nl / g3, 0.01, "%", rel_tol=0.1))
-    half = TrainConfig(batch_size=1, seq_len=1, weight_dtype="float16", state_dtype="float16")
-    b = estimate_memory("gpt3-175b", MethodConfig("full"), half)
-    rows.append(F("GPT-3 full FT, all 16-bit: weights, grads, Adam m, v (8 B/param)", (b.total - b.activations) / 1e12,
-                  1.2, "TB", rel_tol=0.2, note="the paper's 1.2 TB is measured; it implies "
-                  f"{1.2e12 / g3:.2f} B/param: no standard accounting gives it (16 B/param: 2.79 TB)"))
-    b = estimate_memory("gpt3-175b", lq, half)
-    rows.append(F("GPT-3 LoRA r=4 (Wq, Wv): fp16 frozen weights + LoRA states", (b.total - b.activations) / GB,
-                  350, "GB", note="= the fp16 checkpoint: 2 B x 174.6B; LoRA adds 0.15 GB"))
-    rows.append(F("GPT-3 LoRA checkpoint (A, B in fp16)", nl * 2 / MB, 35, "MB", rel_tol=0.1,
-                  note="LoRA paper: 350 GB -> 35 MB"))
-    b = estimate_memory("gpt3-175b", MethodConfig("full"), TrainConfig(
-        seq_len=1, weight_dtype="float16", state_dtype="float32", master_weights=True))
-    rows.append(F("GPT-3 full FT, mixed-precision Adam (16 B/param): A100-40GB GPUs for states",
-                  math.ceil((b.total - b.activations) / (40 * GB)), 80, "GPUs", "≤",
-                  note="states alone; activations and buffers need the rest"))
-    for name, course in (("llama-7b", 6), ("llama-13b", 10), ("llama-33b", 21), ("llama-65b", 41)):
-        n = RAW_COUNTS[name]
-        rows.append(F(f"{name} ({n / 1e9:.1f}B) 4-bit base, NF4 bs 64 + double quant", n * (4 + dq) / 8 / GB,
-                      course, "GB", "≤", note="course: Guanaco footprint (base + adapters + 16-bit parts)"))
-    rows.append(F("llama-13b in 16 bit (Vicuna 13B)", RAW_COUNTS["llama-13b"] * 2 / GB, 26, "GB"))
-    for name, gpu in (("llama-65b", 48), ("llama-33b", 24)):
-        L, d, ff = _LLAMA_DIMS[name]
-        n_lora = L * 64 * (4 * (d + d) + 3 * (d + ff))  # r=64 on q,k,v,o,gate,up,down
-        b = estimate_memory(name, MethodConfig("qlora", trainable_params=n_lora), TrainConfig(
-            weight_dtype="bfloat16", optimizer="paged_adamw"))
-        rows.append(F(f"{name} QLoRA (r=64 all linears, bf16 LoRA, paged fp32 AdamW) on device",
-                      b.device_total / GB, gpu, "GB", "<", note=f"{gpu - b.device_total / GB:.1f} GB left for "
-                      f"activations; {n_lora / 1e6:.0f}M LoRA params"))
-    b = estimate_memory("llama-65b", MethodConfig("full"), TrainConfig(weight_dtype="float16"))
-    rows.append(F("llama-65b 16-bit full FT: fp16 W + grads + fp32 m, v (12 B/param)", b.total / GB, 780, "GB",
-                  "≥", note="QLoRA paper '>780 GB' (methods.md §18.4, unverified)"))
-    return rows
-
-
-def format_course_figures(rows=None) -> str:
-    rows = course_figures() if rows is None else rows
-    out = [f"{'case':<78}{'minipeft':>12} {'course':>9} {'unit':<10} ok"]
-    for r in rows:
-        out.append(f"{r.case:<78}{r.minipeft:>12.6g} {r.relation}{r.course:>8g} {r.unit:<10} "
-                   f"{'yes' if r.ok else 'NO'}{'  ' + r.note if r.note else ''}")
-    return "\n".join(out)

@@ -13,7 +13,8 @@ from __future__ import annotations
 def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *, trainable_linears=(),
                      lora_ranks=None, lora_dropout=0.0, ln_trainable=False, embeddings_trainable=False,
                      n_prompt=0, n_prefix=0, side_width=0, side_inner=0, save_frozen_linear_inputs=False,
-                     resid_pdrop=0.0, embd_pdrop=0.0, ledger_view=False, mask_bytes=1, index_bytes=8):
+                     resid_pdrop=0.0, embd_pdrop=0.0, ledger_view=False, mask_bytes=1, index_bytes=8,
+                     gradient_checkpointing=False):
     """Bytes saved for backward by one training step of a GPT-2 LM, per term (summed over layers).
 
     Mirrors minipeft.functional: an op records (and saves) only when an input needs grad;
@@ -24,6 +25,8 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
     A buffer kept by two ops counts once. lora_ranks: {block module: r} (linear_shapes names).
     side_width > 0: LST side network of that width; the backbone runs without a graph.
     ledger_view: skip arrays made outside the graph (the engine's ledger treats them as leaves).
+    gradient_checkpointing: each block keeps only its input and is recomputed in backward
+    (``minipeft.checkpointing``); the terms then sum to the step's peak (``checkpointed_peak``).
     """
     lora_ranks = dict(lora_ranks or {})
     Tq = T + n_prompt  # prompt tuning lengthens the sequence the model sees
@@ -99,7 +102,9 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
         add("side: up input", N * ds * act_bytes)  # up: d/rf -> d
         g = True
     else:
+        block_input_needs_grad = []
         for i in range(n_layer):
+            block_input_needs_grad.append(g)
             g = block(f"h.{i}.", C, n_inner, Tq + n_prefix, g, set(trainable_linears), lora_ranks, ln_trainable)
     layer_norm("ln_f", C, g, ln_trainable)
     if embeddings_trainable:
@@ -107,7 +112,38 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
     if g or embeddings_trainable:  # logits need grad: the loss op is recorded
         add("cross_entropy: probs", B * T * vocab * act_bytes)  # (B*T, V): real tokens only, no prompt
         add("cross_entropy: targets, valid", B * T * (index_bytes + 1))  # int64 + bool
+    if gradient_checkpointing and side_width == 0:
+        input_bytes = [N * C * act_bytes if keep(x_rg) else 0 for x_rg in block_input_needs_grad]
+        return checkpointed_peak(terms, input_bytes)
     return terms
 
 
-__all__ = ["activation_bytes"]
+def checkpointed_peak(terms: dict, input_bytes: list) -> dict:
+    """The saved-bytes peak of a step with gradient checkpointing, as terms that sum to it.
+
+    ``terms``: what the plain step saves (``activation_bytes``), by name (``h.{i}.`` for
+    block i; ``ln_f``, ``lm_head``, ``cross_entropy`` for the head; the rest before the
+    blocks). ``input_bytes[i]``: what block i's checkpoint keeps (its input (B, T, C)).
+    The forward keeps the embeddings' terms, every block's input and the head's terms;
+    backward frees the head, then recomputes block L-1, L-2, ... one at a time, releasing
+    each block's input after its backward. The peak is therefore
+
+        before + max(sum(inputs) + head,  max_i(inputs[0..i] + block_i))
+
+    (Chen et al. 2016, section 3: O(L) inputs plus one segment's activations).
+    """
+    L = len(input_bytes)
+    is_head = lambda k: k.startswith(("ln_f", "lm_head", "cross_entropy"))  # noqa: E731
+    in_block = [{k: v for k, v in terms.items() if k.startswith(f"h.{i}.")} for i in range(L)]
+    before = {k: v for k, v in terms.items() if not is_head(k) and not any(k in b for b in in_block)}
+    head = {k: v for k, v in terms.items() if is_head(k)}
+    phases = [(sum(input_bytes) + sum(head.values()), L, head)]  # end of forward
+    phases += [(sum(input_bytes[:i + 1]) + sum(in_block[i].values()), i + 1, in_block[i]) for i in range(L)]
+    _, n_inputs, held = max(phases, key=lambda p: p[0])  # the first of equal peaks: the forward's end
+    out = dict(before)
+    out.update({f"h.{i}.input: kept by the checkpoint": input_bytes[i] for i in range(n_inputs) if input_bytes[i]})
+    out.update(held)
+    return out
+
+
+__all__ = ["activation_bytes", "checkpointed_peak"]

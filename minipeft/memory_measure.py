@@ -1,7 +1,8 @@
 """Memory profiling (measured): run one real training step and count what it holds.
 
 The analytic calculator (``minipeft.memory``) predicts bytes by category; this module
-measures the same categories on a real step, so a lesson can print them side by side:
+measures the same categories on a real step and returns the same ``Breakdown``, so a lesson
+can print them side by side:
 
 * weights, trainable and frozen: the arrays the model's parameters hold, plus the
   non-parameter arrays of quantized layers (packed 4-bit codes are frozen weights;
@@ -17,35 +18,10 @@ measures the same categories on a real step, so a lesson can print them side by 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
 
 from . import engine
 from .backend import DeviceMemoryTracker, synchronize
-from .memory import MemoryBreakdown, format_bytes
-
-@dataclass
-class MeasuredMemory:
-    weights_trainable: int  # bytes of parameters that require grad
-    weights_frozen: int  # bytes of frozen parameters and packed quantized codes
-    gradients: int  # bytes of .grad arrays after backward
-    optimizer_state: int  # optimizer.state_bytes() after the step
-    activations: int  # peak bytes saved for backward (engine ledger)
-    quant_constants: int  # absmax / nested absmax / code tables of quantized layers
-    device_peak: int = 0  # GPU: peak bytes allocated from the CuPy pool during the step (0 on CPU)
-    step_seconds: float = 0.0  # wall time of the measured step
-    loss: float = float("nan")  # the step's loss
-
-    @property
-    def total(self) -> int:
-        return (self.weights_trainable + self.weights_frozen + self.gradients + self.optimizer_state
-                + self.activations + self.quant_constants)
-
-    def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
-
-
-CATEGORIES = ("weights_trainable", "weights_frozen", "gradients", "optimizer_state", "activations",
-              "quant_constants")
+from .memory import CATEGORIES, Breakdown, format_bytes
 
 
 def model_bytes(model) -> dict:
@@ -69,7 +45,7 @@ def model_bytes(model) -> dict:
     return out
 
 
-def measure_training_step(model, batch, optimizer, loss_fn=None) -> MeasuredMemory:
+def measure_training_step(model, batch, optimizer, loss_fn=None) -> Breakdown:
     """Run one step (forward, backward, optimizer step) and measure its memory by category.
 
     ``loss_fn(model, batch) -> scalar Tensor`` (default ``model(x, targets=y).loss``).
@@ -97,12 +73,13 @@ def measure_training_step(model, batch, optimizer, loss_fn=None) -> MeasuredMemo
         if p.grad is not None and id(p.grad) not in seen:
             seen.add(id(p.grad))
             grads += int(p.grad.nbytes)
-    return MeasuredMemory(before["weights_trainable"], before["weights_frozen"], grads,
-                          int(optimizer.state_bytes()), int(peak_saved), before["quant_constants"],
-                          int(tracker.peak), seconds, float(loss.item()))
+    return Breakdown(before["weights_trainable"], before["weights_frozen"], grads, int(optimizer.state_bytes()),
+                     int(peak_saved), before["quant_constants"], n_params=int(model.num_parameters()),
+                     n_trainable=int(model.num_parameters(trainable_only=True)),
+                     device_peak=int(tracker.peak), step_seconds=seconds, loss=float(loss.item()))
 
 
-def compare(predicted: MemoryBreakdown, measured: MeasuredMemory) -> list[tuple[str, int, int, str]]:
+def compare(predicted: Breakdown, measured: Breakdown) -> list[tuple[str, int, int, str]]:
     """Rows (category, predicted bytes, measured bytes, measured/predicted) for a report."""
     rows = []
     for name in CATEGORIES + ("total",):

@@ -37,11 +37,11 @@ import numpy as np
 from .atomic import atomic_directory, recover
 from .backend import resolve_device, to_device
 from .data import Corpus, eval_batches, lm_batches
-from .engine import no_grad
 from .gpt import GPT, GPTConfig
 from .integrity import dumps_with_digest, read_json
 from .sizes import BASES, BaseSize
 from .train import TrainConfig, train
+from .train import validation_loss as train_validation_loss
 
 
 SIZES: dict[str, BaseSize] = BASES  # the one table of base sizes (minipeft.sizes)
@@ -86,17 +86,8 @@ def _spec(name: str, quick: bool, steps: int | None) -> BaseSize:
 
 
 def validation_loss(model: GPT, tokens, block_size: int, batch_size: int = 16, max_batches: int = 20) -> float:
-    """Mean next-token cross-entropy (nats/token) over the first windows of ``tokens``."""
-    was_training = model.training
-    model.eval()
-    total, n = 0.0, 0
-    with no_grad():
-        for x, y in eval_batches(tokens, batch_size, block_size, max_batches=max_batches):
-            loss = model(x, targets=y).loss.item()
-            total += loss * x.size
-            n += x.size
-    model.train(was_training)
-    return total / max(n, 1)
+    """Mean next-token cross-entropy (nats/token) over the first windows of ``tokens`` (``train.validation_loss``)."""
+    return train_validation_loss(model, eval_batches(tokens, batch_size, block_size, max_batches=max_batches))
 
 
 def pretrain(name: str = "tiny", corpus: str = "english", device: str = "cpu", quick: bool = False,

@@ -6,6 +6,8 @@ checkpoint resume with the very same random stream.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .backend import get_xp
@@ -39,3 +41,21 @@ def get_state() -> dict:
 def set_state(state: dict) -> None:
     manual_seed(int(state["seed"]))
     generator("cpu").bit_generator.state = state["cpu"]
+
+
+@contextlib.contextmanager
+def fork(seed: int):
+    """Inside, every backend draws from a stream seeded with ``seed``; after, the previous streams go on.
+
+    Data parallelism gives each shard of a batch its own dropout stream this way, so a mask
+    depends on the shard, not on which rank (or how many) computed it.
+    """
+    global _seed
+    saved_seed, saved = _seed, dict(_generators)
+    manual_seed(seed)
+    try:
+        yield
+    finally:
+        _seed = saved_seed
+        _generators.clear()
+        _generators.update(saved)

@@ -12,17 +12,21 @@ every adapter in host memory and only the active ones on the GPU. The semantics 
 ``shared/reference/peft-format.md`` section 8.
 
 :class:`LoraServer` wraps each served Linear of a GPT (``c_attn``, ``c_proj``, ``c_fc``
-by default, full precision or 4-bit) in a :class:`MultiLoraLinear` holding the stacks of
-the resident adapters, ranks padded with zeros to ``r_max`` (zero rows of A and zero
+by default, full precision or 4-bit) in a :class:`~minipeft.serve_layers.MultiLoraLinear`
+holding the stacks of the resident adapters, one stack per rank class (``rank_classes``;
+by default one class, every rank padded with zeros to ``r_max``: zero rows of A and zero
 columns of B change nothing)::
 
-    lora_A (n_slots, r_max, in)    lora_B (n_slots, out, r_max)    scales (n_slots,)
+    lora_A[c] (n_c, r_c, in)    lora_B[c] (n_c, out, r_c)    scales[c] (n_c,)
 
-A device budget sets ``n_slots``; resident adapters are kept least-recently-used first
-and evicted when a batch needs a slot, the host pool holds the rest (optionally within a
-budget too, re-reading evicted ones from disk). ``generate`` runs greedy decoding for a
-batch in which every request names its own adapter or none; a request naming an unknown
-adapter, or one that cannot serve this base, gets its own error and the others run.
+A device budget sets the slots (split evenly between the classes); resident adapters are
+kept least-recently-used first and evicted when a batch needs a slot of their class, the
+host pool holds the rest (optionally within a budget too, re-reading evicted ones from
+disk). ``generate`` runs greedy decoding for a static batch in which every request names
+its own adapter or none; a request naming an unknown adapter, or one that cannot serve
+this base, gets its own error and the others run. ``serve_scheduler.serve`` runs requests
+that arrive over time with continuous batching and sampling; ``forward`` gives a mixed
+batch's logits (equal to ``PeftModel(idx, adapter_names=...)``'s).
 """
 from __future__ import annotations
 
@@ -33,61 +37,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import decoding, fast
-from .backend import to_device, to_numpy, xp_of
-from .engine import Tensor
+from . import decoding
+from .backend import to_numpy, xp_of
 from .gpt import GPT
-from .kernels import bgmv as bgmv_kernels
 from .nn import Module
-from .peft.layer import is_linear_like, param_dtype_xp
+from .peft.layer import param_dtype_xp
+from .peft.mixed_batch import BASE  # peft's name for "no adapter" in a mixed batch
 from .peft.model import PeftModel
 from .serve_adapters import AdapterError, HostAdapter, read_lora_adapter
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
-
-
-# ------------------------------------------------------------------ the batched LoRA path (NumPy twins)
-
-
-def bgmv_reference(y, x, lora_A, lora_B, indices, scales):
-    """BGMV: ``y[m] += scales[i] * (x[m] A[i]^T) B[i]^T`` with ``i = indices[m]``, in place; i < 0 skips row m.
-
-    ``y`` (M, H2), ``x`` (M, H1), ``lora_A`` (N, R, H1), ``lora_B`` (N, H2, R), ``indices``
-    (M,), ``scales`` (N,). Gathers each row's A and B, then two batched matrix products.
-    """
-    xp = xp_of(y)
-    indices = xp.asarray(indices)
-    rows = xp.flatnonzero(indices >= 0)  # base-model rows stay exactly the base output
-    if rows.size < len(indices):
-        return y if rows.size == 0 else _scatter_add(y, rows, bgmv_reference(
-            xp.zeros((rows.size, y.shape[1]), y.dtype), x[rows], lora_A, lora_B, indices[rows], scales))
-    v = xp.matmul(lora_A[indices], x[:, :, None])  # (M, R, 1): shrink, x A_i^T (A_i gathered per row)
-    delta = xp.matmul(lora_B[indices], v)[:, :, 0]  # (M, H2): expand, v B_i^T
-    y += scales[indices][:, None] * delta
-    return y
-
-
-def _scatter_add(y, rows, delta):
-    y[rows] += delta
-    return y
-
-
-def sgmv_reference(y, x, lora_A, lora_B, indptr, seg_slot, scales):
-    """SGMV: for each segment k, ``y[s:e] += scales[i] * (x[s:e] A[i]^T) B[i]^T``, in place.
-
-    Rows ``indptr[k]:indptr[k+1]`` share slot ``i = seg_slot[k]`` (< 0: skipped). One GEMM
-    pair per segment: the adapter's weights serve all its rows.
-    """
-    for k, slot in enumerate(np.asarray(seg_slot).tolist()):
-        s, e = int(indptr[k]), int(indptr[k + 1])
-        if slot >= 0 and e > s:
-            y[s:e] += scales[slot] * ((x[s:e] @ lora_A[slot].T) @ lora_B[slot].T)  # (e - s, H2)
-    return y
-
-
-# On float32 CuPy arrays the CUDA kernels (minipeft/kernels/bgmv.cu) run instead of the twins above.
-fast.register(bgmv_reference, bgmv_kernels.bgmv_cuda, when=bgmv_kernels.bgmv_applies)
-fast.register(sgmv_reference, bgmv_kernels.sgmv_cuda, when=bgmv_kernels.sgmv_applies)
+from .serve_layers import (BatchContext, MultiLoraLinear, RankClasses, bgmv_reference, served_modules,
+                           sgmv_reference)
 
 
 # ------------------------------------------------------------------ configuration, requests, results
@@ -98,7 +57,9 @@ class ServeConfig:
     """How a :class:`LoraServer` holds adapters."""
 
     target_modules: tuple = ("c_attn", "c_proj", "c_fc")  # served Linears (names or suffixes; c_proj: attn and mlp)
-    max_rank: int = 16  # r_max: every rank is padded to it; adapters of higher rank are refused
+    max_rank: int = 16  # r_max: adapters of higher rank are refused (with rank_classes: their largest)
+    rank_classes: tuple | None = None  # slot ranks, e.g. (4, 8, 16): each adapter in the smallest that holds it;
+    #                                    None: one class of max_rank (every rank padded to r_max)
     device_budget_bytes: int = 64 * 2**20  # bytes of adapter slots on the model's device (sets n_slots)
     host_budget_bytes: int | None = None  # bytes of adapters kept in host memory; None = no limit
     base_model_name: str | None = None  # if set, adapters whose base_model_name_or_path differs are refused
@@ -111,6 +72,14 @@ class ServeConfig:
         self.target_modules = tuple(self.target_modules)
         if isinstance(self.max_rank, bool) or not isinstance(self.max_rank, int) or self.max_rank < 1:
             raise ValueError(f"max_rank must be a positive int, got {self.max_rank!r}")
+        if self.rank_classes is not None:
+            ranks = self.rank_classes
+            if isinstance(ranks, (str, int)) or not ranks or not all(
+                    isinstance(r, (int, np.integer)) and not isinstance(r, bool) and r >= 1 for r in ranks):
+                raise ValueError(f"rank_classes must be None or a non-empty list of positive ranks, e.g. (4, 8, 16); "
+                                 f"got {ranks!r}")
+            self.rank_classes = tuple(sorted({int(r) for r in ranks}))
+            self.max_rank = self.rank_classes[-1]
         if not isinstance(self.device_budget_bytes, (int, np.integer)) or self.device_budget_bytes <= 0:
             raise ValueError(f"device_budget_bytes must be a positive int, got {self.device_budget_bytes!r}")
         if self.host_budget_bytes is not None and self.host_budget_bytes <= 0:
@@ -123,12 +92,21 @@ class Request:
 
     prompt: object  # 1-D token ids (list or array)
     adapter: str | None = None  # a name given to LoraServer.add_adapter; None: the base model alone
-    max_new_tokens: int = 16  # tokens to generate (greedy)
+    max_new_tokens: int = 16  # tokens to generate
+    do_sample: bool = False  # False: greedy (argmax); True: sample (serve_scheduler.serve only)
+    temperature: float = 1.0  # sampling temperature (> 0)
+    top_k: int | None = None  # sample among the k most likely tokens; None: all
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens with probability >= top_p; None: all
+    seed: int | None = None  # the request's own random stream: the same seed gives the same tokens
+    arrival: float = 0.0  # when it arrives, on serve_scheduler.serve's clock (>= 0); generate runs all at once
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, (int, np.integer)) \
                 or self.max_new_tokens < 1:
             raise ValueError(f"Request.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        decoding.check_sampling(self.temperature, self.top_k, self.top_p)
+        if not (np.isfinite(self.arrival) and self.arrival >= 0):
+            raise ValueError(f"Request.arrival must be a finite time >= 0, got {self.arrival!r}")
         if self.adapter == BASE:
             self.adapter = None
         if self.adapter is not None and not isinstance(self.adapter, str):
@@ -147,110 +125,14 @@ class Result:
         return self.error is None
 
 
-# ------------------------------------------------------------------ the wrapped layer
-
-
-class _BatchContext:
-    """The adapter slot of every request of the batch being run (set by the server, read by the layers)."""
-
-    def __init__(self) -> None:
-        self.version = 0
-        self.clear()
-
-    def clear(self) -> None:
-        self.slots = self.slots_dev = self.req_ptr = self.seg_slot = self.used = None
-
-    def set(self, slots: np.ndarray, xp) -> None:
-        """``slots`` (B,): each request's slot (-1: base), sorted, so each adapter's requests are contiguous."""
-        self.version += 1
-        self.slots = slots
-        self.slots_dev = xp.asarray(slots.astype(np.int32))
-        starts = np.r_[0, np.flatnonzero(np.diff(slots)) + 1]
-        self.req_ptr, self.seg_slot = np.r_[starts, len(slots)], slots[starts]  # (S + 1,), (S,)
-        self.used = np.unique(slots[slots >= 0])
-
-
-class MultiLoraLinear(Module):
-    """A Linear-like base layer plus the stacked LoRA weights of every resident adapter.
-
-    ``forward(x)``: ``y = base(x)``, then, when the running batch uses adapters with weights
-    here, the LoRA part per row: BGMV when each request has one token (decode), SGMV over
-    each adapter's rows otherwise (prefill). The stacks are plain arrays, not Parameters.
-    """
-
-    def __init__(self, base_layer: Module, n_slots: int, max_rank: int, ctx: _BatchContext,
-                 use_kernels: bool = True) -> None:
-        super().__init__()
-        self.base_layer = base_layer
-        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        dtype, xp = param_dtype_xp(base_layer)
-        self.lora_A = xp.zeros((n_slots, max_rank, self.in_features), dtype)  # (N, R, in)
-        self.lora_B = xp.zeros((n_slots, self.out_features, max_rank), dtype)  # (N, out, R)
-        self.scales = xp.zeros(n_slots, dtype)  # (N,)
-        self.present = np.zeros(n_slots, bool)  # slot holds weights for this layer
-        self.ctx, self.use_kernels = ctx, use_kernels
-        self._active = (-1, False)
-
-    def set_slot(self, slot: int, A=None, B=None, scale: float = 0.0) -> None:
-        """Write one adapter's A (r, in), B (out, r) into ``slot`` (zero-padded); None clears the slot."""
-        xp = xp_of(self.lora_A)
-        self.lora_A[slot] = 0
-        self.lora_B[slot] = 0
-        if A is not None:
-            r = A.shape[0]
-            self.lora_A[slot, :r] = xp.asarray(A, dtype=self.lora_A.dtype)
-            self.lora_B[slot, :, :r] = xp.asarray(B, dtype=self.lora_B.dtype)
-        self.scales[slot] = scale if A is not None else 0.0
-        self.present[slot] = A is not None
-
-    def _is_active(self, ctx) -> bool:
-        if self._active[0] != ctx.version:
-            self._active = (ctx.version, bool(ctx.used.size and self.present[ctx.used].any()))
-        return self._active[1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.base_layer(x)  # (..., out): the base GEMM, once for the whole batch
-        ctx = self.ctx
-        if ctx.slots is None or not self._is_active(ctx):
-            return y
-        xd, yd = x.data, y.data
-        A, B, s = self.lora_A, self.lora_B, self.scales
-        M = xd.size // self.in_features
-        x2, y2 = xd.reshape(M, self.in_features), yd.reshape(M, self.out_features)  # (B*T, in), (B*T, out)
-        T = M // len(ctx.slots)
-        # the twins, or their CUDA kernels where fast.choose finds they apply (use_kernels=False: the twins)
-        if T == 1:  # decode: one row per request
-            fast.call(bgmv_reference, y2, x2, A, B, ctx.slots_dev, s, allow_fast=self.use_kernels)
-        else:  # prefill: request k's T rows follow request k-1's, same-adapter requests are adjacent
-            indptr = ctx.req_ptr * T
-            fast.call(sgmv_reference, y2, x2, A, B, indptr, ctx.seg_slot, s, allow_fast=self.use_kernels)
-        return Tensor(y2.reshape(yd.shape))
-
-    def _moved_to(self, device: str) -> None:
-        self.lora_A, self.lora_B, self.scales = (to_device(a, device) for a in (self.lora_A, self.lora_B, self.scales))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, slots={len(self.present)}, "
-                f"r_max={self.lora_A.shape[1]}")
-
-
-def served_modules(model: Module, target_modules) -> list:
-    """(name, module) of the Linear-like modules of ``model`` whose names match ``target_modules``."""
-    out = [(n, m) for n, m in model.named_modules() if n and is_linear_like(m) and not n.startswith("lm_head")
-           and any(n == t or n.endswith("." + t) for t in target_modules)]
-    if not out:
-        raise ValueError(f"target_modules {list(target_modules)} match no Linear of the model; GPT-2 names are "
-                         "'c_attn', 'c_proj' (attn and mlp), 'c_fc', or dotted suffixes such as 'mlp.c_proj'")
-    return out
-
-
-def slot_nbytes(model: Module, config: ServeConfig | None = None) -> int:
-    """Bytes one adapter slot takes on the device: r_max (in + out) + 1 values per served layer."""
+def slot_nbytes(model: Module, config: ServeConfig | None = None, rank: int | None = None) -> int:
+    """Bytes one adapter slot of ``rank`` (default r_max) takes on the device: r (in + out) + 1 per served layer."""
     config = config or ServeConfig()
+    rank = config.max_rank if rank is None else rank
     total = 0
     for _, m in served_modules(model, config.target_modules):
         dtype, _ = param_dtype_xp(m)
-        total += (config.max_rank * (m.in_features + m.out_features) + 1) * np.dtype(dtype).itemsize
+        total += (rank * (m.in_features + m.out_features) + 1) * np.dtype(dtype).itemsize
     return total
 
 
@@ -316,23 +198,29 @@ class LoraServer:
             raise ValueError("this model is already wrapped by a LoraServer; build one server per base model")
         self.model, self.config = model, config or ServeConfig()
         targets = served_modules(model, self.config.target_modules)
-        self.slot_bytes = slot_nbytes(model, self.config)
-        self.n_slots = int(self.config.device_budget_bytes // self.slot_bytes)
-        if self.n_slots < 1:
-            raise ValueError(f"device_budget_bytes={self.config.device_budget_bytes} holds no adapter: one slot of "
-                             f"rank {self.config.max_rank} takes {self.slot_bytes} bytes; raise the budget or "
-                             "lower max_rank")
-        self._ctx = _BatchContext()
+        self.slot_bytes = slot_nbytes(model, self.config)  # a slot of rank r_max
+        ranks = self.config.rank_classes or (self.config.max_rank,)
+        share = self.config.device_budget_bytes // len(ranks)  # each class gets an equal share of the budget
+        counts = [int(share // slot_nbytes(model, self.config, r)) for r in ranks]
+        if min(counts) < 1:
+            r = ranks[counts.index(0)]
+            raise ValueError(f"device_budget_bytes={self.config.device_budget_bytes} holds no adapter of rank {r}: "
+                             f"one slot takes {slot_nbytes(model, self.config, r)} bytes of the class's share "
+                             f"{share}; raise the budget or lower max_rank / rank_classes")
+        self.classes = RankClasses(ranks, counts)
+        self.n_slots = self.classes.n_slots
+        self._ctx = BatchContext(self.classes)
         self.layers: dict[str, MultiLoraLinear] = {}
         for name, module in targets:
-            layer = MultiLoraLinear(module, self.n_slots, self.config.max_rank, self._ctx, self.config.use_kernels)
+            layer = MultiLoraLinear(module, self.classes, self._ctx, self.config.use_kernels)
             layer.train(module.training)
             model.set_submodule(name, layer)
             self.layers[name] = layer
         self._paths: dict[str, str] = {}
+        self._rank: dict[str, int] = {}  # each adapter's largest rank, once read (its slot class)
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
-        self._free = list(range(self.n_slots))[::-1]
+        self._free = [self.classes.slots_of(c)[::-1] for c in range(len(ranks))]  # per class, lowest id last
         self.reset_stats()
 
     # ---- the adapter pool
@@ -355,11 +243,12 @@ class LoraServer:
             raise ValueError(f"unknown adapter {name!r}")
         del self._paths[name]
         self._host.pop(name, None)
+        self._rank.pop(name, None)
         slot = self._resident.pop(name, None)
         if slot is not None:
             for layer in self.layers.values():
                 layer.set_slot(slot)
-            self._free.append(slot)
+            self._free[self.classes.class_of(slot)].append(slot)
 
     @property
     def adapters(self) -> list[str]:
@@ -379,7 +268,7 @@ class LoraServer:
 
     def memory(self) -> dict:
         """Bytes held: the base model, the device slots (padded), the host pool (unpadded)."""
-        dev = sum(a.nbytes for layer in self.layers.values() for a in (layer.lora_A, layer.lora_B, layer.scales))
+        dev = sum(layer.nbytes() for layer in self.layers.values())
         return dict(base_bytes=_model_bytes(self.model), slot_bytes=self.slot_bytes, n_slots=self.n_slots,
                     device_pool_bytes=int(dev), resident=len(self._resident),
                     host_bytes=sum(h.nbytes for h in self._host.values()), host_adapters=len(self._host))
@@ -395,6 +284,7 @@ class LoraServer:
                                "server.add_adapter(name, directory)")
         adapter = read_lora_adapter(name, self._paths[name], self.model, self.layers, self.config)
         self.stats["disk_loads"] += 1
+        self._rank[name] = adapter.r
         self._host[name] = adapter
         budget = self.config.host_budget_bytes
         while budget is not None and len(self._host) > 1 and sum(h.nbytes for h in self._host.values()) > budget:
@@ -402,19 +292,32 @@ class LoraServer:
             self.stats["host_evictions"] += 1
         return adapter
 
-    def _make_resident(self, names: list[str]) -> dict[str, int]:
-        """Slots for ``names`` (at most n_slots), evicting the least recently used others."""
-        keep, t0 = set(names), time.perf_counter()
+    def class_of(self, name: str) -> int:
+        """The rank class of adapter ``name`` (read from disk if it never was)."""
+        if name not in self._rank:
+            self._host_adapter(name)
+        return self.classes.class_for_rank(self._rank[name])
+
+    def can_hold(self, names, keep=()) -> bool:
+        """Whether ``names`` fit in the device slots at once, ``keep`` (resident, in use) staying."""
+        need = [0] * len(self.classes.ranks)
+        for n in set(names) | set(keep):
+            need[self.class_of(n)] += 1
+        return all(k <= n for k, n in zip(need, self.classes.counts))
+
+    def _make_resident(self, names: list[str], keep=()) -> dict[str, int]:
+        """Slots for ``names`` (they fit: ``can_hold``), evicting the least recently used others but ``keep``."""
+        keep, t0 = set(names) | set(keep), time.perf_counter()
         for name in names:
             if name in self._resident:
                 self._resident.move_to_end(name)
                 self.stats["device_hits"] += 1
                 continue
-            adapter = self._host_adapter(name)
-            if self._free:
-                slot = self._free.pop()
-            else:
-                victim = next(n for n in self._resident if n not in keep)
+            adapter, c = self._host_adapter(name), self.class_of(name)
+            if self._free[c]:
+                slot = self._free[c].pop()
+            else:  # the least recently used adapter of this class that the batch does not use
+                victim = next(n for n in self._resident if n not in keep and self.class_of(n) == c)
                 slot = self._resident.pop(victim)
                 self.stats["device_evictions"] += 1
             for mod, layer in self.layers.items():
@@ -440,11 +343,11 @@ class LoraServer:
         return p.astype(np.int64)
 
     def generate(self, requests: list, eos_token_id: int | None = None) -> list[Result]:
-        """Greedy decoding of a mixed batch; one :class:`Result` per request, in order.
+        """Greedy decoding of a mixed batch, all at once; one :class:`Result` per request, in order.
 
         Requests whose adapter is unknown or cannot serve this base, or whose prompt is
         invalid, get an error; the others run together. A batch naming more adapters than
-        there are slots runs in waves of at most ``n_slots`` adapters.
+        there are slots (of their rank class) runs in waves that fit.
         """
         if not all(isinstance(r, Request) for r in requests):
             raise TypeError("generate takes a list of Request(prompt, adapter, max_new_tokens)")
@@ -453,19 +356,47 @@ class LoraServer:
         groups[None] = []
         for i, req in enumerate(requests):
             try:
+                if req.do_sample:
+                    raise ValueError("LoraServer.generate decodes greedily (a static batch); serve sampled requests "
+                                     "with minipeft.serve_scheduler.serve(server, requests)")
                 prompts[i] = self._check_request(req)
             except ValueError as e:  # AdapterError included
                 results[i] = Result(error=str(e))
                 continue
             groups.setdefault(req.adapter, []).append(i)
         base = groups.pop(None)
-        names = list(groups)
-        chunks = [names[k:k + self.n_slots] for k in range(0, len(names), self.n_slots)] or [[]]
+        chunks = [[]]  # waves of adapters that fit in the slots together
+        for name in groups:
+            if not self.can_hold(chunks[-1] + [name]):
+                chunks.append([])
+            chunks[-1].append(name)
         for j, chunk in enumerate(chunks):
             wave = (base if j == 0 else []) + [i for n in chunk for i in groups[n]]
             if wave:
                 self._run_wave(wave, chunk, requests, prompts, results, eos_token_id)
         return results
+
+    def forward(self, idx, adapter_names, attention_mask=None):
+        """Logits (B, T, V) of one mixed batch, row m with adapter ``adapter_names[m]`` (None or '__base__': base).
+
+        The same numbers as ``PeftModel(idx, adapter_names=...)`` with these adapters loaded
+        (``tests/peft/test_mixed_batch.py``); the adapters must fit the slots together.
+        """
+        names = [None if n in (None, BASE) else n for n in adapter_names]
+        if len(names) != len(idx):
+            raise ValueError(f"adapter_names has {len(names)} names for {len(idx)} rows of idx; give one per row")
+        used = list(dict.fromkeys(n for n in names if n is not None))
+        if not self.can_hold(used):
+            raise ValueError(f"adapters {used} do not fit the device slots together ({self.n_slots}); split the batch")
+        slot_of = self._make_resident(used)
+        xp = xp_of(self.model.transformer.wte.weight.data)
+        self._ctx.set(np.array([slot_of.get(n, -1) for n in names]), xp)
+        try:
+            with decoding.inference(self.model):
+                kw = {} if attention_mask is None else dict(attention_mask=xp.asarray(attention_mask))
+                return self.model(xp.asarray(idx), **kw).logits
+        finally:
+            self._ctx.clear()
 
     def _run_wave(self, wave, names, requests, prompts, results, eos_token_id) -> None:
         n_new = max(requests[i].max_new_tokens for i in wave)
@@ -493,4 +424,5 @@ class LoraServer:
 
 
 __all__ = ["LoraServer", "ServeConfig", "Request", "Result", "AdapterError", "HostAdapter", "MultiLoraLinear",
+           "RankClasses", "BatchContext",
            "bgmv_reference", "sgmv_reference", "greedy_batch", "served_modules", "slot_nbytes", "BASE"]

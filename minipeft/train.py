@@ -28,6 +28,7 @@ what training sees.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -174,14 +175,35 @@ def count_tokens(batch) -> int:
     return int(getattr(batch, "size", 0) or 0)
 
 
-def evaluate_loss(model, get_batch, num_batches: int, seed: int, loss_fn=None) -> float:
-    """Mean loss over ``num_batches`` batches from a fresh Generator(seed): the same batches every call."""
+def validation_loss(model, batches, loss_fn=None) -> float:
+    """Mean loss per token (nats/token) of ``model`` over ``batches``: the one validation loss.
+
+    ``batches`` is any iterable of batches (``data.eval_batches`` for the windows of a token
+    array, ``random_batches`` for batches drawn the same way every call, a lesson's own
+    slices); each batch's loss counts with its number of tokens (``count_tokens``). The model
+    runs in eval mode (no dropout) without a graph, and is put back in the mode it was in.
+    """
     loss_fn = loss_fn or default_loss_fn
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        with no_grad():
+            for batch in batches:
+                k = count_tokens(batch) or 1
+                total += float(loss_fn(model, batch).item()) * k
+                n += k
+    finally:
+        model.train(was_training)
+    if n == 0:
+        raise ValueError("validation_loss got no batches; give at least one (x, y) batch")
+    return total / n
+
+
+def random_batches(get_batch, num_batches: int, seed: int):
+    """``num_batches`` batches ``get_batch(rng)`` from a fresh Generator(seed): the same batches every call."""
     rng = np.random.default_rng(seed)
-    total = 0.0
-    for _ in range(num_batches):
-        total += float(loss_fn(model, get_batch(rng)).item())
-    return total / num_batches
+    return (get_batch(rng) for _ in range(num_batches))
 
 
 def _scalar_loss(loss) -> Tensor:
@@ -250,6 +272,20 @@ def _warn_if_not_empty(config) -> None:
                           f"(steps {[s for s, _ in old][-3:]}); this fresh run (resume=False) writes beside "
                           f"them, and a later resume='auto' would continue from the newest of all. Use an "
                           f"empty checkpoint_dir, or resume='auto' to continue that run", stacklevel=3)
+
+
+def _data_parallel(parallel, model, optimizer):
+    """The ``DataParallel`` this run uses (set up on ``model``/``optimizer``), or None for one process."""
+    if parallel is False:
+        return None
+    if parallel is None:
+        from .distributed import auto_data_parallel
+
+        parallel = auto_data_parallel()
+        if parallel is None:
+            return None
+    parallel.setup(model, optimizer)
+    return parallel
 
 
 class EarlyStopping:
@@ -322,7 +358,7 @@ class EarlyStopping:
 def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config: TrainConfig | None = None,
           eval_fn: Callable | None = None, loss_fn: Callable | None = None,
           callbacks: Sequence[Callable] = (), get_eval_batch: Callable | None = None,
-          resume: bool | str = False) -> TrainResult:
+          resume: bool | str = False, parallel=None) -> TrainResult:
     """Train ``model`` for ``config.max_steps`` optimizer steps; return a ``TrainResult``.
 
     ``get_batch(rng)`` returns a batch (``(x, y)`` by default) drawn with the trainer's
@@ -340,6 +376,9 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     Damaged or incomplete checkpoints are skipped with a warning (``True``/``'auto'``); a fresh
     run (``resume=False``) into a directory that already holds checkpoints warns.
     Seeds ``minipeft.random`` with ``config.seed`` (the dropout stream) at the start.
+    ``parallel``: a ``minipeft.distributed.DataParallel`` (data parallel, ZeRO stages 0-3); ``None``
+    makes one when this process is one of several ranks (``python -m minipeft.launch``), ``False``
+    never does. Each rank trains on its shard of the global batch; rank 0 prints and checkpoints.
     """
     config = config or TrainConfig()
     if not callable(get_batch):
@@ -359,6 +398,7 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
     else:
         _warn_if_not_empty(config)
         extra = None
+    dp = _data_parallel(parallel, model, optimizer)  # after the restore: ZeRO keeps its share of it
     if extra is not None:
         if "grad_scaler" in extra:
             scaler.load_state_dict(extra["grad_scaler"])
@@ -374,10 +414,10 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         rng_state = mp_random.get_state()  # eval must not shift the dropout stream training sees
         model.eval()
         metrics: dict = {}
-        with no_grad():
+        with no_grad(), (dp.full_parameters() if dp else contextlib.nullcontext()):
             if get_eval_batch is not None:
-                metrics["val_loss"] = evaluate_loss(model, get_eval_batch, max(1, config.eval_batches),
-                                                    config.seed + 1, loss_fn)
+                metrics["val_loss"] = validation_loss(
+                    model, random_batches(get_eval_batch, max(1, config.eval_batches), config.seed + 1), loss_fn)
             if eval_fn is not None:
                 out = eval_fn(model)
                 metrics.update(out if isinstance(out, dict) else {"val_loss": float(out)})
@@ -391,14 +431,17 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         extra = {"config": dataclasses.asdict(config), "history": [list(h) for h in result.history],
                  "eval_history": [[s, m] for s, m in result.eval_history], "grad_norms": result.grad_norms,
                  "step_times": result.step_times, "grad_scaler": scaler.state_dict()}
-        ckpt.save_checkpoint(ckpt.checkpoint_path(config.checkpoint_dir, step), model, optimizer, scheduler,
-                             step=step, extra=extra, rng_state={"batch": rng})
+        write = dp.save_checkpoint if dp else ckpt.save_checkpoint  # data parallel: rank 0 writes the whole state
+        write(ckpt.checkpoint_path(config.checkpoint_dir, step), model, optimizer, scheduler,
+              step=step, extra=extra, rng_state={"batch": rng})
+        if dp and dp.rank != 0:
+            return
         if config.keep_checkpoints is not None:
             for _, old in ckpt.list_checkpoints(config.checkpoint_dir)[:-config.keep_checkpoints]:
                 ckpt.remove_checkpoint(old)
 
     n_before = len(result.step_times)
-    bar = _progress_bar(config, start)
+    bar = _progress_bar(config, start) if not dp or dp.rank == 0 else None
     model.train()
     t_start = time.perf_counter()
     step = start
@@ -406,24 +449,35 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
         while step < config.max_steps:
             t0 = time.perf_counter()
             lr = optimizer.lr
-            optimizer.zero_grad()
-            loss_sum, tokens = 0.0, 0
+            (dp or optimizer).zero_grad()
+            if dp:
+                dp.gather_parameters()  # ZeRO-3: the weights other ranks own, for this step
+            losses, tokens = [], 0
+            n_parts = config.grad_accum_steps * (dp.num_shards if dp else 1)
             for _ in range(config.grad_accum_steps):
-                batch = get_batch(rng)
+                batch = get_batch(rng)  # data parallel: every rank draws the same global batch ...
                 tokens += count_tokens(batch)
-                with autocast(config.compute_dtype):  # backward runs in the precision each op recorded
-                    loss = _scalar_loss(train_loss_fn(model, batch))
-                xp = xp_of(loss.data)
-                loss.backward(xp.full(loss.shape, scaler.scale / config.grad_accum_steps, dtype=loss.dtype))
-                loss_sum += float(loss.item())
-            train_loss = loss_sum / config.grad_accum_steps
+                for part in (dp.local_shards(batch) if dp else (batch,)):  # ... and trains on its shard
+                    with autocast(config.compute_dtype):  # backward runs in the precision each op recorded
+                        loss = _scalar_loss(train_loss_fn(model, part))
+                    xp = xp_of(loss.data)
+                    loss.backward(xp.full(loss.shape, scaler.scale / n_parts, dtype=loss.dtype))
+                    losses.append(float(loss.item()))
+            if dp:
+                losses = dp.gather_losses(losses, config.grad_accum_steps)  # every shard's, in one order
+                dp.reduce_gradients()  # bucketed all-reduce (ZeRO-2/3: reduce to each owner)
+            train_loss = sum(losses) / n_parts
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}: lower lr "
                                          f"(now {lr:g}) or set grad_clip")
-            found_inf = scaler.unscale_(optimizer.params)  # float16: an overflow skips this update
-            if not found_inf:
-                if config.grad_clip is not None:
-                    result.grad_norms.append(clip_grad_norm_(optimizer.params, config.grad_clip))
+            # float16: an overflow skips this update (on every rank)
+            found_inf = dp.unscale_(scaler) if dp else scaler.unscale_(optimizer.params)
+            if not found_inf and config.grad_clip is not None:
+                result.grad_norms.append(dp.clip_grad_norm_(config.grad_clip) if dp
+                                         else clip_grad_norm_(optimizer.params, config.grad_clip))
+            if dp:
+                dp.finish_step(optimizer, update=not found_inf)  # ZeRO: owners update, then share weights
+            elif not found_inf:
                 optimizer.step()
             scaler.update(found_inf)
             result.skipped_steps = scaler.skipped_steps
@@ -438,14 +492,17 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
             if config.log_every and step % config.log_every == 0:
                 line = (f"[{config.run_name}] step {step:>6} | loss {train_loss:.4f} | lr {lr:.2e} | "
                         f"{tokens / dt:,.0f} tok/s")
-                (bar.write if bar is not None else print)(line)
+                if not dp or dp.rank == 0:
+                    (bar.write if bar is not None else print)(line)
             if (config.eval_every and step % config.eval_every == 0) or step == config.max_steps:
                 run_eval(step)
             if config.checkpoint_dir and ((config.checkpoint_every and step % config.checkpoint_every == 0)
                                           or (config.checkpoint_every and step == config.max_steps)):
                 save(step)
             info = {"loss": train_loss, "lr": lr, "model": model, "optimizer": optimizer, "result": result}
-            if any(cb(step, info) is True for cb in callbacks):
+            with dp.full_parameters() if dp and callbacks else contextlib.nullcontext():  # ZeRO-3: all weights
+                stop = any(cb(step, info) is True for cb in callbacks)
+            if stop:
                 break
     finally:
         if bar is not None:

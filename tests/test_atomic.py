@@ -44,10 +44,10 @@ def test_an_error_while_writing_leaves_the_previous_version_and_no_debris(tmp_pa
     target = tmp_path / "d"
     with atomic_directory(target) as tmp:
         (tmp / "a").write_text("old")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed while writing"):
         with atomic_directory(target, owned=["a"]) as tmp:
             (tmp / "a").write_text("half")
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("killed while writing")
     assert (target / "a").read_text() == "old" and debris(tmp_path) == []
 
 

@@ -95,7 +95,7 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="state.json is missing"):
         load_checkpoint(path, net)
     (tmp_path / "file").write_text("x")
-    with pytest.raises(NotADirectoryError):
+    with pytest.raises(NotADirectoryError, match="is a file; expected a directory"):
         load_checkpoint(tmp_path / "file", net)
 
 
@@ -104,7 +104,7 @@ def test_failed_load_changes_nothing(tmp_path):
     path = save_checkpoint(tmp_path / "ck", net, opt, step=3)
     small = Net(hidden=7)
     before = {k: v.copy() for k, v in small.state_dict().items()}
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not fit this optimizer"):
         load_checkpoint(path, small, AdamW(small))
     assert all(np.array_equal(before[k], v) for k, v in small.state_dict().items())
 

@@ -50,8 +50,11 @@ def test_config_defaults_presets_and_validation():
         GPTConfig.preset("gpt3")
     with pytest.raises(ValueError, match="divisible by n_head"):
         GPTConfig(n_embd=64, n_head=3)
-    for bad in (dict(n_layer=0), dict(dropout=1.0), dict(dtype="int8"), dict(n_inner=-1)):
-        with pytest.raises(ValueError):
+    for bad, message in ((dict(n_layer=0), "n_layer must be a positive integer, got 0"),
+                         (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+                         (dict(dtype="int8"), "dtype must be one of .* got 'int8'"),
+                         (dict(n_inner=-1), "n_inner must be None .* or a positive integer, got -1")):
+        with pytest.raises(ValueError, match=message):
             GPTConfig(**bad)
     with pytest.raises(ValueError, match="unknown GPTConfig keys"):
         GPT({"vocab": 10})

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from minipeft.gpt import GPT, GPTConfig
-from minipeft.memory import MethodConfig, TrainConfig, estimate_memory
+from minipeft.memory import MethodConfig, StepSetup, estimate_memory
 from minipeft.memory_measure import CATEGORIES, compare, measure_training_step, model_bytes
 from minipeft.optim import AdamW
 from minipeft.peft import LoraConfig, get_peft_model
@@ -26,7 +26,7 @@ def test_measured_step_matches_prediction(method):
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     meas = measure_training_step(model, _batch(), opt)
     pred = estimate_memory(cfg, MethodConfig(method=method, targets=targets, r=4),
-                           TrainConfig(batch_size=B, seq_len=T, ledger_view=True))
+                           StepSetup(batch_size=B, seq_len=T, ledger_view=True))
     for name, p, m, _ in compare(pred, meas):
         assert m == pytest.approx(p, rel=0.10), f"{method} {name}: measured {m} vs predicted {p}"
     assert meas.activations > 0 and np.isfinite(meas.loss)
@@ -58,7 +58,7 @@ def test_qlora_step_matches_prediction():
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     meas = measure_training_step(model, _batch(), opt)
     pred = estimate_memory(cfg, MethodConfig(method="qlora", targets=("c_attn", "c_proj", "c_fc"), r=4),
-                           TrainConfig(batch_size=B, seq_len=T, ledger_view=True))
+                           StepSetup(batch_size=B, seq_len=T, ledger_view=True))
     for name, p, m, _ in compare(pred, meas):
         assert m == pytest.approx(p, rel=0.10), f"qlora {name}: measured {m} vs predicted {p}"
     assert meas.weights_frozen < GPT(cfg, seed=0).num_parameters() * 4 / 2  # 4-bit codes, not fp32

@@ -122,7 +122,7 @@ def test_tokenize_ptb_examples():
     assert tokenize_ptb("a foo d.", next_line="The next") == ["a", "foo", "d"]
     assert tokenize_ptb("a foo d.", next_line="the next") == ["a", "foo", "d."]
     assert tokenize_ptb("a foo d.") == ["a", "foo", "d."]
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="text must be a string, got int"):
         tokenize_ptb(3)
 
 
@@ -174,7 +174,7 @@ def test_bad_input(fn):
         fn(["a"], [[]])
     with pytest.raises(TypeError, match="wrap a single reference"):
         fn(["a"], ["a"])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="hyps must be a list of strings"):
         fn("a", [["a"]])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"hyps\[0\] must be a string, got NoneType"):
         fn([None], [["a"]])

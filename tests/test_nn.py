@@ -105,7 +105,7 @@ def test_load_state_dict_strict_errors_leave_model_unchanged():
     del sd["h.1.fc.bias"]
     sd["h.9.fc.weight"] = np.zeros((2, 2))
     sd["h.0.proj.weight"] = np.zeros((3, 3))
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="load_state_dict failed") as e:
         m.load_state_dict(sd)
     msg = str(e.value)
     assert "missing keys (1): ['h.1.fc.bias']" in msg
@@ -137,7 +137,7 @@ def test_get_submodule():
         m.get_submodule("h.1.nope")
     with pytest.raises(KeyError, match=r"no submodule 'h.5.fc': ModuleList has children \['0', '1'\]"):
         m.get_submodule("h.5.fc")
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"no submodule 'h.0.fc.weight': Linear has children \[\]"):
         m.get_submodule("h.0.fc.weight")  # a parameter, not a module
 
 
@@ -153,7 +153,7 @@ def test_set_submodule_keeps_names_and_order():
     assert [n for n, _ in m.h.named_modules()][:2] == ["", "0"]
     with pytest.raises(KeyError, match="no submodule 'h.0.nope' to replace"):
         m.set_submodule("h.0.nope", nn.Linear(2, 2))
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"no submodule 'h.7': ModuleList has children"):
         m.set_submodule("h.7.fc", nn.Linear(2, 2))
     with pytest.raises(TypeError, match="needs a Module"):
         m.set_submodule("h.0.fc", "not a module")

@@ -30,9 +30,10 @@ def test_pretrain_cli_on_any_text_file(tmp_path, monkeypatch, capsys):
     assert not pretrained.model_dir("tiny", str(f), quick=True).exists()
 
 
-def test_pretrain_cli_rejects_missing_corpus(tmp_path):
-    with pytest.raises(SystemExit):
+def test_pretrain_cli_rejects_missing_corpus(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="^2$"):  # a user error: exit code 2
         pretrain.main(["--corpus", str(tmp_path / "does_not_exist.txt"), "--quick"])
+    assert "no such file, and not a built-in corpus name" in capsys.readouterr().err
 
 
 def test_unknown_size():
@@ -60,10 +61,10 @@ def test_interrupted_save_keeps_the_previous_model(tmp_path, monkeypatch):
 
     def killed(self, path):
         (Path(path) / "model.safetensors").write_bytes(b"13 bytes only")
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt("killed while saving")
 
     monkeypatch.setattr(pretrained.GPT, "save_hf", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="killed while saving"):
         pretrained.pretrain("tiny", str(f), quick=True, steps=3, progress=False)
     assert (d / "model.safetensors").read_bytes() == before and (d / "meta.json").exists()
     assert not [p for p in d.parent.iterdir() if ".tmp-" in p.name]  # no debris left beside it

@@ -6,10 +6,10 @@ import pytest
 
 from minipeft import functional as F
 from minipeft.checkpoint import latest_checkpoint, list_checkpoints
-from minipeft.engine import Tensor
+from minipeft.engine import Tensor, no_grad
 from minipeft.nn import Dropout, Linear, Module
 from minipeft.optim import SGD, AdamW
-from minipeft.train import EarlyStopping, TrainConfig, count_tokens, evaluate_loss, train
+from minipeft.train import EarlyStopping, TrainConfig, count_tokens, random_batches, train, validation_loss
 
 D, V = 8, 5
 
@@ -196,9 +196,10 @@ def test_label_smoothing_trains_on_smoothed_targets_and_evaluates_plain_ce():
     logits = m0(x).logits.data
     assert res.losses[0] == pytest.approx(_hand_ce(logits, y, 0.2), rel=1e-5)
     assert res.losses[0] != pytest.approx(_hand_ce(logits, y, 0.0), rel=1e-3)  # smoothing changed the loss
-    plain = evaluate_loss(m, get_batch, 2, seed=4)  # the evaluation's batches: Generator(seed + 1)
+    plain = validation_loss(m, random_batches(get_batch, 2, seed=4))  # the evaluation's batches: Generator(seed + 1)
     assert res.eval_history[-1][1]["val_loss"] == pytest.approx(plain, rel=1e-6)
-    smoothed = evaluate_loss(m, get_batch, 2, seed=4, loss_fn=lambda mm, b: mm(b[0], b[1], label_smoothing=0.2).loss)
+    smoothed = validation_loss(m, random_batches(get_batch, 2, seed=4),
+                               loss_fn=lambda mm, b: mm(b[0], b[1], label_smoothing=0.2).loss)
     assert smoothed != pytest.approx(plain, rel=1e-3)  # so the evaluation really is the plain one
 
 
@@ -290,3 +291,19 @@ def test_early_stopping_in_train_cannot_fire_in_warmup_and_restores_the_best_wei
     assert es.restore_best(m) == 12
     for n, p in m.named_parameters():
         np.testing.assert_array_equal(p.data, snapshots[12][n], err_msg=n)
+
+
+def test_validation_loss_weights_batches_by_tokens_in_eval_mode_and_restores_the_mode():
+    m = Tiny(p=0.5)  # in training mode: its dropout would change every call
+    rng = np.random.default_rng(0)
+    batches = [get_batch(rng, batch_size=4), get_batch(rng, batch_size=1)]
+    m.eval()
+    with no_grad():
+        losses = [float(m(x, targets=y).loss.item()) for x, y in batches]
+    m.train()
+    expected = (4 * losses[0] + 1 * losses[1]) / 5  # a batch counts with its tokens
+    assert validation_loss(m, iter(batches)) == pytest.approx(expected, rel=1e-12)
+    assert validation_loss(m, iter(batches)) == validation_loss(m, iter(batches))  # no dropout
+    assert m.training  # the mode it was in
+    with pytest.raises(ValueError, match="validation_loss got no batches"):
+        validation_loss(m, [])

@@ -14,12 +14,12 @@ from .rules import Rule, at_least, at_most
 
 GB = 1e9
 WITHIN_1PCT = ((0.99, 1.01), (0.9, 1.1))  # arithmetic the course states exactly
-COURSE_FIGURES = "minipeft.memory.course_figures()"
+COURSE_FIGURES = "minipeft.memory_course.course_figures()"
 
 
 def _figure(r, case_start: str):
     """The course_figures() row whose case starts with ``case_start``."""
-    from ..memory import course_figures
+    from ..memory_course import course_figures
 
     r.computed(COURSE_FIGURES)
     for f in course_figures():
@@ -29,10 +29,10 @@ def _figure(r, case_start: str):
 
 
 def _full_ft_24gb(r) -> Measurement:
-    from ..memory import GB as _GB, MethodConfig, TrainConfig, estimate_memory
+    from ..memory import GB as _GB, MethodConfig, StepSetup, estimate_memory
 
     r.computed("minipeft.memory.estimate_memory(1.5e9, full, fp32 AdamW)")
-    b = estimate_memory(1.5e9, MethodConfig("full"), TrainConfig(weight_dtype="float32", optimizer="adamw"))
+    b = estimate_memory(1.5e9, MethodConfig("full"), StepSetup(weight_dtype="float32", optimizer="adamw"))
     gb = b.total / _GB
     return Measurement(gb, f"{fmt(gb)} GB (weights {b.weights_trainable / _GB:.0f} + gradients "
                            f"{b.gradients / _GB:.0f} + Adam state {b.optimizer_state / _GB:.0f} GB)",

@@ -46,6 +46,11 @@ def _rank_evidence(r) -> str:
         mid = max(k for k in sweep if k < hi) if len(sweep) > 1 else lo
         parts.append(f"{task}: LoRA val loss r={lo} {sweep[lo]:.3f} -> r={mid} {sweep[mid]:.3f} -> r={hi} "
                      f"{sweep[hi]:.3f}, full fine-tuning {full:.3f}")
+    if r.has("qlora", "lora_rank_check") and r.has("qlora", "methods", "lora", "val_loss"):
+        rc = r.get("qlora", "lora_rank_check")
+        lo, full = (num(r.get("qlora", "methods", m, "val_loss")) for m in ("lora", "full"))
+        parts.append(f"Python (qlora lesson): LoRA val loss r=8 {lo:.3f} -> r={rc['r']} {num(rc['val_loss']):.3f}, "
+                     f"full fine-tuning {full:.3f}")
     if not parts:
         return ""
     return ("On these bases LoRA stays above full fine-tuning's loss even at the largest rank swept ("

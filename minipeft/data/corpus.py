@@ -23,6 +23,12 @@ code land on the same side. Documents are ordered by that same hash, so any pref
 (``max_bytes``) samples the whole library instead of its first modules alphabetically.
 The result depends only on the Python version; it is built once (a few seconds) and
 cached under ``$MINIPEFT_CACHE/corpus`` (default ``~/.cache/minipeft/corpus``).
+
+How large: ``english`` is all the English prose a stock Python carries, and so the largest and
+most prose-like text a machine with nothing downloaded is sure to have: on CPython 3.11.7,
+1,973,676 training and 120,844 validation bytes (6,902 documents); on 3.12 (the H200 runs),
+1,679,508 and 101,065 (``corpus_stats('english')`` prints the counts). Other text -- a book, a
+web crawl -- goes through ``load_text_file`` (``python -m minipeft.pretrain --corpus FILE``).
 """
 from __future__ import annotations
 

@@ -15,9 +15,10 @@ holds them; side tuning, whose forward keeps no cache, reruns the window every s
 """
 from .batch import DecodeConfig, decode, left_pad, sequence_log_prob
 from .beam import LENGTH_PENALTY_STYLES, BeamChooser, beam_search, length_norm, log_softmax
-from .greedy import PickTokens, banned_ngram_tokens, generate, greedy_search, sample_next
+from .greedy import PickTokens, banned_ngram_tokens, check_sampling, generate, greedy_search, sample_next, sample_rows
 from .loop import Decodable, Session, inference, resolve_model, run
 
 __all__ = ["DecodeConfig", "decode", "greedy_search", "beam_search", "generate", "banned_ngram_tokens",
            "length_norm", "log_softmax", "resolve_model", "sequence_log_prob", "LENGTH_PENALTY_STYLES", "left_pad",
-           "Session", "run", "PickTokens", "BeamChooser", "Decodable", "inference", "sample_next"]
+           "Session", "run", "PickTokens", "BeamChooser", "Decodable", "inference", "sample_next", "sample_rows",
+           "check_sampling"]

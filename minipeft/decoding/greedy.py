@@ -23,18 +23,50 @@ from ..backend import to_numpy, xp_of
 from .loop import Session, array_of, inference, resolve_model, run
 
 
-def sample_next(logits: np.ndarray, greedy: bool, temperature: float, top_k, rng: np.random.Generator) -> np.ndarray:
-    """Next token per row of ``logits`` (B, V) float64 on the host: argmax, or a top-k sample at ``temperature``."""
+def sample_next(logits: np.ndarray, greedy: bool, temperature: float, top_k, rng: np.random.Generator,
+                top_p: float | None = None) -> np.ndarray:
+    """Next token per row of ``logits`` (B, V) float64 on the host: argmax, or a sample at ``temperature``.
+
+    Sampling keeps the ``top_k`` most likely tokens, then the nucleus of ``top_p``; each row
+    draws one uniform number from ``rng``.
+    """
     if greedy:
         return logits.argmax(axis=-1)
-    z = logits / temperature
+    return sample_rows(logits, temperature, top_k, top_p, rng.random(len(logits)))
+
+
+def sample_rows(logits: np.ndarray, temperature, top_k, top_p, u: np.ndarray) -> np.ndarray:
+    """Sample one token per row of ``logits`` (B, V) with per-row settings and uniform numbers ``u`` (B,).
+
+    ``temperature``: a number or (B,); ``top_k``: None, an int or (B,) ints (0: all tokens);
+    ``top_p``: None, a number or (B,) (1.0: all tokens). Hugging Face's order: temperature,
+    then top-k, then top-p (nucleus sampling, Holtzman et al. 2019, arXiv 1904.09751: the
+    most likely tokens whose probabilities sum to at least p). Then an inverse-CDF draw:
+    the token where the cumulative probability passes ``u``. A row gets the same token
+    whatever the other rows are, so a request decoded in any batch samples as it would alone.
+    """
+    B, V = logits.shape
+    temperature = np.asarray(temperature, np.float64)
+    z = logits / (temperature[:, None] if temperature.ndim else temperature)  # (B, V)
     if top_k is not None:
-        kth = np.sort(z, axis=-1)[:, -top_k][:, None]  # (B, 1): the k-th largest logit
+        k = np.broadcast_to(np.asarray(top_k, np.int64), (B,))
+        kth = np.take_along_axis(np.sort(z, axis=-1), np.clip(V - k, 0, V - 1)[:, None], axis=-1)  # (B, 1)
+        kth = np.where(((k > 0) & (k < V))[:, None], kth, -np.inf)  # k-th largest logit (0 or V: keep all)
         z = np.where(z < kth, -np.inf, z)
+    if top_p is not None:
+        p_top = np.broadcast_to(np.asarray(top_p, np.float64), (B,))
+        p = np.exp(z - z.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)  # (B, V)
+        order = np.argsort(-p, axis=-1, kind="stable")  # most likely first
+        sp = np.take_along_axis(p, order, axis=-1)
+        keep_sorted = np.cumsum(sp, axis=-1) - sp < p_top[:, None]  # the mass before it is still below p
+        keep = np.zeros_like(keep_sorted)
+        np.put_along_axis(keep, order, keep_sorted, axis=-1)
+        z = np.where(keep, z, -np.inf)
     p = np.exp(z - z.max(axis=-1, keepdims=True))
     cdf = np.cumsum(p, axis=-1)  # (B, V), unnormalised
-    u = rng.random(len(z))[:, None] * cdf[:, -1:]
-    return np.minimum((cdf <= u).sum(axis=-1), z.shape[-1] - 1)  # inverse-CDF sample
+    u = np.asarray(u)[:, None] * cdf[:, -1:]
+    return np.minimum((cdf <= u).sum(axis=-1), V - 1)  # inverse-CDF sample
 
 
 def banned_ngram_tokens(seqs: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +121,9 @@ class PickTokens:
 
     def __init__(self, xp, rows: int, greedy: bool = True, temperature: float = 1.0, top_k: int | None = None,
                  rng: np.random.Generator | None = None, eos_token_id: int | None = None,
-                 no_repeat_ngram_size: int = 0, prompt: np.ndarray | None = None) -> None:
+                 no_repeat_ngram_size: int = 0, prompt: np.ndarray | None = None, top_p: float | None = None) -> None:
         self.xp, self.greedy, self.temperature, self.top_k, self.rng = xp, greedy, temperature, top_k, rng
+        self.top_p = top_p
         self.eos, self.ngram = eos_token_id, no_repeat_ngram_size
         self.history = prompt if prompt is not None else np.zeros((rows, 0), np.int64)  # host, for bans
         self.done = np.zeros(rows, bool)  # rows that emitted eos
@@ -107,7 +140,7 @@ class PickTokens:
             z = to_numpy(logits).astype(np.float64)  # (R, V)
             if self.ngram:
                 z = ban_ngrams(z, self.history, self.ngram)
-            nxt = sample_next(z, self.greedy, self.temperature, self.top_k, self.rng)  # (R,)
+            nxt = sample_next(z, self.greedy, self.temperature, self.top_k, self.rng, self.top_p)  # (R,)
         if self.eos is not None:
             nxt = np.where(self.done, self.eos, to_numpy(nxt))
             self.done |= nxt == self.eos
@@ -122,31 +155,45 @@ class PickTokens:
         return xp.stack(self.new, axis=1).astype(dtype) if self.new else xp.zeros((len(self.done), 0), dtype)
 
 
-def _check_sampling(max_new_tokens: int, greedy: bool, temperature: float, top_k, vocab_size: int) -> None:
+def check_sampling(temperature: float, top_k, top_p, vocab_size: int | None = None) -> None:
+    """ValueError unless temperature > 0, top_k None or in [1, vocab_size], top_p None or in (0, 1]."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (got {temperature!r}); use greedy=True (or do_sample=False) "
+                         "for argmax decoding")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1
+                              or (vocab_size is not None and top_k > vocab_size)):
+        raise ValueError(f"top_k must be None or an int in [1, {vocab_size or 'vocab_size'}], got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float, np.number))
+                              or not 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None or a number in (0, 1], got {top_p!r}")
+
+
+def _check_sampling(max_new_tokens: int, greedy: bool, temperature: float, top_k, vocab_size: int,
+                    top_p=None) -> None:
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not greedy and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
+    if not greedy:
+        check_sampling(temperature, top_k, top_p, vocab_size)
+    elif top_k is not None and not 1 <= top_k <= vocab_size:
         raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
 
 
 def generate(model, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              greedy: bool = False, seed=None, eos_token_id: int | None = None, attention_mask=None,
-             use_cache: bool = True, extra: dict | None = None):
+             use_cache: bool = True, extra: dict | None = None, top_p: float | None = None):
     """``GPT.generate`` for a GPT or a PeftModel: continue ``idx`` (B, T); returns (B, T + n) ids on the device.
 
-    Greedy, or sampling at ``temperature`` among the ``top_k`` most likely tokens with
-    ``seed`` (int or numpy Generator). The sequence may outgrow ``block_size``: each step
+    Greedy, or sampling at ``temperature`` among the ``top_k`` most likely tokens and the
+    nucleus of ``top_p``, with ``seed`` (int or numpy Generator). The sequence may outgrow ``block_size``: each step
     then reruns the last window that fits (nanoGPT's crop). ``extra``: prompt/prefix
     tuning's ``inputs_embeds_prefix`` / ``prefix_key_values`` for the first call.
     """
     target = resolve_model(model)
-    _check_sampling(max_new_tokens, greedy, temperature, top_k, _vocab_size(model))
+    _check_sampling(max_new_tokens, greedy, temperature, top_k, _vocab_size(model), top_p)
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     with inference(model):
         session = Session(target, idx, attention_mask, extra, use_cache=use_cache, crop=True)
-        pick = PickTokens(target.xp, session.rows, greedy, temperature, top_k, rng, eos_token_id)
+        pick = PickTokens(target.xp, session.rows, greedy, temperature, top_k, rng, eos_token_id, top_p=top_p)
         prompts = session.tokens
         run(session, pick, session.steps(max_new_tokens))
         return target.xp.concatenate([prompts, pick.tokens(prompts.dtype)], axis=1)  # (B, T + n)
@@ -178,5 +225,5 @@ def greedy_search(model, idx, max_new_tokens: int, eos_token_id: int | None = No
         return target.xp.concatenate([prompts, pick.tokens(prompts.dtype)], axis=1)  # (B, T + n)
 
 
-__all__ = ["PickTokens", "generate", "greedy_search", "sample_next", "banned_ngram_tokens", "ban_ngrams",
-           "prompt_codes"]
+__all__ = ["PickTokens", "generate", "greedy_search", "sample_next", "sample_rows", "check_sampling",
+           "banned_ngram_tokens", "ban_ngrams", "prompt_codes"]

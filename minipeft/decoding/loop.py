@@ -187,6 +187,47 @@ class Session:
         if self.cache is not None:
             self.cache = self.cache.select(r)
 
+    def join(self, other: "Session") -> None:
+        """Append the rows of ``other`` (prompts of its own, already run) to this session: continuous batching.
+
+        Histories and caches of different lengths are aligned on the right, the shorter
+        left-padded with masked entries, which take no position and no attention: each row
+        continues exactly as it would alone.
+        """
+        if self.cache is None or other.cache is None:
+            raise ValueError("join needs two sessions that have run their prompts (start()) on a key/value cache")
+        if self.n_fixed != other.n_fixed or len(self.cache) != len(other.cache):
+            raise ValueError("join needs sessions of one model with the same prefixes")
+        xp = self.xp
+        L = max(self.tokens.shape[1], other.tokens.shape[1])
+        tokens, masks = zip(*(_pad_left(s.tokens, s.mask, L, xp) for s in (self, other)))
+        self.tokens, self.mask = xp.concatenate(tokens), xp.concatenate(masks)  # (R + R', L)
+        S = max(self.cache.length, other.cache.length)
+        layers = []
+        for (k1, v1), (k2, v2) in zip(self.cache, other.cache):  # (R, H, S_i, D) each
+            layers.append(tuple(xp.concatenate([_pad_kv(a, S, xp), _pad_kv(b, S, xp)])
+                                for a, b in ((k1, k2), (v1, v2))))  # (R + R', H, S, D)
+        cmask = [s.cache.mask if s.cache.mask is not None else xp.ones((s.rows, s.cache.length), bool)
+                 for s in (self, other)]
+        mask = xp.concatenate([_pad_left(m, m, S, xp)[1] for m in cmask])  # (R + R', S)
+        self.cache = type(self.cache)(layers, mask)
+        self.masked = True
+        self.prompt_length = max(self.prompt_length, other.prompt_length)
+
+    def compact(self) -> None:
+        """Drop leading columns that no row keeps (left padding left behind by rows that left)."""
+        xp = self.xp
+        kept = xp.flatnonzero(self.mask.any(axis=0))
+        first = int(kept[0]) if kept.size else 0
+        if first:
+            self.tokens, self.mask = self.tokens[:, first:], self.mask[:, first:]
+        if self.cache is not None and self.cache.mask is not None:
+            kept = xp.flatnonzero(self.cache.mask.any(axis=0))
+            first = int(kept[0]) if kept.size else 0
+            if first:
+                layers = [(k[:, :, first:], v[:, :, first:]) for k, v in self.cache]
+                self.cache = type(self.cache)(layers, self.cache.mask[:, first:])
+
     def _run_window(self):
         """The forward over the last ``window`` tokens (all of them at the start), with the prefixes."""
         xp = self.xp
@@ -201,6 +242,21 @@ class Session:
         out = self.forward(win, **kw)
         self.cache = out.past_key_values if self.use_cache else None
         return array_of(out.logits)[:, -1, :]
+
+
+def _pad_left(tokens, mask, length: int, xp):
+    """(tokens, mask) (R, L0) left-padded to (R, length): padding 0, masked out."""
+    n = length - tokens.shape[1]
+    if n == 0:
+        return tokens, mask
+    return (xp.concatenate([xp.zeros((tokens.shape[0], n), tokens.dtype), tokens], axis=1),
+            xp.concatenate([xp.zeros((mask.shape[0], n), bool), mask], axis=1))
+
+
+def _pad_kv(a, length: int, xp):
+    """Keys or values (R, H, S0, D) left-padded with zeros to (R, H, length, D)."""
+    n = length - a.shape[2]
+    return a if n == 0 else xp.concatenate([xp.zeros(a.shape[:2] + (n,) + a.shape[3:], a.dtype), a], axis=2)
 
 
 # ------------------------------------------------------------------ the loop

@@ -19,7 +19,10 @@ local standard library) the lesson shows:
 4. why a low rank can suffice: how concentrated the singular values of a *full*
    fine-tuning update ``dW = W_ft - W0`` are, against a random matrix of the same shape and
    norm, and how much LoRA's learned ``dW = (alpha/r) B A`` lies along the full update's top
-   singular directions (the subspace similarity of the paper's §7.2, eq. 4).
+   singular directions (the subspace similarity of the paper's §7.2, eq. 4);
+5. merging two adapters (Python code and C code) into one with ``add_weighted_adapter``, by
+   each of peft's combination types (cat, svd, linear, TIES, DARE, magnitude pruning and
+   their _svd variants), with the merged adapter's loss on both tasks.
 
 Every number is computed or measured in the run; the course's and the paper's numbers are
 printed beside them.
@@ -45,6 +48,9 @@ from ..nn import Linear
 from ..peft import LoraConfig, LoraLayer, get_peft_model
 from ..train import TrainConfig, train
 from ._common import Report, finish, parse_args, save_figure
+from ._lora_merges import merge_study, report_merges
+from ._lora_spectra import (ENERGY_RANKS, RANDOM_DRAWS, delta_weights, energy_fractions, random_like,  # noqa: F401
+                            rank_for_energy, right_singular, subspace_similarity, subspace_study)
 
 #: every linear layer of each block (QLoRA's choice; the paper adapts attention only)
 TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
@@ -53,8 +59,6 @@ LORA_ALPHA_PER_R = 2  # lora_alpha = 2 r: the scaling alpha/r = 2 at every rank
 # task: full fine-tuning 3e-3 beat 1e-3; LoRA 1e-2 beat 3e-3 and 3e-2 (at 3e-2, r=32 diverges).
 LR = {"full": 3e-3, "lora": 1e-2}
 REFERENCE_R = 8  # the LoRA model used for latency and subspace similarity (the course's example rank)
-ENERGY_RANKS = (1, 4, 8, 16)  # top-r singular-value energy reported for each update (8 must be in it)
-RANDOM_DRAWS = 50  # random matrices averaged for the chance level of the subspace similarity
 
 # The LoRA paper's GPT-2 M validation loss on E2E by rank (App. H.2; the course's "Choosing the LoRA rank").
 PAPER_RANK_LOSS = {1: 1.23, 2: 1.21, 4: 1.18, 8: 1.17, 16: 1.16, 32: 1.16, 64: 1.16}
@@ -190,58 +194,6 @@ def time_forward(models: dict, idx, repeats: int, warmup: int = 3, device: str =
                 synchronize(device)
                 times[n].append(time.perf_counter() - t0)
     return times if stat is None else {n: float(stat(t)) for n, t in times.items()}
-
-
-# ------------------------------------------------------------------ 4. spectra
-
-
-def delta_weights(base, tuned, names) -> dict:
-    """``{name: W_tuned - W_base}`` as float64 numpy (out, in); LoRA models give their merged delta."""
-    from ..peft import PeftModel
-
-    out = {}
-    for name in names:
-        w0 = to_numpy(base.get_submodule(name).weight.data).astype(np.float64)
-        if isinstance(tuned, PeftModel):
-            layer = tuned.base_model.model.get_submodule(name)
-            w = w0 + to_numpy(layer.get_delta_weight("default").data).astype(np.float64)
-        else:
-            w = to_numpy(tuned.get_submodule(name).weight.data).astype(np.float64)
-        out[name] = w - w0
-    return out
-
-
-def energy_fractions(sigma: np.ndarray, ranks=ENERGY_RANKS) -> dict:
-    """Share of ``||dW||_F^2 = sum sigma_i^2`` in the top-r singular values, for each r."""
-    e = np.cumsum(np.asarray(sigma, dtype=np.float64) ** 2)
-    return {int(r): float(e[min(r, len(e)) - 1] / e[-1]) for r in ranks}
-
-
-def rank_for_energy(sigma: np.ndarray, share: float = 0.9) -> int:
-    """Smallest r whose top-r singular values hold ``share`` of the energy."""
-    e = np.cumsum(np.asarray(sigma, dtype=np.float64) ** 2)
-    return int(np.searchsorted(e / e[-1], share) + 1)
-
-
-def random_like(dw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A Gaussian matrix with ``dw``'s shape, scaled to ``dw``'s Frobenius norm."""
-    g = rng.standard_normal(dw.shape)
-    return g * (np.linalg.norm(dw) / np.linalg.norm(g))
-
-
-def right_singular(dw: np.ndarray) -> np.ndarray:
-    """Right-singular vectors of ``dw`` (out, in) as columns (in, min(out, in)), by decreasing sigma."""
-    return np.linalg.svd(dw, full_matrices=False)[2].T
-
-
-def subspace_similarity(u1: np.ndarray, u2: np.ndarray, i: int, j: int) -> float:
-    """phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j) in [0, 1] (LoRA paper §7.2, eq. 4).
-
-    ``u1``, ``u2`` have orthonormal columns (singular vectors ordered by singular value).
-    Two random subspaces of R^k give about max(i, j) / k.
-    """
-    m = u1[:, :i].T @ u2[:, :j]  # (i, j)
-    return float((m ** 2).sum() / min(i, j))
 
 
 # ------------------------------------------------------------------ the lesson
@@ -417,7 +369,7 @@ def main(argv=None) -> dict:
 
     # subspace similarity (paper §7.2): LoRA's dW against the full update, a larger-r LoRA, random matrices
     rep.text("")
-    sims = _subspace_study(base, full["model"], sweep, lora_r, rs[-1], rng)
+    sims = subspace_study(base, full["model"], sweep, lora_r, rs[-1], rng)
     k, top = sims["k"], sims["top"]
     rep.table([(row["pair"], row["matrix"]) + tuple(f"{row[f'phi{i}']:.3f}" for i in (1, 4, 8))
                for row in sims["rows"]]
@@ -436,6 +388,18 @@ def main(argv=None) -> dict:
              f"{ratio:.1f} times what random directions give: LoRA finds "
              + ("largely" if ratio > 3 else "partly" if ratio > 1.5 else "not clearly")
              + " the directions that full fine-tuning moves most (figure: the overlap against j).")
+
+    # 5 ---------------------------------------------------------------------------------
+    rep.section(f"5. Merging two adapters (r = {lora_r}): Python code and C code, by each add_weighted_adapter type")
+    c_data = Corpus.load("c", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
+    c_train, c_val = to_device(c_data.train, args.device), to_device(c_data.val, args.device)
+    c_model = finetune(build(base, lora_r, args.seed + 1), c_train, c_val, s, LR["lora"], args.seed)["model"]
+    val_tokens = {"python": val_tok, "c": c_val}
+    base_losses = {t: pretrained.validation_loss(base, tok, s["block"], batch_size=8, max_batches=s["val_batches"])
+                   for t, tok in val_tokens.items()}
+    merges = merge_study(lora_model, c_model, val_tokens, s, args.seed)
+    report_merges(rep, merges, base_losses)
+    del c_model
 
     # figures ------------------------------------------------------------------------------
     from ..plotting import lora_latency, lora_rank_sweep, lora_spectra
@@ -467,40 +431,8 @@ def main(argv=None) -> dict:
         "energy": {n: {str(r): v for r, v in e.items()} for n, e in energy.items()},
         "energy_random": {n: {str(r): v for r, v in e.items()} for n, e in energy_rand.items()},
         "rank_for_90pct_energy": {n: v[0] for n, v in r90.items()},
-        "subspace": sims,
+        "subspace": sims, "merges": dict(merges, base=base_losses),
     }, args, report=rep, lesson="lora")
-
-
-def _subspace_study(base, full_model, sweep, r_small: int, r_large: int, rng) -> dict:
-    """Subspace similarity of LoRA r_small's dW (``attn.c_attn`` of each layer) with the full update's,
-    LoRA r_large's, and random matrices' right-singular vectors (the chance level: ``RANDOM_DRAWS`` draws)."""
-    names = [f"transformer.h.{i}.attn.c_attn" for i in range(base.config.n_layer)]
-    small, large, ft = (delta_weights(base, m, names) for m in (sweep[r_small]["model"], sweep[r_large]["model"],
-                                                                  full_model))
-    k = ft[names[0]].shape[1]  # the input dimension: right-singular vectors live in R^k
-    top = min(8, r_small)
-    js = list(range(1, min(32, k) + 1))
-    rows, curves = [], {}
-    for n in names:
-        short = n.replace("transformer.", "")
-        u_small = right_singular(small[n])
-        rand = [right_singular(random_like(ft[n], rng)) for _ in range(RANDOM_DRAWS)]
-        for label, us in (("full FT", [right_singular(ft[n])]), (f"LoRA r={r_large}", [right_singular(large[n])]),
-                          (f"random (mean of {RANDOM_DRAWS})", rand)):
-            row = dict(pair=f"LoRA r={r_small} vs {label}", matrix=short)
-            for i in (1, 4, 8):
-                row[f"phi{i}"] = float(np.mean([subspace_similarity(u_small, u, min(i, top), i) for u in us]))
-            rows.append(row)
-            if not label.startswith("random"):
-                curves[f"LoRA r={r_small} vs {label}, {short}"] = [subspace_similarity(u_small, us[0], top, j)
-                                                                    for j in js]
-
-    def mean(label: str, key: str) -> float:
-        return float(np.mean([r[key] for r in rows if f" vs {label}" in r["pair"]]))
-
-    return dict(rows=rows, k=k, top=top, js=js, curves=curves, chance=[max(top, j) / k for j in js],
-                ft=mean("full FT", "phi8"), ft1=mean("full FT", "phi1"), lora1=mean(f"LoRA r={r_large}", "phi1"),
-                lora=mean(f"LoRA r={r_large}", "phi8"), random1=mean("random", "phi1"), random=mean("random", "phi8"))
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ from .. import pretrained
 from ..backend import synchronize, to_device
 from ..data import Corpus, lm_batches
 from ..gpt import GPT, GPTConfig
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory, format_bytes
+from ..memory import MethodConfig, StepSetup, estimate_memory, format_bytes
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
 from ..peft import remove_reparameterization
@@ -154,7 +154,7 @@ def time_steps(models: dict, batch, rounds: int, steps: int) -> dict:
 
 def predicted_memory(config, s) -> dict:
     """The calculator's one-step total (bytes) for the methods it models (the method table's ``memory``)."""
-    tc = MemTrainConfig(batch_size=s["batch"], seq_len=s["block"], ledger_view=True)
+    tc = StepSetup(batch_size=s["batch"], seq_len=s["block"], ledger_view=True)
     return {n: estimate_memory(config, MethodConfig(**r.memory(config.n_layer, config.n_embd)), tc).total
             for n, r in TABLE.items() if r.memory is not None}
 

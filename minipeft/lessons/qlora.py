@@ -8,7 +8,7 @@ pages optimizer state to the host when memory spikes. This lesson adapts minipef
 base model to Python code (the local standard library) with full fine-tuning, LoRA and QLoRA:
 
 1. the memory arithmetic of the course, each number computed from its inputs beside the
-   course's, with the relation that must hold and its verdict (``minipeft.memory.course_figures``);
+   course's, with the relation that must hold and its verdict (``minipeft.memory_course.course_figures``);
 2. **each method at its own learning rate**: every method is trained at each rate of its
    grid (``GRIDS``; the LoRA family wants larger rates than full fine-tuning) and keeps the
    rate whose loss on the *stopping* slice of the Python validation text is lowest; only
@@ -17,11 +17,17 @@ base model to Python code (the local standard library) with full fine-tuning, Lo
 3. what each method learned (Python loss) and what it **forgot** (the rise of its loss on
    the English validation text its base was pretrained on), and the course's claims
    judged from those numbers by the claims table's rules (``minipeft.claims.methods``):
-   QLoRA matches LoRA, LoRA (and QLoRA) match full fine-tuning, PEFT forgets less;
-4. one real training step's memory by category, measured beside the calculator's prediction;
+   QLoRA matches LoRA, LoRA (and QLoRA) match full fine-tuning, PEFT forgets less. A **rank
+   check** trains LoRA once more at 8x its rank (64, QLoRA's; alpha/r kept, LoRA's chosen
+   rate): where LoRA trails full fine-tuning, it says whether more rank closes the gap, the
+   reason on a small base (its update is not of low rank; Aghajanyan et al. 2020);
+4. one real training step's memory by category, measured beside the calculator's prediction,
+   and a QLoRA step with gradient checkpointing (``gradient_checkpointing_enable``): its
+   activations, predicted and measured, beside the plain step's and the LoRA parameters';
 5. optimizer state under AdamW, 8-bit AdamW and paged AdamW;
-6. merging a QLoRA adapter into the dequantized NF4 weights (the model that was trained) or
-   into the original full-precision base (not the model that was trained).
+6. merging a QLoRA adapter into the dequantized NF4 weights (the model that was trained), into
+   the original full-precision base (not the model that was trained), or into the NF4 layers
+   themselves, re-quantized as peft's bnb merge does, with the rounding that costs.
 
 Recipe: LoRA r = 8, alpha = 16 on every linear layer of every block (QLoRA's targets), no
 LoRA dropout (the default of the QLoRA code, qlora.py; its 7B/13B scripts use 0.1), AdamW
@@ -29,8 +35,8 @@ without weight decay, cosine schedule with 5% warm-up, gradient clipping 1.0, on
 grids bracket each method's best rate on the CPU default (measured: full fine-tuning best at
 3e-3 of {3e-4, 1e-3, 3e-3, 1e-2}, LoRA and QLoRA at 1e-2 of {3e-3, 1e-2, 3e-2}); on another
 base a choice can land at an edge, and the report flags it (``--grid`` changes a grid).
-Budgets: the CPU default ('tiny' base, 2 blocks, d 64) trains 9 runs of ``STEPS_CPU``
-steps (3 rates x 3 methods; reduced from 400 steps to stay within a few minutes on 2 cores);
+Budgets: the CPU default ('tiny' base, 2 blocks, d 64) trains 10 runs of ``STEPS_CPU``
+steps (3 rates x 3 methods and the rank check; reduced from 400 steps to stay within a few minutes on 2 cores);
 ``--device cuda`` trains the 'small' base (4 blocks, d 128) for 600 steps per run; ``--quick``
 trains 2 rates per method for 30 steps (seconds; numbers not meaningful). On the CPU compute
 is float32; on a GPU QLoRA computes in float16.
@@ -47,14 +53,14 @@ from .. import pretrained
 from ..backend import to_device
 from ..claims import CLAIMS, lesson_claims
 from ..data import Corpus, lm_batches
-from ..engine import no_grad
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, course_figures, estimate_memory
+from ..memory import MethodConfig, StepSetup, estimate_memory
+from ..memory_course import course_figures
 from ..memory_measure import compare, measure_training_step
 from ..optim import AdamW
 from ..peft import LoraConfig, get_peft_model, get_qlora_model
-from ..quant.modules import quantize_model
 from ..train import TrainConfig, train
 from ._common import Report, finish, parse_args, save_figure
+from .qlora_studies import checkpointed_step, merge_study, optimizer_states
 from .side_tuning_sweep import slice_loss, split_validation
 
 METHODS = ("full", "lora", "qlora")
@@ -64,6 +70,7 @@ GRIDS = {"full": (1e-3, 3e-3, 1e-2),  # peak rates tried (cosine, 5% warm-up), a
 QUICK_GRIDS = {"full": (1e-3, 3e-3), "lora": (3e-3, 1e-2), "qlora": (3e-3, 1e-2)}  # --quick: 2 rates each
 STEPS_CPU = 300  # optimizer steps per run on the CPU default
 LORA_R, LORA_ALPHA = 8, 16  # LoRA rank and alpha, on every linear layer of every block
+RANK_CHECK = 8  # the rank check trains LoRA at 8x its rank (64, QLoRA's; at most the base's width)
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 CLAIM_IDS = {  # the claims table's entries whose rules judge this lesson's numbers
     "QLoRA vs LoRA": "qlora-matches-lora",
@@ -86,14 +93,15 @@ def _settings(args) -> dict:
                 corpus_bytes=1_000_000 if args.quick else 4_000_000, compute_dtype="float32", grids=grids)
 
 
-def build(method: str, base, compute_dtype: str = "float32", seed: int = 0):
-    """The model to train for ``method``: a copy of ``base`` with its method applied."""
+def build(method: str, base, compute_dtype: str = "float32", seed: int = 0, r: int = LORA_R):
+    """The model to train for ``method``: a copy of ``base`` with its method applied (LoRA rank ``r``, with
+    alpha scaled to keep alpha / r, the update's scale, at LORA_ALPHA / LORA_R)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
     model = copy.deepcopy(base)
     if method == "full":
         return model
-    cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=list(LINEARS), seed=seed)
+    cfg = LoraConfig(r=r, lora_alpha=LORA_ALPHA * r / LORA_R, target_modules=list(LINEARS), seed=seed)
     if method == "qlora":  # NF4 base, blocks of 64, double quantization (minipeft.peft.qlora)
         return get_qlora_model(model, cfg, compute_dtype=compute_dtype)
     return get_peft_model(model, cfg)
@@ -106,12 +114,13 @@ def choose(rows: list[dict]) -> int:
     return int(np.argmin([r["val_select"] for r in rows]))
 
 
-def sweep(method: str, base, lrs, s: dict, train_tok, select_loss, seed: int = 0, log=print) -> tuple[list, object]:
+def sweep(method: str, base, lrs, s: dict, train_tok, select_loss, seed: int = 0, log=print,
+          r: int = LORA_R) -> tuple[list, object]:
     """Train ``method`` at each rate of ``lrs``; ``(rows, model of the chosen run)``, the chosen row marked."""
     steps, rows, best = s["steps"], [], None  # best: (stopping-slice loss, model) of the best run so far
     for lr in lrs:
-        model = build(method, base, s["compute_dtype"], seed)
-        name = f"{method} lr={lr:g}"
+        model = build(method, base, s["compute_dtype"], seed, r)
+        name = f"{method}{'' if r == LORA_R else f' r={r}'} lr={lr:g}"
         tc = TrainConfig(max_steps=steps, batch_size=s["batch"], lr=lr, schedule="cosine",
                          warmup_steps=max(1, steps // 20), weight_decay=0.0, grad_clip=1.0,
                          eval_every=max(1, steps // 4), seed=seed, progress=True, run_name=name)
@@ -157,13 +166,15 @@ def _edge(m: dict, name: str) -> str:
     return f"; {name}'s lr {m['lr']:g} is at the {side} of its grid {tuple(lrs)}: beyond it was not tried"
 
 
-def judge(methods: dict, base_val: float, base_source: float, nf4_source: float | None = None) -> list[dict]:
+def judge(methods: dict, base_val: float, base_source: float, nf4_source: float | None = None,
+          rank_check: dict | None = None) -> list[dict]:
     """The course's claims judged from this lesson's numbers, by the claims table's rules.
 
     ``methods[m]`` (m in full / lora / qlora) has ``val_loss`` (reported Python loss),
     ``source_val_loss`` (English), ``lr``, ``grid`` and ``at_grid_edge``; ``base_val`` and
     ``base_source`` are the base's Python (reported slice) and English losses (``nf4_source``:
-    the NF4 base's English loss, before training). Returns one
+    the NF4 base's English loss, before training; ``rank_check``: LoRA at a higher rank, ``r`` and
+    ``val_loss``, named in the LoRA-vs-full note). Returns one
     dict per claim: label, claim id, course, minipeft, relation, value, rule, verdict, note.
     """
     f, lo, q = (methods[m] for m in METHODS)
@@ -187,8 +198,15 @@ def judge(methods: dict, base_val: float, base_source: float, nf4_source: float 
         where = (f"after the learning-rate sweep {name} is {d:.3f} nats/byte ({100 * d / py['full']:.1f}%) behind "
                  f"full fine-tuning on Python" if d > 0 else
                  f"{name} is {-d:.3f} nats/byte ahead of full fine-tuning on Python")
+        more = ""
+        if m == "lora" and rank_check is not None and d > 0:
+            d_hi = rank_check["val_loss"] - py["full"]
+            more = (f"; with {rank_check['r'] // LORA_R}x the rank (r={rank_check['r']}, alpha/r kept, same lr) LoRA "
+                    f"is {100 * d_hi / py['full']:+.1f}% from full fine-tuning (r={LORA_R}: {100 * d / py['full']:+.1f}%)"
+                    + (": more rank closes over a quarter of the gap, so on this small base the update full "
+                       "fine-tuning makes is not of low rank" if d_hi < 0.75 * d else ""))
         add(f"{name} vs full fine-tuning", f"{name} {py[m]:.3f}, full {py['full']:.3f} nats/byte",
-            f"{name}/full = {r:.3f}", r, where + f" (lr {methods[m]['lr']:g} vs {f['lr']:g}); " + forgot
+            f"{name}/full = {r:.3f}", r, where + more + f" (lr {methods[m]['lr']:g} vs {f['lr']:g}); " + forgot
             + _edge(methods[m], name) + _edge(f, "full fine-tuning"))
     rf, rl = rise["full"], rise["lora"]
     value = rf / rl if rl > 0 else (math.inf if rf > 0 else math.nan)
@@ -275,7 +293,7 @@ def main(argv=None) -> dict:
         opt = AdamW([p for p in probe_model.parameters() if p.requires_grad], lr=1e-9)
         measured = measure_training_step(probe_model, probe, opt)
         predicted = estimate_memory(base.config, _method_config(method),
-                                    MemTrainConfig(batch_size=s["batch"], seq_len=s["block"], ledger_view=True))
+                                    StepSetup(batch_size=s["batch"], seq_len=s["block"], ledger_view=True))
         del probe_model, opt
         results[method] = dict(model=model, trainable=trainable, lr=chosen["lr"], grid=list(lrs),
                                at_grid_edge=chosen["at_grid_edge"], val_select=chosen["val_select"],
@@ -284,6 +302,17 @@ def main(argv=None) -> dict:
                                sweep=[{k: v for k, v in r.items() if k != "curve"} for r in rows],
                                measured=measured, predicted=predicted)
         curves[f"{method} (lr {chosen['lr']:g})"] = ([0] + chosen["curve"][0], [base_select] + chosen["curve"][1])
+    # the rank check: LoRA with RANK_CHECK x its rank (alpha / r kept) at its chosen rate -- does more rank close
+    # the gap to full fine-tuning? (on small bases it narrows: their update is not of low rank)
+    r_hi = min(RANK_CHECK * LORA_R, base.config.n_embd)
+    rk_rows, rk_model = sweep("lora", base, [results["lora"]["lr"]], s, train_tok, select_loss, args.seed,
+                              log=rep.text, r=r_hi)
+    rank_check = dict(r=r_hi, alpha=LORA_ALPHA * r_hi / LORA_R, lr=results["lora"]["lr"], val_loss=report_loss(rk_model),
+                      val_select=rk_rows[0]["val_select"], source_val_loss=source_loss(rk_model),
+                      trainable=sum(p.size for p in rk_model.parameters() if p.requires_grad))
+    del rk_model
+    grid_rows.append((f"lora r={r_hi}", f"{rank_check['lr']:g}", f"{rk_rows[0]['train_loss']:.3f}",
+                      f"{rank_check['val_select']:.3f}", "rank check (LoRA's rate)"))
     rep.table(grid_rows, ("method", "lr", "train loss", "stopping-slice loss", ""))
     edges = [m for m, r in results.items() if r["at_grid_edge"]]
     if edges:
@@ -296,10 +325,14 @@ def main(argv=None) -> dict:
               + [(m, f"{r['lr']:g}", r["trainable"], f"{100 * r['trainable'] / total:.2f}%", r["val_loss"],
                   f"{r['val_loss'] - base_val:+.3f}", r["source_val_loss"],
                   f"{r['source_val_loss'] - base_source:+.3f}", f"{1000 * r['sec_per_step']:.0f}")
-                 for m, r in results.items()],
+                 for m, r in results.items()]
+              + [(f"lora r={r_hi}", f"{rank_check['lr']:g}", rank_check["trainable"],
+                  f"{100 * rank_check['trainable'] / total:.2f}%", rank_check["val_loss"],
+                  f"{rank_check['val_loss'] - base_val:+.3f}", rank_check["source_val_loss"],
+                  f"{rank_check['source_val_loss'] - base_source:+.3f}", "-")],
               ("method", "lr", "trainable", "of base", "Python", "learned", "English", "forgot", "ms/step"))
     rep.text(f"(the NF4 base before training: Python {nf4_val:.3f}, English {nf4_source:.3f})")
-    claims = judge(results, base_val, base_source, nf4_source)
+    claims = judge(results, base_val, base_source, nf4_source, rank_check)
     rep.text("\nThe course's claims, judged by the claims table's rules (minipeft.claims):")
     for c in claims:
         rep.claim(c["label"], c["course"], c["minipeft"], c["relation"], c["verdict"], c["note"])
@@ -316,18 +349,31 @@ def main(argv=None) -> dict:
         if r["measured"].device_peak:
             rep.text(f"  GPU memory pool peak during the step: {r['measured'].device_peak:,} B")
     rep.text(f"largest deviation of a measured category from its prediction: {100 * worst:.1f}%")
+    ckpt = checkpointed_step(build("qlora", base, s["compute_dtype"], args.seed), probe, base.config,
+                             _method_config("qlora"))
+    rep.text("\nActivations dominate (the course: LLaMA 7B's LoRA step keeps 567 MB of activations for 26 MB of "
+             "LoRA parameters); gradient checkpointing keeps each block's input only and recomputes the block in "
+             "backward (the same gradients, a second forward of each block):")
+    rep.table([(name, ckpt[f"activations{k}_predicted"], ckpt[f"activations{k}"],
+                f"{ckpt[f'activations{k}'] / ckpt['lora_parameters']:.0f}x")
+               for name, k in (("QLoRA step", "_plain"), ("QLoRA step, gradient checkpointing", ""))],
+              ("  activations", "predicted B", "measured B", "/ LoRA parameters"))
+    rep.text(f"  LoRA parameters: {ckpt['lora_parameters']:,} B; checkpointing keeps "
+             f"{ckpt['activations'] / ckpt['activations_plain']:.2f} of the plain step's activations")
 
     rep.section("5. Optimizer state for full fine-tuning: AdamW, 8-bit AdamW, paged AdamW")
-    opt_rows = _optimizer_states(base, probe)
+    opt_rows = optimizer_states(base, probe)
     rep.table(opt_rows, ("optimizer", "state bytes", "on device at peak", "note"))
 
     rep.section("6. Merging the QLoRA adapter (losses on the reported slice)")
-    merge = _merge_study(results["qlora"]["model"], base, report_loss)
+    merge, merge_rounding = merge_study(results["qlora"]["model"], base, report_loss)
     rep.table([(k, v) for k, v in merge.items()], ("model", "val loss"))
     rep.text("Merged into the dequantized NF4 weights, the model is the one that was trained (same loss up to "
              "float rounding). Merged into the original full-precision base, it is not: the adapter learned to "
-             "correct the NF4 base's rounding, which the original weights do not have. Quantizing the merged "
-             "weights to NF4 again rounds the sum once more.")
+             "correct the NF4 base's rounding, which the original weights do not have. Merged into the NF4 layers "
+             "as peft + bitsandbytes merge (dequantize, add s·B·A, quantize to NF4 again; the same bytes as "
+             f"theirs), the sum is rounded once more: weights moved by up to {merge_rounding:.4g} from the "
+             "exact sum.")
 
     from ..plotting import loss_curves, memory_breakdown
 
@@ -347,7 +393,9 @@ def main(argv=None) -> dict:
     result = {"size": s["size"], "steps": s["steps"], "selection_rule": SELECTION_RULE,
               "base_val_loss": base_val, "base_select_loss": base_select, "base_source_val_loss": base_source,
               "nf4_val_loss": nf4_val, "nf4_source_val_loss": nf4_source, "methods": out, "claims": claims,
+              "lora_rank_check": rank_check,
               "max_memory_deviation": worst, "optimizers": [list(r) for r in opt_rows], "merge": merge,
+              "merge_rounding": merge_rounding, "gradient_checkpointing": ckpt,
               "course_figures": [(f.case, f.course, f.minipeft, f.relation, "reproduced" if f.ok else "contradicted")
                                  for f in figs]}
     rep.section("The course's claims, judged on this run (the rules of figures/claims.json)")
@@ -362,60 +410,6 @@ def _method_config(method: str) -> MethodConfig:
     if method == "full":
         return MethodConfig(method="full")
     return MethodConfig(method=method, targets=LINEARS, r=LORA_R, blocksize=64, double_quant=True)
-
-
-def _optimizer_states(base, batch) -> list[tuple]:
-    from ..optim import AdamW8bit, PagedAdamW
-
-    rows = []
-    for name, make in (("AdamW (32-bit)", lambda ps: AdamW(ps, lr=1e-4)),
-                       ("AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4)),
-                       ("PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-4, page_size=PAGE,
-                                                            device_budget_bytes=_budget(base)))):
-        model = copy.deepcopy(base)
-        opt = make(list(model.parameters()))
-        meas = measure_training_step(model, batch, opt)
-        peak, note = meas.optimizer_state, ""
-        if name == "PagedAdamW":
-            stats = opt.paging_stats()
-            peak = stats["peak_device_bytes"]
-            note = f"{stats['page_ins']} page-ins of {stats['pages']} pages; budget {stats['device_budget_bytes']:,} B"
-        elif name == "AdamW8bit":
-            note = "tensors < 4096 elements keep 32-bit state"
-        rows.append((name, meas.optimizer_state, peak, note))
-    return rows
-
-
-PAGE = 4096  # elements per page of paged optimizer state
-
-
-def _budget(base) -> int:
-    """A device budget for paged state: a quarter of what 32-bit AdamW state needs (>= 2 pages)."""
-    return max(8 * base.num_parameters() // 4, 2 * 8 * PAGE)
-
-
-def _merge_study(qlora_model, base, loss) -> dict:
-    """``loss`` of the QLoRA model as trained and after each way of merging it."""
-    out = {"QLoRA as trained (NF4 base + LoRA)": loss(qlora_model)}
-    deltas = {}
-    with no_grad():
-        for name, m in qlora_model.named_modules():
-            if hasattr(m, "get_delta_weight") and hasattr(m, "lora_A"):
-                key = name.split("base_model.model.", 1)[-1]
-                deltas[key] = (m.get_delta_weight("default").data, m.base_weight())
-    dequant = copy.deepcopy(base)
-    original = copy.deepcopy(base)
-    for key, (delta, w_nf4) in deltas.items():
-        dequant.get_submodule(key).weight.data = (w_nf4 + delta).astype(np.float32)
-        lin = original.get_submodule(key)
-        lin.weight.data = lin.weight.data + delta
-    out["merged into the dequantized NF4 base"] = loss(dequant)
-    out["merged into the original fp32 base"] = loss(original)
-    requant = copy.deepcopy(dequant)
-    quantize_model(requant, quant_type="nf4", blocksize=64, compress_statistics=True, verbose=False)
-    out["merged, then re-quantized to NF4"] = loss(requant)
-    out["original base (no adapter)"] = loss(base)
-    return out
 
 
 def _grid_arg(text: str) -> tuple[str, tuple[float, ...]]:

@@ -16,7 +16,12 @@ RawKernels on a GPU). It compares, as the number N of adapters grows:
 * (c) looping over the adapters in sub-batches of one adapter each (peft's mixed-batch path).
 
 Then memory: the base plus N adapters against N merged copies, for a float32 and an NF4
-base. First, it checks that every request of a mixed batch gets exactly the tokens of its
+base. Last, requests that arrive over time (a Poisson schedule): continuous batching
+(requests join and leave the batch at every decode step, adapters held in rank classes,
+greedy or sampled with each request's own seed) against static batching, as throughput and
+latency against the arrival rate (``serving_continuous.py``), each request's tokens under
+shuffled arrival orders against ``generate`` alone, and peft's mixed batch in the model
+(``PeftModel(idx, adapter_names=[...])``) against the server's logits. First, it checks that every request of a mixed batch gets exactly the tokens of its
 adapter merged into the base and decoded alone, and that bad requests fail on their own.
 ``--base tiny`` is minipeft's pretrained model; a preset name (``T1``, ``gpt2`` ...) is a
 randomly initialised model of that shape (serving cost does not depend on the weights).
@@ -37,14 +42,16 @@ from ..gpt import GPT, GPTConfig
 from ..peft import LoraConfig, from_pretrained
 from ..quant.modules import model_nbytes, quantize_model
 from ..serve import LoraServer, Request, ServeConfig, greedy_batch, served_modules, slot_nbytes
+from . import serving_continuous
 from ._common import Report, finish, parse_args, save_figure
 
 RANKS = (4, 8, 16)  # ranks of the random adapters, in turn
 TARGETS = (["c_attn"], ["c_attn", "c_proj", "c_fc"])  # their target modules, in turn
 MEMORY_NS = (1, 10, 100, 1000)  # adapters in the memory table
 GPU_BYTES, LORAX_FRACTION = 80e9, 0.1  # an 80 GB GPU; LoRAX's default --adapter-memory-fraction
-QUICK = dict(ns=(1, 4, 16), batch=16, new_tokens=4, repeats=1)
-FULL = dict(ns=(1, 4, 16, 64, 256), batch=256, new_tokens=16, repeats=3)
+QUICK = dict(ns=(1, 4, 16), batch=16, new_tokens=4, repeats=1, fractions=(0.5, 2.0), max_batch=8)
+FULL = dict(ns=(1, 4, 16, 64, 256), batch=256, new_tokens=16, repeats=3, fractions=(0.25, 0.5, 1.0, 2.0, 4.0),
+            max_batch=32)
 
 
 def write_random_adapter(directory: str, model: GPT, r: int, targets, rng, scale: float = 2.0) -> str:
@@ -318,6 +325,9 @@ def main(argv=None) -> dict:
                ("time swapping adapters / total", f"{lru['swap_s']:.3f} s / {lru['wall_s']:.3f} s")],
               headers=("", "minipeft"))
 
+    rep.section("5. Requests arriving over time: continuous against static batching")
+    cont = _continuous(args, state, cfg, paths, prompts, n_new, dflt, rep)
+
     from ..plotting import serving_memory, serving_throughput
 
     tput = {m: [v["decode_tps"] for v in vals] for m, vals in sweep.items() if m != methods[0]}
@@ -330,11 +340,53 @@ def main(argv=None) -> dict:
         path = save_figure(fig, args, name)
         if path:
             rep.text(f"figure: {path}")
+    path = save_figure(serving_continuous.figure(cont["sweep"], f"{ex.base} on {args.device}: continuous vs static "
+                                                 f"batching, max batch {dflt['max_batch']}"), args, "serving_arrivals")
+    if path:
+        rep.text(f"figure: {path}")
     tmp.cleanup()
     return finish({"device": args.device, "base": ex.base, "ns": list(ns), "batch": B, "new_tokens": n_new,
                    "check": {k: v for k, v in chk.items() if k != "rows"}, "sweep": sweep,
                    "ratio_mixed_vs_base": ratio, "extra_step_ms": extra_ms, "memory": mt, "measured_memory": measured,
-                   "lru": lru}, args, report=rep, lesson="serving")
+                   "lru": lru, "continuous": cont}, args, report=rep, lesson="serving")
+
+
+def _continuous(args, state, cfg, paths, prompts, n_new: int, dflt: dict, rep) -> dict:
+    """Section 5: rank classes, exact tokens under shuffled arrivals, throughput against the arrival rate."""
+    rng = np.random.default_rng(args.seed + 5)
+    per16 = slot_nbytes(_copy(state, cfg, "cpu"), ServeConfig(max_rank=max(RANKS)))
+    sc = ServeConfig(rank_classes=RANKS, device_budget_bytes=(len(paths) + len(RANKS)) * per16)
+    server = LoraServer(_copy(state, cfg, args.device), sc)
+    for name, path in paths.items():
+        server.add_adapter(name, path)
+    names = [None] + list(paths)[:16]
+    padded = sum(per16 for _ in paths)
+    held = sum(slot_nbytes(server.model, sc, server.classes.ranks[server.class_of(n)]) for n in paths)
+    chk = serving_continuous.check_exact(server, lambda: _copy(state, cfg, args.device), paths,
+                                         serving_continuous.workload(prompts[:6 if args.quick else 12], names, n_new,
+                                                                     rng, sample=True), rng)
+    mixed = serving_continuous.check_mixed_logits(server, lambda: _copy(state, cfg, args.device), paths,
+                                                  prompts[:8], args.device)
+    reqs = serving_continuous.workload(prompts[:dflt["batch"] if args.quick else 96], names, n_new, rng)
+    sweep = serving_continuous.rate_sweep(server, reqs, dflt["fractions"], dflt["max_batch"], rng)
+    rep.table([("adapter slots: ranks padded to r_max / rank classes " + "/".join(map(str, RANKS)),
+                f"{padded / 2**20:,.2f} MiB / {held / 2**20:,.2f} MiB"),
+               ("tokens equal to generate alone, shuffled arrivals (%d of them sampled)" % chk["sampled"],
+                f"{chk['identical']} / {chk['total']}"),
+               ("PeftModel(idx, adapter_names=...) vs the server, %d rows: max |diff| / max |logit|" % mixed["rows"],
+                f"{mixed['rel_diff']:.1e}"),
+               ("capacity (all requests at once)", f"{sweep['capacity_rps']:,.1f} req/s, "
+                                                   f"{sweep['capacity_tps']:,.0f} tok/s")], headers=("", "minipeft"))
+    rep.table([(f"{r['fraction']:g}x = {r['rate']:,.1f}", f"{r['continuous_tps']:,.0f}",
+                f"{1e3 * r['continuous_latency_s']:,.0f}", f"{r['mean_batch']:.1f}", f"{r['static_tps']:,.0f}",
+                f"{1e3 * r['static_latency_s']:,.0f}") for r in sweep["rows"]],
+              headers=("arrival rate (req/s)", "continuous tok/s", "ms", "mean batch", "static tok/s", "ms"))
+    last = sweep["rows"][-1]
+    rep.compare([("continuous / static batching throughput at the highest rate", "Orca, S-LoRA: higher",
+                  f"{last['continuous_tps'] / last['static_tps']:.2f}x"),
+                 ("tokens of each request = generate alone, any arrival order", "identical",
+                  f"{chk['identical']}/{chk['total']}")])
+    return dict(check=chk, mixed_logits=mixed, sweep=sweep, slot_bytes_padded=padded, slot_bytes_classes=held)
 
 
 def _add_arguments(p):

@@ -42,7 +42,7 @@ import numpy as np
 from .. import pretrained
 from ..backend import to_device
 from ..data import Corpus, lm_batches
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, activation_bytes, estimate_memory
+from ..memory import MethodConfig, StepSetup, activation_bytes, estimate_memory
 from ._common import Report, finish, parse_args, save_figure
 from .side_tuning_sweep import (LINEARS, LST_R, MATCH_TOL, METHODS, QLORA_ALPHA, QLORA_DROPOUT, QLORA_R, QST_R,
                                 build, matched_accuracy, measure, predict, run_sweep, slice_loss,
@@ -215,8 +215,8 @@ def main(argv=None) -> dict:
              f"Weights are {lst['weights'] / max(lst['total'], 1):.0%} of LST's total "
              "here; the NF4 saving grows with the model (weights grow as d^2, activations per token as d).")
     mc = MethodConfig(method="side", reduction_factor=LST_R)
-    pred = estimate_memory(cfg, mc, MemTrainConfig(batch_size=Bs[-1], seq_len=T, ledger_view=True))
-    pred_all = estimate_memory(cfg, mc, MemTrainConfig(batch_size=Bs[-1], seq_len=T))
+    pred = estimate_memory(cfg, mc, StepSetup(batch_size=Bs[-1], seq_len=T, ledger_view=True))
+    pred_all = estimate_memory(cfg, mc, StepSetup(batch_size=Bs[-1], seq_len=T))
     rep.text(f"LST: ledger {lst['saved']:,} B measured vs {pred.activations:,} B predicted; backbone states held "
              f"{lst['held']:,} B vs {pred_all.activations - pred.activations:,} B predicted.")
     terms = activation_bytes(Bs[-1], T, cfg.n_layer, d, cfg.n_head, cfg.d_ff, cfg.vocab_size, 4,

@@ -25,12 +25,11 @@ import numpy as np
 
 from ..backend import xp_of
 from ..data import lm_batches, split_validation  # noqa: F401  (re-exported: the lessons' one split)
-from ..engine import no_grad
-from ..memory import MethodConfig, TrainConfig as MemTrainConfig, estimate_memory
+from ..memory import MethodConfig, StepSetup, estimate_memory
 from ..memory_measure import measure_training_step
 from ..optim import AdamW
 from ..peft import LoraConfig, LSTConfig, QSTConfig, get_peft_model, get_qlora_model, held_leaf_bytes
-from ..train import TrainConfig, train
+from ..train import TrainConfig, train, validation_loss
 
 METHODS = ("full", "lora", "qlora", "lst", "qst")  # the methods whose memory the lesson measures
 LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear layer of a block (QLoRA)
@@ -53,16 +52,13 @@ def slice_loss(model, tokens, block_size: int, n_windows: int, batch_size: int =
                          "shorten the windows or give more validation text")
     starts = np.unique(np.linspace(0, n - T - 1, int(n_windows)).astype(np.int64))  # (W,)
     xp = xp_of(tokens)
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    with no_grad():
+
+    def windows():
         for i in range(0, len(starts), batch_size):
             idx = xp.asarray(starts[i:i + batch_size, None] + np.arange(T)[None, :])  # (b, T)
-            x, y = tokens[idx].astype(xp.int64), tokens[idx + 1].astype(xp.int64)
-            total += model(x, targets=y).loss.item() * x.size
-    model.train(was_training)
-    return total / (len(starts) * T)
+            yield tokens[idx].astype(xp.int64), tokens[idx + 1].astype(xp.int64)
+
+    return validation_loss(model, windows())
 
 
 def build(method: str, base, compute_dtype: str = "float32", seed: int = 0, r: int | None = None):
@@ -119,7 +115,7 @@ def predict(config, method: str, r: int | None, batch: int, seq_len: int) -> dic
         mc = MethodConfig(method="side", quantize=True, reduction_factor=r or QST_R)
     else:
         raise ValueError(f"predict covers 'qlora' and 'qst', got {method!r}")
-    return estimate_memory(config, mc, MemTrainConfig(batch_size=batch, seq_len=seq_len)).as_dict()
+    return estimate_memory(config, mc, StepSetup(batch_size=batch, seq_len=seq_len)).as_dict()
 
 
 def _setting(method: str, r: int | None) -> str:

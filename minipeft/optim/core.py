@@ -147,6 +147,21 @@ class Optimizer:
     def _update(self, name: str, p: Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def keep_only(self, names) -> None:
+        """Update, and hold state for, only the parameters ``names`` (ZeRO stage 1: this rank's share).
+
+        The full list stays in ``all_named_params`` (what a checkpoint names); state of the
+        others is dropped. ``minipeft.distributed`` calls it; a lone optimizer never needs it.
+        """
+        keep = set(names)
+        unknown = keep - {n for n, _ in self.named_params}
+        if unknown:
+            raise ValueError(f"keep_only: {sorted(unknown)[:5]} are not parameters of this optimizer")
+        if not hasattr(self, "all_named_params"):
+            self.all_named_params = list(self.named_params)
+        self.named_params = [(n, p) for n, p in self.named_params if n in keep]
+        self.state = {n: st for n, st in self.state.items() if n in keep}
+
     def state_bytes(self) -> int:
         """Bytes held by optimizer state arrays (moments, momentum buffers)."""
         return sum(int(a.nbytes) for st in self.state.values() for a in st.values() if hasattr(a, "nbytes"))

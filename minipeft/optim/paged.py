@@ -203,6 +203,13 @@ class PagedAdamW(AdamW):
     def _update(self, name: str, p: Tensor) -> None:  # pragma: no cover - step() does the work
         raise NotImplementedError("PagedAdamW updates in step(), page by page")
 
+    def keep_only(self, names) -> None:
+        """As ``Optimizer.keep_only``, and the host pages of the others are dropped too."""
+        self.flush()
+        self._drop_resident()
+        super().keep_only(names)
+        self._host = {n: hv for n, hv in self._host.items() if n in self.state}
+
     # ---- memory and saving
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the host copy; ``paging_stats()`` has the device side)."""

@@ -38,6 +38,7 @@ from .model import PeftModel, TunerModel, get_peft_model
 
 # The methods: importing a method's module registers it (one line per method).
 from .lora import LoraConfig, LoraLayer  # noqa: E402
+from .lora_init import LoftQConfig  # noqa: E402  (init_lora_weights="loftq")
 from .loha import LoHaConfig, LoHaLayer  # noqa: E402
 from .lokr import LoKrConfig, LoKrLayer  # noqa: E402
 from .vera import VeraConfig, VeraLayer  # noqa: E402
@@ -55,7 +56,7 @@ from .qlora import get_qlora_model  # noqa: E402  (the QLoRA recipe: a 4-bit bas
 __all__ = [
     "get_peft_model", "PeftModel", "PeftConfig", "PeftMethod", "BaseTunerLayer", "ModulesToSaveWrapper",
     "TunerModel", "REGISTRY", "register", "Recipe", "method_table", "FAMILIES",
-    "LoraConfig", "LoraLayer", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer", "VeraConfig", "VeraLayer",
+    "LoraConfig", "LoraLayer", "LoftQConfig", "LoHaConfig", "LoHaLayer", "LoKrConfig", "LoKrLayer", "VeraConfig", "VeraLayer",
     "BottleneckConfig", "BottleneckLayer", "HoulsbyConfig", "PfeifferConfig", "IA3Config", "IA3Layer",
     "PromptTuningConfig", "PrefixTuningConfig", "prefix_prompt_embeddings", "load_prefix_prompt_embeddings",
     "remove_reparameterization", "BitFitConfig", "TopKBlocksConfig", "FullFineTuningConfig",

@@ -81,6 +81,7 @@ from ..atomic import atomic_directory, recover
 from ..backend import to_numpy
 from ..integrity import DamagedFileError, json_digest, load_tensors, read_json, save_tensors
 from ..nn import Module
+from . import lora_init
 from .config import PeftConfig
 from .layer import BaseTunerLayer, walk
 from .lora_slices import plain_lora_config, plain_lora_tensors
@@ -133,7 +134,8 @@ def adapter_config_dict(model: PeftModel, adapter_name: str = "default", base_mo
     return dict(sorted(d.items()))
 
 
-def save_adapter(model: PeftModel, directory, adapter_name: str = "default", base_model_name_or_path=None) -> str:
+def save_adapter(model: PeftModel, directory, adapter_name: str = "default", base_model_name_or_path=None,
+                 path_initial_model_for_weight_conversion=None) -> str:
     """Write ``adapter_name`` of ``model`` in peft's format; returns the directory written.
 
     ``adapter_config.json`` (sorted keys, indent 2) and ``adapter_model.safetensors``
@@ -150,6 +152,12 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
     The slice structure is not kept in the file: loading it (into minipeft or peft) gives a
     plain rank-r' LoRA with the same outputs, whose disabled-slice rows would train if
     training continued. Keep the PeftModel (or its config) to go on training on slices.
+
+    ``path_initial_model_for_weight_conversion`` (peft's name): the folder a PiSSA/OLoRA
+    adapter was saved to right after ``get_peft_model``. The adapter is then written as the
+    plain LoRA of rank 2r that applies to the *original* base weight, ``A' = [A; A0]``,
+    ``B' = [B, -B0]`` (lora_init.py), as peft's ``save_pretrained`` does; unlike peft, the
+    initial folder is only read, not rewritten.
     """
     if not isinstance(model, PeftModel):
         raise TypeError(f"save_adapter needs a PeftModel (from get_peft_model), got {type(model).__name__}")
@@ -164,6 +172,13 @@ def save_adapter(model: PeftModel, directory, adapter_name: str = "default", bas
         tensors[key] = np.ascontiguousarray(a, dtype=np.float32)  # minipeft writes F32 (peft-format.md §2)
     if getattr(model.peft_config[adapter_name], "enable_lora", None):
         tensors = plain_lora_tensors(model, adapter_name, tensors)  # sliced lora_B -> block B' (out, n r)
+    if path_initial_model_for_weight_conversion is not None:  # PiSSA/OLoRA -> plain LoRA on the original W
+        initial = os.fspath(path_initial_model_for_weight_conversion)
+        if config["peft_type"] != "LORA":
+            raise ValueError(f"path_initial_model_for_weight_conversion converts LoRA adapters; {adapter_name!r} "
+                             f"is {config['peft_type']}")
+        config = lora_init.converted_config(config, initial)
+        tensors = lora_init.converted_tensors(tensors, read_adapter(initial)[1], initial)
     if not tensors:
         raise ValueError(f"adapter {adapter_name!r} has no tensors to save")
     out = adapter_directory(directory, adapter_name)

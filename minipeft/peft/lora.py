@@ -16,7 +16,6 @@ target_modules=["c_attn"], enable_lora=[True, False, True])``; see lora_slices.p
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -24,14 +23,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import functional as F
-from ..backend import xp_of
-from ..engine import Tensor, no_grad
+from ..engine import Tensor
 from ..init import kaiming_uniform
 from ..nn import Dropout, Linear, ModuleDict, Parameter, ParameterDict
-from . import dora
+from . import dora, lora_init, merge
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
 from .layer import BaseTunerLayer, param_dtype_xp
 from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
+from .mixed_batch import mixed_batch, mixed_batch_forward
 from .method import BLOCK_LINEARS, PeftMethod, Recipe, register
 
 
@@ -54,14 +53,16 @@ class LoraConfig(PeftConfig):
     fan_in_fan_out: bool = False  # True only for (in, out) weights; minipeft's Linear is (out, in)
     bias: str = "none"  # "none" | "all" | "lora_only": which base biases also train
     use_rslora: bool = False  # rsLoRA scaling alpha / sqrt(r)
-    init_lora_weights: bool | str = True  # True: Kaiming A, B = 0; "gaussian": A ~ N(0, 1/r^2); False: B random
+    # True: Kaiming A, B = 0; "gaussian": A ~ N(0, 1/r^2), B = 0; False: B random too (not the identity);
+    # "pissa", "pissa_niter_K", "olora", "loftq": from the base weight, which becomes the residual (lora_init.py)
+    init_lora_weights: bool | str = True
     layers_to_transform: list[int] | int | None = None  # only these block indices
     layers_pattern: list[str] | str | None = None  # name of the block list (GPT-2: "h") for layers_to_transform
     rank_pattern: dict = field(default_factory=dict)  # module-name pattern -> r
     alpha_pattern: dict = field(default_factory=dict)  # module-name pattern -> lora_alpha
     use_dora: bool = False  # DoRA magnitude/direction decomposition
     layer_replication: list | None = None  # peft feature not implemented (must stay None)
-    loftq_config: dict = field(default_factory=dict)  # peft feature not implemented (must stay {})
+    loftq_config: dict = field(default_factory=dict)  # with init_lora_weights="loftq": LoftQConfig or its dict
     megatron_config: dict | None = None  # peft feature not implemented (must stay None)
     megatron_core: str | None = "megatron.core"  # written by peft; unused
     # loralib's name; None = the whole layer. [True, False, True] on c_attn: LoRA on W_q and W_v only, each
@@ -80,14 +81,14 @@ class LoraConfig(PeftConfig):
         check_dropout("lora_dropout", self.lora_dropout)
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        self.loftq_config = lora_init.check_init(self.init_lora_weights, self.loftq_config)
+        if lora_init.is_weight_init(self.init_lora_weights) and self.enable_lora:
+            raise ValueError(f"init_lora_weights={self.init_lora_weights!r} works on the whole weight; it cannot be "
+                             "combined with enable_lora (LoRA on slices): use target_modules on the whole layer")
         check_layers(self)
         for k, default in (("layer_replication", None), ("megatron_config", None)):
             if getattr(self, k) != default:
                 raise ValueError(f"{k} is not implemented in minipeft; leave it {default!r}")
-        if self.loftq_config:
-            raise ValueError("loftq_config is not implemented in minipeft; leave it {}")
         self.enable_lora = check_enable_lora(self.enable_lora, self.use_dora)
 
 
@@ -132,14 +133,19 @@ class LoraLayer(BaseTunerLayer):
         self.lora_dropout[adapter_name] = Dropout(config.lora_dropout)
         self.enable_lora[adapter_name] = list(mask) if mask else None
         init = config.init_lora_weights
-        # with slices: A = [A_1; A_2; ...] (n r, in), B = [B_1; B_2; ...] (n q, r), one block per enabled slice
-        if init == "gaussian":
-            a = rng.normal(0.0, 1.0 / r, (n * r, self.in_features))
-        else:
-            a = kaiming_uniform(rng, (n * r, self.in_features))
-        b = np.zeros((n * q, r)) if init else kaiming_uniform(rng, (n * q, r))
-        self.lora_A[adapter_name] = Linear.from_weight(Parameter.from_numpy(a, dtype, xp))  # (n r, in)
-        self.lora_B[adapter_name] = Linear.from_weight(Parameter.from_numpy(b, dtype, xp))  # (n q, r)
+        if lora_init.is_weight_init(init):  # PiSSA, OLoRA, LoftQ: from W (which becomes the residual), on its device
+            a, b = lora_init.initialize(self, adapter_name, init, r, self.scaling[adapter_name], config.loftq_config,
+                                        rng)
+            a, b = Parameter(a.astype(dtype)), Parameter(b.astype(dtype))
+        else:  # with slices: A = [A_1; A_2; ...] (n r, in), B = [B_1; B_2; ...] (n q, r), one block per slice
+            if init == "gaussian":
+                a = rng.normal(0.0, 1.0 / r, (n * r, self.in_features))
+            else:
+                a = kaiming_uniform(rng, (n * r, self.in_features))
+            b = np.zeros((n * q, r)) if init else kaiming_uniform(rng, (n * q, r))
+            a, b = Parameter.from_numpy(a, dtype, xp), Parameter.from_numpy(b, dtype, xp)
+        self.lora_A[adapter_name] = Linear.from_weight(a)  # (n r, in)
+        self.lora_B[adapter_name] = Linear.from_weight(b)  # (n q, r)
         self.use_dora[adapter_name] = bool(config.use_dora)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = Parameter(self.dora_weight_norm(adapter_name).astype(dtype))
@@ -169,6 +175,15 @@ class LoraLayer(BaseTunerLayer):
             return dora.forward(self, adapter, xd, lora, base_result)
         return lora * s
 
+    def set_base_weight(self, array) -> None:
+        """A 4-bit or 8-bit base takes the merged weight quantized again (peft's bnb layers);
+        ``merge_rounding`` keeps the largest change that rounding made (``quant/requantize.py``)."""
+        base = self.get_base_layer()
+        if hasattr(base, "requantize"):
+            self.merge_rounding = base.requantize(array)
+            return
+        super().set_base_weight(array)
+
     def merged_weight(self, weight, adapter: str):
         delta = self.get_delta_weight(adapter).data.astype(weight.dtype)
         if not self.use_dora[adapter]:
@@ -183,6 +198,14 @@ class LoraLayer(BaseTunerLayer):
             return weight - delta
         norm = self._caches.pop(f"{adapter}-weight_norm")
         return dora.unmerged_weight(weight, delta, self.lora_magnitude_vector[adapter].data, norm)
+
+    # ---- mixed-adapter batches (peft's adapter_names; mixed_batch.py)
+    batch_adapters = None  # set by mixed_batch() for a call: the rows of each adapter (RowGroups), or None
+
+    def forward(self, x, *args, **kwargs):
+        if self.batch_adapters is None or self.disable_adapters:
+            return super().forward(x, *args, **kwargs)
+        return mixed_batch_forward(self, x, self.batch_adapters, *args, **kwargs)
 
 
 def _lora(n_layer: int, n_embd: int, **kw) -> LoraConfig:
@@ -205,96 +228,29 @@ class LoraMethod(PeftMethod):
         if peft_model.peft_config and (config.bias != "none" or any(
                 c.bias != "none" for c in peft_model.peft_config.values())):
             raise ValueError("LoRA supports only one adapter with bias != 'none'; use bias='none' for all adapters")
+        inits = [c.init_lora_weights for c in [config, *peft_model.peft_config.values()]]
+        if peft_model.peft_config and any(lora_init.is_weight_init(i) for i in inits):
+            warnings.warn(f"{[i for i in inits if lora_init.is_weight_init(i)]} change the base weights, which every "
+                          "adapter of the model shares (as in peft). To use such an adapter beside others, save it "
+                          "converted to plain LoRA: save_adapter(..., path_initial_model_for_weight_conversion=...)",
+                          stacklevel=4)
 
     @classmethod
-    def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd",
-                             svd_rank=None, **kw) -> None:
-        """peft's ``LoraModel.add_weighted_adapter`` for combination_type "linear", "cat", "svd".
+    def mixed_batch(cls, peft_model, adapter_names, rows: int, forward: bool = True):
+        """``PeftModel(idx, adapter_names=[...])``: each row its own adapter (mixed_batch.py)."""
+        return mixed_batch(peft_model, adapter_names, rows, forward, layer_class=cls.layer_class)
 
-        With s_i the scaling of adapter i and w_i its weight, the new adapter has
-        ``lora_alpha = r_new`` (scaling 1) and, per layer:
+    @classmethod
+    def add_weighted_adapter(cls, peft_model, adapters, weights, adapter_name, combination_type="svd", **kw) -> None:
+        """peft's ``LoraModel.add_weighted_adapter``: every combination type (merge.py gives the rules).
 
-        * ``cat``: A = [w_1 s_1 A_1; w_2 s_2 A_2; ...], B = [B_1, B_2, ...], r_new = Σ r_i,
-          so ΔW = Σ w_i s_i B_i A_i exactly;
-        * ``linear`` (all r_i equal): A = Σ sqrt(w_i s_i) A_i, B = Σ sqrt(w_i s_i) B_i, so
-          ΔW = (Σ sqrt(w_i s_i) B_i)(Σ sqrt(w_j s_j) A_j), which has cross terms: it is the
-          weighted sum of deltas only for one adapter or orthogonal factors. Needs w_i s_i >= 0;
-        * ``svd``: ΔW = Σ w_i s_i B_i A_i truncated to rank ``svd_rank`` (default max r_i):
-          B = U_r S_r, A = V_r^T.
-
-        Unlike peft, the new adapter never uses rsLoRA (so its scaling is exactly 1) and an
-        existing ``adapter_name`` raises instead of being silently kept.
+        ``combination_type`` is one of "svd", "linear", "cat", "ties", "ties_svd", "dare_linear",
+        "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune", "magnitude_prune_svd";
+        keywords: ``svd_rank``, ``svd_clamp``, ``svd_full_matrices``, ``svd_driver``, ``density``,
+        ``majority_sign_method`` ("total" | "frequency"), and minipeft's ``seed`` and ``dare_masks``
+        for DARE's random masks.
         """
-        if kw:
-            raise TypeError(f"unsupported arguments {sorted(kw)} (minipeft has linear, cat and svd without options)")
-        cfgs = peft_model.peft_config
-        if adapter_name in cfgs:
-            raise ValueError(f"adapter {adapter_name!r} already exists; choose a new name")
-        missing = [a for a in adapters if a not in cfgs]
-        if missing or not adapters:
-            raise ValueError(f"unknown adapters {missing or adapters}; adapters: {list(cfgs)}")
-        if len(weights) != len(adapters):
-            raise ValueError(f"got {len(weights)} weights for {len(adapters)} adapters")
-        if any(cfgs[a].use_dora for a in adapters):
-            raise ValueError("add_weighted_adapter cannot combine DoRA adapters (their magnitudes do not add)")
-        if any(cfgs[a].enable_lora for a in adapters):
-            raise ValueError("add_weighted_adapter cannot combine adapters with enable_lora (sliced B); save_adapter "
-                             "writes them as plain LoRA: load that file and combine the loaded adapter")
-        if len(adapters) == 1:
-            combination_type = "linear"
-        ranks = [cfgs[a].r for a in adapters]
-        if any(cfgs[a].rank_pattern for a in adapters):
-            raise ValueError("add_weighted_adapter does not support adapters with rank_pattern")
-        if combination_type == "linear":
-            if len(set(ranks)) != 1:
-                raise ValueError(f"combination_type 'linear' needs equal ranks, got {ranks}; use 'cat' or 'svd'")
-            new_rank = ranks[0]
-        elif combination_type == "cat":
-            new_rank = sum(ranks)
-        elif combination_type == "svd":
-            new_rank = svd_rank or max(ranks)
-        else:
-            raise ValueError(f"combination_type must be 'linear', 'cat' or 'svd', got {combination_type!r}")
-        tms = [cfgs[a].target_modules for a in adapters]
-        if all(isinstance(t, str) for t in tms):
-            targets = "|".join(f"({t})" for t in tms)
-        elif all(isinstance(t, list) for t in tms):
-            targets = sorted({t for tm in tms for t in tm})
-        else:
-            raise ValueError("cannot combine adapters whose target_modules mix a regex and a list of names")
-        new_cfg = dataclasses.replace(cfgs[adapters[0]], r=new_rank, lora_alpha=new_rank, target_modules=targets,
-                                      use_rslora=False, alpha_pattern={}, rank_pattern={}, init_lora_weights=True)
-        layers = [m for m in peft_model.modules() if isinstance(m, LoraLayer) and any(a in m.lora_A for a in adapters)]
-        with no_grad():
-            for layer in layers:
-                layer.update_layer(adapter_name, new_cfg, np.random.default_rng(0), check_rank_fits=False)
-                A, B = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
-                here = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
-                As = [layer.lora_A[a].weight.data for a, _ in here]
-                Bs = [layer.lora_B[a].weight.data for a, _ in here]
-                ws = [w * layer.scaling[a] for a, w in here]
-                xp = xp_of(A.data)
-                if combination_type == "cat":
-                    a_new = xp.concatenate([w * a for w, a in zip(ws, As)], axis=0)
-                    b_new = xp.concatenate(Bs, axis=1)
-                    a_full, b_full = xp.zeros_like(A.data), xp.zeros_like(B.data)
-                    a_full[: a_new.shape[0]], b_full[:, : b_new.shape[1]] = a_new, b_new
-                    a_new, b_new = a_full, b_full
-                elif combination_type == "linear":
-                    if any(w < 0 for w in ws):
-                        raise ValueError("combination_type 'linear' takes sqrt(weight * scaling): weights must be >= 0")
-                    roots = [math.sqrt(w) for w in ws]
-                    a_new = sum(r * a for r, a in zip(roots, As))
-                    b_new = sum(r * b for r, b in zip(roots, Bs))
-                else:
-                    delta = sum(w * (b @ a) for w, a, b in zip(ws, As, Bs))  # (out, in)
-                    u, s, vh = xp.linalg.svd(delta, full_matrices=False)
-                    k = min(new_rank, s.shape[0])
-                    a_new, b_new = xp.zeros_like(A.data), xp.zeros_like(B.data)
-                    a_new[:k], b_new[:, :k] = vh[:k], u[:, :k] * s[:k]
-                A.data, B.data = a_new.astype(A.dtype), b_new.astype(B.dtype)
-        peft_model.peft_config[adapter_name] = new_cfg
-        peft_model._refresh_trainable()
+        merge.combine_lora(peft_model, LoraLayer, adapters, weights, adapter_name, combination_type, **kw)
 
 
 __all__ = ["LoraConfig", "LoraLayer", "LoraMethod"]

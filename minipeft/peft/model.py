@@ -109,14 +109,39 @@ class PeftModel(Module):
     def get_base_model(self) -> Module:
         return self.base_model.model
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, adapter_names=None, **kwargs):
+        """The wrapped model's forward with the active adapter; ``adapter_names``: one adapter per row.
+
+        ``adapter_names`` (peft's mixed batch, LoRA only): a list of B names, ``"__base__"``
+        for rows on the base model alone (``peft/mixed_batch.py``).
+        """
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names, args, kwargs, forward=True):
+                return self._method.forward(self, *args, **kwargs)
         if self._disabled:
             return self.base_model.model(*args, **kwargs)
         return self._method.forward(self, *args, **kwargs)
 
-    def generate(self, *args, **kwargs):
-        """Continue token ids with the active adapter (``GPT.generate``'s arguments; the method's ``generate``)."""
+    def generate(self, *args, adapter_names=None, **kwargs):
+        """Continue token ids with the active adapter (``GPT.generate``'s arguments; the method's ``generate``).
+
+        ``adapter_names``: one adapter per row of ``idx`` (``"__base__"``: the base), as in peft.
+        """
+        if adapter_names is not None:
+            with self._mixed_batch(adapter_names, args, kwargs, forward=False):
+                return self._method.generate(self, *args, **kwargs)
         return self._method.generate(self, *args, **kwargs)
+
+    def _mixed_batch(self, adapter_names, args, kwargs, forward: bool):
+        """The method's mixed-batch context for the rows of ``idx`` (the first argument)."""
+        hook = getattr(self._method, "mixed_batch", None)
+        if hook is None:
+            raise TypeError(f"adapter_names (mixed-adapter batches) works with LoRA adapters only; this model's "
+                            f"adapters are {self.peft_type}: run one adapter at a time with set_adapter()")
+        idx = args[0] if args else kwargs.get("idx")
+        if idx is None or len(getattr(idx, "shape", ())) < 1:
+            raise ValueError("adapter_names needs the token ids idx (B, T) as the first argument")
+        return hook(self, adapter_names, int(idx.shape[0]), forward=forward)
 
     # ---- adding, choosing, removing adapters
     def _inject(self, config: PeftConfig, adapter_name: str, rng) -> None:
@@ -287,7 +312,13 @@ class PeftModel(Module):
         return self._unload(False)
 
     def add_weighted_adapter(self, adapters, weights, adapter_name: str, combination_type: str = "svd", **kw):
-        """New adapter ``adapter_name`` combining ``adapters`` (method-specific; LoRA only)."""
+        """New adapter ``adapter_name`` combining ``adapters`` with ``weights`` (peft's; LoRA and (IA)³).
+
+        LoRA takes every peft ``combination_type`` -- "svd", "linear", "cat", "ties", "ties_svd",
+        "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
+        "magnitude_prune_svd" -- with ``density``, ``majority_sign_method``, ``svd_rank``,
+        ``svd_clamp``, and ``seed`` / ``dare_masks`` for DARE's random masks (merge.py).
+        """
         return self._method.add_weighted_adapter(self, list(adapters), list(weights), adapter_name,
                                                  combination_type, **kw)
 

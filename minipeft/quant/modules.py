@@ -17,6 +17,15 @@ the mixed-precision decomposition for input columns holding ``|x| >= threshold``
 (:func:`minipeft.quant.int8.matmul_8bit`); backward uses the dequantized int8 weight
 (bitsandbytes' ``grad_A = grad_out @ (CB * SCB / 127)``).
 
+Merging an adapter into a quantized layer (peft's ``lora/bnb.py``) cannot add to the
+codes: it dequantizes the weight, adds the update and quantizes the sum again with the
+layer's own settings (``requantize``; 8-bit, as bitsandbytes' ``Int8Params``, rounds the
+sum to float16 first). The stored weight is then the sum *rounded*: ``requantize``
+returns the largest change it made, and ``requantization_error`` (``quant/requantize.py``)
+says what storing a weight would cost before it is done. Unmerging subtracts the update from the merged,
+dequantized weight and rounds again, so a merge and unmerge need not give back the
+original codes.
+
 ``quantize_model`` swaps chosen ``nn.Linear`` layers of a model for these modules
 (``set_submodule``, as bitsandbytes' ``replace_with_bnb_linear``) and reports the bytes
 the model holds before and after. State-dict keys follow bitsandbytes' serialization:
@@ -38,6 +47,7 @@ from ..engine import Function, Tensor
 from ..nn import Linear, Module, Parameter
 from .blockwise import QUANT_TYPES_4BIT, QuantState, dequantize_4bit, quantize_4bit
 from .int8 import int8_vectorwise_dequant, int8_vectorwise_quant, matmul_8bit
+from .requantize import checked_weight, requantize
 
 def _linear_compute(x, w, b, compute_dtype: str):
     """``x @ w.T + b`` in ``compute_dtype`` (float32 accumulation), returned in x's dtype.
@@ -161,6 +171,11 @@ class _QuantLinear(Module):
         """Every non-parameter array this layer keeps (for :func:`model_nbytes`)."""
         raise NotImplementedError
 
+    def requantize(self, weight) -> float:
+        """Store float ``weight`` (out, in) quantized with this layer's settings (a merge into it);
+        return max |stored - weight|, the rounding it cost (``minipeft.quant.requantize``)."""
+        return requantize(self, weight)
+
     def quantized_numel(self) -> int:
         """Parameters the quantized weight stands for (peft counts a 4-bit weight at its full size)."""
         return self.in_features * self.out_features
@@ -207,6 +222,20 @@ class Linear4bit(_QuantLinear):
         """The float weight (out, in) the codes stand for (what LoRA merges into)."""
         return dequantize_4bit(self.weight.data, self.quant_state, dtype=dtype)
 
+    def _quantize(self, weight):
+        """(packed, state) of ``weight`` at this layer's quant_type, blocksize and double quantization
+        (bitsandbytes' ``Params4bit`` made again from the merged float weight, as peft's merge does)."""
+        w = checked_weight(self, weight)
+        return quantize_4bit(w if w.dtype in (np.float16, np.float32) else w.astype(np.float32),
+                             blocksize=self.blocksize, compress_statistics=self.compress_statistics,
+                             quant_type=self.quant_type)
+
+    def _dequantize_from(self, packed, state):
+        return dequantize_4bit(packed, state, dtype=np.float32)
+
+    def _store(self, packed, state) -> None:
+        self._set_quantized(packed, state)
+
     # ---- state (bitsandbytes' key names) and devices
     def _extra_state(self) -> dict:
         out = {"weight": self.weight.data}
@@ -244,10 +273,18 @@ class Linear4bit(_QuantLinear):
                 f"compress_statistics={self.compress_statistics}, compute_dtype={self.compute_dtype}")
 
 
+def _int8_params(W):
+    """(CB, SCB) as bitsandbytes' ``Int8Params`` makes them: W rounded to float16, then row-wise absmax int8."""
+    xp = xp_of(W)
+    CB, SCB, _ = int8_vectorwise_quant(W.astype(xp.float16).astype(xp.float32))  # (out, in), (out,)
+    return CB, SCB
+
+
 class Linear8bitLt(_QuantLinear):
     """A frozen Linear with an int8 weight and LLM.int8() matmul (bitsandbytes' ``Linear8bitLt``).
 
-    ``weight`` holds ``CB`` (out, in) int8, ``SCB`` the absmax of each output row;
+    ``weight`` holds ``CB`` (out, in) int8, ``SCB`` the absmax of each output row, quantized
+    from the weight rounded to float16 as bitsandbytes' ``Int8Params`` does;
     ``threshold`` (6.0, the paper's and Hugging Face's ``llm_int8_threshold``) sends input
     columns with any ``|x| >= threshold`` through a float matmul; 0 turns that off.
     """
@@ -258,8 +295,7 @@ class Linear8bitLt(_QuantLinear):
             raise ValueError(f"threshold must be >= 0 (0 = no outlier decomposition), got {threshold}")
         super().__init__(linear)
         self.threshold = float(threshold)
-        W = _weight_for_quant(linear)
-        CB, SCB, _ = int8_vectorwise_quant(W.astype(xp_of(W).float32))  # (out, in), (out,)
+        CB, SCB = _int8_params(_weight_for_quant(linear))             # (out, in), (out,)
         self.weight = Tensor(CB)
         self.SCB = SCB
 
@@ -272,6 +308,18 @@ class Linear8bitLt(_QuantLinear):
     def dequantize(self, dtype=np.float32):
         """The float weight (out, in): ``CB * SCB / 127``."""
         return int8_vectorwise_dequant(self.weight.data, self.SCB).astype(dtype)
+
+    def _quantize(self, weight):
+        """(CB, SCB) of ``weight`` as bitsandbytes' ``Int8Params`` makes them: rounded to float16,
+        then row-wise absmax int8 (peft's merge builds a new ``Int8Params`` from the merged weight)."""
+        return _int8_params(checked_weight(self, weight))
+
+    def _dequantize_from(self, CB, SCB):
+        return int8_vectorwise_dequant(CB, SCB)
+
+    def _store(self, CB, SCB) -> None:
+        self.weight = Tensor(CB)
+        self.SCB = SCB
 
     def _extra_state(self) -> dict:
         return {"weight": self.weight.data, "SCB": self.SCB}

@@ -97,10 +97,14 @@ def test_pack_truncation():
         pack_prompt_target(TOK, pairs, block_size=16, truncate="right")
 
 
-@pytest.mark.parametrize("pairs, err", [([], ValueError), ("ab", TypeError), ([("a", 1)], TypeError),
-                                        ([("a",)], TypeError)])
-def test_pack_bad_pairs(pairs, err):
-    with pytest.raises(err):
+@pytest.mark.parametrize("pairs, err, message", [
+    ([], ValueError, "pairs is empty"),
+    ("ab", TypeError, "pairs must be a list of .* pairs, got str"),
+    ([("a", 1)], TypeError, r"pairs\[0\] must be a \(prompt: str, target: str\) pair, got \('a', 1\)"),
+    ([("a",)], TypeError, r"pairs\[0\] must be a \(prompt: str, target: str\) pair, got \('a',\)"),
+])
+def test_pack_bad_pairs(pairs, err, message):
+    with pytest.raises(err, match=message):
         pack_prompt_target(TOK, pairs, block_size=8)
 
 

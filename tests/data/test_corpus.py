@@ -61,7 +61,7 @@ def test_strip_docstrings_cases():
     assert out == ("import os\ndef café(): pass; return 1\nclass A:\n    x = 1  # keep me\n"
                    "def g():\n    pass\nasync def h():\n    return 1\n")
     assert strip_docstrings(out) == out  # nothing left to strip
-    with pytest.raises(SyntaxError):
+    with pytest.raises(SyntaxError, match="invalid syntax"):
         strip_docstrings("def (:")
 
 

@@ -80,9 +80,16 @@ def test_format_mr_and_prompt():
     assert format_mr({"name": "X", "familyFriendly": "yes"}) == "name : X | family friendly : yes"
 
 
-@pytest.mark.parametrize("bad", ["", "name", "name[X", "name[X] area[Y]", "name[X], name[Y]", "[X]"])
-def test_parse_mr_errors(bad):
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad, message", [
+    ("", "empty MR"),
+    ("name", r"cannot parse MR 'name' at character 0"),
+    ("name[X", r"cannot parse MR 'name\[X' at character 0"),
+    ("name[X] area[Y]", r"expected ',' at character 8, got 'a'"),
+    ("name[X], name[Y]", "gives attribute 'name' twice"),
+    ("[X]", r"cannot parse MR '\[X\]' at character 0"),
+])
+def test_parse_mr_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
         parse_mr(bad)
 
 
@@ -164,7 +171,7 @@ def test_synthetic_split_and_pairs(synthetic):
 
 
 def test_synthetic_bad_args():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="n_mrs must be a positive int, got 0"):
         synthetic_e2e(0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"refs_per_mr must be \(min, max\) with 1 <= min <= max"):
         synthetic_e2e(5, refs_per_mr=(3, 2))

@@ -77,5 +77,5 @@ def test_extra_special_tokens():
     assert tok.decode([97, 259, 98], skip_special=False) == "a<|sep|>b"
     with pytest.raises(ValueError, match="distinct"):
         ByteTokenizer(extra_special_tokens=("<|pad|>",))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="special tokens must be non-empty strings"):
         ByteTokenizer(extra_special_tokens=("",))

@@ -296,7 +296,7 @@ def test_bad_input_raises(cp, k4, k8):
         k4.quantize_4bit_cuda(cp.asarray([1.0, np.nan], dtype=cp.float32))
     with pytest.raises(ValueError, match="blocksize"):
         k8.quantize_blockwise_cuda(cp.ones(64, cp.float32), blocksize=100)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="supports float32 and float16"):
         k4.quantize_4bit_cuda(cp.ones(64, cp.float64))
     packed, state = k4.quantize_4bit_cuda(cp.ones(64, cp.float32), 64, "nf4")
     with pytest.raises(ValueError, match="packed bytes"):

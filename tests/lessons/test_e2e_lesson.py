@@ -8,12 +8,13 @@ import math
 import pytest
 
 from minipeft.lessons import e2e
+from . import recorded
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e")
-    res = e2e.main(["--quick", "--figures", str(out / "figures"), "--json", str(out / "e2e.json"),
+    res = recorded.run(e2e, ["--quick", "--figures", str(out / "figures"), "--json", str(out / "e2e.json"),
                     "--save", str(out / "adapters")])
     return res | {"_out": out}
 

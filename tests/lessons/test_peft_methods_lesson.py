@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from minipeft.lessons import peft_methods
+from . import recorded
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("peft_methods")
-    res = peft_methods.main(["--quick", "--figures", str(out / "figures"), "--json", str(out / "r.json")])
+    res = recorded.run(peft_methods, ["--quick", "--figures", str(out / "figures"), "--json", str(out / "r.json")])
     return res | {"_out": out}
 
 

@@ -16,7 +16,10 @@ import pytest
 from minipeft.claims import CLAIMS, lesson_claims
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.lessons import qlora
-from minipeft.memory import course_figures
+from minipeft.lessons.qlora_studies import MERGED_NF4
+from minipeft.memory_course import course_figures
+
+from . import recorded
 
 RULES = {c.id: c.rule for c in CLAIMS}
 
@@ -47,7 +50,7 @@ def result(tmp_path_factory):
         mp.setattr(qlora, "split_validation", split_spy)
         mp.setattr(qlora, "slice_loss", slice_spy)
         mp.setattr(qlora.pretrained, "validation_loss", source_spy)
-        res = qlora.main(["--quick", "--figures", str(out), "--json", str(out / "r.json")])
+        res = recorded.run(qlora, ["--quick", "--figures", str(out), "--json", str(out / "r.json")])
     return res | {"_out": out, "_log": log.getvalue(), "_calls": calls}
 
 
@@ -74,6 +77,18 @@ def test_methods_learn_and_numbers_hold_together(result):
     assert merge["QLoRA as trained (NF4 base + LoRA)"] == pytest.approx(m["qlora"]["val_loss"], abs=1e-6)
     assert (result["_out"] / "qlora_loss.png").exists() and (result["_out"] / "qlora_memory.png").exists()
     assert (result["_out"] / "r.json").is_file()
+
+
+def test_checkpointing_and_the_merge_into_nf4_are_reported(result):
+    g = result["gradient_checkpointing"]
+    assert g["activations"] < g["activations_plain"] and g["lora_parameters"] > 0
+    # measured = predicted, but for the 4-byte LoRA scalars the calculator leaves out (4 linears, one block)
+    assert 0 <= g["activations"] - g["activations_predicted"] <= 4 * 4
+    assert 0 <= g["activations_plain"] - g["activations_plain_predicted"] <= 4 * 4 * 2  # both blocks
+    assert "gradient checkpointing" in result["_log"]
+    merge, trained = result["merge"], result["merge"]["QLoRA as trained (NF4 base + LoRA)"]
+    assert 0 < result["merge_rounding"] < 1
+    assert abs(merge[MERGED_NF4] - trained) < abs(merge["original base (no adapter)"] - trained)
 
 
 def test_each_method_sweeps_its_grid_and_keeps_the_argmin_of_the_stopping_slice(result):
@@ -104,8 +119,10 @@ def test_stopping_and_reported_losses_come_from_disjoint_halves(result):
             assert s["val_select"] in on_select and s["val_select"] not in on_report, (name, s["lr"])
         assert row["val_loss"] in on_report and row["val_loss"] not in on_select, name
     assert result["base_val_loss"] in on_report and result["base_select_loss"] in on_select
-    # the reported slice is scored once per method (+ base, NF4 base, and the merge study's 5 models)
-    assert len(on_report) == 3 + 2 + 5
+    # the reported slice is scored once per method (+ the rank check, base, NF4 base, the merge study's 5 models)
+    assert len(on_report) == 3 + 1 + 2 + 5
+    rc = result["lora_rank_check"]
+    assert rc["val_loss"] in on_report and rc["val_select"] in on_select
 
 
 def test_source_losses_are_measured_on_english(result):
@@ -236,3 +253,25 @@ def test_judge_verdict_boundaries_are_the_rules():
         m = _methods(1.0, 1.0, 1.0, src_full=src_full, src_lora=1.4, src_qlora=1.4)
         c = {x["label"]: x for x in qlora.judge(m, base_val=2.0, base_source=1.3)}
         assert c["forgetting"]["verdict"] == verdict, src_full
+
+
+def test_rank_check_trains_lora_at_a_higher_rank_with_the_same_scale(result):
+    from minipeft.lessons.qlora import LORA_ALPHA, LORA_R, RANK_CHECK
+
+    rc = result["lora_rank_check"]
+    assert rc["r"] == min(RANK_CHECK * LORA_R, 64)  # the quick base is 64 wide
+    assert rc["alpha"] / rc["r"] == LORA_ALPHA / LORA_R and rc["lr"] == result["methods"]["lora"]["lr"]
+    assert rc["trainable"] == result["methods"]["lora"]["trainable"] * rc["r"] // LORA_R
+    note = next(c["note"] for c in result["claims"] if c["label"] == "LoRA vs full fine-tuning")
+    assert f"r={rc['r']}, alpha/r kept, same lr" in note or "ahead of full fine-tuning" in note
+
+
+def test_judge_names_the_rank_check_and_says_when_more_rank_closes_the_gap():
+    from minipeft.lessons.qlora import judge
+
+    m = {k: dict(val_loss=v, source_val_loss=2.0, lr=1e-3, grid=[1e-3], at_grid_edge=False)
+         for k, v in (("full", 1.0), ("lora", 1.2), ("qlora", 1.21))}
+    note = lambda rc: next(c["note"] for c in judge(m, 1.5, 1.9, None, rc) if c["label"] == "LoRA vs full fine-tuning")  # noqa: E731
+    closes = note({"r": 64, "val_loss": 1.1})
+    assert "8x the rank (r=64" in closes and "+10.0% from full" in closes and "not of low rank" in closes
+    assert "not of low rank" not in note({"r": 64, "val_loss": 1.19})  # closes less than a quarter of the gap

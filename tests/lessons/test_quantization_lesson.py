@@ -5,6 +5,7 @@ import math
 import pytest
 
 from minipeft.lessons import quantization
+from . import recorded
 
 FIGURES = ["quant_absmax_vs_zeropoint", "quant_blockwise_outlier", "quant_4bit_codes", "quant_scale_overhead",
            "quant_bf16_vs_fp16", "quant_llm_int8_errors", "quant_outlier_features", "quant_tiny_model"]
@@ -13,7 +14,7 @@ FIGURES = ["quant_absmax_vs_zeropoint", "quant_blockwise_outlier", "quant_4bit_c
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("quantization")
-    res = quantization.main(["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
+    res = recorded.run(quantization, ["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
     return res, d
 
 

@@ -1,5 +1,6 @@
 """The serving lesson in quick mode: a mixed batch matches merged models, bad requests fail alone,
-every baseline runs, memory favours adapters over merged copies, the LRU pool evicts."""
+every baseline runs, memory favours adapters over merged copies, the LRU pool evicts; requests
+arriving over time get generate's tokens, and continuous batching is measured against static."""
 import json
 
 import numpy as np
@@ -7,19 +8,20 @@ import pytest
 
 from minipeft.lessons import serving
 from minipeft.peft.io import read_adapter
+from . import recorded
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp("serving")
-    res = serving.main(["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
+    res = recorded.run(serving, ["--quick", "--figures", str(d / "fig"), "--json", str(d / "out.json")])
     return res, d
 
 
 def test_outputs_and_figures(run):
     r, d = run
     assert json.loads((d / "out.json").read_text())["ns"] == r["ns"] == list(serving.QUICK["ns"])
-    for name in ("serving_throughput", "serving_memory"):
+    for name in ("serving_throughput", "serving_memory", "serving_arrivals"):
         assert (d / "fig" / f"{name}.png").stat().st_size > 10_000
 
 
@@ -61,3 +63,14 @@ def test_random_adapters_are_peft_format(tmp_path):
     config, tensors, *_ = read_adapter(tmp_path / "a")
     assert config.peft_type == "LORA" and config.r == 8 and config.lora_alpha == 16
     assert len(tensors) == 2 * 2 * model.config.n_layer
+
+
+def test_continuous_batching_section(run):
+    c = run[0]["continuous"]
+    assert c["check"]["identical"] == c["check"]["total"] >= 12 and c["check"]["sampled"] >= 3
+    assert c["mixed_logits"]["rel_diff"] < 1e-5 and c["mixed_logits"]["rows"] == 8  # peft's path = the server's
+    assert c["slot_bytes_classes"] < c["slot_bytes_padded"]  # rank classes: ranks 4 and 8 not padded to 16
+    rows = c["sweep"]["rows"]
+    assert [r["fraction"] for r in rows] == list(serving.QUICK["fractions"]) and c["sweep"]["capacity_rps"] > 0
+    assert all(r["continuous_tps"] > 0 and r["static_tps"] > 0 and r["continuous_latency_s"] > 0 for r in rows)
+    assert all(1 <= r["mean_batch"] <= serving.QUICK["max_batch"] for r in rows)

@@ -14,6 +14,7 @@ import pytest
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.lessons import side_tuning
 from minipeft.lessons import side_tuning_sweep as sweep
+from . import recorded
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +22,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("side_tuning")
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        res = side_tuning.main(["--quick", "--figures", str(out / "figures"), "--json", str(out / "side.json")])
+        res = recorded.run(side_tuning, ["--quick", "--figures", str(out / "figures"), "--json", str(out / "side.json")])
     return res | {"_out": out, "_log": log.getvalue()}
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from minipeft.lessons import transfer
+from . import recorded
 
 FIGURES = ("transfer_loss_vs_data", "transfer_dt_vs_df", "transfer_multiplier")
 
@@ -17,7 +18,7 @@ def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("transfer")
     argv = ["--quick", "--cache", str(out / "cache"), "--figures", str(out / "figures"),
             "--json", str(out / "transfer.json")]
-    return transfer.main(argv) | {"_out": out, "_argv": argv}
+    return recorded.run(transfer, argv) | {"_out": out, "_argv": argv}
 
 
 def test_quick_mode_fits_finite_values(result):

@@ -187,7 +187,7 @@ def test_dropout_only_in_training():
 
 @pytest.mark.parametrize("kw, match", [
     ({"r": 0}, "positive integer"), ({"r": -2}, "positive integer"), ({"r": 2.5}, "positive integer"),
-    ({"bias": "some"}, "bias"), ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+    ({"bias": "some"}, "bias"), ({"init_lora_weights": "eva"}, "init_lora_weights"),
     ({"lora_dropout": 1.0}, r"\[0, 1\)"), ({"target_modules": 3}, "target_modules"),
     ({"target_modules": "(unclosed"}, "regular expression"), ({"loftq_config": {"bits": 4}}, "loftq"),
     ({"layers_pattern": "h"}, "layers_to_transform"),
@@ -243,8 +243,11 @@ def test_add_weighted_adapter_linear_follows_peft():
     single.add_weighted_adapter(["a"], [0.3], "a3", combination_type="linear")  # one adapter: exactly w·ΔW
     lay = single.base_model.model.transformer.h[1].attn.c_attn
     np.testing.assert_allclose(lay.get_delta_weight("a3").data, 0.3 * lay.get_delta_weight("a").data, atol=1e-6)
-    with pytest.raises(ValueError, match=">= 0"):
-        single.add_weighted_adapter(["a", "b"], [0.5, -1.0], "neg", combination_type="linear")
+    single.add_weighted_adapter(["a", "b"], [0.5, -1.0], "neg", combination_type="linear")  # peft: sign on A only
+    ra, rb = math.sqrt(0.5 * lay.scaling["a"]), math.sqrt(1.0 * lay.scaling["b"])
+    A = ra * lay.lora_A["a"].weight.data - rb * lay.lora_A["b"].weight.data
+    B = ra * lay.lora_B["a"].weight.data + rb * lay.lora_B["b"].weight.data
+    np.testing.assert_allclose(lay.get_delta_weight("neg").data, B @ A, rtol=1e-5, atol=1e-5)
 
 
 def test_add_weighted_adapter_svd_and_errors():
@@ -261,7 +264,7 @@ def test_add_weighted_adapter_svd_and_errors():
     with pytest.raises(ValueError, match="unknown adapters"):
         model.add_weighted_adapter(["a", "zz"], [1, 1], "y", combination_type="cat")
     with pytest.raises(ValueError, match="combination_type"):
-        model.add_weighted_adapter(["a", "b"], [1, 1], "y", combination_type="ties")
+        model.add_weighted_adapter(["a", "b"], [1, 1], "y", combination_type="average")
     # the combined adapter is usable: activating it changes the output as its delta says
     model.set_adapter("s")
     idx, _ = batch()

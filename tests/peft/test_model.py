@@ -74,7 +74,7 @@ def test_layers_to_transform_and_exclude_modules():
 
 def test_no_match_error_lists_module_names_and_leaves_model_alone():
     base = tiny_gpt()
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match="matches no module of GPT") as e:
         get_peft_model(base, LoraConfig(target_modules=["q_proj"]))
     msg = str(e.value)
     assert "q_proj" in msg and "transformer.h.{i}.attn.c_attn (Linear)" in msg and "lm_head" in msg

@@ -6,7 +6,7 @@ import pytest
 
 from minipeft import engine
 from minipeft.engine import no_grad
-from minipeft.memory import MethodConfig, TrainConfig, estimate_memory
+from minipeft.memory import MethodConfig, StepSetup, estimate_memory
 from minipeft.peft import (LSTConfig, PeftConfig, QSTConfig, SideTuningConfig, get_peft_model, held_leaf_bytes,
                            load_adapter, save_adapter, set_alpha)
 from minipeft.peft.side_tuning import SideTuningMethod
@@ -64,8 +64,8 @@ def test_lst_memory_equals_the_calculator():
     loss = model(idx, tg).loss
     ledger, held = engine.saved_bytes() - s0, held_leaf_bytes(loss, model)
     kw = dict(method="side", reduction_factor=8)
-    pred = estimate_memory(base.config, MethodConfig(**kw), TrainConfig(batch_size=3, seq_len=16, ledger_view=True))
-    full = estimate_memory(base.config, MethodConfig(**kw), TrainConfig(batch_size=3, seq_len=16))
+    pred = estimate_memory(base.config, MethodConfig(**kw), StepSetup(batch_size=3, seq_len=16, ledger_view=True))
+    full = estimate_memory(base.config, MethodConfig(**kw), StepSetup(batch_size=3, seq_len=16))
     assert sum(p.size for p in model.parameters() if p.requires_grad) == pred.n_trainable
     assert 0 <= ledger - pred.activations <= 64  # the gates' scalars
     assert held == full.activations - pred.activations  # the calculator's "down_i inputs (backbone states)"

@@ -119,7 +119,7 @@ def test_bad_input():
         A.absmax_quantize(np.array([1.0, np.nan], np.float32))
     with pytest.raises(ValueError, match="NaN"):
         A.zeropoint_quantize(np.array([1.0, np.inf], np.float32))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expects a float array, got int32"):
         A.absmax_quantize(np.array([1, 2], np.int32))
     with pytest.raises(ValueError, match="per"):
         A.absmax_quantize(np.ones((2, 2), np.float32), per="block")

@@ -297,20 +297,20 @@ def test_bad_blocksize_raises(bs):
 def test_bad_types_raise():
     with pytest.raises(TypeError, match="float32"):
         B.quantize_4bit(np.ones(10))                                   # float64
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="supports float32 and float16 arrays.*got int32"):
         B.quantize_blockwise(np.ones(10, np.int32))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expects a NumPy or CuPy array, got list"):
         B.quantize_4bit([1.0, 2.0])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="blocksize must be an int, got float"):
         B.quantize_4bit(np.ones(64, np.float32), blocksize=64.0)
     with pytest.raises(ValueError, match="quant_type"):
         B.quantize_4bit(np.ones(10, np.float32), quant_type="nf3")
     with pytest.raises(ValueError, match="empty"):
         B.quantize_4bit(np.ones(0, np.float32))
     packed, state = B.quantize_4bit(np.ones(10, np.float32))
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expects packed uint8 bytes, got int8"):
         B.dequantize_4bit(packed.astype(np.int8), state)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="can return float32 or float16, got float64"):
         B.dequantize_4bit(packed, state, dtype=np.float64)
     with pytest.raises(ValueError, match="packed bytes"):
         B.dequantize_4bit(packed[:3], state)
@@ -397,7 +397,7 @@ def test_bits_per_parameter():
     assert B.bits_per_parameter(4, 64, numel=31) == (16 * 8 + 32) / 31
     assert B.bits_per_parameter(4, 64, True, numel=31) == (16 * 8 + 8 + 32 + 32) / 31
     assert B.bits_per_parameter(8, 4096) == 8 + 32 / 4096
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="blocksize must be positive, got 0"):
         B.bits_per_parameter(4, 0)
 
 

@@ -110,7 +110,7 @@ def test_linspace_f32_matches_torch_if_available():
 
 
 def test_linspace_f32_rejects_one_step():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="needs steps >= 2, got 1"):
         C.linspace_f32(0.0, 1.0, 1)
 
 
@@ -151,9 +151,9 @@ def test_get_4bit_type_copies_and_rejects_unknown():
 
 
 def test_tables_are_read_only():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         C.NF4[0] = 0.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="read-only"):
         C.DYNAMIC_SIGNED[0] = 0.0
 
 

@@ -93,9 +93,9 @@ def test_int8_linear_matmul_accumulates_in_int32():
     np.testing.assert_array_equal(I.int8_linear_matmul(A, B, accumulate="float64"), ref)
     with pytest.raises(ValueError, match="B must be"):
         I.int8_linear_matmul(A, B[:, :5])
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="A must be int8, got int16"):
         I.int8_linear_matmul(A.astype(np.int16), B)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="accumulate must be 'int32' or 'float64', got 'int8'"):
         I.int8_linear_matmul(A, B, accumulate="int8")
 
 
@@ -115,7 +115,7 @@ def test_int8_mm_dequant():
     # bitsandbytes' check: after dividing by the column std, atol 0.015 / rtol 0.1
     std = ref.std(axis=0)
     np.testing.assert_allclose(out16 / std, ref / std, atol=0.015, rtol=0.1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="expects the int32 product, got int64"):
         I.int8_mm_dequant(C.astype(np.int64), row, col)
 
 
@@ -199,9 +199,9 @@ def test_matmul_8bit_shapes_and_errors():
     np.testing.assert_array_equal(out.reshape(10, 12), I.matmul_8bit(X.reshape(10, 16), CB, SCB))
     with pytest.raises(ValueError, match="NaN"):
         I.matmul_8bit(np.full((2, 16), np.nan, np.float32), CB, SCB)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="supports float16 and float32 arrays, got float64"):
         I.llm_int8_matmul(X.astype(np.float64), W)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="threshold must be >= 0, got -1.0"):
         I.int8_vectorwise_quant(X, threshold=-1.0)
 
 
