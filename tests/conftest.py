@@ -3,6 +3,10 @@
 ``xp`` is parametrized over the backends: 'numpy' always, 'cupy' marked ``gpu`` and
 skipped when CuPy or a GPU is missing. ``to_xp(a, dtype=None)`` moves a NumPy array (or
 list) onto the current backend. Any test marked ``gpu`` is skipped without a GPU.
+
+With ``MINIPEFT_REQUIRE_CROSSCHECK=1`` (set by ``.ci/run``) a test or module skipped because a
+reference library (torch, transformers, peft, bitsandbytes, sacrebleu) does not import is
+reported as failed instead (``tests/crosscheck.py``).
 """
 from __future__ import annotations
 
@@ -13,6 +17,8 @@ import pytest
 
 from minipeft.backend import cuda_available
 from minipeft.testing import asarray_on
+
+from . import crosscheck
 
 BACKENDS = [pytest.param("numpy", id="numpy"), pytest.param("cupy", id="cupy", marks=pytest.mark.gpu)]
 
@@ -28,6 +34,35 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+def pytest_configure(config):
+    try:
+        crosscheck.required()
+    except ValueError as e:
+        raise pytest.UsageError(str(e)) from None
+
+
+def _skip_reason(report) -> str:
+    longrepr = report.longrepr
+    return longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr)
+
+
+def _fail_missing_reference(report):
+    """A skip for a missing reference library becomes a failure when cross-checks are required."""
+    if report.skipped and (message := crosscheck.as_failure(_skip_reason(report))):
+        report.outcome, report.longrepr = "failed", message
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    return _fail_missing_reference((yield))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    return _fail_missing_reference((yield))
 
 
 @pytest.fixture(params=BACKENDS)
