@@ -2,7 +2,8 @@
 their absence a failure instead of a skip.
 
 Tests that compare with PyTorch, transformers, peft, bitsandbytes or sacrebleu ("live"
-cross-checks, as opposed to the fixture files in ``tests/fixtures/``) skip when the
+cross-checks, as opposed to the fixture files in ``tests/fixtures/``), and the data-parallel
+tests on MPI ranks (mpi4py with MPICH from PyPI), skip when the
 library is missing (``pytest.importorskip``), so ``pip install -e ".[dev]"`` alone runs
 everything else. CI installs them (``.ci/run``, versions pinned in ``.ci/crosscheck.txt``)
 and sets ``MINIPEFT_REQUIRE_CROSSCHECK=1``; then ``conftest.py`` turns every skip caused by
@@ -15,9 +16,10 @@ import importlib
 import os
 import re
 
-LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "sacrebleu")
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "sacrebleu", "mpi4py")  # mpi4py: the MPI ranks
 ENV = "MINIPEFT_REQUIRE_CROSSCHECK"
-INSTALL = "PyTorch (CI: pip install torch==2.13.0), then pip install -r .ci/crosscheck.txt"
+INSTALL = ("PyTorch (CI: pip install torch==2.13.0), then pip install -r .ci/crosscheck.txt; for the MPI ranks, "
+           "pip install -r .ci/distributed.txt")
 
 # pytest.importorskip's reason: "could not import 'transformers': No module named ..."
 _IMPORTORSKIP = re.compile(r"could not import '([\w.]+)'")
