@@ -294,7 +294,8 @@ def _report(rep, b, base, results, sweep, ranks, test, tuned) -> None:
 def _figures(results, ranks, b, args, rep) -> None:
     if args.figures is None:
         return
-    from ..plotting import e2e_method_table, e2e_rank_curves, loss_curves
+    from .figures.common import loss_curves
+    from .figures.e2e import e2e_method_table, e2e_rank_curves
 
     ours = {results[k]["label"]: (results[k]["trainable"], 100 * results[k]["BLEU"]) for k in METHODS}
     rs = sorted(ranks)

@@ -194,7 +194,7 @@ def _report(rep: Report, data: dict) -> None:
 
 
 def _figures(data: dict, args) -> list:
-    from ..plotting import transfer_dt_vs_df, transfer_loss_vs_data, transfer_multiplier
+    from .figures.transfer import transfer_dt_vs_df, transfer_loss_vs_data, transfer_multiplier
 
     a = data["analysis"]
     src0 = next(iter(a["fits"]), None)
