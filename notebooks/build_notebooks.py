@@ -1,6 +1,6 @@
-"""Write the course notebooks ``lessons/NN_<name>.ipynb`` from the cell lists below.
+"""Write the course notebooks ``notebooks/NN_<name>.ipynb`` from the cell lists below.
 
-``python lessons/build_notebooks.py`` rewrites them (outputs empty; CI executes them in
+``python notebooks/build_notebooks.py`` rewrites them (outputs empty; CI executes them in
 quick mode with nbclient). A notebook tells the story around ``minipeft.lessons.<name>``:
 it shows the library's source with ``inspect`` instead of copying it, runs the lesson,
 and looks at its numbers and figures. Notebooks define no library code.
