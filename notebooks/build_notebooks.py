@@ -589,8 +589,8 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, s
     md("**Score any model on any E2E file.** With `--save DIR` the lesson writes the base, every adapter and "
        "the test MRs; the evaluation command decodes every MR of a CSV and prints the metric table:\n\n"
        "```\npython -m minipeft.lessons.e2e --save runs/e2e\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data runs/e2e/test.csv --beam 10\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data ../shared/data/e2e/devset.csv\n```"),
+       "python -m minipeft.lessons.e2e_eval --adapter runs/e2e/lora_all_lr0.01 --data runs/e2e/test.csv --beam 10\n"
+       "python -m minipeft.lessons.e2e_eval --adapter runs/e2e/lora_all_lr0.01 --data ../shared/data/e2e/devset.csv\n```"),
     md("**Exercises.** (1) Rerun with `--data ../shared/data/e2e/devset.csv`: do the real references rank the "
        "methods the same way? (2) Evaluate one adapter with `--beam 1`, `--beam 5` and `--beam 10`: how much "
        "does the beam add, and at what cost in time? (3) Set the length penalty to 0 and to 2: what happens to "
