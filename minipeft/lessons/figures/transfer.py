@@ -54,7 +54,7 @@ def transfer_loss_vs_data(scratch: dict, finetune: dict, sizes: dict, arrows: di
 def transfer_dt_vs_df(points: list, fits: dict, sizes: dict, title: str = ""):
     """Effective data transferred D_T against D_F, per size, with the fitted k D_F^alpha N^beta lines.
 
-    One panel per source. ``points``: rows of ``minipeft.transfer.analyze`` (D_F, D_T, N, size,
+    One panel per source. ``points``: rows of ``minipeft.lessons.transfer_fits.analyze`` (D_F, D_T, N, size,
     source, flag, in_fit); filled markers were fitted, open ones were not (out of the low-data
     regime), upward triangles are lower bounds (the fine-tuned model beat every scratch run).
     """
