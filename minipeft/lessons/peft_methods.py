@@ -19,7 +19,7 @@ the course through the one API ``get_peft_model`` and the one training loop:
 2. **Adapters vs full fine-tuning** (He et al. 2021, the course's "adapters > FT with less
    data" and "adapters are less sensitive to the learning rate"): Houlsby adapters and full
    fine-tuning, each at its own LR, on 1k ... 1M training tokens, 3 seeds (data slice,
-   batches, init), mean and spread. Early stopping (``train.EarlyStopping``) watches one
+   batches, init), mean and spread. Early stopping (``early_stopping.EarlyStopping``) watches one
    half of the validation text and counts only evaluations after warm-up; the number
    reported is the other half's loss at the step it selected. Then a learning-rate sweep
    of both, over the same factors around each method's own LR, 3 seeds.
