@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from minipeft import evaluate, pretrain
+from minipeft import pretrain
+from minipeft.lessons import e2e_eval
 from minipeft.data.e2e import load_e2e_csv
 from minipeft.lessons._common import parse_args
 
@@ -56,14 +57,14 @@ def test_pretrain_bad_device_from_a_shell_prints_no_traceback():
 @pytest.mark.parametrize("out", ["file/out.txt", "file/deeper/out.txt", "."])
 def test_evaluate_checks_out_before_decoding(capsys, monkeypatch, tmp_path, out):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("work started"))
-    one_line_exit_2(capsys, lambda: evaluate.main(["--base", "tiny", "--out", str(tmp_path / out)]), "--out")
+    monkeypatch.setattr(e2e_eval, "load_model", lambda *a, **k: pytest.fail("work started"))
+    one_line_exit_2(capsys, lambda: e2e_eval.main(["--base", "tiny", "--out", str(tmp_path / out)]), "--out")
 
 
 def test_evaluate_checks_json_before_decoding(capsys, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("x")
-    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("work started"))
-    one_line_exit_2(capsys, lambda: evaluate.main(["--base", "tiny", "--out", str(tmp_path / "o.txt"),
+    monkeypatch.setattr(e2e_eval, "load_model", lambda *a, **k: pytest.fail("work started"))
+    one_line_exit_2(capsys, lambda: e2e_eval.main(["--base", "tiny", "--out", str(tmp_path / "o.txt"),
                                                    "--json", str(tmp_path / "file" / "s.json")]), "--json")
 
 

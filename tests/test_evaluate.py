@@ -1,4 +1,4 @@
-"""The E2E evaluation command (python -m minipeft.evaluate): adapters and bases from files, any E2E CSV,
+"""The E2E evaluation command (python -m minipeft.lessons.e2e_eval): adapters and bases from files, any E2E CSV,
 outputs one line per MR, scores as JSON, clear errors; position extension."""
 import csv
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minipeft.evaluate import e2e_splits, extend_positions, load_model, main
+from minipeft.lessons.e2e_eval import e2e_splits, extend_positions, load_model, main
 from minipeft.data.e2e import synthetic_e2e
 from minipeft.gpt import GPT, GPTConfig
 from minipeft.peft import FullFineTuningConfig, LoraConfig, get_peft_model, save_adapter

@@ -1,4 +1,4 @@
-"""Execute every course notebook (lessons/*.ipynb) in quick mode, as CI does.
+"""Execute every course notebook (notebooks/*.ipynb) in quick mode, as CI does.
 
 Each notebook reads ``MINIPEFT_QUICK=1`` and passes ``--quick`` to its lesson, so the
 whole story runs in seconds; a cell that raises fails the test.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "lessons").glob("*.ipynb"))
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 nbformat = pytest.importorskip("nbformat", reason="install the dev extra: pip install -e '.[dev]'")
 nbclient = pytest.importorskip("nbclient", reason="install the dev extra: pip install -e '.[dev]'")
@@ -22,7 +22,7 @@ from .lessons import recorded  # noqa: E402
 
 
 def test_there_are_notebooks():
-    assert NOTEBOOKS, "lessons/ should hold the course notebooks"
+    assert NOTEBOOKS, "notebooks/ should hold the course notebooks"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -6,10 +6,11 @@ import pytest
 
 from minipeft import functional as F
 from minipeft.checkpoint import latest_checkpoint, list_checkpoints
+from minipeft.early_stopping import EarlyStopping
 from minipeft.engine import Tensor, no_grad
 from minipeft.nn import Dropout, Linear, Module
 from minipeft.optim import SGD, AdamW
-from minipeft.train import EarlyStopping, TrainConfig, count_tokens, random_batches, train, validation_loss
+from minipeft.train import TrainConfig, count_tokens, random_batches, train, validation_loss
 
 D, V = 8, 5
 

@@ -1,4 +1,5 @@
-"""minipeft.transfer: D_T read off scratch curves, the power-law fit, edge cases, the run cache."""
+"""minipeft.lessons.transfer_fits and transfer_runs: D_T read off scratch curves, the power-law fit, edge cases,
+the run cache."""
 import dataclasses
 import math
 
@@ -7,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minipeft import transfer as T
+from minipeft.lessons import transfer_fits, transfer_runs
 from minipeft.gpt import GPT
 
 K, ALPHA, BETA = 1.9e4, 0.18, 0.38  # the paper's text -> Python values, used as the truth here
@@ -34,12 +35,12 @@ def _synthetic(l_inf=0.0, grid=D_GRID):
 
 def test_pure_power_law_recovers_D_T_and_the_fit_exactly():
     scratch, ft = _synthetic()
-    rows = [(N, r) for N in NS for r in T.effective_data_transferred(scratch[N], ft[N])]
+    rows = [(N, r) for N in NS for r in transfer_fits.effective_data_transferred(scratch[N], ft[N])]
     for N, r in rows:
         assert r["flag"] == "ok"
         assert r["D_T"] == pytest.approx(K * r["D_F"] ** ALPHA * N**BETA, rel=1e-9)
         assert r["multiplier"] == pytest.approx((r["D_F"] + r["D_T"]) / r["D_F"])
-    fit = T.fit_transfer([r["D_F"] for _, r in rows], [N for N, _ in rows], [r["D_T"] for _, r in rows])
+    fit = transfer_fits.fit_transfer([r["D_F"] for _, r in rows], [N for N, _ in rows], [r["D_T"] for _, r in rows])
     assert fit["k"] == pytest.approx(K, rel=1e-6)
     assert fit["alpha"] == pytest.approx(ALPHA, abs=1e-8)
     assert fit["beta"] == pytest.approx(BETA, abs=1e-8)
@@ -50,10 +51,10 @@ def test_pure_power_law_recovers_D_T_and_the_fit_exactly():
 def test_curve_with_an_irreducible_loss_recovers_the_fit_closely():
     """log L is not linear in log D any more: interpolation on a dense grid is still close."""
     scratch, ft = _synthetic(l_inf=1.0, grid=np.geomspace(1e2, 1e10, 65))
-    rows = [(N, r) for N in NS for r in T.effective_data_transferred(scratch[N], ft[N])]
+    rows = [(N, r) for N in NS for r in transfer_fits.effective_data_transferred(scratch[N], ft[N])]
     for N, r in rows:
         assert r["D_T"] == pytest.approx(K * r["D_F"] ** ALPHA * N**BETA, rel=0.03)
-    fit = T.fit_transfer([r["D_F"] for _, r in rows], [N for N, _ in rows], [r["D_T"] for _, r in rows])
+    fit = transfer_fits.fit_transfer([r["D_F"] for _, r in rows], [N for N, _ in rows], [r["D_T"] for _, r in rows])
     assert fit["alpha"] == pytest.approx(ALPHA, abs=0.01)
     assert fit["beta"] == pytest.approx(BETA, abs=0.01)
     assert fit["k"] == pytest.approx(K, rel=0.1)
@@ -63,7 +64,7 @@ def test_noisy_D_T_gives_uncertainties_that_cover_the_truth():
     rng = np.random.default_rng(0)
     df, n = np.meshgrid(np.geomspace(1e2, 1e5, 8), NS)
     dt = K * df**ALPHA * n**BETA * np.exp(rng.normal(0, 0.1, df.shape))
-    fit = T.fit_transfer(df.ravel(), n.ravel(), dt.ravel())
+    fit = transfer_fits.fit_transfer(df.ravel(), n.ravel(), dt.ravel())
     assert 0 < fit["alpha_err"] < 0.05 and 0 < fit["beta_err"] < 0.05
     assert abs(fit["alpha"] - ALPHA) < 4 * fit["alpha_err"]
     assert abs(fit["beta"] - BETA) < 4 * fit["beta_err"]
@@ -71,14 +72,14 @@ def test_noisy_D_T_gives_uncertainties_that_cover_the_truth():
 
 
 def test_fit_with_one_size_fits_alpha_only_and_too_few_points_give_nan():
-    fit = T.fit_transfer([1e2, 1e3, 1e4], [5e3] * 3, [K * d**ALPHA for d in (1e2, 1e3, 1e4)])
+    fit = transfer_fits.fit_transfer([1e2, 1e3, 1e4], [5e3] * 3, [K * d**ALPHA for d in (1e2, 1e3, 1e4)])
     assert fit["alpha"] == pytest.approx(ALPHA) and math.isnan(fit["beta"])
-    exact = T.fit_transfer([1e2, 1e3, 1e2], [1e3, 1e3, 1e4], [10.0, 20.0, 30.0])  # 3 points, 3 parameters
+    exact = transfer_fits.fit_transfer([1e2, 1e3, 1e2], [1e3, 1e3, 1e4], [10.0, 20.0, 30.0])  # 3 points, 3 parameters
     assert math.isfinite(exact["alpha"]) and math.isnan(exact["alpha_err"])  # no spare degree of freedom
-    assert math.isnan(T.fit_transfer([1e3], [1e3], [1e4])["alpha"])
-    assert math.isnan(T.fit_transfer([], [], [])["k"])
+    assert math.isnan(transfer_fits.fit_transfer([1e3], [1e3], [1e4])["alpha"])
+    assert math.isnan(transfer_fits.fit_transfer([], [], [])["k"])
     with pytest.raises(ValueError, match="positive"):
-        T.fit_transfer([1e3, 1e4, 1e5], [1e3, 1e4, 1e5], [1.0, -5.0, 3.0])
+        transfer_fits.fit_transfer([1e3, 1e4, 1e5], [1e3, 1e4, 1e5], [1.0, -5.0, 3.0])
 
 
 # ---- inverting a scratch curve -------------------------------------------------------------------
@@ -88,8 +89,8 @@ L = [3.0, 2.5, 2.2, 2.0]
 
 def test_inversion_at_grid_points_and_between():
     for d, l in zip(D, L):
-        assert T.data_for_loss(D, L, l) == (pytest.approx(d), "ok")
-    d, flag = T.data_for_loss(D, L, 2.35)
+        assert transfer_fits.data_for_loss(D, L, l) == (pytest.approx(d), "ok")
+    d, flag = transfer_fits.data_for_loss(D, L, 2.35)
     assert flag == "ok" and 1e4 < d < 1e5
     # linear in (log D, log L) between the neighbours
     t = (math.log(2.5) - math.log(2.35)) / (math.log(2.5) - math.log(2.2))
@@ -97,20 +98,20 @@ def test_inversion_at_grid_points_and_between():
 
 
 def test_inversion_outside_the_curve_is_flagged():
-    assert T.data_for_loss(D, L, 1.5) == (1e6, "above_range")  # better than every scratch run: lower bound
-    assert T.data_for_loss(D, L, 3.5) == (1e3, "below_range")  # worse than the smallest scratch run
+    assert transfer_fits.data_for_loss(D, L, 1.5) == (1e6, "above_range")  # better than every scratch run: lower bound
+    assert transfer_fits.data_for_loss(D, L, 3.5) == (1e3, "below_range")  # worse than the smallest scratch run
 
 
 def test_inversion_of_a_non_monotone_curve_uses_its_isotonic_envelope():
     noisy = [3.0, 2.5, 2.6, 2.0]  # D = 1e5 came out worse than D = 1e4: pooled (in log L) to a plateau
     pooled = math.sqrt(2.5 * 2.6)
-    assert T.data_for_loss(D, noisy, pooled) == (pytest.approx(1e4), "ok")  # a plateau: its smallest D
-    d, _ = T.data_for_loss(D, noisy, 2.3)
+    assert transfer_fits.data_for_loss(D, noisy, pooled) == (pytest.approx(1e4), "ok")  # a plateau: its smallest D
+    d, _ = transfer_fits.data_for_loss(D, noisy, 2.3)
     assert 1e5 < d < 1e6
 
 
 def test_negative_D_T_when_fine_tuning_ends_worse_than_scratch():
-    rows = T.effective_data_transferred(dict(zip(D, L)), {1e5: 2.4, 1e3: 2.9})
+    rows = transfer_fits.effective_data_transferred(dict(zip(D, L)), {1e5: 2.4, 1e3: 2.9})
     assert [r["D_F"] for r in rows] == [1e3, 1e5]  # sorted by D_F
     assert rows[0]["flag"] == "ok" and rows[0]["D_T"] > 0
     assert rows[1]["flag"] == "negative" and rows[1]["D_T"] < 0 and rows[1]["multiplier"] < 1
@@ -125,13 +126,13 @@ def test_negative_D_T_when_fine_tuning_ends_worse_than_scratch():
 ])
 def test_inversion_rejects_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
-        T.data_for_loss(*args)
+        transfer_fits.data_for_loss(*args)
 
 
 @settings(max_examples=50, deadline=None)
 @given(st.lists(st.floats(0.5, 5.0), min_size=1, max_size=12))
 def test_isotonic_envelope_is_non_increasing_and_keeps_the_mean(y):
-    e = T.isotonic_decreasing(y)
+    e = transfer_fits.isotonic_decreasing(y)
     assert e.shape == (len(y),)
     assert np.all(np.diff(e) <= 1e-12)
     assert e.mean() == pytest.approx(np.mean(y))
@@ -140,8 +141,9 @@ def test_isotonic_envelope_is_non_increasing_and_keeps_the_mean(y):
 
 
 def test_saturation_data():
-    assert T.saturation_data(D, [3.0, 2.0, 1.995, 1.99]) == (1e4, False)  # within 1% of the best from 1e4 on
-    assert T.saturation_data(D, L) == (1e6, True)  # still falling: a lower bound
+    # within 1% of the best from 1e4 on
+    assert transfer_fits.saturation_data(D, [3.0, 2.0, 1.995, 1.99]) == (1e4, False)
+    assert transfer_fits.saturation_data(D, L) == (1e6, True)  # still falling: a lower bound
 
 
 def test_analyze_on_synthetic_runs():
@@ -156,11 +158,11 @@ def test_analyze_on_synthetic_runs():
     # an ossified point for the smallest model at a large D_F: fine-tuned worse than scratch there
     recs.append({"kind": "finetune", "size": "n1000", "N": 1e3, "D": 1e10, "loss": scratch[1e3][1e10] + 0.1,
                  "source": "english"})
-    a = T.analyze(recs, low_data_fraction=1.0)
+    a = transfer_fits.analyze(recs, low_data_fraction=1.0)
     assert list(a["sizes"]) == ["n1000", "n10000", "n100000"]
     f = a["fits"]["english"]
     assert f["alpha"] == pytest.approx(ALPHA, abs=1e-6) and f["beta"] == pytest.approx(BETA, abs=1e-6)
-    assert f["paper"] == T.PAPER_FITS["english"]
+    assert f["paper"] == transfer_fits.PAPER_FITS["english"]
     oss = a["ossification"][0]
     assert oss["size"] == "n1000" and oss["D_F"] == 1e10 and oss["ossified"] == {"english": True}
     assert [p for p in a["points"] if p["D_F"] == 1e10][0]["flag"] == "negative"
@@ -169,14 +171,14 @@ def test_analyze_on_synthetic_runs():
 # ---- sizes, specs, the cache ---------------------------------------------------------------------
 @pytest.mark.parametrize("size", ["L1d8", "L1d16", "L1d32", "L2d32", "T0", "T1"])
 def test_non_embedding_params_matches_the_model(size):
-    assert T.non_embedding_params(size) == GPT(T.model_config(size, T.TransferConfig())).num_parameters(
-        non_embedding=True)
+    model = GPT(transfer_runs.model_config(size, transfer_runs.TransferConfig()))
+    assert transfer_runs.non_embedding_params(size) == model.num_parameters(non_embedding=True)
 
 
 def test_grids_span_what_the_course_asks():
     for name in ("cpu", "gpu"):
-        g = T.GRIDS[name]
-        n = [T.non_embedding_params(s) for s in g.sizes]
+        g = transfer_runs.GRIDS[name]
+        n = [transfer_runs.non_embedding_params(s) for s in g.sizes]
         assert max(n) / min(n) >= 100, name
         assert max(g.finetune_D) / min(g.finetune_D) >= 1000, name
         assert set(g.finetune_D) <= set(g.scratch_D), name
@@ -186,24 +188,24 @@ def test_grids_span_what_the_course_asks():
 
 def test_bad_settings_are_rejected():
     with pytest.raises(ValueError, match="unknown sizes"):
-        T.TransferGrid(("nope",), (1000,), (1000,))
+        transfer_runs.TransferGrid(("nope",), (1000,), (1000,))
     with pytest.raises(ValueError, match="block_size"):
-        T.TransferGrid(("L1d8",), (10,), (1000,))
+        transfer_runs.TransferGrid(("L1d8",), (10,), (1000,))
     with pytest.raises(ValueError, match="unknown sources"):
-        T.TransferGrid(("L1d8",), (1000,), (1000,), sources=("klingon",))
+        transfer_runs.TransferGrid(("L1d8",), (1000,), (1000,), sources=("klingon",))
     with pytest.raises(ValueError, match="positive int"):
-        T.TransferConfig(max_steps=0)
+        transfer_runs.TransferConfig(max_steps=0)
     with pytest.raises(ValueError, match="needs a source"):
-        T.run_spec("finetune", "L1d8", 1000, None, T.TransferConfig())
+        transfer_runs.run_spec("finetune", "L1d8", 1000, None, transfer_runs.TransferConfig())
     with pytest.raises(ValueError, match="kind"):
-        T.run_spec("distill", "L1d8", 1000, None, T.TransferConfig())
+        transfer_runs.run_spec("distill", "L1d8", 1000, None, transfer_runs.TransferConfig())
     with pytest.raises(ValueError, match="Python training split"):
-        T.python_train(10**12)
+        transfer_runs.python_train(10**12)
 
 
 def test_cache_key_holds_every_setting_that_matters():
-    c = T.TransferConfig()
-    key = lambda *a: T.run_path(T.run_spec(*a), "/c")  # noqa: E731
+    c = transfer_runs.TransferConfig()
+    key = lambda *a: transfer_runs.run_path(transfer_runs.run_spec(*a), "/c")  # noqa: E731
     assert key("scratch", "L1d8", 1000, None, c) == key("scratch", "L1d8", 1000, None, c)
     assert key("scratch", "L1d8", 1000, None, c) != key("scratch", "L1d8", 3000, None, c)
     assert key("scratch", "L1d8", 1000, None, c) != key("scratch", "L1d8", 1000, None, dataclasses.replace(c, seed=1))
@@ -214,56 +216,56 @@ def test_cache_key_holds_every_setting_that_matters():
     assert key("finetune", "L1d8", 1000, "english", c) != key("finetune", "L1d8", 1000, "english+c", c)
 
 
-TINY = T.TransferConfig(block_size=16, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, patience=1,
+TINY = transfer_runs.TransferConfig(block_size=16, batch_size=4, max_steps=4, warmup_steps=1, eval_every=2, patience=1,
                         val_bytes=256, test_bytes=256, pretrain_steps=3, pretrain_batch_size=4)
 
 
 def test_runs_are_cached_and_not_redone(tmp_path, monkeypatch):
-    first = T.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
+    first = transfer_runs.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
     assert first["cached"] is False and math.isfinite(first["loss"]) and first["steps"] <= TINY.max_steps
-    assert first["N"] == T.non_embedding_params("L1d8")
+    assert first["N"] == transfer_runs.non_embedding_params("L1d8")
     assert len(list((tmp_path / "runs").glob("*.json"))) == 1
 
     def no_training(*a, **k):
         raise AssertionError("a cached run was trained again")
 
-    monkeypatch.setattr(T, "train_to_best", no_training)
-    again = T.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
+    monkeypatch.setattr(transfer_runs, "train_to_best", no_training)
+    again = transfer_runs.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
     assert again["cached"] is True and again["loss"] == first["loss"]
     with pytest.raises(AssertionError, match="trained again"):
-        T.run("scratch", "L1d8", 3000, None, TINY, cache=tmp_path)
+        transfer_runs.run("scratch", "L1d8", 3000, None, TINY, cache=tmp_path)
 
 
 def test_base_model_is_pretrained_once_and_reused(tmp_path):
-    a = T.run("finetune", "L1d8", 2000, "english", TINY, cache=tmp_path)
-    b = T.run("finetune", "L1d8", 3000, "english", TINY, cache=tmp_path)
+    a = transfer_runs.run("finetune", "L1d8", 2000, "english", TINY, cache=tmp_path)
+    b = transfer_runs.run("finetune", "L1d8", 3000, "english", TINY, cache=tmp_path)
     assert not a["cached"] and not b["cached"]
     bases = list((tmp_path / "bases").iterdir())
     assert len(bases) == 1 and (bases[0] / "model.safetensors").is_file()
-    model, meta = T.load_base("L1d8", "english", TINY, cache=tmp_path)
+    model, meta = transfer_runs.load_base("L1d8", "english", TINY, cache=tmp_path)
     assert meta["source"] == "english" and math.isfinite(meta["python_test_loss_zero_shot"])
-    assert model.num_parameters(non_embedding=True) == T.non_embedding_params("L1d8")
+    assert model.num_parameters(non_embedding=True) == transfer_runs.non_embedding_params("L1d8")
 
 
 def test_run_grid_budget_leaves_runs_for_the_next_call(tmp_path):
-    grid = T.TransferGrid(("L1d8",), (2000, 3000), (2000,), sources=("english",), config=TINY)
-    done = T.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
-    results, left = T.run_grid(grid, cache=tmp_path, budget_s=0.0, log=None)
+    grid = transfer_runs.TransferGrid(("L1d8",), (2000, 3000), (2000,), sources=("english",), config=TINY)
+    done = transfer_runs.run("scratch", "L1d8", 2000, None, TINY, cache=tmp_path)
+    results, left = transfer_runs.run_grid(grid, cache=tmp_path, budget_s=0.0, log=None)
     assert [r["D"] for r in results] == [2000] and results[0]["loss"] == done["loss"] and left == 2
-    results, left = T.run_grid(grid, cache=tmp_path, log=None)
+    results, left = transfer_runs.run_grid(grid, cache=tmp_path, log=None)
     assert len(results) == 3 and left == 0
 
 
 def test_run_grid_in_parallel_workers_gives_the_serial_results(tmp_path):
-    grid = T.TransferGrid(("L1d8",), (2000, 3000), (2000,), sources=("english",), config=TINY)
-    serial, left = T.run_grid(grid, cache=tmp_path / "serial", log=None)
+    grid = transfer_runs.TransferGrid(("L1d8",), (2000, 3000), (2000,), sources=("english",), config=TINY)
+    serial, left = transfer_runs.run_grid(grid, cache=tmp_path / "serial", log=None)
     assert left == 0
     lines = []
-    parallel, left = T.run_grid(grid, cache=tmp_path / "parallel", log=lines.append, jobs=2)
+    parallel, left = transfer_runs.run_grid(grid, cache=tmp_path / "parallel", log=lines.append, jobs=2)
     assert left == 0 and len(parallel) == len(serial) == 3
     for a, b in zip(serial, parallel):
         assert (a["kind"], a["D"], a["source"]) == (b["kind"], b["D"], b["source"])
         assert a["loss"] == b["loss"] and a["best_step"] == b["best_step"]
     assert any("base L1d8 on english" in line for line in lines) and sum("finetune" in x for x in lines) == 1
     with pytest.raises(ValueError, match="jobs must be >= 1"):
-        T.run_grid(grid, cache=tmp_path / "serial", log=None, jobs=0)
+        transfer_runs.run_grid(grid, cache=tmp_path / "serial", log=None, jobs=0)

@@ -5,7 +5,7 @@ Model Adaptation"): adapters beat full fine-tuning in low-resource settings and 
 sensitive to the learning rate. Measured here with the rules a fair comparison needs:
 
 * each method at its own peak learning rate (``_peft_recipes.LR``);
-* early stopping (``train.EarlyStopping``) that only counts evaluations after warm-up, on
+* early stopping (``early_stopping.EarlyStopping``) that only counts evaluations after warm-up, on
   a *stopping* half of the validation text, and the number reported is the other,
   disjoint *reported* half's loss at the step early stopping selected (``split_validation``);
 * several seeds (training-set slice, batches, adapter init), reported as mean and sample
@@ -20,7 +20,8 @@ import math
 import numpy as np
 
 from ..data import lm_batches, split_validation
-from ..train import EarlyStopping, train
+from ..early_stopping import EarlyStopping
+from ..train import train
 from ._peft_recipes import METHODS, build, fine_tune, log, scored_tokens, train_config, val_loss, warmup_steps
 
 # ---- the experiment ------------------------------------------------------------------------------

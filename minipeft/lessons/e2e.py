@@ -107,7 +107,7 @@ def reference_ceiling(test) -> dict | None:
 
 
 def _write_csv(data, path) -> None:
-    """The held-out MRs as an E2E-format CSV, for ``python -m minipeft.evaluate --data``."""
+    """The held-out MRs as an E2E-format CSV, for ``python -m minipeft.lessons.e2e_eval --data``."""
     import csv
 
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -294,7 +294,8 @@ def _report(rep, b, base, results, sweep, ranks, test, tuned) -> None:
 def _figures(results, ranks, b, args, rep) -> None:
     if args.figures is None:
         return
-    from ..plotting import e2e_method_table, e2e_rank_curves, loss_curves
+    from .figures.common import loss_curves
+    from .figures.e2e import e2e_method_table, e2e_rank_curves
 
     ours = {results[k]["label"]: (results[k]["trainable"], 100 * results[k]["BLEU"]) for k in METHODS}
     rs = sorted(ranks)
@@ -332,7 +333,7 @@ def _add_arguments(p):
     p.add_argument("--cache", type=Path, default=None, metavar="DIR", help="keep each finished run here; rerunning "
                    "the same command skips them (resume after an interruption)")
     p.add_argument("--save", type=Path, default=None, metavar="DIR", help="save the base (DIR/base), every run's "
-                   "adapter (DIR/<method>_lr<rate>) and the test MRs (DIR/test.csv) for python -m minipeft.evaluate")
+                   "adapter (DIR/<method>_lr<rate>) and the test MRs (DIR/test.csv) for python -m minipeft.lessons.e2e_eval")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Context:
     budget: Budget
     seed: int
     device: str
-    save_dir: str | None = None  # write each chosen adapter here (for python -m minipeft.evaluate)
+    save_dir: str | None = None  # write each chosen adapter here (for python -m minipeft.lessons.e2e_eval)
     cache_dir: str | None = None  # each finished run's result as JSON: a rerun skips it (resume after a kill)
     base_sha256: str = dataclasses.field(init=False, default="")  # the base's tensors, hashed once (cache key)
 
@@ -110,7 +110,7 @@ class Context:
 
 def load_data(path, b: Budget, seed: int):
     from ..data.e2e import load_e2e_csv, synthetic_e2e
-    from ..evaluate import e2e_splits
+    from .e2e_eval import e2e_splits
 
     data = synthetic_e2e(b.n_mrs, seed=seed) if path is None else load_e2e_csv(path)
     return data, *e2e_splits(data, seed=seed)
@@ -208,7 +208,7 @@ def train_and_score(ctx: Context, key: str, lr: float, r: int | None = None) -> 
     LoRA's own are always decoded: the lesson reports LoRA with its rank chosen on validation among them.
     """
     from ..decoding import DecodeConfig
-    from ..evaluate import decode_texts, score
+    from .e2e_eval import decode_texts, score
     from ..peft import get_peft_model, remove_reparameterization
     from ..train import TrainConfig, train
 

@@ -402,7 +402,7 @@ def main(argv=None) -> dict:
     del c_model
 
     # figures ------------------------------------------------------------------------------
-    from ..plotting import lora_latency, lora_rank_sweep, lora_spectra
+    from .figures.lora import lora_latency, lora_rank_sweep, lora_spectra
 
     paths = [
         save_figure(lora_rank_sweep(rs, [sweep[r]["val_loss"] for r in rs], full["val_loss"], base_val,

@@ -19,7 +19,7 @@ the course through the one API ``get_peft_model`` and the one training loop:
 2. **Adapters vs full fine-tuning** (He et al. 2021, the course's "adapters > FT with less
    data" and "adapters are less sensitive to the learning rate"): Houlsby adapters and full
    fine-tuning, each at its own LR, on 1k ... 1M training tokens, 3 seeds (data slice,
-   batches, init), mean and spread. Early stopping (``train.EarlyStopping``) watches one
+   batches, init), mean and spread. Early stopping (``early_stopping.EarlyStopping``) watches one
    half of the validation text and counts only evaluations after warm-up; the number
    reported is the other half's loss at the step it selected. Then a learning-rate sweep
    of both, over the same factors around each method's own LR, 3 seeds.
@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
         result["methods"] = res
         result["not_lowered"] = [n for n, r in res.items() if not r["val_loss"] < base_val]
         result["memory_predicted"] = predicted
-        from ..plotting import peft_methods_tradeoff
+        from .figures.peft_methods import peft_methods_tradeoff
 
         save_figure(peft_methods_tradeoff(res, base_val, title=f"{len(res)} methods on one task "
                                           f"({s['steps']} steps, '{s['size']}' base)"), args, "peft_methods")
@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
         r2, result["seconds"]["part2"] = done["2"]
         report_adapters(rep, r2, s)
         result["adapters_vs_full"] = r2
-        from ..plotting import adapters_vs_full
+        from .figures.peft_methods import adapters_vs_full
 
         points = {m: [dict(tokens=p["tokens"], best_val=p["reported_mean"], std=p["reported_std"]) for p in pts]
                   for m, pts in r2["data"].items()}
@@ -342,7 +342,7 @@ def main(argv=None) -> dict:
         result["scale"] = rows
         result["scale_note"] = note
         result["prompt_gap_by_size"] = {r["size"]: r["gap"] for r in rows}  # prompt - full, nats/token
-        from ..plotting import prompt_tuning_scale
+        from .figures.peft_methods import prompt_tuning_scale
 
         save_figure(prompt_tuning_scale(rows), args, "peft_methods_scale")
     if args.figures is not None:

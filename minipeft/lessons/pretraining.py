@@ -72,7 +72,7 @@ def main(argv=None) -> dict:
 
     steps = np.arange(1, len(meta["train_losses"]) + 1)
     vs, vl = zip(*meta["val_curve"])
-    from ..plotting import loss_curves
+    from .figures.common import loss_curves
 
     fig = loss_curves({"train": (steps, meta["train_losses"]), "validation": (vs, vl)},
                       hlines={"unigram baseline": meta["unigram_val_loss"]},

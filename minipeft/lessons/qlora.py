@@ -376,7 +376,8 @@ def main(argv=None) -> dict:
              f"theirs), the sum is rounded once more: weights moved by up to {merge_rounding:.4g} from the "
              "exact sum.")
 
-    from ..plotting import loss_curves, memory_breakdown
+    from .figures.common import loss_curves
+    from .figures.qlora import memory_breakdown
 
     p1 = save_figure(loss_curves(curves, hlines={"base model": base_select},
                                  title="Adapting the English base to Python code (stopping slice, chosen lr)"),

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .. import plotting as P
+from .figures import quantization as P
 from .. import pretrained
 from ..backend import to_device, to_numpy, xp_of
 from ..data import Corpus

@@ -328,7 +328,7 @@ def main(argv=None) -> dict:
     rep.section("5. Requests arriving over time: continuous against static batching")
     cont = _continuous(args, state, cfg, paths, prompts, n_new, dflt, rep)
 
-    from ..plotting import serving_memory, serving_throughput
+    from .figures.serving import serving_memory, serving_throughput
 
     tput = {m: [v["decode_tps"] for v in vals] for m, vals in sweep.items() if m != methods[0]}
     lat = {m: [v["latency_ms"] for v in vals] for m, vals in sweep.items() if m != methods[0]}

@@ -228,7 +228,7 @@ def main(argv=None) -> dict:
              f"{share['ce']:.1f} MB the loss's softmax over {cfg.vocab_size} tokens and {share['ln_f']:.1f} MB ln_f "
              "at the full width d; and the backbone states it holds are d wide.")
 
-    from ..plotting import side_tuning_memory
+    from .figures.side_tuning import side_tuning_memory
 
     qbest = chosen[("qst", match["matched_r"] if match["matched_r"] is not None else match["best_r"])]
     curves = {"qlora": q["curve"], "qst": qbest["curve"]}

@@ -10,7 +10,7 @@ transferred** D_T is the extra Python a from-scratch model would need to match t
 fine-tuned one; in the low-data regime D_T = k (D_F)^alpha (N)^beta. This lesson measures
 D_T off its own scratch curves, fits k, alpha, beta, and sets them beside the paper's.
 
-Grids (``minipeft.transfer.GRIDS``): ``--quick`` (seconds, for CI), the default CPU grid
+Grids (``minipeft.lessons.transfer_runs.GRIDS``): ``--quick`` (seconds, for CI), the default CPU grid
 (4 sizes, N 888..100K, D_F 1e3..1e6; about ten minutes on 2 cores), and ``--device cuda``
 (4 sizes, N 12.8K..4.7M, D up to 5e6 bytes). Every run is cached: running again redoes
 nothing, and a run cut short (``--budget-minutes``) continues where it stopped;
@@ -71,12 +71,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import transfer as T
+from . import transfer_fits, transfer_runs
 from ._common import Report, finish, parse_args, save_figure
 
 
 def _add_arguments(p):
-    p.add_argument("--grid", choices=sorted(T.GRIDS), default=None,
+    p.add_argument("--grid", choices=sorted(transfer_runs.GRIDS), default=None,
                    help="which grid (default: quick with --quick, gpu with --device cuda, else cpu)")
     p.add_argument("--cache", type=Path, default=None, help="run cache (default $MINIPEFT_CACHE/transfer)")
     p.add_argument("--budget-minutes", type=float, default=None,
@@ -141,11 +141,11 @@ def _report(rep: Report, data: dict) -> None:
     a, grid = data["analysis"], data["grid"]
     rep.section("Grid")
     rep.table([(s, N, *grid["steps"].get(s, (grid["config"]["max_steps"], grid["config"]["pretrain_steps"])),
-                T.SIZES[s].lr if s in T.SIZES else "") for s, N in a["sizes"].items()],
+                transfer_runs.SIZES[s].lr if s in transfer_runs.SIZES else "") for s, N in a["sizes"].items()],
               headers=("size", "N (non-embedding)", "max steps / run", "pretrain steps", "peak lr"))
     rep.text(f"scratch D: {', '.join(f'{d:,}' for d in grid['scratch_D'])} bytes of Python")
     rep.text(f"fine-tune D_F: {', '.join(f'{d:,}' for d in grid['finetune_D'])}; sources: "
-             + ", ".join(f"{s} ({T.SOURCES.get(s, s)})" for s in grid["sources"]))
+             + ", ".join(f"{s} ({transfer_runs.SOURCES.get(s, s)})" for s in grid["sources"]))
     c = grid["config"]
     rep.text(f"windows {c['batch_size']} x {c['block_size']} bytes; evaluate every {c['eval_every']} steps; stop "
              f"after {c['patience']} evaluations without a new best once {100 * c['min_rise']:.1f}% above it; "
@@ -194,7 +194,7 @@ def _report(rep: Report, data: dict) -> None:
 
 
 def _figures(data: dict, args) -> list:
-    from ..plotting import transfer_dt_vs_df, transfer_loss_vs_data, transfer_multiplier
+    from .figures.transfer import transfer_dt_vs_df, transfer_loss_vs_data, transfer_multiplier
 
     a = data["analysis"]
     src0 = next(iter(a["fits"]), None)
@@ -228,20 +228,20 @@ def main(argv=None) -> dict:
         rep = Report(f"Scaling laws for transfer: replot of {x.replot}")
     else:
         name = x.grid or ("quick" if args.quick else "gpu" if args.device == "cuda" else "cpu")
-        grid = T.GRIDS[name]
+        grid = transfer_runs.GRIDS[name]
         if args.seed:
             grid = dataclasses.replace(grid, config=dataclasses.replace(grid.config, seed=args.seed))
         rep = Report(f"Scaling laws for transfer: English -> Python ({name} grid, {args.device})")
         t0, c0 = time.perf_counter(), time.process_time()
-        results, left = T.run_grid(grid, args.device, x.cache, None if x.budget_minutes is None
+        results, left = transfer_runs.run_grid(grid, args.device, x.cache, None if x.budget_minutes is None
                                    else 60 * x.budget_minutes, log=rep.text, jobs=x.jobs)
         bases = []
         for s in grid.sizes:
             for src in grid.sources:
-                m = T.base_path(s, src, grid.config_for(s), x.cache) / "meta.json"
+                m = transfer_runs.base_path(s, src, grid.config_for(s), x.cache) / "meta.json"
                 if m.is_file():
                     bases.append(json.loads(m.read_text()))
-        analysis = T.analyze(results)
+        analysis = transfer_fits.analyze(results)
         data = {"grid_name": name, "device": args.device, "command": "python -m minipeft.lessons.transfer "
                 + " ".join(sys.argv[1:] if argv is None else argv),
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -80,7 +80,7 @@ def test_figures_json_and_saved_adapters(result):
 
 def test_saved_adapter_evaluates_like_the_lesson(result, tmp_path):
     """The evaluation command reproduces the lesson's LoRA outputs from the saved files."""
-    from minipeft.evaluate import main
+    from minipeft.lessons.e2e_eval import main
 
     out = tmp_path / "lora.txt"
     main(["--adapter", str(result["_out"] / "adapters" / "lora_all_lr0.01"), "--beam", "2", "--length-penalty", "0.9",

@@ -1,6 +1,6 @@
 """Evaluate a base model or an adapter on E2E-format data: decode every MR, score it as the challenge does.
 
-``python -m minipeft.evaluate --adapter DIR [--base tiny|HF_DIR] [--data FILE.csv] [--beam 5] [--out OUT.txt]``
+``python -m minipeft.lessons.e2e_eval --adapter DIR [--base tiny|HF_DIR] [--data FILE.csv] [--beam 5] [--out OUT.txt]``
 
 1. The base model: ``--base`` is a Hugging Face GPT-2 directory (``config.json`` +
    ``model.safetensors``) or a size of ``minipeft.pretrained`` (``tiny``, ``small``...);
@@ -38,14 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_writable_dir, write_text_atomic
-from .backend import resolve_device, to_numpy
-from .data.e2e import E2EData, load_e2e_csv, split_by_mr, synthetic_e2e
-from .data.tokenizer import ByteTokenizer
-from .decoding import DecodeConfig, decode
-from .gpt import GPT, GPTConfig
-from .integrity import read_metadata
-from .metrics import e2e_scores
+from ..atomic import check_writable_dir, write_text_atomic
+from ..backend import resolve_device, to_numpy
+from ..data.e2e import E2EData, load_e2e_csv, split_by_mr, synthetic_e2e
+from ..data.tokenizer import ByteTokenizer
+from ..decoding import DecodeConfig, decode
+from ..gpt import GPT, GPTConfig
+from ..integrity import read_metadata
+from ..metrics import e2e_scores
 
 SYNTHETIC_MRS = 600  # distinct MRs of the synthetic E2E set the lesson trains on
 SYNTHETIC_SEED = 0  # its seed
@@ -100,7 +100,7 @@ def extend_positions(model: GPT, block_size: int) -> GPT:
 
 def load_base(base: str, device: str = "cpu", block_size: int | None = None, quick: bool = False) -> GPT:
     """A base GPT from a Hugging Face directory or a ``minipeft.pretrained`` size, positions extended if asked."""
-    from . import pretrained
+    from .. import pretrained
 
     path = Path(base)
     if path.is_dir():
@@ -120,7 +120,7 @@ def load_base(base: str, device: str = "cpu", block_size: int | None = None, qui
 
 def _adapter_base_and_positions(adapter: str) -> tuple[str | None, int | None]:
     """The base named in ``adapter_config.json``, and the position-table length a saved wpe implies."""
-    from .peft.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
+    from ..peft.io import CONFIG_NAME, WEIGHTS_NAME, read_adapter_config
 
     d = Path(adapter)
     if not d.is_dir():
@@ -151,7 +151,7 @@ def load_model(adapter: str | None, base: str | None = None, device: str = "cpu"
                          "'tiny'); the adapter's adapter_config.json names none")
     model = load_base(base, device, block_size or n_pos)
     if adapter:
-        from .peft.io import load_adapter
+        from ..peft.io import load_adapter
 
         model = load_adapter(model, adapter)
     return model.eval()
@@ -206,7 +206,7 @@ def format_scores(scores: dict) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m minipeft.evaluate",
+    p = argparse.ArgumentParser(prog="python -m minipeft.lessons.e2e_eval",
                                 description="Decode every MR of an E2E-format CSV and print BLEU, NIST, ROUGE-L, "
                                             "CIDEr (tuetschek/e2e-metrics definitions).")
     p.add_argument("--adapter", default=None, metavar="DIR", help="adapter directory (save_adapter / peft); "

@@ -1,6 +1,6 @@
-"""Write the course notebooks ``lessons/NN_<name>.ipynb`` from the cell lists below.
+"""Write the course notebooks ``notebooks/NN_<name>.ipynb`` from the cell lists below.
 
-``python lessons/build_notebooks.py`` rewrites them (outputs empty; CI executes them in
+``python notebooks/build_notebooks.py`` rewrites them (outputs empty; CI executes them in
 quick mode with nbclient). A notebook tells the story around ``minipeft.lessons.<name>``:
 it shows the library's source with ``inspect`` instead of copying it, runs the lesson,
 and looks at its numbers and figures. Notebooks define no library code.
@@ -391,20 +391,20 @@ NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretra
        "stopped early at its best validation loss), then ask where that loss-versus-data curve "
        "reaches the fine-tuned model's loss. minipeft makes the curve monotone, interpolates "
        "$\\log L$ linearly in $\\log D$ and flags losses outside the curve's range:"),
-    code("from minipeft import transfer as T\nshow_source(T.data_for_loss)"),
+    code("from minipeft.lessons import transfer_fits, transfer_runs\nshow_source(transfer_fits.data_for_loss)"),
     md("On a made-up scratch curve $L(D) = (10^8/D)^{0.3}$, a fine-tuned model that reaches the "
        "loss of $10^5$ bytes with only $10^3$ has $D_T = 99{,}000$ — a multiplier of 100:"),
     code("curve = {D: (1e8 / D) ** 0.3 for D in (1e3, 1e4, 1e5, 1e6)}\n"
-         "T.effective_data_transferred(curve, {1e3: (1e8 / 1e5) ** 0.3})"),
+         "transfer_fits.effective_data_transferred(curve, {1e3: (1e8 / 1e5) ** 0.3})"),
     md("The fit is least squares of $\\log D_T = \\log k + \\alpha\\log D_F + \\beta\\log N$ "
        "(scipy's `curve_fit`), with standard errors from its covariance:"),
-    code("show_source(T.fit_transfer)"),
+    code("show_source(transfer_fits.fit_transfer)"),
     md("The grids. Small models cost little per step, so they get more steps: every run of a grid "
        "gets roughly the same compute. `--quick` is for CI; the default is the CPU grid (about ten "
        "minutes on 2 cores); `--device cuda` runs the GPU grid, up to T2 (4.7M parameters) and "
        "the whole 7 MB of Python. Every run is cached on disk, so running again redoes nothing."),
-    code("for name, g in T.GRIDS.items():\n"
-         "    Ns = [T.non_embedding_params(s) for s in g.sizes]\n"
+    code("for name, g in transfer_runs.GRIDS.items():\n"
+         "    Ns = [transfer_runs.non_embedding_params(s) for s in g.sizes]\n"
          "    print(f\"{name:5s} sizes {', '.join(g.sizes)} (N {min(Ns):,}..{max(Ns):,}); \"\n"
          "          f\"scratch D {min(g.scratch_D):,}..{max(g.scratch_D):,}; D_F {min(g.finetune_D):,}..\"\n"
          "          f\"{max(g.finetune_D):,}; steps per size {g.steps or g.config.max_steps}\")"),
@@ -465,9 +465,9 @@ NOTEBOOKS["07_transfer"] = ("Lesson 7 — Scaling laws for transfer: what pretra
        "multiplier falling with $D_F$ and rising with $N$, and the smallest model ossifying when fine-tuned "
        "from English + C. English + "
        "C beats English alone only for the largest model."),
-    md("**Exercises.** (1) `T.analyze(results, low_data_fraction=1.0)` fits every in-range point: "
+    md("**Exercises.** (1) `transfer_fits.analyze(results, low_data_fraction=1.0)` fits every in-range point: "
        "how do $\\alpha$ and $\\beta$ move once the high-data points come in? (2) Raise a size's "
-       "step cap in a grid of your own (`dataclasses.replace(T.GRIDS['cpu'], steps=...)`): where "
+       "step cap in a grid of your own (`dataclasses.replace(transfer_runs.GRIDS['cpu'], steps=...)`): where "
        "does the scratch curve stop flattening, and what happens to the lower bounds? (3) Compare "
        "the zero-shot Python loss of the two bases in the report: which source is closer to "
        "Python, and how does that show in $k$ and $\\alpha$?"),
@@ -589,8 +589,8 @@ NOTEBOOKS["05_e2e"] = ("Lesson 5 — E2E table-to-text: six ways to fine-tune, s
     md("**Score any model on any E2E file.** With `--save DIR` the lesson writes the base, every adapter and "
        "the test MRs; the evaluation command decodes every MR of a CSV and prints the metric table:\n\n"
        "```\npython -m minipeft.lessons.e2e --save runs/e2e\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data runs/e2e/test.csv --beam 10\n"
-       "python -m minipeft.evaluate --adapter runs/e2e/lora_all_lr0.01 --data ../shared/data/e2e/devset.csv\n```"),
+       "python -m minipeft.lessons.e2e_eval --adapter runs/e2e/lora_all_lr0.01 --data runs/e2e/test.csv --beam 10\n"
+       "python -m minipeft.lessons.e2e_eval --adapter runs/e2e/lora_all_lr0.01 --data ../shared/data/e2e/devset.csv\n```"),
     md("**Exercises.** (1) Rerun with `--data ../shared/data/e2e/devset.csv`: do the real references rank the "
        "methods the same way? (2) Evaluate one adapter with `--beam 1`, `--beam 5` and `--beam 10`: how much "
        "does the beam add, and at what cost in time? (3) Set the length penalty to 0 and to 2: what happens to "
