@@ -58,7 +58,13 @@ def lesson_names() -> tuple[str, ...]:
 
     from .. import lessons
 
-    return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if not m.name.startswith("_")))
+    from pathlib import Path
+
+    def is_lesson(m) -> bool:  # a lesson defines main() and ends in finish(); helpers (figures, transfer_runs, e2e_eval) do not
+        f = Path(lessons.__path__[0]) / f"{m.name}.py"
+        return not m.ispkg and not m.name.startswith("_") and f.is_file() and all(k in f.read_text() for k in ("\ndef main(", "finish("))
+
+    return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if is_lesson(m)))
 
 
 _STEM = re.compile(r"^(?P<lesson>.+?)(_cuda|_cpu|_gpu)?(_part\d+)?$")
