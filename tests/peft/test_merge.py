@@ -185,6 +185,10 @@ def test_live_against_peft(combination_type):
     theirs = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(HF_DIR).eval(),
                                             os.path.join(FIXTURES, "peft_merge", "a1"), adapter_name="a1").eval()
     theirs.load_adapter(os.path.join(FIXTURES, "peft_merge", "a2"), adapter_name="a2")
+    # DARE's masks come from torch's global generator: seeded, so the test is the same on every run. Unseeded,
+    # 40 draws gave relative errors from 1e-7 to 1.1e-5 (median 8.8e-7) and one CI run 3.6e-5: float32 rounding
+    # that some masks amplify (kept entries are rescaled by 1/density before the sign election).
+    torch.manual_seed(0)
     drawn, real = [], torch.bernoulli
     torch.bernoulli = lambda p, *a, **k: drawn.append(real(p, *a, **k)) or drawn[-1]
     try:
