@@ -17,6 +17,7 @@ and records each key path read, so the claims table can name its exact source.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -52,17 +53,21 @@ def _normalize(lesson: str, data: dict) -> dict:
     return data
 
 
+@functools.lru_cache(maxsize=None)
 def lesson_names() -> tuple[str, ...]:
-    """The lessons (modules of ``minipeft.lessons``): only files named after one are read as lesson results."""
+    """The lessons (modules of ``minipeft.lessons``): only files named after one are read as lesson results.
+
+    A lesson defines ``main()`` and ends in ``finish()``; the course's helper modules (figures, transfer_runs,
+    e2e_eval) do not. Read once per process: ``_lesson_of`` asks for every recorded file.
+    """
     import pkgutil
 
     from .. import lessons
 
-    from pathlib import Path
-
-    def is_lesson(m) -> bool:  # a lesson defines main() and ends in finish(); helpers (figures, transfer_runs, e2e_eval) do not
+    def is_lesson(m) -> bool:
         f = Path(lessons.__path__[0]) / f"{m.name}.py"
-        return not m.ispkg and not m.name.startswith("_") and f.is_file() and all(k in f.read_text() for k in ("\ndef main(", "finish("))
+        return (not m.ispkg and not m.name.startswith("_") and f.is_file()
+                and all(k in f.read_text() for k in ("\ndef main(", "finish(")))
 
     return tuple(sorted(m.name for m in pkgutil.iter_modules(lessons.__path__) if is_lesson(m)))
 

@@ -258,32 +258,34 @@ def prompt_gap_vs_size(train_tok, val_tok, s, lrs) -> list[dict]:
 
 # ---- the lesson -------------------------------------------------------------------------------
 def _task_data(s):
-    """(base, train tokens, validation tokens) of the task: the cached base and the Python corpus."""
-    base = pretrained.load(s["size"], "english", device=s["device"], quick=s["quick"])
+    """(base, its pretraining meta, train tokens, validation tokens) of the task: the cached base and the
+    Python corpus."""
+    base, meta = pretrained.load(s["size"], "english", device=s["device"], quick=s["quick"], return_meta=True)
     data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
-    return base, to_device(data.train, s["device"]), to_device(data.val, s["device"])
+    return base, meta, to_device(data.train, s["device"]), to_device(data.val, s["device"])
 
 
-def compute_part(task) -> tuple[str, dict, float]:
+def compute_part(task, data=None) -> tuple[str, dict, float]:
     """Part ``'1'``, ``'2'`` or ``'3'`` of the lesson: (part, its raw result, seconds). Module-level, so a
-    spawned worker process can run it (``--jobs``); it loads the base and the corpus itself."""
+    spawned worker process can run it (``--jobs``); there it loads the base and the corpus itself
+    (``data``: what :func:`_task_data` returned, in this process)."""
     part, s, lrs = task
     t0 = time.perf_counter()
+    base, _, train_tok, val_tok = data if data is not None else _task_data(s)
     if part == "3":
-        _, train_tok, val_tok = _task_data(s)
         out = {"rows": prompt_gap_vs_size(train_tok, val_tok, s, lrs)}
     else:
-        base, train_tok, val_tok = _task_data(s)
         out = (compare_methods if part == "1" else data_and_lr)(base, train_tok, val_tok, s, lrs)
     return part, out, time.perf_counter() - t0
 
 
-def compute_parts(parts, s, lrs, jobs: int) -> dict:
-    """``{part: (result, seconds)}``: in this process, or in ``jobs`` spawned processes (longest part first)."""
+def compute_parts(parts, s, lrs, jobs: int, data=None) -> dict:
+    """``{part: (result, seconds)}``: in this process (on ``data``), or in ``jobs`` spawned processes
+    (longest part first)."""
     order = [p for p in ("1", "3", "2") if p in parts]  # part 1 is the longest, then 3 (it pretrains a base once)
     tasks = [(p, s, lrs) for p in order]
     if jobs == 1 or len(tasks) == 1:
-        return {p: (out, sec) for p, out, sec in map(compute_part, tasks)}
+        return {p: (out, sec) for p, out, sec in (compute_part(t, data) for t in tasks)}
     from ..parallel import spawn_map
     from . import peft_methods  # pickled by its module's name, also when this file runs as __main__ (-m)
 
@@ -302,15 +304,14 @@ def main(argv=None) -> dict:
         raise SystemExit(f"--jobs {jobs}: must be at least 1")
     rep = Report("Every PEFT method on one task, and when adapters beat full fine-tuning"
                  + (" (quick mode: seconds-long runs, numbers not meaningful)" if args.quick else ""))
-    base, meta = pretrained.load(s["size"], "english", device=args.device, quick=args.quick, return_meta=True)
-    data = Corpus.load("python", max_bytes=s["corpus_bytes"], val_max_bytes=200_000)
-    train_tok, val_tok = to_device(data.train, args.device), to_device(data.val, args.device)
+    task = _task_data(s)
+    base, meta, train_tok, val_tok = task
     base_val = val_loss(base, val_tok, s)
-    done = compute_parts(parts, s, lrs, jobs)
+    done = compute_parts(parts, s, lrs, jobs, task)
     result = {"size": s["size"], "steps": s["steps"], "base_val_loss": base_val, "lr": lrs, "seconds": {}}
     rep.text(f"base: '{s['size']}' ({base.num_parameters():,} parameters, {base.config.n_layer} blocks, "
              f"d {base.config.n_embd}), pretrained to {meta['val_loss']:.3f} nats/token on English; on Python "
-             f"code it starts at {base_val:.3f}.\ntask: next-byte prediction on {len(data.train):,} bytes of "
+             f"code it starts at {base_val:.3f}.\ntask: next-byte prediction on {len(train_tok):,} bytes of "
              f"standard-library code; validation {s['val_batches'] * 8 * s['block']:,} held-out bytes.")
 
     if "1" in parts:
