@@ -24,6 +24,7 @@ cost stays bounded). On NCCL the sum is NCCL's own (ring order): equal within fl
 """
 from __future__ import annotations
 
+import atexit
 import os
 
 import numpy as np
@@ -163,6 +164,20 @@ class NCCLWorld(World):
             self.comm = cupyx.distributed.init_process_group(size, rank, force_store=True)
         except TypeError:  # a CuPy without force_store (it then uses the store unless asked for MPI)
             self.comm = cupyx.distributed.init_process_group(size, rank)
+        atexit.register(self.close)  # after multiprocessing's own exit handler, so it runs before it
+
+    def close(self) -> None:
+        """Stop rank 0's TCP store (cupyx.distributed's rendezvous server).
+
+        CuPy runs the store in a non-daemon child process that stops only when the store object is
+        garbage-collected; at interpreter exit ``multiprocessing`` joins its non-daemon children
+        first, so without this a finished rank 0 waits for that child forever (the likely reason an
+        H200 run of the one-rank NCCL test did not return). Registered with ``atexit``; safe to call twice.
+        """
+        store = getattr(getattr(self, "comm", None), "_store", None)
+        if store is not None and getattr(store, "_process", None) is not None:
+            store.stop()
+            store._process = None
 
     def _check(self, buf) -> None:
         if not isinstance(buf, self.cupy.ndarray):

@@ -19,7 +19,7 @@ def test_nccl_ranks_run_every_stage(tmp_path, kind):
     env = dict(os.environ, MINIPEFT_DEVICE="cuda")
     proc = subprocess.run([sys.executable, "-m", "minipeft.launch", "--nproc", str(n), "--backend", "nccl", "-m",
                            "minipeft.lessons.zero", "--quick", "--device", "cuda", "--kind", kind, "--json", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["backend"] == "nccl" and res["world_size"] == n

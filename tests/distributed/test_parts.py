@@ -1,5 +1,7 @@
-"""The parts of minipeft.distributed that need no second process: partition, buckets, shards,
+"""the parts of minipeft.distributed that need no second rank: partition, buckets, shards,
 the ZeRO arithmetic, errors, and train() with a one-process DataParallel."""
+import os
+import subprocess
 import sys
 
 import numpy as np
@@ -115,3 +117,48 @@ def test_keep_only_drops_the_others_and_refuses_strangers():
         assert [n for n, _ in opt.all_named_params] == ["a", "b"] and opt.state_bytes() == 32
         with pytest.raises(ValueError, match=r"\['c'\] are not parameters of this optimizer"):
             opt.keep_only(["c"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout
+_EXIT_SCRIPT = r'''
+import atexit, multiprocessing, os, time
+from minipeft.distributed.world import NCCLWorld
+
+class Store:  # the shape of cupyx.distributed's TCPStore: a non-daemon server child that stops on a flag
+    def __init__(self):
+        self._run = multiprocessing.Value("b", 1)
+        self._process = multiprocessing.Process(target=Store.loop, args=(self._run, os.getpid()))
+        self._process.start()
+    @staticmethod
+    def loop(run, parent):
+        while run.value == 1 and os.getppid() == parent:  # (the test's hang case kills the parent: then stop)
+            time.sleep(0.05)
+    def stop(self):
+        with self._run.get_lock():
+            self._run.value = 0
+        self._process.join()
+
+class Comm:
+    _store = Store()
+
+w = object.__new__(NCCLWorld)  # no GPU here: the world's exit path alone
+w.comm = Comm()
+if STOP:
+    atexit.register(w.close)
+print("main done", flush=True)
+'''
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_nccl_world_stops_the_rendezvous_store_at_exit(tmp_path, stop):
+    """Rank 0 of an NCCL world exits although CuPy's TCP store runs in a non-daemon child (world.close)."""
+    script = tmp_path / "rank0.py"
+    script.write_text(f"STOP = {stop}\n" + _EXIT_SCRIPT)
+    try:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env,
+                              timeout=30 if stop else 4)
+        exited = proc.returncode == 0 and "main done" in proc.stdout
+    except subprocess.TimeoutExpired:
+        exited = False
+    assert exited is stop  # without close() the interpreter waits for the store's child at exit: the hang
