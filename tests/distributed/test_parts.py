@@ -1,4 +1,4 @@
-"""the parts of minipeft.distributed that need no second rank: partition, buckets, shards,
+"""The parts of minipeft.distributed that need no second rank: partition, buckets, shards,
 the ZeRO arithmetic, errors, and train() with a one-process DataParallel."""
 import os
 import subprocess
