@@ -13,6 +13,7 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
   the weight gradients are divided by ``S`` again before the update. :class:`GradScaler`
   picks ``S`` dynamically: halve it and skip the step when a gradient overflows to
   inf/nan, double it after ``growth_interval`` clean steps (as NVIDIA Apex and PyTorch do).
+  bfloat16 keeps float32's exponent range, so it trains without loss scaling.
 * Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
   stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
 
@@ -20,9 +21,10 @@ How it runs here. Under ``with autocast("float16"):`` (or ``"bfloat16"``) the fl
 (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) run as :class:`AmpLinear` and
 :class:`AmpMatMul`, 16-bit versions of the reference ops registered in :mod:`minipeft.fast`
 for the time autocast is on (the reference ops in ``minipeft/ops`` never see a 16-bit array);
-the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's batched (B, H) products stay float32:
-CuPy has no 16-bit batched GEMM (float16 is converted to float32 and back, bfloat16 is refused),
-so there 16 bits would only add rounding and conversions.
+the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's
+batched (B, H) products stay float32: CuPy has no 16-bit batched GEMM (float16 is converted
+to float32 and back, bfloat16 is refused), so there 16 bits would only add rounding and
+conversions.
 
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor

@@ -68,19 +68,21 @@ def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_
     assert not np.array_equal(_np(y.data), y32)  # it did run in 16 bits
 
 
-def test_autocast_saves_16bit_operands_on_the_gpu(xp, to_xp):
+@pytest.mark.parametrize("compute_dtype", ["float16", "bfloat16"])
+def test_autocast_saves_16bit_operands_on_the_gpu(xp, to_xp, compute_dtype):
     leaf = Tensor(to_xp(np.ones((64, 32), np.float32)), requires_grad=True)
     w = Tensor(to_xp(np.ones((48, 32), np.float32)), requires_grad=True)
     x = leaf * 1.0  # an activation (saved bytes count activations, not the float32 weights)
     before = engine.saved_bytes()
     y = F.linear(x, w)
     full = engine.saved_bytes() - before
-    with amp.autocast("float16"):
+    with amp.autocast(compute_dtype):
         y16 = F.linear(x, w)
     cast = engine.saved_bytes() - before - full
     assert full == 64 * 32 * 4
-    # the 16-bit x and the 16-bit copy of W are held for backward: float16 on the GPU,
-    # rounded float32 values in the NumPy emulation
+    # the 16-bit x and the 16-bit copy of W are held for backward: float16 or bfloat16 on
+    # the GPU (2 bytes, what the memory calculator counts for 16-bit activations), rounded
+    # float32 values in the NumPy emulation
     assert cast == (64 * 32 + 48 * 32) * (2 if xp.__name__ == "cupy" else 4)
     del y, y16
 
