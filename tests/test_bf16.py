@@ -112,7 +112,7 @@ def test_gpu_bfloat16_linear_step_matches_the_cpu_emulation(out):
         y.backward(xp.asarray(g0))
         res[xp.__name__] = [np.asarray(t.get() if hasattr(t, "get") else t)
                             for t in (y.data, leaf.grad, w.grad, b.grad)]
-        itemsize = 2 if xp is cp else 4  # the bfloat16 x and W copy are held for backward on the GPU
+        itemsize = 2 if xp.__name__ == "cupy" else 4  # the bfloat16 x and W copy are held for backward on the GPU
         assert saved == (4 * 16 * k + amp.aligned(out) * k) * itemsize
         assert y.dtype == leaf.grad.dtype == w.grad.dtype == np.float32
     (yg, xg, wg, bg), (yc, xc, wc, bc) = res["cupy"], res["numpy"]
