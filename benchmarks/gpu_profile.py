@@ -55,8 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--seq", type=int, default=512, help="tokens per sequence (default 512)")
     ap.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
-    ap.add_argument("--compute-dtype", choices=("float32", "float16"), default="float32",
-                    help="float16: the step under minipeft.amp.autocast with a GradScaler (as train_step.py)")
+    ap.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                    help="float16: the step under minipeft.amp.autocast with a GradScaler (as train_step.py); "
+                         "bfloat16: the same without loss scaling")
     ap.add_argument("--top", type=int, default=15, help="rows of each table (default 15)")
     ap.add_argument("--no-kernel-trace", action="store_true", help="skip the torch.profiler kernel trace")
     ap.add_argument("--json", dest="json_out", default=None, help="write all results here")

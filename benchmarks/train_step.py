@@ -64,9 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--mode", choices=("full", "lora", "qlora"), default="full",
                     help="full fine-tuning; LoRA r=8 on c_attn with the rest frozen; or QLoRA: NF4 base "
                          "(bitsandbytes on the torch side) + LoRA r=8 on every linear layer of the blocks")
-    ap.add_argument("--compute-dtype", choices=("float32", "float16"), default="float32",
+    ap.add_argument("--compute-dtype", choices=("float32", "float16", "bfloat16"), default="float32",
                     help="float16: 16-bit matmuls with float32 master weights and dynamic loss scaling on "
-                         "both sides (minipeft.amp.autocast + GradScaler; torch.autocast + torch.amp.GradScaler)")
+                         "both sides (minipeft.amp.autocast + GradScaler; torch.autocast + torch.amp.GradScaler); "
+                         "bfloat16: the same in bfloat16, without loss scaling (float32's exponent range)")
     ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the config's block_size)")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per framework (default 20)")
@@ -392,9 +393,12 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, c
 
     With ``compute_dtype='float16'`` each side runs its own mixed precision: 16-bit matmuls
     under autocast, float32 weights and AdamW state, the loss scaled by a dynamic scaler
-    (both start at 2^16) and a step skipped on overflow.
+    (both start at 2^16) and a step skipped on overflow. ``'bfloat16'`` is the same without
+    the scalers (bfloat16 has float32's range; PyTorch's recipe uses no GradScaler with it).
     """
-    half = compute_dtype == "float16"
+    half = compute_dtype == "float16"  # loss scaling: float16 only
+    cast = compute_dtype != "float32"
+    torch_dtype = torch.bfloat16 if compute_dtype == "bfloat16" else torch.float16
     if device == "cuda":
         import cupy as cp
 
@@ -420,7 +424,7 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, c
 
     def step_torch():
         opt_t.zero_grad(set_to_none=True)
-        with torch.autocast(device, dtype=torch.float16, enabled=half):
+        with torch.autocast(device, dtype=torch_dtype, enabled=cast):
             logits = tmodel(input_ids=idx_t).logits  # (B, T, V)
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, V), tgt_t.reshape(-1))
         scaler_t.scale(loss).backward()
@@ -661,7 +665,8 @@ def main(argv=None) -> dict:
     print("loss check (step: minipeft, torch, |diff|, rel):")
     for i, c in enumerate(check, 1):
         print(f"  {i}: {c['minipeft']:.7f} {c['torch']:.7f} {c['abs_diff']:.2e} {c['rel_diff']:.2e}")
-    tol = 1e-5 if args.compute_dtype == "float32" else 2e-3  # float16 products round to 11 bits
+    # float16 products round to 11 bits; bfloat16's to 8, 2^3 times coarser: the tolerance scales with it
+    tol = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 2e-3 * 2 ** 3}[args.compute_dtype]
     ok = check[0]["rel_diff"] <= tol
     print(f"first-step losses agree to {check[0]['rel_diff']:.1e} relative: {'OK' if ok else 'MISMATCH'}")
 

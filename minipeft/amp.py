@@ -13,21 +13,27 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
   the weight gradients are divided by ``S`` again before the update. :class:`GradScaler`
   picks ``S`` dynamically: halve it and skip the step when a gradient overflows to
   inf/nan, double it after ``growth_interval`` clean steps (as NVIDIA Apex and PyTorch do).
+  bfloat16 keeps float32's exponent range, so it trains without loss scaling.
 * Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
   stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
 
-How it runs here. Under ``with autocast("float16"):`` the float32 2-D matrix products
+How it runs here. Under ``with autocast("float16"):`` (or ``"bfloat16"``) the float32 2-D matrix products
 (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) run as :class:`AmpLinear` and
 :class:`AmpMatMul`, 16-bit versions of the reference ops registered in :mod:`minipeft.fast`
-for the time autocast is on (the reference ops in ``minipeft/ops`` never see a float16);
-the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's batched (B, H) products stay float32:
-CuPy has no float16 batched GEMM (it converts to float32 and back), so there 16 bits
-would only add rounding and conversions. On the GPU a float16 product is a real CuPy float16 GEMM (cuBLAS, tensor
-cores, float32 accumulation) and the operands saved for backward are float16, which also
-halves their memory. NumPy has no fast float16 GEMM and neither library has bfloat16, so
-elsewhere the product is *emulated*: operands rounded to 16-bit values held in float32, a
-float32 product, the result rounded (:func:`round_to_compute`). Both give the same
-numbers up to the order of the float32 sums, so the CPU tests stand for the GPU path.
+for the time autocast is on (the reference ops in ``minipeft/ops`` never see a 16-bit array);
+the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's
+batched (B, H) products stay float32: CuPy has no 16-bit batched GEMM (float16 is converted
+to float32 and back, bfloat16 is refused), so there 16 bits would only add rounding and
+conversions.
+
+On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
+``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
+cores with float32 accumulation whose result cuBLAS rounds to 16 bits, and the operands saved
+for backward are 16-bit, which also halves their memory. NumPy has no fast float16 GEMM and no
+bfloat16 GEMM, so on the CPU the product is *emulated*: operands rounded to 16-bit values
+held in float32 (round to nearest even), a float32 product, the result rounded
+(:func:`round_to_compute`). Both give the same numbers up to the order of the float32 sums,
+so the CPU tests stand for the GPU path (``tests/test_bf16.py`` compares the two on a GPU).
 """
 from __future__ import annotations
 
@@ -76,13 +82,37 @@ def autocast_dtype(*arrays) -> str | None:
     return None
 
 
-def _real_float16(a, compute_dtype: str) -> bool:
-    """True where a 16-bit product runs in real float16: float16 on a CuPy array."""
-    return compute_dtype == "float16" and type(a).__module__.startswith("cupy")
+def bfloat16_dtype() -> np.dtype:
+    """``ml_dtypes.bfloat16`` as a NumPy dtype: what a CuPy bfloat16 array holds (imported on first use)."""
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise ImportError("compute_dtype='bfloat16' on the GPU runs on CuPy bfloat16 arrays, whose dtype comes "
+                          "from the ml_dtypes package, which is not installed: pip install ml_dtypes "
+                          "(or pip install 'minipeft[gpu]')") from e
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _on_gpu(a) -> bool:
+    return type(a).__module__.startswith("cupy")
+
+
+def _real_16bit(a, compute_dtype: str) -> bool:
+    """True where a 16-bit product runs in real 16-bit arrays: float16 or bfloat16 on a CuPy array."""
+    return compute_dtype in ("float16", "bfloat16") and _on_gpu(a)
+
+
+def device_dtype(compute_dtype: str) -> np.dtype:
+    """The dtype of a real 16-bit operand: float16, or ml_dtypes' bfloat16."""
+    return bfloat16_dtype() if compute_dtype == "bfloat16" else np.dtype(np.float16)
 
 
 def round_to_compute(a, compute_dtype: str):
-    """Round ``a`` to the values ``compute_dtype`` can hold, kept in a float32 array (emulation)."""
+    """Round ``a`` to the values ``compute_dtype`` can hold (nearest, ties to even), kept in float32.
+
+    The emulation's rounding. bfloat16 on NumPy is :func:`minipeft.quant.floats.round_to_bfloat16`,
+    the course's rounding on the bit patterns; on CuPy a cast there and back gives the same values.
+    """
     if compute_dtype == "float32":
         return a
     xp = xp_of(a)
@@ -90,37 +120,40 @@ def round_to_compute(a, compute_dtype: str):
     if compute_dtype == "float16":
         with np.errstate(over="ignore"):  # beyond 65504 is inf, as on the GPU; GradScaler handles it
             return a32.astype(xp.float16).astype(xp.float32)
+    if _on_gpu(a):
+        return a32.astype(bfloat16_dtype()).astype(xp.float32)
     from .quant.floats import round_to_bfloat16  # lazy: only bfloat16 needs minipeft.quant
 
     return round_to_bfloat16(a32)
 
 
-_cupy_fp32_accumulation = False
+_cupy_fp32_accumulation: set[str] = set()
 
 
-def use_float32_accumulation() -> None:
-    """Make CuPy's float16 matmuls accumulate in float32 (cuBLAS ``CUBLAS_COMPUTE_32F``).
+def use_float32_accumulation(compute_dtype: str = "float16") -> None:
+    """Make CuPy's float16 (or bfloat16) matmuls accumulate in float32 (cuBLAS ``CUBLAS_COMPUTE_32F``).
 
-    CuPy's default compute type for float16 may let cuBLAS sum in float16, which loses
+    CuPy's default compute type for 16-bit GEMMs may let cuBLAS sum in 16 bits, which loses
     about log2(k) bits over a k-long dot product; mixed precision training needs float32
-    sums (Micikevicius et al. 2018, §3.3). Set once, for the process, on the first use.
+    sums (Micikevicius et al. 2018, §3.3). Set once per dtype, for the process, on the first use.
     """
-    global _cupy_fp32_accumulation
-    if not _cupy_fp32_accumulation:
+    if compute_dtype not in _cupy_fp32_accumulation:
         import cupy
         from cupy._core import _routines_linalg
 
-        cupy._core.set_compute_type(np.float16, _routines_linalg.COMPUTE_TYPE_FP32)
-        _cupy_fp32_accumulation = True
+        # a NumPy dtype, not the scalar type: CuPy recognises bfloat16 by ``dtype.name``
+        cupy._core.set_compute_type(device_dtype(compute_dtype), _routines_linalg.COMPUTE_TYPE_FP32)
+        _cupy_fp32_accumulation.add(compute_dtype)
 
 
 def to_compute(a, compute_dtype: str):
-    """An operand of a 16-bit product: a float16 array on the GPU, else rounded float32 values."""
+    """An operand of a 16-bit product: a float16/bfloat16 array on the GPU, else rounded float32 values."""
     if compute_dtype == "float32":
         return a
-    if _real_float16(a, compute_dtype):
-        use_float32_accumulation()
-        return a if a.dtype == np.float16 else a.astype(np.float16)
+    if _real_16bit(a, compute_dtype):
+        use_float32_accumulation(compute_dtype)
+        dt = device_dtype(compute_dtype)
+        return a if a.dtype == dt else a.astype(dt)  # round to nearest even, as the emulation
     return round_to_compute(a, compute_dtype)
 
 
@@ -137,10 +170,10 @@ def to_compute_padded(a, compute_dtype: str, n: int, axis: int = -1):
     if a.shape[axis] == n:
         return to_compute(a, compute_dtype)
     xp = xp_of(a)
-    real = _real_float16(a, compute_dtype)
-    out = xp.zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], np.float16 if real else np.float32)
+    real = _real_16bit(a, compute_dtype)
+    out = xp.zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], device_dtype(compute_dtype) if real else np.float32)
     if real:
-        use_float32_accumulation()
+        use_float32_accumulation(compute_dtype)
     idx = (slice(None),) * axis + (slice(0, a.shape[axis]),)
     out[idx] = a if real else round_to_compute(a, compute_dtype)
     return out
@@ -149,21 +182,25 @@ def to_compute_padded(a, compute_dtype: str, n: int, axis: int = -1):
 def gemm(a, b, compute_dtype: str, rows: int | None = None, cols: int | None = None):
     """``a @ b`` of two :func:`to_compute` operands: float32 accumulation, the result rounded
     to ``compute_dtype`` and returned as float32; ``rows``/``cols`` keep only the leading
-    rows/columns (of a product of padded operands)."""
+    rows/columns (of a product of padded operands).
+
+    Real 16-bit operands must be 2-D (:func:`gemm_2d`): CuPy runs a 2-D 16-bit ``@`` as one
+    cuBLAS ``gemmEx`` (16-bit in and out, float32 compute type), but refuses a batched
+    bfloat16 one."""
     with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
         y = a @ b
     if rows is not None or cols is not None:
         y = y[..., slice(rows), slice(cols)]
     if compute_dtype == "float32":
         return y
-    if y.dtype == np.float16:  # a real float16 GEMM: cuBLAS already rounded the float32 sums
+    if y.dtype.itemsize == 2:  # a real 16-bit GEMM: cuBLAS already rounded the float32 sums
         return y.astype(np.float32)
     return round_to_compute(y, compute_dtype)
 
 
 def gemm_2d(a, b, compute_dtype: str, cols: int | None = None):
     """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n), as one 2-D product on the GPU."""
-    if a.ndim > 2 and type(a).__module__.startswith("cupy"):  # one GEMM, not a batch over the leading axes
+    if a.ndim > 2 and _on_gpu(a):  # one GEMM, not a batch over the leading axes
         y = gemm(a.reshape(-1, a.shape[-1]), b, compute_dtype, cols=cols)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
     return gemm(a, b, compute_dtype, cols=cols)
@@ -177,7 +214,7 @@ class AmpMatMul(MatMul):
 
     The dtype active at the forward is kept in ``ctx``, so the backward's two products run
     in it too. Batched products stay float32 (see :class:`minipeft.ops.attention.Attention`:
-    CuPy has no float16 batched GEMM).
+    CuPy has no 16-bit batched GEMM).
     """
 
     @staticmethod

@@ -1,7 +1,7 @@
 """Mixed precision (minipeft.amp): 16-bit products under autocast, loss scaling, training.
 
 On NumPy the 16-bit products are emulated (rounded operands, float32 product, rounded
-result); on CuPy they are real float16 GEMMs. Both are checked against the same formula.
+result); on CuPy they are real float16 or bfloat16 GEMMs. Both are checked against the same formula.
 """
 import numpy as np
 import pytest
@@ -68,30 +68,33 @@ def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_
     assert not np.array_equal(_np(y.data), y32)  # it did run in 16 bits
 
 
-def test_autocast_saves_16bit_operands_on_the_gpu(xp, to_xp):
+@pytest.mark.parametrize("compute_dtype", ["float16", "bfloat16"])
+def test_autocast_saves_16bit_operands_on_the_gpu(xp, to_xp, compute_dtype):
     leaf = Tensor(to_xp(np.ones((64, 32), np.float32)), requires_grad=True)
     w = Tensor(to_xp(np.ones((48, 32), np.float32)), requires_grad=True)
     x = leaf * 1.0  # an activation (saved bytes count activations, not the float32 weights)
     before = engine.saved_bytes()
     y = F.linear(x, w)
     full = engine.saved_bytes() - before
-    with amp.autocast("float16"):
+    with amp.autocast(compute_dtype):
         y16 = F.linear(x, w)
     cast = engine.saved_bytes() - before - full
     assert full == 64 * 32 * 4
-    # the 16-bit x and the 16-bit copy of W are held for backward: float16 on the GPU,
-    # rounded float32 values in the NumPy emulation
+    # the 16-bit x and the 16-bit copy of W are held for backward: float16 or bfloat16 on
+    # the GPU (2 bytes, what the memory calculator counts for 16-bit activations), rounded
+    # float32 values in the NumPy emulation
     assert cast == (64 * 32 + 48 * 32) * (2 if xp.__name__ == "cupy" else 4)
     del y, y16
 
 
 def test_attention_and_batched_matmul_stay_float32_under_autocast(xp, to_xp):
-    """CuPy runs batched float16 GEMMs by converting to float32 and back: no gain, only rounding."""
+    """CuPy runs batched float16 GEMMs by converting to float32 and back: no gain, only rounding;
+    a batched bfloat16 ``@`` it refuses ("data type 'E' not understood")."""
     rng = np.random.default_rng(1)
     q0, k0, v0 = (rng.normal(size=(2, 3, 8, 16)).astype(np.float32) for _ in range(3))
     g0 = rng.normal(size=(2, 3, 8, 16)).astype(np.float32)
     outs = {}
-    for mode in ("float32", "float16"):
+    for mode in ("float32", "float16", "bfloat16"):
         q, k, v = (Tensor(to_xp(a), requires_grad=True) for a in (q0, k0, v0))
         with amp.autocast(mode):
             y = F.scaled_dot_product_attention(q, k, v, causal=True)
@@ -99,8 +102,9 @@ def test_attention_and_batched_matmul_stay_float32_under_autocast(xp, to_xp):
         (y * Tensor(to_xp(g0))).sum().backward()
         z.backward(to_xp(np.ones(z.shape, np.float32)))
         outs[mode] = [_np(t) for t in (y.data, z.data, q.grad, k.grad, v.grad)]
-    for a32, a16 in zip(outs["float32"], outs["float16"]):
+    for a32, a16, b16 in zip(outs["float32"], outs["float16"], outs["bfloat16"]):
         np.testing.assert_array_equal(a16, a32)
+        np.testing.assert_array_equal(b16, a32)
 
 
 def test_2d_matmul_under_autocast_is_the_16bit_formula(xp, to_xp):

@@ -48,17 +48,30 @@ def test_model_bytes_counts_tied_weights_once():
     assert set(CATEGORIES) >= set(model_bytes(m))
 
 
-def test_qlora_step_matches_prediction():
+def _qlora_step(compute_dtype, device):
+    from minipeft.backend import to_device
     from minipeft.quant.modules import quantize_model
 
-    cfg = GPTConfig.preset("T0")
-    model = GPT(cfg, seed=0)
-    quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, verbose=False)
-    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    model = GPT(GPTConfig.preset("T0"), seed=0)
+    quantize_model(model, quant_type="nf4", blocksize=64, compress_statistics=True, compute_dtype=compute_dtype,
+                   verbose=False)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"])).to(device)
     opt = AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    meas = measure_training_step(model, _batch(), opt)
+    return measure_training_step(model, tuple(to_device(a, device) for a in _batch()), opt)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_qlora_step_matches_prediction(compute_dtype, device):
+    """The 4-bit layers save nothing for backward in any compute dtype, and the LoRA branches
+    outside autocast stay float32: the calculator's float32 activations hold for the QLoRA
+    lesson's GPU run in bfloat16 as for its CPU run in float32."""
+    cfg = GPTConfig.preset("T0")
+    meas = _qlora_step(compute_dtype, device)
     pred = estimate_memory(cfg, MethodConfig(method="qlora", targets=("c_attn", "c_proj", "c_fc"), r=4),
                            StepSetup(batch_size=B, seq_len=T, ledger_view=True))
     for name, p, m, _ in compare(pred, meas):
         assert m == pytest.approx(p, rel=0.10), f"qlora {name}: measured {m} vs predicted {p}"
     assert meas.weights_frozen < GPT(cfg, seed=0).num_parameters() * 4 / 2  # 4-bit codes, not fp32
+    if compute_dtype != "float32":  # the very bytes the float32 step holds for backward
+        assert meas.activations == _qlora_step("float32", device).activations

@@ -52,7 +52,7 @@ from .requantize import checked_weight, requantize
 def _linear_compute(x, w, b, compute_dtype: str):
     """``x @ w.T + b`` in ``compute_dtype`` (float32 accumulation), returned in x's dtype.
 
-    16-bit compute is :mod:`minipeft.amp`'s: a real float16 GEMM on the GPU, rounding
+    16-bit compute is :mod:`minipeft.amp`'s: a real float16 or bfloat16 GEMM on the GPU, rounding
     emulation elsewhere; the bias is added to the rounded product and the sum rounded again,
     as a 16-bit framework does.
     """
@@ -79,7 +79,10 @@ def _effective_compute_dtype(x, compute_dtype: str) -> str:
 
 
 def _weight_dtype(x, compute_dtype: str):
-    """Dequantize straight to float16 where the product runs in real float16 (the GPU)."""
+    """Dequantize straight to float16 where the product runs in real float16 (the GPU).
+
+    The dequantize kernels write float32 or float16; for bfloat16 the float32 weight is cast
+    once (``amp.to_compute``), which rounds ``code * absmax`` to bfloat16 as bitsandbytes does."""
     return np.float16 if compute_dtype == "float16" and type(x).__module__.startswith("cupy") else np.float32
 
 

@@ -101,6 +101,23 @@ def test_bfloat16_matches_torch_if_available():
     assert np.all(ours[nan] == 0x7FC0)
 
 
+def test_bfloat16_matches_ml_dtypes_bit_for_bit():
+    """The course's rounding is ml_dtypes' cast, the dtype CuPy's bfloat16 arrays use (minipeft.amp)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = interesting_float32(4)
+    ours = F.float32_to_bfloat16_bits(x)
+    with np.errstate(over="ignore", invalid="ignore"):                  # -> inf, and NaN inputs
+        ref = x.astype(ml_dtypes.bfloat16).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(ours[~nan], ref[~nan])
+    assert np.isnan(ref[nan].view(ml_dtypes.bfloat16).astype(np.float32)).all() and np.all(ours[nan] == 0x7FC0)
+    b = np.arange(2**16, dtype=np.uint32).astype(np.uint16)                # and back: every pattern
+    back = b.view(ml_dtypes.bfloat16).astype(np.float32)
+    finite = ~np.isnan(back)
+    np.testing.assert_array_equal(F.bfloat16_bits_to_float32(b)[finite].view(np.uint32),
+                                  back[finite].view(np.uint32))
+
+
 def test_bfloat16_round_trip_and_edges():
     b = np.arange(2**16, dtype=np.uint32).astype(np.uint16)
     vals = F.bfloat16_bits_to_float32(b)
