@@ -21,8 +21,9 @@ Verified where: the call signature and constants below were read from CuPy 14.2'
 (``cupy_backends/cuda/libs/cublas.pyx``, whose own ``_routines_linalg.pyx`` calls it the same
 way, with float32 ``one``/``zero`` host scalars passed by address). The issue's H200 check
 (bfloat16 operands, float32 compute: relative error 2.5e-3 against float32, 58 TFLOP/s at
-96 x 512 x 512 x 64) used this call; this file's own GPU tests are
-``tests/kernels/test_amp_attention.py`` (``gpu``).
+96 x 512 x 512 x 64) used this call. ``tests/kernels/test_amp_attention.py`` checks the
+arguments on the CPU against a NumPy model of cuBLAS's documented column-major contract, and
+the products themselves on a GPU (its ``gpu`` tests).
 """
 from __future__ import annotations
 

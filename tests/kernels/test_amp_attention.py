@@ -3,10 +3,14 @@
 CPU: the twin (16-bit operands emulated in float32) against the float32 reference attention,
 forward within a derived rounding bound and gradients within stated tolerances, with the
 causal, prefix (Tk > Tq) and key-padding cases; what it saves, and what the memory calculator
-counts for it. GPU: ``batched_gemm`` against float64 products of the same 16-bit operands, and
+counts for it; the arguments ``batched_gemm`` hands cuBLAS, against a NumPy model of cuBLAS's
+column-major contract. GPU: ``batched_gemm`` against float64 products of the same 16-bit operands, and
 the tensor-core attention against the twin on the same inputs.
 """
 from __future__ import annotations
+
+import ctypes
+import types
 
 import numpy as np
 import pytest
@@ -179,6 +183,76 @@ def test_batched_gemm_checks_its_operands():
         batched_gemm(a16, a16)
     with pytest.raises(ValueError, match="C-contiguous"):
         batched_gemm(a16, np.zeros((2, 5, 4), np.float16).swapaxes(-1, -2))
+
+
+class _DeviceArray(np.ndarray):
+    """A NumPy array that shows a CuPy-style ``.data.ptr`` (its address), for the cuBLAS model below."""
+
+    @property
+    def data(self):
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
+
+class _CublasModel:
+    """cuBLAS's ``gemmStridedBatchedEx`` as its documentation states it, in NumPy, standing in for CuPy.
+
+    Column-major: element (r, c) of a matrix with leading dimension ld sits at r + c * ld;
+    op(A) is M x K, op(B) is K x N, C = alpha op(A) op(B) + beta C is M x N; matrix i of a batch
+    starts i * stride elements after the first. Buffers are found by address.
+    """
+
+    CODES = {0: np.float32, 2: np.float16}
+
+    def __init__(self):
+        self.buffers, self.calls = {}, 0
+        self.cuda = types.SimpleNamespace(cublas=self, device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
+
+    def put(self, a):
+        a = np.ascontiguousarray(a).view(_DeviceArray)
+        self.buffers[a.ctypes.data] = a
+        return a
+
+    def empty(self, shape, dtype):
+        return self.put(np.empty(shape, dtype))
+
+    def _matrix(self, ptr, code, i, stride, rows, cols, ld):
+        flat = self.buffers[ptr].reshape(-1)
+        assert flat.dtype == np.dtype(self.CODES.get(code, "bfloat16")), (flat.dtype, code)
+        r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+        return i * stride + r + c * ld, flat
+
+    def gemmStridedBatchedEx(self, handle, transa, transb, M, N, K, alpha, A, Atype, lda, strideA,
+                             B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batch, compute, algo):
+        self.calls += 1
+        assert compute == 68 and algo == -1  # CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT
+        alpha, beta = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
+        for i in range(batch):
+            ia, fa = self._matrix(A, Atype, i, strideA, *((M, K) if transa == 0 else (K, M)), lda)
+            ib, fb = self._matrix(B, Btype, i, strideB, *((K, N) if transb == 0 else (N, K)), ldb)
+            ic, fc = self._matrix(C, Ctype, i, strideC, M, N, ldc)
+            opa = fa[ia].astype(np.float64) if transa == 0 else fa[ia].astype(np.float64).T
+            opb = fb[ib].astype(np.float64) if transb == 0 else fb[ib].astype(np.float64).T
+            fc[ic] = alpha * opa @ opb + (beta * fc[ic].astype(np.float64) if beta else 0)
+
+
+@pytest.mark.parametrize("mode", ["float16", "bfloat16"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True), (True, True)])
+def test_batched_gemm_passes_cublas_the_row_major_product(trans_a, trans_b, mode, monkeypatch):
+    """On the CPU, against a model of cuBLAS's column-major contract: the operand order, transpose
+    flags, leading dimensions, strides, dtype codes and float32 alpha/beta batched_gemm passes."""
+    from minipeft.kernels import gemm16
+
+    model = _CublasModel()
+    monkeypatch.setattr(gemm16, "cupy", lambda: model)
+    rng = np.random.default_rng(5)
+    batch, m, k, n = (2, 3), 4, 5, 3
+    a = rng.standard_normal(batch + ((k, m) if trans_a else (m, k))).astype(_dtype(mode))
+    b = rng.standard_normal(batch + ((n, k) if trans_b else (k, n))).astype(_dtype(mode))
+    c = batched_gemm(model.put(a), model.put(b), trans_a=trans_a, trans_b=trans_b)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    ref = (a64.swapaxes(-1, -2) if trans_a else a64) @ (b64.swapaxes(-1, -2) if trans_b else b64)
+    assert model.calls == 1 and c.shape == batch + (m, n) and c.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(c), ref, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------- GPU: the tensor cores
