@@ -15,7 +15,10 @@ turns all of them off, the bit-exact quantizers included, so the very same NumPy
 code runs through CuPy instead (what ``benchmarks/gpu_profile.py`` compares against, and
 how a student can check that a kernel changes speed, not results). BGMV / SGMV
 (``bgmv.py``), whose twins live in :mod:`minipeft.serve` above this package, are
-registered there.
+registered there. One registration is a precision mode rather than a kernel:
+:class:`~minipeft.kernels.amp_attention.AmpAttention`, attention under a 16-bit
+``amp.autocast``, runs on NumPy too (as its twin, an emulation of the GPU's arithmetic) and
+stays on with ``MINIPEFT_KERNELS=0`` (which makes it run the twin on CuPy as well).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from ..ops.loss import CrossEntropy
 from ..ops.norm_act import GELU, LayerNorm
 from ..optim import core as optim_core
 from ..quant import blockwise, int8
-from . import adamw, functions, quant4bit, quant8bit
+from . import adamw, amp_attention, functions, quant4bit, quant8bit
 
 
 def _first_on_gpu(a, *args, **kwargs) -> bool:
@@ -38,6 +41,10 @@ def _first_on_gpu(a, *args, **kwargs) -> bool:
 fast.register(GELU, functions.FusedGELU, when=functions.gelu_applies)
 fast.register(LayerNorm, functions.FusedLayerNorm, when=functions.layernorm_applies)
 fast.register(CrossEntropy, functions.FusedCrossEntropy, when=functions.cross_entropy_applies)
+# Attention: under a 16-bit autocast the 16-bit one (tried first; other numbers by request, so, like
+# minipeft.amp's products, not switched off by MINIPEFT_KERNELS=0, which only makes it run its twin),
+# else the float32 fused one
+fast.register(Attention, amp_attention.AmpAttention, when=amp_attention.amp_attention_applies, switch=False)
 fast.register(Attention, functions.FusedAttention, when=functions.attention_applies)
 fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
 fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)

@@ -1,0 +1,99 @@
+"""Batched 16-bit matrix products on the tensor cores: one cuBLAS ``gemmStridedBatchedEx`` call.
+
+Mixed precision (Micikevicius et al. 2018, *Mixed Precision Training*, §3) multiplies 16-bit
+operands and accumulates the products in float32. For a 2-D product CuPy does that itself
+(``a @ b`` on float16 or bfloat16 arrays); for a batch of products, such as attention's
+(B, H) pairs of (T, D) matrices, CuPy 14 has no such path: its float16 batched ``@``
+converts to float32 and back, and its bfloat16 batched ``@`` raises "data type 'E' not
+understood" (measured on an H200 with CuPy 14.2 and ml_dtypes). :func:`batched_gemm` calls
+cuBLAS directly instead. There is no NumPy twin of this function as such: its arithmetic
+(16-bit operands, float32 sums) is what :func:`minipeft.amp.round_to_compute` and a float32
+``@`` emulate, and ``tests/kernels/test_amp_attention.py`` checks the two agree.
+
+cuBLAS is column-major. A C-contiguous (row-major) matrix X of shape (r, c) is, read
+column-major with leading dimension c, the matrix X^T of shape (c, r). So to get the
+row-major C = op(A) op(B) of shape (m, n) we ask cuBLAS for the column-major
+C^T = op(B)^T op(A)^T of shape (n, m): B's buffer goes first, A's second, and cuBLAS's
+(M, N, K) are our (n, m, k). Each buffer's leading dimension is simply its last axis;
+transposing an operand (``trans_a``) is cuBLAS's ``CUBLAS_OP_T`` on that operand's buffer.
+
+Verified where: the call signature and constants below were read from CuPy 14.2's source
+(``cupy_backends/cuda/libs/cublas.pyx``, whose own ``_routines_linalg.pyx`` calls it the same
+way, with float32 ``one``/``zero`` host scalars passed by address). The issue's H200 check
+(bfloat16 operands, float32 compute: relative error 2.5e-3 against float32, 58 TFLOP/s at
+96 x 512 x 512 x 64) used this call. ``tests/kernels/test_amp_attention.py`` checks the
+arguments on the CPU against a NumPy model of cuBLAS's documented column-major contract, and
+the products themselves on a GPU (its ``gpu`` tests).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ._module import cupy
+
+# cuBLAS / CUDA enum values (stable ABI numbers, from the CUDA headers; CuPy exposes the same
+# as cupy.cuda.runtime.CUDA_R_* and cupy.cuda.cublas.CUBLAS_*):
+CUDA_R_32F = 0  # library_types.h: float32
+CUDA_R_16F = 2  # library_types.h: float16 (IEEE half)
+CUDA_R_16BF = 14  # library_types.h: bfloat16
+CUBLAS_OP_N = 0  # cublas_api.h: use the matrix as stored
+CUBLAS_OP_T = 1  # cublas_api.h: use its transpose
+CUBLAS_COMPUTE_32F = 68  # cublas_api.h cublasComputeType_t: accumulate in float32
+CUBLAS_GEMM_DEFAULT = -1  # cublas_api.h: let cuBLAS pick the algorithm (tensor cores for 16-bit inputs)
+
+
+def cuda_data_type(dtype) -> int:
+    """The ``cudaDataType`` code of float32, float16 or bfloat16 (``ml_dtypes.bfloat16``)."""
+    dtype = np.dtype(dtype)
+    if dtype == np.float32:
+        return CUDA_R_32F
+    if dtype == np.float16:
+        return CUDA_R_16F
+    if dtype.name == "bfloat16":  # ml_dtypes' dtype (its char 'E' is ambiguous, so go by name)
+        return CUDA_R_16BF
+    raise TypeError(f"batched_gemm takes float16, bfloat16 or float32 arrays, got {dtype}")
+
+
+def batched_gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out_dtype=np.float32):
+    """``op(a) @ op(b)`` for C-contiguous 16-bit CuPy arrays, float32 accumulation.
+
+    ``a`` is (..., m, k) (or (..., k, m) with ``trans_a``), ``b`` is (..., k, n) (or (..., n, k)
+    with ``trans_b``), both float16 or both bfloat16, with the same leading axes, which are
+    flattened into one batch. Returns a new C-contiguous (..., m, n) array of ``out_dtype``
+    (float32 by default; float16/bfloat16 round the float32 sums once).
+    """
+    if a.dtype != b.dtype or cuda_data_type(a.dtype) == CUDA_R_32F:
+        raise TypeError(f"batched_gemm needs two float16 or two bfloat16 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim < 2 or a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"batched_gemm needs operands (..., m, k), (..., k, n) with the same leading axes, "
+                         f"got {a.shape} and {b.shape}")
+    if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        raise ValueError("batched_gemm needs C-contiguous operands (cp.ascontiguousarray them first)")
+    m, k = a.shape[-2:][::-1] if trans_a else a.shape[-2:]
+    kb, n = b.shape[-2:][::-1] if trans_b else b.shape[-2:]
+    if k != kb:
+        raise ValueError(f"batched_gemm: inner sizes differ ({k} vs {kb}) for shapes {a.shape}, {b.shape} "
+                         f"with trans_a={trans_a}, trans_b={trans_b}")
+    cp = cupy()
+    batch = math.prod(a.shape[:-2])
+    c = cp.empty(a.shape[:-2] + (m, n), dtype=out_dtype)  # (..., m, n)
+    if c.size == 0:
+        return c
+    if k == 0:  # an empty sum
+        c.fill(0)
+        return c
+    one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)  # float32 scalars: CUBLAS_COMPUTE_32F
+    # column-major C^T (n, m) = op(B)^T (n, k) @ op(A)^T (k, m): b's buffer first, then a's
+    cp.cuda.cublas.gemmStridedBatchedEx(
+        cp.cuda.device.get_cublas_handle(),
+        CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
+        n, m, k,
+        one.ctypes.data,
+        b.data.ptr, cuda_data_type(b.dtype), b.shape[-1], b.shape[-2] * b.shape[-1],
+        a.data.ptr, cuda_data_type(a.dtype), a.shape[-1], a.shape[-2] * a.shape[-1],
+        zero.ctypes.data,
+        c.data.ptr, cuda_data_type(c.dtype), n, m * n,
+        batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    return c
