@@ -43,8 +43,7 @@ import math
 from ..backend import xp_of
 from ..engine import Tensor
 from .core import AdamW, adamw_update
-from .state8bit import (MIN_8BIT_SIZE, STATE_BLOCKSIZE, Blockwise8bitState, f32, fma32,  # noqa: F401
-                        n_blocks, sign_fix)
+from .state8bit import MIN_8BIT_SIZE, STATE_BLOCKSIZE, Blockwise8bitState, f32, fma32, sign_fix
 
 _sign_fix = sign_fix  # the name tests and older code use
 

@@ -14,7 +14,9 @@ elements ``[j*P, (j+1)*P)`` of both m and v. For an update, each page is
                 elementwise, so the result is bit-identical to unpaged AdamW)
     page out -> copied back to the host when evicted to make room (least recently used)
 
-so a step whose whole state would not fit the device budget still runs: at most
+(``_host_layout`` names the host arrays a page is cut from and ``_update_page`` updates one
+page: PagedAdamW8bit in ``paged8bit.py`` overrides just these two), so a step whose whole
+state would not fit the device budget still runs: at most
 ``device_budget_bytes`` of optimizer state is ever on the device. Pages stay resident
 after their update until the budget forces them out, and the sweep over pages reverses
 direction every step, so the pages left on the device by one step are the first ones the
@@ -74,9 +76,8 @@ class PagedAdamW(AdamW):
             if device_budget_bytes < largest:
                 raise ValueError(
                     f"device_budget_bytes={device_budget_bytes} cannot hold one page: a page of {big_name} "
-                    f"takes {largest} bytes (m and v, {min(self.page_size, big.data.size)} elements each, "
-                    f"{self._state_dtype(big)}); raise the budget to at least {largest} or lower page_size "
-                    f"(now {self.page_size})")
+                    f"takes {largest} bytes (the state of {min(self.page_size, big.data.size)} elements); "
+                    f"raise the budget to at least {largest} or lower page_size (now {self.page_size})")
         self.device_budget_bytes = None if device_budget_bytes is None else int(device_budget_bytes)
         self._host: dict[str, tuple[np.ndarray, ...]] = {}          # name -> flat host m, v
         self._resident: OrderedDict = OrderedDict()                # (name, j) -> [arrays, nbytes, dirty]

@@ -23,8 +23,13 @@ LayerNorm gains: negligible memory, and quantizing them costs accuracy for nothi
 
 ``fma32`` is here because bitsandbytes' CUDA kernels are compiled with ``--use_fast_math``,
 which contracts ``a*b + c`` into one fused multiply-add (one rounding instead of two). The
-state updates below use it where the kernel does, which makes minipeft's states equal
-bitsandbytes' bit for bit (``tests/optim/test_bnb_optim_fixture.py``).
+state updates use it where the kernel does, which makes minipeft's states equal
+bitsandbytes' bit for bit (``tests/optim/test_bnb_optim_fixture.py``). Two kernel details are
+not reproduced, and neither changed a code or absmax in the fixture: the kernel scales by
+``__fdividef(x, absmax)`` (x times an approximate reciprocal; here the exactly rounded
+reciprocal of ``quantize_blockwise``), and in a partial last block it counts the padding
+elements (loaded as code 128 = 5.5e-7) in the new absmax, which matters only if every real
+value of that block is below 5.5e-7 of the block's previous absmax.
 """
 from __future__ import annotations
 
