@@ -14,7 +14,9 @@ elements ``[j*P, (j+1)*P)`` of both m and v. For an update, each page is
                 elementwise, so the result is bit-identical to unpaged AdamW)
     page out -> copied back to the host when evicted to make room (least recently used)
 
-so a step whose whole state would not fit the device budget still runs: at most
+(``_host_layout`` names the host arrays a page is cut from and ``_update_page`` updates one
+page: PagedAdamW8bit in ``paged8bit.py`` overrides just these two), so a step whose whole
+state would not fit the device budget still runs: at most
 ``device_budget_bytes`` of optimizer state is ever on the device. Pages stay resident
 after their update until the budget forces them out, and the sweep over pages reverses
 direction every step, so the pages left on the device by one step are the first ones the
@@ -74,18 +76,34 @@ class PagedAdamW(AdamW):
             if device_budget_bytes < largest:
                 raise ValueError(
                     f"device_budget_bytes={device_budget_bytes} cannot hold one page: a page of {big_name} "
-                    f"takes {largest} bytes (m and v, {min(self.page_size, big.data.size)} elements each, "
-                    f"{self._state_dtype(big)}); raise the budget to at least {largest} or lower page_size "
-                    f"(now {self.page_size})")
+                    f"takes {largest} bytes (the state of {min(self.page_size, big.data.size)} elements); "
+                    f"raise the budget to at least {largest} or lower page_size (now {self.page_size})")
         self.device_budget_bytes = None if device_budget_bytes is None else int(device_budget_bytes)
-        self._host: dict[str, tuple[np.ndarray, np.ndarray]] = {}   # name -> flat host m, v
-        self._resident: OrderedDict = OrderedDict()                # (name, j) -> [m, v, nbytes, dirty]
+        self._host: dict[str, tuple[np.ndarray, ...]] = {}          # name -> flat host m, v
+        self._resident: OrderedDict = OrderedDict()                # (name, j) -> [arrays, nbytes, dirty]
         self._sweeps = 0
         self.reset_stats()
 
     # ---- pages
     def _state_dtype(self, p: Tensor) -> np.dtype:
         return np.dtype(np.float32) if p.dtype.itemsize < 4 else np.dtype(p.dtype)  # as AdamW
+
+    def _host_layout(self, p: Tensor) -> list[tuple[str, int, np.dtype, int]]:
+        """The host arrays of ``p``'s state: (state_dict key, items, dtype, elements per item).
+
+        A page of elements [a, b) holds items [a//unit, ceil(b/unit)) of each array.
+        """
+        dt = self._state_dtype(p)
+        return [("exp_avg", p.data.size, dt, 1), ("exp_avg_sq", p.data.size, dt, 1)]
+
+    def _item_bounds(self, p: Tensor, j: int) -> list[tuple[int, int]]:
+        a, b = self._bounds(p, j)
+        return [(a // unit, -(-b // unit)) for _, _, _, unit in self._host_layout(p)]
+
+    def _update_page(self, name: str, p: Tensor, arrays: list, pf, gf) -> None:
+        """Update one page: ``arrays`` are its device copies, ``pf``/``gf`` p's and g's slices."""
+        adamw_update(pf, gf, arrays[0], arrays[1], self.state[name]["step"], self.lr,
+                     self.betas, self.eps, self.weight_decay)
 
     def n_pages(self, p: Tensor) -> int:
         """Pages holding one parameter's state."""
@@ -96,13 +114,13 @@ class PagedAdamW(AdamW):
         return a, min(p.data.size, a + self.page_size)
 
     def _page_bytes(self, p: Tensor, j: int) -> int:
-        a, b = self._bounds(p, j)
-        return 2 * (b - a) * self._state_dtype(p).itemsize               # m and v
+        return sum((b - a) * dt.itemsize for (a, b), (_, _, dt, _) in
+                   zip(self._item_bounds(p, j), self._host_layout(p)))   # m and v
 
     def reset_stats(self) -> None:
         """Zero the page-in/page-out counters and restart the peak from what is resident now."""
         self.page_ins = self.page_outs = 0
-        self.device_bytes = sum(e[2] for e in self._resident.values())
+        self.device_bytes = sum(e[1] for e in self._resident.values())
         self.peak_device_bytes = self.device_bytes
 
     def paging_stats(self) -> dict:
@@ -116,26 +134,25 @@ class PagedAdamW(AdamW):
     def _write_back(self, key, entry) -> None:
         """Copy a resident page's m and v back into the host arrays (device -> host)."""
         name, j = key
-        hm, hv = self._host[name]
-        a, b = self._bounds(self._params[name], j)
-        for dev, host in ((entry[0], hm), (entry[1], hv)):
+        bounds = self._item_bounds(self._params[name], j)
+        for dev, host, (a, b) in zip(entry[0], self._host[name], bounds):
             if device_of(dev) == "cuda":
                 dev.get(out=host[a:b])
             else:
                 host[a:b] = dev
-        entry[3] = False
+        entry[2] = False
         self.page_outs += 1
 
     def _page_out(self, key) -> None:
         entry = self._resident.pop(key)
-        if entry[3]:                                                     # modified since page-in
+        if entry[2]:                                                     # modified since page-in
             self._write_back(key, entry)
-        self.device_bytes -= entry[2]
+        self.device_bytes -= entry[1]
 
     def _page_in(self, name: str, p: Tensor, j: int, xp):
         key = (name, j)
         entry = self._resident.get(key)
-        if entry is not None and device_of(entry[0]) != device_of(p.data):
+        if entry is not None and device_of(entry[0][0]) != device_of(p.data):
             self._page_out(key)                                          # the parameter moved device
             entry = None
         if entry is not None:
@@ -145,9 +162,8 @@ class PagedAdamW(AdamW):
         budget = self.device_budget_bytes
         while budget is not None and self.device_bytes + nbytes > budget:
             self._page_out(next(iter(self._resident)))                   # evict least recently used
-        hm, hv = self._host[name]
-        a, b = self._bounds(p, j)
-        entry = [xp.array(hm[a:b]), xp.array(hv[a:b]), nbytes, False]   # host -> device copies
+        arrays = [xp.array(h[a:b]) for h, (a, b) in zip(self._host[name], self._item_bounds(p, j))]
+        entry = [arrays, nbytes, False]                                  # host -> device copies
         self._resident[key] = entry
         self.device_bytes += nbytes
         self.peak_device_bytes = max(self.peak_device_bytes, self.device_bytes)
@@ -157,7 +173,7 @@ class PagedAdamW(AdamW):
     def flush(self) -> None:
         """Copy every modified resident page back to the host (they stay resident, clean)."""
         for key, entry in self._resident.items():
-            if entry[3]:
+            if entry[2]:
                 self._write_back(key, entry)
 
     def _drop_resident(self) -> None:
@@ -173,8 +189,7 @@ class PagedAdamW(AdamW):
             if p.grad.shape != p.data.shape:
                 raise ValueError(f"gradient of {name} has shape {p.grad.shape}, parameter {p.shape}")
             if name not in self._host:
-                dt = self._state_dtype(p)
-                self._host[name] = (np.zeros(p.data.size, dt), np.zeros(p.data.size, dt))
+                self._host[name] = tuple(np.zeros(n, dt) for _, n, dt, _ in self._host_layout(p))
                 self.state[name] = {"step": 0}
             self.state[name]["step"] += 1
             todo.append((name, p))
@@ -192,9 +207,8 @@ class PagedAdamW(AdamW):
             entry = self._page_in(name, p, j, xp)
             pf, gf, _ = flats[name]
             a, b = self._bounds(p, j)
-            adamw_update(pf[a:b], gf[a:b], entry[0], entry[1], self.state[name]["step"], self.lr,
-                         self.betas, self.eps, self.weight_decay)
-            entry[3] = True
+            self._update_page(name, p, entry[0], pf[a:b], gf[a:b])
+            entry[2] = True
         for name, p in todo:
             pf, _, contiguous = flats[name]
             if not contiguous:
@@ -213,7 +227,7 @@ class PagedAdamW(AdamW):
     # ---- memory and saving
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the host copy; ``paging_stats()`` has the device side)."""
-        return sum(int(m.nbytes + v.nbytes) for m, v in self._host.values())
+        return sum(int(a.nbytes) for arrays in self._host.values() for a in arrays)
 
     def state_dict(self) -> dict:
         """As AdamW's: ``exp_avg``/``exp_avg_sq`` shaped like each parameter, on the host.
@@ -224,10 +238,12 @@ class PagedAdamW(AdamW):
         self.flush()
         params = self._params
         sd = super().state_dict()
-        sd["state"] = {name: {"step": self.state[name]["step"],
-                              "exp_avg": hm.reshape(params[name].shape),
-                              "exp_avg_sq": hv.reshape(params[name].shape)}
-                       for name, (hm, hv) in self._host.items()}
+        sd["state"] = {}
+        for name, arrays in self._host.items():
+            p = params[name]
+            st = sd["state"][name] = {"step": self.state[name]["step"]}
+            for (key, _, _, unit), a in zip(self._host_layout(p), arrays):
+                st[key] = a.reshape(p.shape) if unit == 1 else a        # shaped like p, or per block
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -241,11 +257,10 @@ class PagedAdamW(AdamW):
         self._drop_resident()
         self._host, self.state = {}, {}
         for name, st in sd["state"].items():
-            dt = self._state_dtype(params[name])
             host = []
-            for k in ("exp_avg", "exp_avg_sq"):
+            for k, n, dt, _ in self._host_layout(params[name]):
                 a = st.get(k)
-                a = np.zeros(params[name].data.size, dt) if a is None else a
+                a = np.zeros(n, dt) if a is None else a
                 a = a.get() if device_of(a) == "cuda" else a
                 host.append(np.array(a, dtype=dt).reshape(-1))           # a copy, never the caller's
             self._host[name] = tuple(host)
