@@ -21,10 +21,11 @@ How it runs here. Under ``with autocast("float16"):`` (or ``"bfloat16"``) the fl
 (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) run as :class:`AmpLinear` and
 :class:`AmpMatMul`, 16-bit versions of the reference ops registered in :mod:`minipeft.fast`
 for the time autocast is on (the reference ops in ``minipeft/ops`` never see a 16-bit array);
-the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention's
-batched (B, H) products stay float32: CuPy has no 16-bit batched GEMM (float16 is converted
-to float32 and back, bfloat16 is refused), so there 16 bits would only add rounding and
-conversions.
+the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Attention under
+autocast runs as :class:`minipeft.kernels.amp_attention.AmpAttention`: its four batched (B, H)
+products on 16-bit operands through cuBLAS (``minipeft/kernels/gemm16.py``: CuPy's own batched
+``@`` converts float16 to float32 and back and refuses bfloat16), the masked softmax in float32,
+q, k, v and the probabilities saved in 16 bits. Other batched products stay float32.
 
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
@@ -213,8 +214,8 @@ class AmpMatMul(MatMul):
     """2-D ``a @ b`` in ``compute_dtype``: 16-bit operands, float32 sums, the result rounded.
 
     The dtype active at the forward is kept in ``ctx``, so the backward's two products run
-    in it too. Batched products stay float32 (see :class:`minipeft.ops.attention.Attention`:
-    CuPy has no 16-bit batched GEMM).
+    in it too. Batched products stay float32 (CuPy's batched ``@`` has no 16-bit path; attention
+    has its own, :class:`minipeft.kernels.amp_attention.AmpAttention`).
     """
 
     @staticmethod
