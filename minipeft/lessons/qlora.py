@@ -281,7 +281,9 @@ def main(argv=None) -> dict:
              f"{len(report_tok):,} bytes: the stopping slice ({n_win} windows of {s['block']}) chooses, the reported "
              f"slice scores. Base on Python: stopping {base_select:.3f}, reported {base_val:.3f}; on English "
              f"{base_source:.3f} ({n_win} windows).\nrule: {SELECTION_RULE}.\n{s['steps']} steps per run, batch "
-             f"{s['batch']} x {s['block']} bytes.")
+             f"{s['batch']} x {s['block']} bytes. QLoRA's 4-bit layers compute in {s['compute_dtype']}"
+             + (" (bfloat16 GEMMs with float32 sums, as in the paper)" if s["compute_dtype"] == "bfloat16" else
+                " (on a GPU: bfloat16, as in the paper)") + "; everything else in float32.")
     rng = np.random.default_rng(args.seed)
     probe = lm_batches(train_tok, s["batch"], s["block"], rng)  # the batch whose step is measured
     results, grid_rows, curves = {}, [], {}
@@ -395,7 +397,8 @@ def main(argv=None) -> dict:
             "sec_per_step", "sweep")
     out = {m: {k: r[k] for k in keys} | {"measured": r["measured"].as_dict(), "predicted": r["predicted"].as_dict()}
            for m, r in results.items()}
-    result = {"size": s["size"], "steps": s["steps"], "selection_rule": SELECTION_RULE,
+    result = {"size": s["size"], "steps": s["steps"], "compute_dtype": s["compute_dtype"],
+              "selection_rule": SELECTION_RULE,
               "base_val_loss": base_val, "base_select_loss": base_select, "base_source_val_loss": base_source,
               "nf4_val_loss": nf4_val, "nf4_source_val_loss": nf4_source, "methods": out, "claims": claims,
               "lora_rank_check": rank_check,
