@@ -29,9 +29,8 @@ Two ways to run the same arithmetic, chosen per call:
 from __future__ import annotations
 
 from ..amp import autocast_dtype, round_to_compute
-from ..backend import xp_of
 from ..fast import enabled, on_gpu
-from ..ops.attention import Attention
+from ..ops.attention import Attention, masked_softmax  # the reference's, the twin of attn_softmax_forward
 from ..ops.common import swap_last
 from . import attention_softmax
 from .gemm16 import batched_gemm
@@ -58,25 +57,6 @@ def bmm(a, b, real: bool, trans_a: bool = False, trans_b: bool = False):
     if real:
         return batched_gemm(a, b, trans_a=trans_a, trans_b=trans_b)
     return (swap_last(a) if trans_a else a) @ (swap_last(b) if trans_b else b)
-
-
-def masked_softmax(s, scale: float, causal: bool, key_mask):
-    """The twin of ``attn_softmax_forward``: the reference's masked softmax of ``scale * s``."""
-    xp = xp_of(s)
-    tq, tk = s.shape[-2:]
-    s = s * s.dtype.type(scale)  # (B, H, Tq, Tk)
-    allowed = None
-    if causal:  # query i sees key j iff j <= (Tk - Tq) + i
-        allowed = xp.arange(tk)[None, :] <= (tk - tq) + xp.arange(tq)[:, None]  # (Tq, Tk)
-    if key_mask is not None:
-        km = key_mask[:, None, None, :].astype(bool)  # (B, 1, 1, Tk)
-        allowed = km if allowed is None else (allowed & km)
-    if allowed is not None:
-        s = xp.where(allowed, s, xp.finfo(s.dtype).min)
-    s = s - s.max(axis=-1, keepdims=True)
-    p = xp.exp(s)
-    p /= p.sum(axis=-1, keepdims=True)
-    return p
 
 
 def softmax_backward(p, dp, scale: float):

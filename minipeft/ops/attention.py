@@ -9,6 +9,29 @@ from ..engine import Function, Tensor
 from .common import array_module, swap_last, unbroadcast
 
 
+def masked_softmax(s, scale: float, causal: bool, key_mask):
+    """softmax(scale * s + mask) over the keys, for scores ``s = q k^T`` (B, H, Tq, Tk).
+
+    Causal rule: query i sees key j iff j <= (Tk - Tq) + i (the first Tk - Tq keys are a
+    prefix every query sees); ``key_mask`` (B, Tk), True where a key may be attended.
+    """
+    xp = array_module(s)
+    tq, tk = s.shape[-2:]
+    s = s * s.dtype.type(scale)
+    allowed = None
+    if causal:
+        allowed = xp.arange(tk)[None, :] <= (tk - tq) + xp.arange(tq)[:, None]  # (Tq, Tk)
+    if key_mask is not None:
+        km = key_mask[:, None, None, :].astype(bool)  # (B, 1, 1, Tk)
+        allowed = km if allowed is None else (allowed & km)
+    if allowed is not None:
+        s = xp.where(allowed, s, xp.finfo(s.dtype).min)
+    s = s - s.max(axis=-1, keepdims=True)
+    p = xp.exp(s)
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
+
+
 class Attention(Function):
     """softmax(q k^T / sqrt(d) + mask) v for q (B, H, Tq, D) and k, v (B, H, Tk, D).
 
@@ -20,21 +43,8 @@ class Attention(Function):
 
     @staticmethod
     def forward(ctx, q, k, v, causal, key_mask, scale):
-        xp = array_module(q)
-        tq, tk = q.shape[-2], k.shape[-2]
         ctx.scale = scale
-        s = (q @ swap_last(k)) * q.dtype.type(scale)  # (B, H, Tq, Tk)
-        allowed = None
-        if causal:
-            allowed = xp.arange(tk)[None, :] <= (tk - tq) + xp.arange(tq)[:, None]  # (Tq, Tk)
-        if key_mask is not None:
-            km = key_mask[:, None, None, :].astype(bool)  # (B, 1, 1, Tk)
-            allowed = km if allowed is None else (allowed & km)
-        if allowed is not None:
-            s = xp.where(allowed, s, xp.finfo(s.dtype).min)
-        s = s - s.max(axis=-1, keepdims=True)
-        p = xp.exp(s)
-        p /= p.sum(axis=-1, keepdims=True)  # (B, H, Tq, Tk)
+        p = masked_softmax(q @ swap_last(k), scale, causal, key_mask)  # (B, H, Tq, Tk)
         ctx.save_for_backward(q, k, v, p)
         return p @ v  # (B, H, Tq, D)
 
