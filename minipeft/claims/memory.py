@@ -138,7 +138,7 @@ def _activations_dominate(r) -> Measurement:
 
 def _optimizer_row(r, name: str):
     for row in r.get("qlora", "optimizers"):
-        if row and row[0].startswith(name):
+        if row and row[0] == name:
             return row
     raise Missing(f"the qlora run's optimizers table has no {name!r} row")
 

@@ -367,7 +367,7 @@ def main(argv=None) -> dict:
     rep.text(f"  LoRA parameters: {ckpt['lora_parameters']:,} B; checkpointing keeps "
              f"{ckpt['activations'] / ckpt['activations_plain']:.2f} of the plain step's activations")
 
-    rep.section("5. Optimizer state for full fine-tuning: AdamW, 8-bit AdamW, paged AdamW")
+    rep.section("5. Optimizer state for full fine-tuning: AdamW, Lion, 8-bit and paged (bitsandbytes' optimizers)")
     opt_rows = optimizer_states(base, probe)
     rep.table(opt_rows, ("optimizer", "state bytes", "on device at peak", "note"))
 

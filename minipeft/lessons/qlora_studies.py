@@ -46,24 +46,35 @@ def checkpointed_step(model, batch, config, method_config) -> dict:
 
 
 def optimizer_states(base, batch) -> list[tuple]:
-    """(optimizer, state bytes, bytes on the device at peak, note) for one full fine-tuning step."""
-    from ..optim import AdamW8bit, PagedAdamW
+    """(optimizer, state bytes, bytes on the device at peak, note) for one full fine-tuning step.
 
+    bitsandbytes' optimizers (arXiv 2110.02861; Lion: Chen et al. 2023, arXiv 2302.06675): AdamW keeps
+    two moments, Lion one; the 8-bit ones keep them block-wise quantized; the paged ones keep them on
+    the host and bring pages to the device for the update (a quarter of the state at most here).
+    """
+    from ..optim import AdamW8bit, Lion, Lion8bit, PagedAdamW, PagedAdamW8bit
+
+    budget = _budget(base)
     rows = []
     for name, make in (("AdamW (32-bit)", lambda ps: AdamW(ps, lr=1e-4)),
                        ("AdamW8bit", lambda ps: AdamW8bit(ps, lr=1e-4)),
-                       ("PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-4, page_size=PAGE,
-                                                            device_budget_bytes=_budget(base)))):
+                       ("PagedAdamW", lambda ps: PagedAdamW(ps, lr=1e-4, page_size=PAGE, device_budget_bytes=budget)),
+                       ("PagedAdamW8bit", lambda ps: PagedAdamW8bit(ps, lr=1e-4, page_size=PAGE,
+                                                                    device_budget_bytes=budget // 4)),
+                       ("Lion (32-bit)", lambda ps: Lion(ps, lr=1e-5)),
+                       ("Lion8bit", lambda ps: Lion8bit(ps, lr=1e-5))):
         model = copy.deepcopy(base)
         opt = make(list(model.parameters()))
         meas = measure_training_step(model, batch, opt)
         peak, note = meas.optimizer_state, ""
-        if name == "PagedAdamW":
+        if name.startswith("Paged"):
             stats = opt.paging_stats()
             peak = stats["peak_device_bytes"]
             note = f"{stats['page_ins']} page-ins of {stats['pages']} pages; budget {stats['device_budget_bytes']:,} B"
-        elif name == "AdamW8bit":
+        elif name.endswith("8bit"):
             note = "tensors < 4096 elements keep 32-bit state"
+        elif name.startswith("Lion"):
+            note = "one moment (AdamW keeps two)"
         rows.append((name, meas.optimizer_state, peak, note))
     return rows
 
