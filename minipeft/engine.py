@@ -22,6 +22,10 @@ The design follows micrograd and minitorch, with PyTorch's names:
   the gradient compute and the saving of what only that gradient needs. This is
   where LoRA's savings come from.
 * Under ``no_grad()`` no graph is recorded and nothing is saved.
+* ``leaf.register_post_accumulate_grad_hook(fn)`` (PyTorch's name) calls ``fn(leaf)`` right
+  after ``backward()`` has written the leaf's ``.grad``: its gradient for this backward is
+  final then. Data parallelism starts reducing a bucket of gradients from there while backward
+  goes on through earlier layers (``minipeft/distributed/data_parallel.py``).
 
 Backends: ``Tensor.data`` is a NumPy or CuPy array; ops ask ``xp_of(array)``.
 """
@@ -206,6 +210,19 @@ class Function:
         return result
 
 
+class _HookHandle:
+    """What ``register_post_accumulate_grad_hook`` returns: ``remove()`` takes the hook away."""
+
+    _next_id = 0
+
+    def __init__(self, hooks: dict):
+        self.hooks, self.id = hooks, _HookHandle._next_id
+        _HookHandle._next_id += 1
+
+    def remove(self) -> None:
+        self.hooks.pop(self.id, None)
+
+
 class _Node:
     """The graph's record of how a non-leaf tensor was made: its Function, context and
     parents (leaf Tensors or other _Nodes), but not its data. Holding the graph therefore
@@ -254,6 +271,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # _Node (Function, Context, parents) for non-leaves
+        self._grad_hooks: dict[int, Any] = {}  # post-accumulate-grad hooks by handle id, in registration order
         if self.requires_grad and not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"only floating tensors can require grad, got dtype {data.dtype}")
 
@@ -311,6 +329,21 @@ class Tensor:
         self.grad = None
 
     # ---- autograd
+    def register_post_accumulate_grad_hook(self, fn) -> "_HookHandle":
+        """Call ``fn(self)`` each time ``backward()`` has written this leaf's ``.grad``.
+
+        ``backward()`` visits a leaf after every op that used it, so ``.grad`` then holds this
+        backward's whole contribution (a weight used twice, like GPT-2's tied ``wte``, once).
+        Not called when a backward does not reach the leaf, nor by ``engine.grad``. Returns a
+        handle whose ``remove()`` unregisters ``fn``.
+        """
+        if self._ctx is not None or not self.requires_grad:
+            raise RuntimeError("register_post_accumulate_grad_hook: only a leaf tensor that requires grad "
+                               f"receives .grad; this one is {'not a leaf' if self._ctx is not None else 'frozen'}")
+        handle = _HookHandle(self._grad_hooks)
+        self._grad_hooks[handle.id] = fn
+        return handle
+
     def backward(self, grad=None, retain_graph: bool = False) -> None:
         """Accumulate d(self)/d(leaf) into every leaf's ``.grad`` that requires grad."""
         if not self.requires_grad:
@@ -336,6 +369,8 @@ def _accumulate_into_grad(leaf: Tensor, g) -> None:
         g = np.asarray(g)
     # copy: g may be shared with another leaf or the caller (in-place safe)
     leaf.grad = g.copy() if leaf.grad is None else leaf.grad + g
+    for hook in list(leaf._grad_hooks.values()):  # .grad is final for this backward
+        hook(leaf)
 
 
 def _backpropagate(output: Tensor, grad, retain_graph: bool, sink) -> None:
@@ -407,7 +442,13 @@ def _not_scalar(t: Tensor):
 
 def _topological_order(root) -> list:
     """Graph nodes (_Nodes and leaf Tensors) from ``root`` back to the leaves, each
-    after every node that uses it."""
+    after every node that uses it.
+
+    A leaf comes right after the last op (in backward's order) that uses it, not at the end:
+    the depth-first search explores an op's leaf inputs after its other inputs, so they finish
+    later and come earlier in the reversed order. The last layer's weights therefore receive
+    their ``.grad`` (and fire their hooks) while backward still has the first layers to go. The
+    order among ops is the same either way (leaves start no search), so every sum is unchanged."""
     order: list = []
     seen: set[int] = set()
     stack = [(root, False)]
@@ -421,9 +462,9 @@ def _topological_order(root) -> list:
         seen.add(id(node))
         stack.append((node, True))
         if isinstance(node, _Node):
-            for p in node.parents:
-                if p is not None and p.requires_grad and id(p) not in seen:
-                    stack.append((p, False))
+            todo = [p for p in node.parents if p is not None and p.requires_grad and id(p) not in seen]
+            stack.extend((p, False) for p in todo if isinstance(p, Tensor))  # leaves: popped last
+            stack.extend((p, False) for p in todo if not isinstance(p, Tensor))
     order.reverse()
     return order
 

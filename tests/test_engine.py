@@ -297,3 +297,63 @@ def test_no_grad_saves_nothing(mk):
         y = F.layer_norm(F.linear(x, w).tanh(), mk(8), mk(8))
         assert saved_bytes() == 0 and peak_saved_bytes() >= 0
     assert not y.requires_grad
+
+
+# ------------------------------------------------------- post-accumulate-grad hooks
+
+
+def test_post_accumulate_grad_hook_sees_the_final_grad_once_per_backward(mk):
+    w, x = mk(3, 3), mk(2, 3)
+    seen = []
+    w.register_post_accumulate_grad_hook(lambda t: seen.append(npy(t.grad).copy()))
+    ((x @ w) @ w).sum().backward()  # w used twice (as GPT-2's tied wte): one call, with both uses summed
+    assert len(seen) == 1
+    np.testing.assert_array_equal(seen[0], npy(w.grad))
+    (x @ w).sum().backward()  # a second backward: called again, after adding into .grad
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[1], npy(w.grad))
+    assert not np.array_equal(seen[0], seen[1])
+
+
+def test_post_accumulate_grad_hook_is_not_called_without_a_grad_and_is_removable(mk, xp):
+    from minipeft.engine import grad
+
+    a, b = mk(3), mk(3)
+    calls = []
+    ha = a.register_post_accumulate_grad_hook(lambda t: calls.append("a"))
+    b.register_post_accumulate_grad_hook(lambda t: calls.append("b"))
+    (a * 2.0).sum().backward()  # b is not in this graph
+    assert calls == ["a"] and b.grad is None
+    grad((a * b).sum(), [a, b], asarray_on(xp, np.ones(())))  # returned, not accumulated: no hook
+    assert calls == ["a"]
+    ha.remove()
+    ha.remove()  # twice is harmless
+    (a * b).sum().backward()
+    assert calls == ["a", "b"]
+    with pytest.raises(RuntimeError, match="only a leaf tensor that requires grad.*frozen"):
+        mk(3, rg=False).register_post_accumulate_grad_hook(print)
+    with pytest.raises(RuntimeError, match="not a leaf"):
+        (a * 2.0).register_post_accumulate_grad_hook(print)
+
+
+def test_last_layer_grads_are_ready_before_backward_reaches_the_first_layer(mk):
+    """Each leaf comes right after the last op that uses it, so a data-parallel bucket can be
+    reduced while backward runs on: here w2's hook fires before the first layer's backward."""
+    events = []
+
+    class Spy(Function):  # identity that logs when backward passes it
+        @staticmethod
+        def forward(ctx, a):
+            return a
+
+        @staticmethod
+        def backward(ctx, g):
+            events.append("first layer's backward")
+            return (g,)
+
+    x, w1, w2 = mk(2, 3), mk(3, 3), mk(3, 3)
+    for name, w in (("w1", w1), ("w2", w2)):
+        w.register_post_accumulate_grad_hook(lambda t, name=name: events.append(name))
+    h = Spy.apply(x @ w1)  # (2, 3)
+    (h.tanh() @ w2).sum().backward()
+    assert events == ["w2", "first layer's backward", "w1"]
