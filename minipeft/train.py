@@ -387,18 +387,19 @@ def train(model, get_batch: Callable, optimizer: Optimizer | None = None, config
                 dp.gather_parameters()  # ZeRO-3: the weights other ranks own, for this step
             losses, tokens = [], 0
             n_parts = config.grad_accum_steps * (dp.num_shards if dp else 1)
-            for _ in range(config.grad_accum_steps):
+            for i in range(config.grad_accum_steps):
                 batch = get_batch(rng)  # data parallel: every rank draws the same global batch ...
                 tokens += count_tokens(batch)
-                for part in (dp.local_shards(batch) if dp else (batch,)):  # ... and trains on its shard
+                last = i == config.grad_accum_steps - 1  # its backward may start reducing gradients (overlap)
+                for part in (dp.local_shards(batch, last) if dp else (batch,)):  # ... and trains on its shard
                     with autocast(config.compute_dtype):  # backward runs in the precision each op recorded
                         loss = _scalar_loss(train_loss_fn(model, part))
                     xp = xp_of(loss.data)
                     loss.backward(xp.full(loss.shape, scaler.scale / n_parts, dtype=loss.dtype))
                     losses.append(float(loss.item()))
             if dp:
+                dp.reduce_gradients()  # bucketed all-reduce (ZeRO-2/3: to each owner); overlap began some in backward
                 losses = dp.gather_losses(losses, config.grad_accum_steps)  # every shard's, in one order
-                dp.reduce_gradients()  # bucketed all-reduce (ZeRO-2/3: reduce to each owner)
             train_loss = sum(losses) / n_parts
             if not math.isfinite(train_loss):
                 raise FloatingPointError(f"training loss became {train_loss} at step {step + 1}: lower lr "

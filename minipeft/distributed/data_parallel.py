@@ -24,15 +24,29 @@ How this code maps onto ``train()``'s step (``train.py`` calls exactly these met
     gather_parameters()    stage 3: owners broadcast their weights (the all-gather before forward)
     local_shards(batch)    this rank's rows of the global batch
     ... forward, backward of each shard, seeded with 1 / num_shards ...
+    reduce_gradients()     bucketed: all-reduce (stages 0-1) or reduce to the owner (2-3); with
+                           overlap the last backward started some buckets already
     gather_losses(...)     every shard's loss, in (micro-batch, shard) order, on every rank
-    reduce_gradients()     bucketed: all-reduce (stages 0-1) or reduce to the owner (2-3)
     clip_grad_norm_(c)     the global norm from every owner's squared norms
     finish_step(opt, ok)   the optimizer updates the owned parameters, owners broadcast the new
                            weights (stages 1-3), stage 3 frees the weights it does not own
 
 **Overlap.** DDP starts a bucket's all-reduce while backward is still computing earlier layers
-(Li et al. 2020, Sec. 3.2.3). minipeft's engine has no per-parameter "gradient ready" hook, so
-the buckets are reduced after backward, in parameter order: bucketed, not overlapped.
+(Li et al. 2020, Sec. 3.2.3), and so does this code. The gradient buckets hold the parameters in
+reverse order, the order backward produces their gradients (last layer first), as DDP's do. Before
+the step's last backward a hook (``register_post_accumulate_grad_hook``) goes on every parameter;
+it marks the gradient ready, and a bucket's reduction starts (``async_op=True``) as soon as all its
+members are ready and every earlier bucket has started: the same order on every rank, since MPI
+and NCCL match collectives by the order they are issued. Earlier micro-batches only accumulate
+(``local_shards(batch, last_micro_batch=False)``: DDP's ``no_sync``). A bucket with a parameter
+this rank's shard never reached waits, with every later bucket, for ``reduce_gradients()``, which
+starts the rest (zeros for missing gradients), waits for all of them in order, and then agrees
+with the other ranks on which parameters had a gradient anywhere. What overlap buys depends on
+the engine: NCCL runs the reduction on its own CUDA stream beside the backward kernels; MPI on
+CPU ranks moves a nonblocking collective's bytes mostly inside MPI calls, so there the gain is
+small. ``DataParallel(overlap=False)`` starts every bucket after backward; on MPI the results
+are the same bit for bit either way. ``launches`` counts the buckets started during and after
+backward.
 
 **Exact on the CPU.** With the MPI backend every sum is taken in rank order (``world.py``), so
 N ranks with one shard each give bit for bit the losses and weights of one process that runs
@@ -76,8 +90,10 @@ def _rows(batch, start: int, stop: int):
     return batch[start:stop]
 
 
-def _in_own_streams(shards, base: int):
-    for index, shard in shards:
+def _in_own_streams(shards, base: int, before_last=None):
+    for i, (index, shard) in enumerate(shards):
+        if before_last is not None and i == len(shards) - 1:
+            before_last()  # the step's last backward on this rank follows
         with mp_random.fork(base + index):
             yield shard
 
@@ -95,10 +111,12 @@ class DataParallel:
     size; a multiple of it: each rank runs ``num_shards / size`` of them one after another).
     ``DataParallel(World(), num_shards=N)`` is the one-process run the N-rank run equals.
     ``bucket_bytes``: the largest flat buffer a collective moves at once.
+    ``overlap``: start each bucket's reduction during the step's last backward, once its gradients
+    are ready (True), or every bucket after backward (False); the results are the same.
     """
 
     def __init__(self, world: World | None = None, stage: int = 0, num_shards: int | None = None,
-                 bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 bucket_bytes: int = DEFAULT_BUCKET_BYTES, overlap: bool = True):
         self.world = world if world is not None else get_world()
         if stage not in STAGES:
             raise ValueError(f"ZeRO stage must be one of {STAGES} (0 = plain data parallelism), got {stage!r}")
@@ -111,6 +129,11 @@ class DataParallel:
         self.named_params: list = []  # every trainable (name, Parameter), in the optimizer's order
         self.owner: dict[str, int] = {}
         self.traffic = {"all-reduce": 0, "reduce": 0, "broadcast": 0}  # bytes this rank handed to each collective
+        self.overlap = bool(overlap)
+        self.launches = {"during backward": 0, "after backward": 0}  # gradient buckets started, by when
+        self._hooks: list = []  # gradient-ready hooks, on the parameters during the step's last backward
+        self._ready: set[int] = set()  # id of each parameter whose gradient is final
+        self._in_flight: list = []  # (bucket, flat buffer, Work), in the buckets' order
 
     def __repr__(self) -> str:
         return f"DataParallel(stage={self.stage}, {self.world!r}, num_shards={self.num_shards})"
@@ -129,8 +152,10 @@ class DataParallel:
         self.named_params = list(getattr(optimizer, "all_named_params", None) or optimizer.named_params)
         self._shapes = {n: tuple(p.data.shape) for n, p in self.named_params}
         self.owner = partition([(n, int(p.data.size)) for n, p in self.named_params], self.world.size)
-        self._grad_buckets = make_buckets(self.named_params, self.owner if self.stage >= 2 else None,
+        # reversed: backward makes the last layer's gradients first (DDP's order), so buckets fill in order
+        self._grad_buckets = make_buckets(self.named_params[::-1], self.owner if self.stage >= 2 else None,
                                           self.bucket_bytes)
+        self._bucket_of = {id(p): i for i, b in enumerate(self._grad_buckets) for _, p in b.members}
         self._owner_buckets = make_buckets(self.named_params, self.owner, self.bucket_bytes)
         self._bcast(make_buckets(self.named_params, {n: 0 for n in self.owner}, self.bucket_bytes), count=False)
         if self.stage >= 1:
@@ -142,8 +167,12 @@ class DataParallel:
         return [n for n, _ in self.named_params if self.owner[n] == self.rank]
 
     # ------------------------------------------------------------------ batches
-    def local_shards(self, batch):
+    def local_shards(self, batch, last_micro_batch: bool = True):
         """This rank's shards of the global ``batch`` (rows split evenly, rank r's in the r-th place).
+
+        ``last_micro_batch``: whether the backward of this batch's last shard completes the step's
+        gradients; with ``overlap`` the gradient reduction then starts during that backward. Pass
+        False for every micro-batch of a step but the last (gradient accumulation).
 
         Iterate over the result: while a shard is being used, ``minipeft.random`` (dropout) draws
         from a stream seeded by the shard's global index and one draw per global batch from the
@@ -159,23 +188,29 @@ class DataParallel:
         first = self.rank * k
         shards = [(first + i, _rows(batch, (first + i) * per, (first + i + 1) * per)) for i in range(k)]
         base = int(mp_random.generator("cpu").integers(2**62))  # every rank draws it: the streams stay equal
-        return _in_own_streams(shards, base)
+        return _in_own_streams(shards, base, self._arm if self.overlap and last_micro_batch else None)
 
     def gather_losses(self, local: list[float], micro_batches: int) -> list[float]:
         """Every shard's loss in the order one process would see them: micro-batch, then shard."""
+        if self._in_flight:  # collectives match by order: another one now would pair with a bucket elsewhere
+            raise RuntimeError("gather_losses() while gradient buckets are being reduced: call reduce_gradients() "
+                               "first (every rank then issues its collectives in the same order)")
         k = self.num_shards // self.world.size
         everyone = np.asarray(self.world.sum_floats(local)).reshape(self.world.size, micro_batches, k)
         return [float(v) for v in everyone.transpose(1, 0, 2).reshape(-1)]
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self) -> None:
+        if self._in_flight:
+            raise RuntimeError("gradient reductions started by the last step's backward were never finished: "
+                               "call reduce_gradients() after the step's last backward")
+        self._disarm()
         for _, p in self.named_params:
             p.grad = None
 
     def _flat(self, bucket, what: str):
-        """Copy the members' grads (``what='grad'``) or weights into one new flat buffer."""
-        name0, p0 = bucket.members[0]
-        xp = xp_of(p0.grad if what == "grad" else p0.data)
+        """Copy the members' grads (``what='grad'``; zeros where there is none) or weights into one new flat buffer."""
+        xp = xp_of(bucket.members[0][1].data)
         flat = xp.zeros(bucket.numel, dtype=bucket.dtype)  # (numel,)
         off = 0
         for name, p in bucket.members:
@@ -200,28 +235,66 @@ class DataParallel:
                 p.data = piece.copy()  # ZeRO-3: a released weight comes back
             off += n
 
+    # ---- overlap: buckets start from inside backward
+    def _arm(self) -> None:
+        """Hook every parameter before the step's last backward: a ready gradient may start its bucket."""
+        if self._in_flight:
+            raise RuntimeError("a gradient bucket was already being reduced when another backward began: pass "
+                               "local_shards(batch, last_micro_batch=False) for every micro-batch but a step's last")
+        self._disarm()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                       for _, p in self.named_params if p.requires_grad]
+
+    def _disarm(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self._ready = [], set()
+
+    def _grad_ready(self, p) -> None:
+        """The hook: ``p.grad`` is final; start every bucket, in order, whose members are all ready."""
+        if self._bucket_of[id(p)] < len(self._in_flight):
+            raise RuntimeError("a gradient changed after its bucket's reduction started: one backward per step "
+                               "may follow local_shards(batch, last_micro_batch=True)")
+        self._ready.add(id(p))
+        buckets = self._grad_buckets
+        while len(self._in_flight) < len(buckets) and all(
+                id(q) in self._ready for _, q in buckets[len(self._in_flight)].members):
+            self._start(buckets[len(self._in_flight)], "during backward")
+
+    def _start(self, b, when: str) -> None:
+        flat = self._flat(b, "grad")
+        if b.owner is None:
+            work = self.world.allreduce_sum_(flat, async_op=True)
+        else:
+            work = self.world.reduce_sum_(flat, b.owner, async_op=True)
+        self.traffic["all-reduce" if b.owner is None else "reduce"] += int(flat.nbytes)
+        self.launches[when] += 1
+        self._in_flight.append((b, flat, work))
+
     def reduce_gradients(self) -> None:
         """Sum every rank's gradients: all-reduce (stages 0-1); reduce to the owner, free the rest (2-3).
 
-        A parameter without a gradient on some rank (unused by its shard) counts as zeros there;
-        one without a gradient on every rank keeps ``grad = None`` (the optimizer skips it, as alone).
+        The buckets backward did not start (all of them without ``overlap``) start now, in order;
+        then each is waited for, in order. A parameter without a gradient on some rank (unused by
+        its shard) counts as zeros there; one without a gradient on every rank keeps ``grad = None``
+        (the optimizer skips it, as alone).
         """
         mine = np.asarray([p.grad is not None for _, p in self.named_params], dtype=np.int32)  # (n_params,)
-        anywhere = dict(zip([n for n, _ in self.named_params], self.world.allgather(mine).max(axis=0) > 0))
-        for b in self._grad_buckets:
-            if not any(anywhere[n] for n, _ in b.members):
-                continue
-            flat = self._flat(b, "grad")
-            if b.owner is None:
-                self.world.allreduce_sum_(flat)
-            else:
-                self.world.reduce_sum_(flat, b.owner)
-            self.traffic["all-reduce" if b.owner is None else "reduce"] += int(flat.nbytes)
+        self._disarm()
+        for b in self._grad_buckets[len(self._in_flight):]:
+            self._start(b, "after backward")
+        for b, flat, work in self._in_flight:
+            work.wait()
             if b.owner is None or b.owner == self.rank:
                 self._unflat(b, flat, "grad")
-            for name, p in b.members:
-                if not anywhere[name] or (b.owner is not None and b.owner != self.rank):
+            else:
+                for _, p in b.members:
                     p.grad = None  # stage 2: another rank owns this gradient
+        self._in_flight = []
+        anywhere = self.world.allgather(mine).max(axis=0) > 0  # after every bucket, on every rank
+        for (_, p), used in zip(self.named_params, anywhere):
+            if not used:
+                p.grad = None
 
     def _held_grads(self) -> list:
         return [p for _, p in self.named_params if p.grad is not None]

@@ -21,6 +21,16 @@ and ``reduce_sum_`` on MPI therefore *gather* every rank's buffer and add them i
 ``((g0 + g1) + g2) + g3`` — exactly what one process computes when it accumulates the same
 shards in that order. This costs N times the buffer on the receiving side (per bucket, so the
 cost stays bounded). On NCCL the sum is NCCL's own (ring order): equal within float tolerance.
+
+**Collectives in flight.** ``allreduce_sum_(buf, async_op=True)`` and ``reduce_sum_`` with it
+return a ``Work`` (PyTorch's name) at once; its ``wait()`` returns when the sum is in ``buf``.
+Data parallelism starts a bucket's reduction so while backward still runs. On MPI the gather
+is nonblocking (``Iallgather``/``Igather``) and the rank-order sum is taken in ``wait()``, so the
+result is bit for bit the blocking one; MPI moves the bytes mostly while some MPI call runs, so
+on CPU ranks the overlap gains little. On NCCL the collective runs on a side CUDA stream that
+first waits for an event recorded on the current stream (the gradients are written), and
+``wait()`` makes the current stream wait for the collective's end: the reduction runs on the
+GPU beside the backward kernels queued after it.
 """
 from __future__ import annotations
 
@@ -35,6 +45,27 @@ BACKENDS = ("mpi", "nccl")
 _MPI_RANK_VARS = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 _MPI_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE")
 _LOCAL_RANK_VARS = ("MINIPEFT_LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK")  # the GPU of a rank
+
+
+class Work:
+    """A collective in flight: ``wait()`` returns once its result is in the buffer (then does nothing)."""
+
+    def __init__(self, finish=None, keep=()):
+        self._finish, self._keep = finish, keep  # keep: arrays the collective uses until it ends
+
+    def wait(self) -> None:
+        finish, self._finish = self._finish, None
+        if finish is not None:
+            finish()
+        self._keep = ()
+
+
+def _done_or_work(work: Work, async_op: bool):
+    """``work`` itself for ``async_op``; otherwise wait for it here."""
+    if async_op:
+        return work
+    work.wait()
+    return None
 
 
 class World:
@@ -52,11 +83,13 @@ class World:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, backend={self.backend!r})"
 
     # ---- the collectives (identity for one process)
-    def allreduce_sum_(self, buf) -> None:
-        """Replace ``buf`` on every rank by the sum of all ranks' ``buf``."""
+    def allreduce_sum_(self, buf, async_op: bool = False) -> Work | None:
+        """Replace ``buf`` on every rank by the sum of all ranks' ``buf`` (``async_op``: return a ``Work``)."""
+        return _done_or_work(Work(), async_op)
 
-    def reduce_sum_(self, buf, root: int) -> None:
+    def reduce_sum_(self, buf, root: int, async_op: bool = False) -> Work | None:
         """Replace ``buf`` on ``root`` by the sum of all ranks' ``buf`` (others' ``buf`` is left as is)."""
+        return _done_or_work(Work(), async_op)
 
     def broadcast_(self, buf, root: int) -> None:
         """Copy ``root``'s ``buf`` into every rank's ``buf``."""
@@ -117,16 +150,26 @@ class MPIWorld(World):
             acc = acc + rows[r]  # ((g0 + g1) + g2) + ...: the order one process accumulates in
         out[...] = acc
 
-    def allreduce_sum_(self, buf) -> None:
+    def allreduce_sum_(self, buf, async_op: bool = False):
         self._check(buf)
-        self._sum_in_rank_order(self._gathered(buf), buf)
+        rows = np.empty((self.size,) + buf.shape, dtype=buf.dtype)  # (N, n)
+        request = self.comm.Iallgather(buf, rows)  # buf is not touched until the gather ends
 
-    def reduce_sum_(self, buf, root: int) -> None:
+        def finish():
+            request.Wait()
+            self._sum_in_rank_order(rows, buf)  # the rank-order sum, as the blocking call took it
+        return _done_or_work(Work(finish, keep=(buf, rows)), async_op)
+
+    def reduce_sum_(self, buf, root: int, async_op: bool = False):
         self._check(buf)
-        rows = np.empty((self.size,) + buf.shape, dtype=buf.dtype) if self.rank == root else None
-        self.comm.Gather(buf, rows, root=root)
-        if self.rank == root:
-            self._sum_in_rank_order(rows, buf)
+        rows = np.empty((self.size,) + buf.shape, dtype=buf.dtype) if self.rank == root else None  # (N, n)
+        request = self.comm.Igather(buf, rows, root=root)
+
+        def finish():
+            request.Wait()
+            if self.rank == root:
+                self._sum_in_rank_order(rows, buf)
+        return _done_or_work(Work(finish, keep=(buf, rows)), async_op)
 
     def broadcast_(self, buf, root: int) -> None:
         self._check(buf)
@@ -184,13 +227,31 @@ class NCCLWorld(World):
             raise TypeError(f"the NCCL backend works on CuPy arrays, got {type(buf).__name__}: train on the GPU "
                             "(MINIPEFT_DEVICE=cuda), or use the MPI backend for NumPy arrays")
 
-    def allreduce_sum_(self, buf) -> None:
-        self._check(buf)
-        self.comm.all_reduce(buf, buf, "sum")
+    def _on_side_stream(self, collective, buf, async_op: bool):
+        """Blocking: ``collective(None)`` on the current stream. ``async_op``: on a side stream, after
+        the work queued so far on the current stream, which ``wait()`` makes wait for its end."""
+        if not async_op:
+            collective(None)
+            return None
+        cuda = self.cupy.cuda
+        if getattr(self, "_side", None) is None:
+            self._side = cuda.Stream(non_blocking=True)
+        ready = cuda.Event(disable_timing=True)
+        ready.record()  # on the current stream: buf holds the gradients once it is reached
+        self._side.wait_event(ready)
+        collective(self._side)
+        done = cuda.Event(disable_timing=True)
+        done.record(self._side)
+        return Work(lambda: cuda.get_current_stream().wait_event(done), keep=(buf,))
 
-    def reduce_sum_(self, buf, root: int) -> None:
+    def allreduce_sum_(self, buf, async_op: bool = False):
         self._check(buf)
-        self.comm.reduce(buf, buf, root, "sum")
+        return self._on_side_stream(lambda stream: self.comm.all_reduce(buf, buf, "sum", stream=stream), buf, async_op)
+
+    def reduce_sum_(self, buf, root: int, async_op: bool = False):
+        self._check(buf)
+        return self._on_side_stream(lambda stream: self.comm.reduce(buf, buf, root, "sum", stream=stream), buf,
+                                    async_op)
 
     def broadcast_(self, buf, root: int) -> None:
         self._check(buf)
