@@ -84,3 +84,24 @@ def test_train_turns_data_parallel_by_itself(tmp_path):
     assert res["world_size"] == 2
     assert res["losses"] == run(DataParallel(World(), num_shards=2))  # dropout 0.1 included
     assert proc.stdout.count("step      1 |") == 1  # the log line comes from rank 0 only
+
+
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_overlap_with_backward_changes_no_bit(tmp_path, nproc):
+    """Buckets started from gradient hooks during backward give the losses and weights of buckets started
+    after it, bit for bit, for full/LoRA/QLoRA at stages 0-3; a rank whose shard leaves a parameter without
+    gradient starts that bucket (and the later ones) after backward, and the ranks still pair their collectives."""
+    from pathlib import Path
+
+    out = tmp_path / "overlap.json"
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "minipeft.launch", "--nproc", str(nproc), "-m",
+                           "tests.distributed._overlap_worker", str(out)], capture_output=True, text=True, env=env,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["world_size"] == nproc and len(res["equal"]) == 12
+    assert all(res["equal"].values()), res["equal"]
+    assert all(on > 3 and off == 0 for on, off in res["during"].values()), res["during"]
+    for stage, got in res["uneven"].items():
+        assert got["right"] and got["during"] == [3] + [1] * (nproc - 1), (stage, got)
