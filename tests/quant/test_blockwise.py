@@ -310,7 +310,7 @@ def test_bad_types_raise():
     packed, state = B.quantize_4bit(np.ones(10, np.float32))
     with pytest.raises(TypeError, match="expects packed uint8 bytes, got int8"):
         B.dequantize_4bit(packed.astype(np.int8), state)
-    with pytest.raises(TypeError, match="can return float32 or float16, got float64"):
+    with pytest.raises(TypeError, match="can return float32, float16 or bfloat16, got float64"):
         B.dequantize_4bit(packed, state, dtype=np.float64)
     with pytest.raises(ValueError, match="packed bytes"):
         B.dequantize_4bit(packed[:3], state)
