@@ -16,6 +16,10 @@ launch, see :mod:`minipeft.kernels.quant8bit`).
 :func:`quantize_4bit_cuda` and :func:`dequantize_4bit_cuda` take the twins' arguments and
 run their checks; :mod:`minipeft.kernels` registers them as the twins' fast paths for
 CuPy arrays, so ``minipeft.quant.quantize_4bit(cupy_array)`` runs the kernel.
+Dequantization writes float32, float16 or bfloat16 (what QLoRA's bfloat16 layers multiply
+with: no float32 weight and no cast pass); a frozen weight's launch is prepared once and
+kept on its ``QuantState`` (:func:`cached_dequantize_launch`), so a call is an identity
+check, the allocation and the launch.
 """
 from __future__ import annotations
 
