@@ -22,6 +22,19 @@ FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))   # what the quantiz
 QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
 
 
+class LaunchCache(dict):
+    """What GPU launchers prepared for one :class:`QuantState` (``minipeft.kernels.quant4bit``).
+
+    A copy starts empty: ``copy.deepcopy`` of a model makes new arrays, whose launches are
+    built anew on first use (and a launch holds a compiled kernel, not worth copying)."""
+
+    def __copy__(self):
+        return LaunchCache()
+
+    def __deepcopy__(self, memo):
+        return LaunchCache()
+
+
 @dataclass
 class QuantState:
     """What it takes to dequantize; the fields of bitsandbytes' ``QuantState``."""
@@ -36,7 +49,7 @@ class QuantState:
     state2: "QuantState | None" = None   # the absmax's own state (dynamic map, blocks of 256)
     # What a GPU launcher prepared for this state (minipeft.kernels.quant4bit): never saved, never
     # copied by .to(); each entry says which arrays it was built from and is rebuilt when they change
-    cache: dict = field(default_factory=dict, repr=False, compare=False)
+    cache: LaunchCache = field(default_factory=LaunchCache, repr=False, compare=False)
 
     @property
     def nested(self) -> bool:

@@ -1,6 +1,8 @@
 """Block-wise 8-bit and 4-bit quantization: error bounds, round trips, edge cases, numbers."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -507,3 +509,6 @@ def test_quant_state_cache_is_not_state():
     assert "cache" not in repr(state) and "anything" not in repr(state)
     assert state.to("cpu").cache == {} and state.to("cpu").state2.cache == {}
     assert "cache" not in state.as_dict() and B.QuantState.from_dict(state.as_dict()).cache == {}
+    twin = copy.deepcopy(state)
+    assert twin.cache == {} and state.cache and twin.state2.cache == {}
+    np.testing.assert_array_equal(B.dequantize_4bit(packed, twin), B.dequantize_4bit(packed, state))
