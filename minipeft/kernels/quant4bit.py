@@ -210,7 +210,8 @@ class DequantizeLaunch:
         return all(map(operator.is_, self.sources, _sources(packed, quant_state)))
 
     def __call__(self, out=None):
-        """Dequantize into ``out`` (a fresh array of the state's shape when None) and return it."""
+        """Dequantize into ``out`` and return it: a fresh array of the state's shape when None, else a
+        C-contiguous CuPy array of that shape and this dtype starting on a 16-byte boundary."""
         if out is None:
             out = self._empty(self.shape, dtype=self.dtype)            # shape of the original
         self.kernel(self.grid, (THREADS,), self.args + (out,))
