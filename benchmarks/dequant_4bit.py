@@ -1,22 +1,27 @@
 """Time minipeft's 4-bit dequantize kernel against bitsandbytes' ``dequantize_4bit`` in one run.
 
-Both dequantize the same float16 weight, quantized to NF4 at block size 64 (QLoRA's
-setting), with and without double quantization, to a float16 output. The weight is drawn
-once with torch on the GPU; bitsandbytes quantizes it with its own ``quantize_4bit`` and
-minipeft with ``quantize_4bit_cuda`` (the packed bytes are compared: they should be
-identical). minipeft's kernel also dequantizes bitsandbytes' own state, and that output
-is compared bit for bit with bitsandbytes'.
+Both dequantize the same weight, quantized to NF4 at block size 64 (QLoRA's setting), with
+and without double quantization, to a float16 and to a bfloat16 output (``--out-dtypes``;
+bitsandbytes returns its state's dtype, so for bfloat16 it quantizes the weight cast to
+bfloat16, and minipeft the same values as float32). The weight is drawn once with torch on
+the GPU; bitsandbytes quantizes it with its own ``quantize_4bit`` and minipeft with
+``quantize_4bit_cuda`` (the packed bytes are compared: they should be identical).
+minipeft's kernel also dequantizes bitsandbytes' own state, and that output is compared
+bit for bit with bitsandbytes'.
 
 Bytes counted (DESIGN.md, "Performance and memory"): read = packed bytes + absmax
 (float32 per block; nested: one uint8 per block + float32 per 256 blocks + the 256-entry
-code + the offset), written = the float16 output. Achieved GB/s = bytes / time, set
+code + the offset), written = the 16-bit output. Achieved GB/s = bytes / time, set
 against the device-to-device copy bandwidth measured in the same run (``cudaMemcpy`` of
 1 GiB, counting bytes read + written).
 
 Rows: ``bnb`` is ``bitsandbytes.functional.dequantize_4bit(packed, state)``; ``minipeft``
-is ``dequantize_4bit_cuda(packed, state)``, the whole Python call (checks, allocation,
-launch); ``mp-kernel`` is a ``prepare_dequantize_4bit`` launcher (checks and allocation
-done once, the launch alone), which shows the kernel's own bandwidth.
+is ``dequantize_4bit_cuda(packed, state, dtype)``, the whole Python call (the launch cached
+on the state after the first call: an identity check, the allocation, the launch);
+``mp-kernel`` is a ``prepare_dequantize_4bit`` launcher (the output allocated once too, the
+launch alone), which shows the kernel's own bandwidth; ``mp-waves`` is the same kernel on
+the grid of one sweep per CUDA block (several waves) instead of one wave of equal shares,
+to see what the one-wave grid buys.
 
 Timing (METHOD.md): warm-up calls, then ``--reps`` repetitions of ``--inner`` back-to-back
 calls between two CUDA events (so the host's launch overhead overlaps the GPU work, as in
@@ -43,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma-separated weight shapes ROWSxCOLS (default 8192x8192,4096x11008)")
     ap.add_argument("--blocksize", type=int, default=64, help="4-bit block size (default 64)")
     ap.add_argument("--quant-type", default="nf4", choices=("nf4", "fp4"), help="default nf4")
+    ap.add_argument("--out-dtypes", default="float16,bfloat16",
+                    help="comma-separated output dtypes, float16 and/or bfloat16 (default both)")
     ap.add_argument("--warmup", type=int, default=20, help="untimed calls first (default 20)")
     ap.add_argument("--reps", type=int, default=60, help="timed repetitions (default 60)")
     ap.add_argument("--inner", type=int, default=10, help="calls per repetition (default 10)")
@@ -50,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
+    if not set(args.out_dtypes.split(",")) <= {"float16", "bfloat16"}:
+        ap.error(f"--out-dtypes takes float16 and/or bfloat16, got {args.out_dtypes!r}")
     for k in ("warmup", "reps", "inner", "copy_mib"):
         if getattr(args, k) <= 0:
             ap.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
@@ -121,9 +130,11 @@ def main(argv=None) -> dict:
 
     import bitsandbytes
     import bitsandbytes.functional as F
-    from minipeft.kernels.quant4bit import (dequantize_4bit_cuda, prepare_dequantize_4bit,
-                                            quantize_4bit_cuda)
+    from minipeft.backend import bfloat16_dtype
+    from minipeft.kernels.quant4bit import (THREADS, UNROLL, DequantizeLaunch, cached_dequantize_launch,
+                                            dequantize_4bit_cuda, prepare_dequantize_4bit, quantize_4bit_cuda)
 
+    bfloat16_dtype()                                                   # np.dtype("bfloat16") from here on
     assert cp.cuda.get_current_stream().ptr == 0 and torch.cuda.current_stream().cuda_stream == 0
     props = cp.cuda.runtime.getDeviceProperties(0)
     versions = {"python": platform.python_version(), "numpy": np.__version__, "cupy": cp.__version__,
@@ -143,51 +154,66 @@ def main(argv=None) -> dict:
 
     rows = []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
+    impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))
         W = torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
         n = W.numel()
-        for dq in (False, True):
-            pb, qsb = F.quantize_4bit(W, blocksize=args.blocksize, compress_statistics=dq,
-                                      quant_type=args.quant_type)
-            pm, qsm = quantize_4bit_cuda(cp.from_dlpack(W), args.blocksize, args.quant_type, dq)
-            same_packed = bool((cp.from_dlpack(pb).reshape(-1) == pm.reshape(-1)).all())
-            ref = F.dequantize_4bit(pb, qsb)
-            ours_on_bnb_state = dequantize_4bit_cuda(cp.from_dlpack(pb), bnb_state_to_minipeft(qsb, cp))
-            same_out = bool((cp.from_dlpack(ref).view(cp.uint16).reshape(-1)
-                             == ours_on_bnb_state.view(cp.uint16).reshape(-1)).all())
-            n_blocks = -(-n // args.blocksize)
-            read = pm.nbytes + (n_blocks + 4 * -(-n_blocks // 256) + 4 * 256 + 4 if dq else 4 * n_blocks)
-            written = 2 * n
-            prepared = prepare_dequantize_4bit(pm, qsm)
-            same_prepared = bool((prepared().view(cp.uint16) == dequantize_4bit_cuda(pm, qsm)
-                                  .view(cp.uint16)).all())
-            t = time_alternating({"bnb": lambda: F.dequantize_4bit(pb, qsb),
-                                  "minipeft": lambda: dequantize_4bit_cuda(pm, qsm),
-                                  "mp-kernel": prepared},
-                                 torch, args.warmup, args.reps, args.inner)
-            for impl in ("bnb", "minipeft", "mp-kernel"):
-                q1, med, q3 = t[impl]
-                gbs = (read + written) / med
-                rows.append({"shape": list(shape), "double_quant": dq, "impl": impl,
-                             "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
-                             "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
-                             "frac_copy": gbs / copy_bw,
-                             "speedup_vs_bnb": t["bnb"][1] / med,
-                             "packed_equal_bnb": same_packed, "out_equal_bnb_same_state": same_out,
-                             "prepared_equal_call": same_prepared})
-            del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared
+        for out_name in args.out_dtypes.split(","):
+            Wq = W.to(getattr(torch, out_name))                        # what bitsandbytes quantizes
+            ours_in = cp.from_dlpack(Wq if out_name == "float16" else Wq.float())   # the same values
+            for dq in (False, True):
+                pb, qsb = F.quantize_4bit(Wq, blocksize=args.blocksize, compress_statistics=dq,
+                                          quant_type=args.quant_type)
+                pm, qsm = quantize_4bit_cuda(ours_in, args.blocksize, args.quant_type, dq)
+                same_packed = bool((cp.from_dlpack(pb).reshape(-1) == pm.reshape(-1)).all())
+                ref = F.dequantize_4bit(pb, qsb)                       # Wq's dtype
+                ours_on_bnb_state = dequantize_4bit_cuda(cp.from_dlpack(pb), bnb_state_to_minipeft(qsb, cp),
+                                                         out_name)
+                same_out = bool((cp.from_dlpack(ref.view(torch.int16)).reshape(-1)
+                                 == ours_on_bnb_state.view(cp.int16).reshape(-1)).all())
+                n_blocks = -(-n // args.blocksize)
+                read = pm.nbytes + (n_blocks + 4 * -(-n_blocks // 256) + 4 * 256 + 4 if dq else 4 * n_blocks)
+                written = 2 * n
+                prepared = prepare_dequantize_4bit(pm, qsm, out_name)
+                one_wave = cached_dequantize_launch(pm, qsm, out_name).grid[0]
+                same_prepared = bool((prepared().view(cp.uint16) == dequantize_4bit_cuda(pm, qsm, out_name)
+                                      .view(cp.uint16)).all())
+                chunks = -(-((n + 1) // 2) // 4)                       # 4 packed bytes each
+                waves = DequantizeLaunch(pm, qsm, np.dtype(out_name), grid=-(-chunks // (THREADS * UNROLL)))
+                waves_out = waves()
+                same_waves = bool((waves(waves_out).view(cp.uint16) == prepared().view(cp.uint16)).all())
+                t = time_alternating({"bnb": lambda: F.dequantize_4bit(pb, qsb),
+                                      "minipeft": lambda: dequantize_4bit_cuda(pm, qsm, out_name),
+                                      "mp-kernel": prepared,
+                                      "mp-waves": lambda: waves(waves_out)},
+                                     torch, args.warmup, args.reps, args.inner)
+                for impl in impls:
+                    q1, med, q3 = t[impl]
+                    gbs = (read + written) / med
+                    rows.append({"shape": list(shape), "out_dtype": out_name, "double_quant": dq,
+                                 "impl": impl, "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
+                                 "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
+                                 "frac_copy": gbs / copy_bw,
+                                 "speedup_vs_bnb": t["bnb"][1] / med,
+                                 "grid": {"minipeft": one_wave, "mp-kernel": one_wave,
+                                          "mp-waves": waves.grid[0]}.get(impl),
+                                 "packed_equal_bnb": same_packed, "out_equal_bnb_same_state": same_out,
+                                 "prepared_equal_call": same_prepared, "waves_equal_one_wave": same_waves})
+                del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, waves, waves_out
+            del Wq, ours_in
         del W
 
-    print(f"\n{'shape':>12} {'DQ':>3} {'impl':>9} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
+    print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'impl':>9} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
           f"{'% copy':>7} {'mp/bnb':>7} {'bytes=':>7}")
     for r in rows:
-        print(f"{'x'.join(map(str, r['shape'])):>12} {'yes' if r['double_quant'] else 'no':>3} "
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['out_dtype']:>8} {'yes' if r['double_quant'] else 'no':>3} "
               f"{r['impl']:>9} {r['median_us']:10.1f} {r['q1_us']:6.1f}-{r['q3_us']:6.1f} "
               f"{r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% {r['speedup_vs_bnb']:7.2f} "
               f"{str(r['packed_equal_bnb'] and r['out_equal_bnb_same_state']):>7}")
-    print("minipeft: dequantize_4bit_cuda(packed, state), the whole Python call; mp-kernel: "
-          "prepare_dequantize_4bit(...)() (checks and allocation done once, the launch alone)")
+    print("minipeft: dequantize_4bit_cuda(packed, state, dtype), the whole Python call (launch cached on the "
+          "state); mp-kernel: prepare_dequantize_4bit(...)() (the launch alone, one wave of equal shares); "
+          "mp-waves: the same kernel, one sweep per CUDA block (several waves)")
     print("mp/bnb: bitsandbytes' time / this row's (>1: minipeft faster); bytes=: packed bytes "
           "equal bnb's and minipeft's output from bnb's state equals bnb's, bit for bit")
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,

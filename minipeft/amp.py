@@ -44,7 +44,7 @@ import math
 import numpy as np
 
 from . import fast
-from .backend import sum_rows, xp_of
+from .backend import bfloat16_dtype, sum_rows, xp_of
 from .ops.linalg import Linear, MatMul
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -83,15 +83,6 @@ def autocast_dtype(*arrays) -> str | None:
     return None
 
 
-def bfloat16_dtype() -> np.dtype:
-    """``ml_dtypes.bfloat16`` as a NumPy dtype: what a CuPy bfloat16 array holds (imported on first use)."""
-    try:
-        import ml_dtypes
-    except ImportError as e:
-        raise ImportError("compute_dtype='bfloat16' on the GPU runs on CuPy bfloat16 arrays, whose dtype comes "
-                          "from the ml_dtypes package, which is not installed: pip install ml_dtypes "
-                          "(or pip install 'minipeft[gpu]')") from e
-    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _on_gpu(a) -> bool:

@@ -36,6 +36,17 @@ def _import_cupy():
     return cupy
 
 
+def bfloat16_dtype() -> np.dtype:
+    """``ml_dtypes.bfloat16`` as a NumPy dtype: what a CuPy bfloat16 array holds (imported on first use)."""
+    try:
+        import ml_dtypes
+    except ImportError as e:
+        raise ImportError("compute_dtype='bfloat16' on the GPU runs on CuPy bfloat16 arrays, whose dtype comes "
+                          "from the ml_dtypes package, which is not installed: pip install ml_dtypes "
+                          "(or pip install 'minipeft[gpu]')") from e
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 def cuda_available() -> bool:
     """True when CuPy imports and at least one GPU is visible."""
     try:

@@ -125,7 +125,7 @@ def test_gpu_bfloat16_linear_step_matches_the_cpu_emulation(out):
 
 @pytest.mark.gpu
 def test_gpu_linear4bit_in_bfloat16_matches_the_cpu_emulation():
-    """QLoRA's frozen layer: NF4 dequantized to float32, cast to bfloat16, one bfloat16 GEMM (no bias:
+    """QLoRA's frozen layer: NF4 dequantized to bfloat16 (CPU: float32, rounded), one bfloat16 GEMM (no bias:
     its rounding is the cast tested above)."""
     from minipeft.nn import Linear
     from minipeft.quant.modules import Linear4bit

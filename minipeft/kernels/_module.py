@@ -57,6 +57,16 @@ def kernel(filename: str, name: str, device_id: int | None = None):
     return _function(filename, name, cupy().cuda.runtime.getDevice() if device_id is None else int(device_id))
 
 
+@functools.lru_cache(maxsize=None)
+def resident_blocks(filename: str, name: str, threads: int, device_id: int) -> int:
+    """CUDA blocks of ``threads`` threads of kernel ``name`` that ``device_id`` runs at once (one
+    wave): the occupancy calculator's blocks per SM (registers, shared memory) times the SMs."""
+    cp = cupy()
+    fn = kernel(filename, name, device_id)
+    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+    return max(1, per_sm) * cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
+
+
 def blocks(n: int, per_block: int = THREADS) -> int:
     """Grid size of a grid-stride loop over ``n`` items."""
     return int(max(1, min(MAX_GRID, -(-int(n) // per_block))))

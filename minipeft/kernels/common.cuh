@@ -1,7 +1,7 @@
 // Device helpers shared by the kernels of this folder; a .cu file takes them with
 //     #include "common.cuh"
 // (NVRTC finds this file through -I, see _module.py). Each is the one copy of a piece that
-// several kernels need: the integer names, float16 <-> float32 conversions, CUDA's
+// several kernels need: the integer names, float16 <-> float32 and float32 -> bfloat16 conversions, CUDA's
 // flush-to-zero of subnormals, 8-element loads, warp reductions.
 #pragma once
 
@@ -20,6 +20,11 @@ __device__ __forceinline__ float h2f(u16 h) {            // float16 bits -> floa
 }
 __device__ __forceinline__ u32 f2h(float f) {            // float32 -> float16 bits, round to nearest even
     u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return (u32)h;
+}
+__device__ __forceinline__ u32 f2bf(float f) {           // float32 -> bfloat16 bits, round to nearest even
+    const u32 u = __float_as_uint(f);                      // as minipeft.quant.floats.float32_to_bfloat16_bits:
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;   // NaN -> the quiet NaN, else one integer add
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;         // on the bits (a carry bumps the exponent)
 }
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(u16 x) { return h2f(x); }

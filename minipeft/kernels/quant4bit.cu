@@ -14,9 +14,10 @@
 // Quantize: one thread = 8 consecutive elements (one 16-byte load for float16, two for
 // float32) -> 4 packed bytes (one 4-byte store); G = B/8 consecutive threads share a block
 // and reduce its absmax with warp shuffles (and shared memory when G > 32).
-// Dequantize: one thread = UNROLL chunks of 4 packed bytes (8 values), the UNROLL loads
-// issued before any use; each chunk is one 4-byte load and one 16-byte store (float16) or
-// two (float32), consecutive threads on consecutive chunks so every access is coalesced.
+// Dequantize: one thread = UNROLL chunks of 4 packed bytes (8 values) per sweep, all loads of a
+// sweep issued before its stores; each chunk is one 4-byte load and one 16-byte store (float16,
+// bfloat16) or two (float32), consecutive threads on consecutive chunks so every access is
+// coalesced; a grid of one wave, each CUDA block an equal share (see dequantize_4bit below).
 
 #include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax
 
@@ -84,11 +85,56 @@ extern "C" __global__ void quantize_4bit_f16(const u16* x, i64 n, int log2_bs, c
 }
 
 // ------------------------------------------------------------------------------------------
+// Dequantize: x^ = decode[q] * absmax in float32 (flushed), then one rounding, nearest even, to
+// the output type: float32 (none), float16 or bfloat16 (the twin's one cast).
+enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
+
 #ifndef UNROLL
-#define UNROLL 4   // chunks per dequantize thread; the launcher's UNROLL must match
+#define UNROLL 4   // chunks per thread per sweep: their loads are all issued before the first store
 #endif
 
-template <bool HALF, bool NESTED>
+// One chunk: the 4 packed bytes from byte j0 as one little-endian word (bytes past nbytes: 0).
+__device__ __forceinline__ u32 load_chunk(const u8* __restrict__ packed, i64 j0, i64 nbytes) {
+    if (j0 + 4 <= nbytes) return __ldg(reinterpret_cast<const u32*>(packed + j0));
+    u32 w = 0;
+    for (int k = 0; k < 4; ++k) if (j0 + k < nbytes) w |= (u32)packed[j0 + k] << (8 * k);
+    return w;
+}
+
+template <int OUT>
+__device__ __forceinline__ u32 to16(float v) { return OUT == OUT_BF16 ? f2bf(v) : f2h(v); }
+
+// The 8 values of one chunk from element e0: one 16-byte store (two for float32); none past n.
+template <int OUT>
+__device__ __forceinline__ void store8(void* __restrict__ out, i64 e0, i64 n, const float v[8]) {
+    if (e0 + 8 <= n) {
+        if (OUT == OUT_F32) {
+            float4* o = reinterpret_cast<float4*>(static_cast<float*>(out) + e0);
+            o[0] = make_float4(v[0], v[1], v[2], v[3]);
+            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+        } else {
+            uint4 o;
+            o.x = to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16); o.y = to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16);
+            o.z = to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16); o.w = to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16);
+            *reinterpret_cast<uint4*>(static_cast<u16*>(out) + e0) = o;
+        }
+    } else {
+        for (int k = 0; k < 8 && e0 + k < n; ++k) {
+            if (OUT == OUT_F32) static_cast<float*>(out)[e0 + k] = v[k];
+            else static_cast<u16*>(out)[e0 + k] = (u16)to16<OUT>(v[k]);
+        }
+    }
+}
+
+// The grid is one wave (as many CUDA blocks as the device runs at once: quant4bit.py asks the
+// occupancy calculator) and each CUDA block takes an equal, contiguous share of the chunks, a
+// whole number of sweeps of blockDim.x * UNROLL chunks but the last: all blocks finish together,
+// with no last partial wave running on a few SMs. In a sweep thread t takes chunks
+// c0, c0 + T, ..., c0 + (UNROLL-1) T (T = blockDim.x, c0 = sweep start + t), so a warp reads 128
+// contiguous bytes and writes 512 (float32: 1024) per instruction; it loads all UNROLL packed
+// words, then the UNROLL block absmax (nested: code2[q2] * absmax2 + offset, a chain of two
+// loads), and only then decodes and stores, so no load waits behind a store.
+template <int OUT, bool NESTED>
 __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
                                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
                                 const float* __restrict__ code2, const float* __restrict__ absmax2,
@@ -98,64 +144,55 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     if (threadIdx.x < 16) tab[threadIdx.x] = decode[threadIdx.x];
     __syncthreads();
 
-    const i64 nbytes = (n + 1) >> 1;
-    const i64 base = (i64)blockIdx.x * blockDim.x * UNROLL + threadIdx.x;
-    u32 word[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {                     // all loads first
-        const i64 c = base + (i64)u * blockDim.x, j0 = c * 4;
-        if (j0 + 4 <= nbytes) {
-            word[u] = __ldg(reinterpret_cast<const u32*>(packed + j0));
-        } else {
-            u32 w = 0;
-            for (int k = 0; k < 4; ++k) if (j0 + k < nbytes) w |= (u32)packed[j0 + k] << (8 * k);
-            word[u] = w;
-        }
-    }
+    const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + 3) >> 2;      // 4 packed bytes per chunk
+    const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
+    const i64 T = blockDim.x;
+    const i64 share = ((chunks + gridDim.x - 1) / gridDim.x + T - 1) / T * T;   // whole warps
+    const i64 first = (i64)blockIdx.x * share;
+    const i64 end = first + share < chunks ? first + share : chunks;  // this CUDA block's [first, end)
     const float off = NESTED ? __ldg(offset) : 0.0f;
+
+    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += T * UNROLL) {
+        u32 word[UNROLL];
+        float a[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const i64 c = base + (i64)u * blockDim.x, e0 = c * 8;
-        if (e0 >= n) break;
-        const i64 b = e0 >> log2_bs;                       // the 8 values share one block (B >= 32)
-        const float a = block_absmax<NESTED>(b, absmax, qabsmax, code2, absmax2, off, log2_bs2);
-        float v[8];
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const u32 byte = (word[u] >> (8 * k)) & 0xFFu;
-            v[2 * k] = flush(__fmul_rn(tab[byte >> 4], a));
-            v[2 * k + 1] = flush(__fmul_rn(tab[byte & 0xFu], a));
+        for (int u = 0; u < UNROLL; ++u) {
+            const i64 c = c0 + u * T;
+            word[u] = c < end ? load_chunk(packed, c * 4, nbytes) : 0u;
         }
-        if (e0 + 8 <= n) {
-            if (HALF) {
-                uint4 o;
-                o.x = f2h(v[0]) | (f2h(v[1]) << 16); o.y = f2h(v[2]) | (f2h(v[3]) << 16);
-                o.z = f2h(v[4]) | (f2h(v[5]) << 16); o.w = f2h(v[6]) | (f2h(v[7]) << 16);
-                *reinterpret_cast<uint4*>(static_cast<u16*>(out) + e0) = o;
-            } else {
-                float4* o = reinterpret_cast<float4*>(static_cast<float*>(out) + e0);
-                o[0] = make_float4(v[0], v[1], v[2], v[3]);
-                o[1] = make_float4(v[4], v[5], v[6], v[7]);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {                 // the 8 values share one block (B >= 32)
+            const i64 b = ((c0 + u * T) * 8) >> log2_bs;
+            a[u] = block_absmax<NESTED>(b < last_block ? b : last_block,   // past the end: stored nowhere
+                                        absmax, qabsmax, code2, absmax2, off, log2_bs2);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const i64 c = c0 + u * T;
+            if (c >= end) break;                           // after every load: nothing waits on it
+            float v[8];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const u32 byte = (word[u] >> (8 * k)) & 0xFFu;
+                v[2 * k] = flush(__fmul_rn(tab[byte >> 4], a[u]));          // even element: high nibble
+                v[2 * k + 1] = flush(__fmul_rn(tab[byte & 0xFu], a[u]));
             }
-        } else {
-            for (int k = 0; k < 8; ++k) {
-                if (e0 + k >= n) break;
-                if (HALF) static_cast<u16*>(out)[e0 + k] = (u16)f2h(v[k]);
-                else static_cast<float*>(out)[e0 + k] = v[k];
-            }
+            store8<OUT>(out, c * 8, n, v);
         }
     }
 }
 
-#define DEQ4(NAME, HALF, NESTED)                                                                  \
+#define DEQ4(NAME, OUT, NESTED)                                                                   \
     extern "C" __global__ void NAME(const u8* packed, i64 n, const float* decode,                 \
                                     const float* absmax, const u8* qabsmax, const float* code2,   \
                                     const float* absmax2, const float* offset, int log2_bs,       \
                                     int log2_bs2, void* out) {                                    \
-        dequantize_4bit<HALF, NESTED>(packed, n, decode, absmax, qabsmax, code2, absmax2, offset, \
-                                      log2_bs, log2_bs2, out);                                    \
+        dequantize_4bit<OUT, NESTED>(packed, n, decode, absmax, qabsmax, code2, absmax2, offset,  \
+                                     log2_bs, log2_bs2, out);                                     \
     }
-DEQ4(dequantize_4bit_f16, true, false)
-DEQ4(dequantize_4bit_f32, false, false)
-DEQ4(dequantize_4bit_f16_nested, true, true)
-DEQ4(dequantize_4bit_f32_nested, false, true)
+DEQ4(dequantize_4bit_f32, OUT_F32, false)
+DEQ4(dequantize_4bit_f16, OUT_F16, false)
+DEQ4(dequantize_4bit_bf16, OUT_BF16, false)
+DEQ4(dequantize_4bit_f32_nested, OUT_F32, true)
+DEQ4(dequantize_4bit_f16_nested, OUT_F16, true)
+DEQ4(dequantize_4bit_bf16_nested, OUT_BF16, true)

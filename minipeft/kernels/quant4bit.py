@@ -16,10 +16,15 @@ launch, see :mod:`minipeft.kernels.quant8bit`).
 :func:`quantize_4bit_cuda` and :func:`dequantize_4bit_cuda` take the twins' arguments and
 run their checks; :mod:`minipeft.kernels` registers them as the twins' fast paths for
 CuPy arrays, so ``minipeft.quant.quantize_4bit(cupy_array)`` runs the kernel.
+Dequantization writes float32, float16 or bfloat16 (what QLoRA's bfloat16 layers multiply
+with: no float32 weight and no cast pass); a frozen weight's launch is prepared once and
+kept on its ``QuantState`` (:func:`cached_dequantize_launch`), so a call is an identity
+check, the allocation and the launch.
 """
 from __future__ import annotations
 
 import functools
+import operator
 
 import numpy as np
 
@@ -27,12 +32,12 @@ from ..backend import device_of
 from ..quant import codes
 from ..quant.state import (DECODE_4BIT, QuantState, check_4bit_state, check_blocksize, check_input,
                            check_out_dtype, check_quant_type_4bit)
-from ._module import aligned_to, as_f32, kernel, log2
+from ._module import aligned_to, as_f32, kernel, log2, resident_blocks
 from ._module import cupy as _cupy
 from .quant8bit import double_quantize_cuda, nested_arrays
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
-UNROLL = 4             # 4-byte chunks per dequantize thread; must match UNROLL in the .cu
+UNROLL = 4             # 4-byte chunks per dequantize thread and sweep, as UNROLL in the .cu
 
 
 def _kernel(name: str):
@@ -140,63 +145,121 @@ def quantize_4bit_cuda(x, blocksize: int = 64, quant_type: str = "fp4",
 
 # ---------------------------------------------------------------------------------------
 # Dequantize
-def _dequantize_launch(A, quant_state, dtype, out=None):
-    """``(kernel, grid, block, args, out)`` of one dequantize launch, checked."""
-    cp = _cupy()
-    dev = cp.cuda.runtime.getDevice()
-    qs = quant_state
-    bs = int(qs.blocksize)
-    shape = tuple(qs.shape)
-    n = int(np.prod(shape, dtype=np.int64))
-    packed = aligned_to(cp, A, 4)
-    if packed.size != (n + 1) // 2:
-        raise ValueError(f"{n} values need {(n + 1) // 2} packed bytes, got {packed.size}")
-    n_blocks = -(-n // bs)
-    if qs.absmax.size != n_blocks:
-        raise ValueError(f"absmax has {qs.absmax.size} blocks but {n} values at blocksize {bs} "
-                         f"need {n_blocks}; is the QuantState from another tensor?")
-    decode = _device_decode(qs.quant_type, dev)
-    if decode is None:
-        decode = as_f32(cp, qs.code)
-        if decode.size != 16:
-            raise ValueError(f"a 4-bit code has 16 values, got {decode.size}")
-    if out is None:
-        out = cp.empty(shape, dtype=dtype)                             # shape of the original
-    half = out.dtype == cp.float16
-    if qs.nested:
-        qabsmax, code2, absmax2, offset, bs2 = nested_arrays(qs)
-        ptrs = (decode, absmax2, qabsmax, code2, absmax2, offset)
-        name = "dequantize_4bit_f16_nested" if half else "dequantize_4bit_f32_nested"
-    else:
-        absmax = as_f32(cp, qs.absmax)
-        bs2 = 256
-        ptrs = (decode, absmax, packed, decode, absmax, decode)        # unused slots: any pointer
-        name = "dequantize_4bit_f16" if half else "dequantize_4bit_f32"
-    chunks = -(-((n + 1) // 2) // 4)                                   # 4 packed bytes each
-    grid = max(1, -(-chunks // (THREADS * UNROLL)))
-    args = (packed, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)), out)
-    return kernel("quant4bit.cu", name, dev), (grid,), (THREADS,), args, out
+_SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}   # kernel name per output dtype
 
 
-def _launch_dequantize_4bit(A, quant_state, dtype):
-    fn, grid, block, args, out = _dequantize_launch(A, quant_state, dtype)
-    fn(grid, block, args)
-    return out
+def _sources(packed, qs) -> tuple:
+    """Everything a :class:`DequantizeLaunch` is built from, to compare by identity (``is``)."""
+    s2 = qs.state2
+    nested = () if s2 is None else (s2.absmax, s2.code, s2.blocksize)
+    return (packed, qs.absmax, qs.code, qs.offset, qs.shape, qs.blocksize, qs.quant_type, qs.dtype, s2) + nested
+
+
+class DequantizeLaunch:
+    """One checked dequantize launch of ``packed`` with ``quant_state`` into ``dtype`` (a NumPy dtype).
+
+    Built once: the checks, the device tables, the nested absmax's arrays (decoded inside the
+    kernel, no separate pass), the kernel, its grid and every argument but the output. A call
+    allocates the output (or takes ``out``) and launches: what a frozen weight needs on every
+    forward and backward. ``grid`` defaults to one wave (every CUDA block the device runs at
+    once, each an equal share, see ``quant4bit.cu``); any grid gives the same result.
+    """
+
+    def __init__(self, packed, quant_state, dtype, grid: int | None = None):
+        cp = _cupy()
+        self.device = cp.cuda.runtime.getDevice()
+        qs = quant_state
+        self.sources = _sources(packed, qs)
+        bs = int(qs.blocksize)
+        self.shape = tuple(qs.shape)
+        n = int(np.prod(self.shape, dtype=np.int64))
+        aligned = aligned_to(cp, packed, 4)
+        self.copied_packed = aligned is not packed                     # a copy of the codes: not worth keeping
+        if aligned.size != (n + 1) // 2:
+            raise ValueError(f"{n} values need {(n + 1) // 2} packed bytes, got {aligned.size}")
+        n_blocks = -(-n // bs)
+        if qs.absmax.size != n_blocks:
+            raise ValueError(f"absmax has {qs.absmax.size} blocks but {n} values at blocksize {bs} "
+                             f"need {n_blocks}; is the QuantState from another tensor?")
+        decode = _device_decode(qs.quant_type, self.device)
+        if decode is None:
+            decode = as_f32(cp, qs.code)
+            if decode.size != 16:
+                raise ValueError(f"a 4-bit code has 16 values, got {decode.size}")
+        self.dtype = np.dtype(dtype)
+        name = "dequantize_4bit_" + _SUFFIX[self.dtype.name]
+        if qs.nested:
+            qabsmax, code2, absmax2, offset, bs2 = nested_arrays(qs)
+            ptrs = (decode, absmax2, qabsmax, code2, absmax2, offset)
+            name += "_nested"
+        else:
+            absmax = as_f32(cp, qs.absmax)
+            bs2 = 256
+            ptrs = (decode, absmax, aligned, decode, absmax, decode)     # unused slots: any pointer
+        self.kernel = kernel("quant4bit.cu", name, self.device)
+        chunks = -(-((n + 1) // 2) // 4)                               # 4 packed bytes each
+        if grid is None:
+            grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device),
+                       -(-chunks // (THREADS * UNROLL)))
+        self.grid = (max(1, int(grid)),)
+        self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
+        self._empty = cp.empty
+
+    def built_from(self, packed, quant_state) -> bool:
+        """True while every array and setting it was built from is the very same object."""
+        return all(map(operator.is_, self.sources, _sources(packed, quant_state)))
+
+    def __call__(self, out=None):
+        """Dequantize into ``out`` and return it: a fresh array of the state's shape when None, else a
+        C-contiguous CuPy array of that shape and this dtype starting on a 16-byte boundary."""
+        if out is None:
+            out = self._empty(self.shape, dtype=self.dtype)            # shape of the original
+        self.kernel(self.grid, (THREADS,), self.args + (out,))
+        return out
+
+
+def cached_dequantize_launch(packed, quant_state, dtype=None) -> DequantizeLaunch:
+    """The :class:`DequantizeLaunch` of ``(packed, quant_state, dtype)``, from ``quant_state.cache``.
+
+    A frozen weight's launch never changes, so it is built once per output ``dtype`` (as
+    passed) and device and kept in the state's ``cache``. Invalidation rule: an entry is used
+    only while ``packed`` and every field of the state it was built from (absmax, code,
+    offset, state2 and its absmax, code and blocksize, shape, blocksize, quant_type, dtype) are
+    the very same objects (``is``); replacing any of them, as ``requantize``,
+    ``load_state_dict`` and ``.to()`` do, builds a new one (``.to()`` also starts an empty
+    cache). Writing into those arrays in place is seen where the kernel reads them directly
+    (packed bytes, float32 absmax, uint8 nested absmax, float32 tables), not where the launch
+    holds a converted copy (a code of another dtype, say): after such a write call
+    ``quant_state.cache.clear()``. A launch that had to copy the packed bytes (an unaligned
+    view) is not kept.
+    """
+    key = ("dequantize_4bit", dtype, _cupy().cuda.runtime.getDevice())
+    launch = quant_state.cache.get(key)
+    if launch is not None and launch.built_from(packed, quant_state):
+        return launch
+    if device_of(packed) != "cuda":
+        raise TypeError(f"dequantize_4bit_cuda expects a CuPy array, got {type(packed).__name__}")
+    check_4bit_state(packed, quant_state)
+    check_blocksize(quant_state.blocksize)
+    dt = check_out_dtype(quant_state.dtype if dtype is None else dtype, bfloat16=True)
+    launch = DequantizeLaunch(packed, quant_state, dt)
+    if not launch.copied_packed:
+        quant_state.cache[key] = launch
+    return launch
 
 
 def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
     """A zero-argument function that dequantizes into one preallocated output and returns it.
 
-    Checks, table look-ups and the allocation happen once, here; each call is just the
-    kernel launch (what a frozen ``Linear4bit`` weight needs on every forward). The
-    returned array is overwritten by the next call.
+    Everything but the launch happens once, here (:class:`DequantizeLaunch`), the output
+    included: each call is the kernel launch alone. The returned array is overwritten by
+    the next call.
     """
-    dt = check_out_dtype(quant_state.dtype if out_dtype is None else out_dtype)
-    fn, grid, block, args, out = _dequantize_launch(packed, quant_state, dt)
+    launch = cached_dequantize_launch(packed, quant_state, out_dtype)
+    out = launch()
 
     def run():
-        fn(grid, block, args)
-        return out
+        return launch(out)
 
     return run
 
@@ -204,13 +267,10 @@ def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
 def dequantize_4bit_cuda(packed, quant_state, dtype=None):
     """Inverse of :func:`quantize_4bit_cuda` on the GPU: ``decode[q] * absmax[block]``, cast once.
 
-    ``dtype`` is float16 or float32 (default: the state's dtype). Bit for bit the result
-    of :func:`minipeft.quant.blockwise.dequantize_4bit` (whose fast path this is for CuPy
-    input); the nested absmax is reconstructed inside the same launch.
+    ``dtype`` is float32, float16 or bfloat16 (``'bfloat16'`` or ``ml_dtypes.bfloat16``;
+    default: the state's dtype). Bit for bit the result of
+    :func:`minipeft.quant.blockwise.dequantize_4bit` (whose fast path this is for CuPy
+    input); the nested absmax is reconstructed inside the same launch. Everything but the
+    allocation and the launch is cached on the state (:func:`cached_dequantize_launch`).
     """
-    if device_of(packed) != "cuda":
-        raise TypeError(f"dequantize_4bit_cuda expects a CuPy array, got {type(packed).__name__}")
-    check_4bit_state(packed, quant_state)
-    check_blocksize(quant_state.blocksize)
-    dt = check_out_dtype(quant_state.dtype if dtype is None else dtype)
-    return _launch_dequantize_4bit(packed, quant_state, dt)
+    return cached_dequantize_launch(packed, quant_state, dtype)()

@@ -217,11 +217,14 @@ def dequantize_4bit(A, quant_state: QuantState, *, dtype=None):
     NF4 and FP4 decode as bitsandbytes' CUDA kernel does, from its built-in tables rather
     than ``quant_state.code``: FP4 is ``magnitude[q & 7] * absmax * sign`` with the sign
     from bit 3, so index 0b1000 gives -0.0 (bitsandbytes' code tensor holds +0.0 there).
+    ``dtype`` is float32, float16 or bfloat16 (``'bfloat16'``: an ``ml_dtypes.bfloat16``
+    array, each float32 value rounded once to nearest even, what QLoRA's bfloat16 compute
+    multiplies with; :func:`minipeft.quant.floats.round_to_bfloat16` gives the same values).
     """
     check_4bit_state(A, quant_state)
     xp = xp_of(A)
     bs = check_blocksize(quant_state.blocksize)
-    out_dtype = check_out_dtype(quant_state.dtype if dtype is None else dtype)
+    out_dtype = check_out_dtype(quant_state.dtype if dtype is None else dtype, bfloat16=True)
     n = int(np.prod(quant_state.shape, dtype=np.int64))
     idx = unpack_4bit(A, n)
     absmax = quant_state.absmax

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..amp import COMPUTE_DTYPES, autocast_dtype, gemm_2d, round_to_compute, to_compute
+from ..amp import COMPUTE_DTYPES, autocast_dtype, device_dtype, gemm_2d, round_to_compute, to_compute
 from ..amp import check_compute_dtype as _check_compute_dtype
 from ..backend import device_of, to_device, xp_of
 from ..engine import Function, Tensor
@@ -79,11 +79,14 @@ def _effective_compute_dtype(x, compute_dtype: str) -> str:
 
 
 def _weight_dtype(x, compute_dtype: str):
-    """Dequantize straight to float16 where the product runs in real float16 (the GPU).
+    """Dequantize straight to the 16-bit compute dtype where the product runs in real 16-bit arrays (the GPU).
 
-    The dequantize kernels write float32 or float16; for bfloat16 the float32 weight is cast
-    once (``amp.to_compute``), which rounds ``code * absmax`` to bfloat16 as bitsandbytes does."""
-    return np.float16 if compute_dtype == "float16" and type(x).__module__.startswith("cupy") else np.float32
+    The kernel rounds ``code * absmax`` (float32) once to float16 or bfloat16, as bitsandbytes
+    does, so no float32 weight is written and cast; elsewhere the weight is float32 and the
+    emulation rounds it (``amp.to_compute``) to the same values."""
+    if compute_dtype != "float32" and type(x).__module__.startswith("cupy"):
+        return device_dtype(compute_dtype)
+    return np.float32
 
 
 class MatMul4bit(Function):

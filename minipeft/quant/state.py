@@ -10,16 +10,29 @@ bitsandbytes (Dettmers et al. 2021, arXiv 2110.02861; Dettmers et al. 2023, arXi
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ..backend import to_device, to_numpy, xp_of
+from ..backend import bfloat16_dtype, to_device, to_numpy, xp_of
 from .codes import DYNAMIC_SIGNED, FP4_MAGNITUDE, NF4
 
 FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32))   # what the quantizers take
 QUANT_TYPES_4BIT = ("nf4", "fp4", "int4")
+
+
+class LaunchCache(dict):
+    """What GPU launchers prepared for one :class:`QuantState` (``minipeft.kernels.quant4bit``).
+
+    A copy starts empty: ``copy.deepcopy`` of a model makes new arrays, whose launches are
+    built anew on first use (and a launch holds a compiled kernel, not worth copying)."""
+
+    def __copy__(self):
+        return LaunchCache()
+
+    def __deepcopy__(self, memo):
+        return LaunchCache()
 
 
 @dataclass
@@ -34,6 +47,9 @@ class QuantState:
     dtype: Any = None                    # dtype of the original tensor; dequantize returns it
     offset: Any = None                   # float32 mean of the first-level absmax (nested only)
     state2: "QuantState | None" = None   # the absmax's own state (dynamic map, blocks of 256)
+    # What a GPU launcher prepared for this state (minipeft.kernels.quant4bit): never saved, never
+    # copied by .to(); each entry says which arrays it was built from and is rebuilt when they change
+    cache: LaunchCache = field(default_factory=LaunchCache, repr=False, compare=False)
 
     @property
     def nested(self) -> bool:
@@ -133,11 +149,17 @@ def check_quant_type_4bit(quant_type) -> str:
     return quant_type
 
 
-def check_out_dtype(dtype):
-    """What dequantization may return: float32 or float16."""
+def check_out_dtype(dtype, *, bfloat16: bool = False):
+    """What dequantization may return: float32 or float16, and with ``bfloat16=True`` (the 4-bit
+    dequantizers) also bfloat16 (``'bfloat16'`` or ``ml_dtypes.bfloat16``, returned as the dtype
+    a CuPy or NumPy bfloat16 array holds)."""
+    name = dtype if isinstance(dtype, str) else getattr(dtype, "name", getattr(dtype, "__name__", None))
+    if bfloat16 and name == "bfloat16":
+        return bfloat16_dtype()                     # needs ml_dtypes, imported here
     dt = np.dtype(dtype)
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dequantize can return float32 or float16, got {dt}")
+        allowed = "float32, float16 or bfloat16" if bfloat16 else "float32 or float16"
+        raise TypeError(f"dequantize can return {allowed}, got {dt}")
     return dt
 
 

@@ -112,7 +112,7 @@ def test_4bit_quantize_and_dequantize_match_twin(cp, k4, blocksize, quant_type, 
                                           compress_statistics=compress)
         assert_same(packed, rpacked, f"packed {shape}")
         assert_states_equal(state, rstate)
-        for out in (np.float16, np.float32):
+        for out in (np.float16, np.float32, "bfloat16"):
             y = k4.dequantize_4bit_cuda(packed, state, out)
             assert_same(y, B.dequantize_4bit(rpacked, rstate, dtype=out), f"dequant {shape} {out}")
 
@@ -132,7 +132,7 @@ def test_4bit_dequantize_random_bytes(cp, k4, quant_type, nested):
                              blocksize=bs, quant_type=quant_type, dtype=np.dtype(np.float32))
         if nested:
             state.absmax, state.offset, state.state2 = B.double_quantize(absmax, blocksize=256)
-        for out in (np.float16, np.float32):
+        for out in (np.float16, np.float32, "bfloat16"):
             y = k4.dequantize_4bit_cuda(cp.asarray(packed), state.to("cuda"), out)
             assert_same(y, B.dequantize_4bit(packed, state, dtype=out), f"n={n} {out}")
 
@@ -164,6 +164,86 @@ def test_4bit_unaligned_views(cp, k4):
         # a packed array that starts at an odd byte
         buf = cp.concatenate([cp.zeros(1, cp.uint8), pd])[1:].reshape(-1, 1)
         assert_same(k4.dequantize_4bit_cuda(buf, rstate.to("cuda")), B.dequantize_4bit(rpacked, rstate))
+
+
+def test_4bit_dequantize_bfloat16_is_the_float32_result_rounded_once(cp, k4):
+    """bfloat16 output = the float32 output cast to bfloat16 (CuPy's cast, the course's rounding)."""
+    from minipeft.amp import bfloat16_dtype
+    from minipeft.quant.floats import float32_to_bfloat16_bits
+
+    x = make_input(8, (257, 515), np.float32, 64)
+    for compress in (False, True):
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", compress)
+        y32 = k4.dequantize_4bit_cuda(packed, state, np.float32)
+        y16 = k4.dequantize_4bit_cuda(packed, state, bfloat16_dtype())
+        assert y16.dtype == bfloat16_dtype() and y16.shape == x.shape
+        assert_same(y16, y32.astype(bfloat16_dtype()), "cast")
+        np.testing.assert_array_equal(bits(y16), float32_to_bfloat16_bits(y32.get()).reshape(-1))
+
+
+@pytest.mark.parametrize("grid", [1, 3, 7, 64])
+def test_4bit_dequantize_any_grid_gives_the_same_bits(cp, k4, grid):
+    """Each CUDA block takes an equal share of the chunks: many sweeps (grid 1), odd shares, the tail."""
+    x = make_input(9, (333, 1001), np.float16, 64)
+    for compress in (False, True):
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", compress)
+        rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=compress)
+        for out in (np.float16, "bfloat16"):
+            dt = B.check_out_dtype(out, bfloat16=True)
+            launch = k4.DequantizeLaunch(packed, state, dt, grid=grid)
+            assert launch.grid == (grid,)
+            assert_same(launch(), B.dequantize_4bit(rpacked, rstate, dtype=out), f"grid {grid} {out}")
+
+
+def test_4bit_dequantize_launch_is_cached_on_the_state_until_its_arrays_change(cp, k4):
+    """One launch per (dtype, device) kept in quant_state.cache, rebuilt when an array it was built from is replaced."""
+    x = make_input(10, (64, 300), np.float32, 64)
+    packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", True)
+    rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+    first = k4.dequantize_4bit_cuda(packed, state, np.float16)
+    launch = k4.cached_dequantize_launch(packed, state, np.float16)
+    assert launch.built_from(packed, state) and list(state.cache.values()).count(launch) == 1
+    second = k4.dequantize_4bit_cuda(packed, state, np.float16)
+    assert k4.cached_dequantize_launch(packed, state, np.float16) is launch        # a hit
+    assert second is not first                                                       # a fresh output
+    assert_same(second, first)
+    assert_same(second, B.dequantize_4bit(rpacked, rstate, dtype=np.float16))
+    # another state's absmax (a different tensor's scales): the entry is rebuilt, the result follows
+    _, other = B.quantize_4bit(x * np.float32(0.5), blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.absmax, state.offset, state.state2 = (cp.asarray(other.absmax), cp.asarray(other.offset),
+                                                other.state2.to("cuda"))
+    rstate.absmax, rstate.offset, rstate.state2 = other.absmax, other.offset, other.state2
+    assert not launch.built_from(packed, state)
+    assert_same(k4.dequantize_4bit_cuda(packed, state, np.float16),
+                B.dequantize_4bit(rpacked, rstate, dtype=np.float16), "after the state changed")
+    assert k4.cached_dequantize_launch(packed, state, np.float16) is not launch
+    # other packed bytes with the same state, and a copy of the state on another device: not the cached launch
+    packed2 = packed.copy()
+    assert k4.cached_dequantize_launch(packed2, state, np.float16).built_from(packed2, state)
+    assert state.to("cuda").cache == {}
+    # an unaligned view of the codes is copied for the kernel, and such a launch is not kept
+    buf = cp.concatenate([cp.zeros(1, cp.uint8), packed.reshape(-1)])[1:].reshape(-1, 1)
+    state.cache.clear()
+    assert_same(k4.dequantize_4bit_cuda(buf, state, np.float16), k4.dequantize_4bit_cuda(packed, state, np.float16))
+    assert [entry.sources[0] is packed for entry in state.cache.values()] == [True]
+
+
+def test_linear4bit_bfloat16_on_the_gpu_dequantizes_straight_to_bfloat16(cp, k4):
+    """MatMul4bit asks for a bfloat16 weight on the GPU (no float32 weight, no cast) and multiplies
+    exactly what the float32 weight cast to bfloat16 gives."""
+    from minipeft import amp
+    from minipeft.engine import Tensor
+    from minipeft.nn import Linear
+    from minipeft.quant import modules
+
+    q = modules.Linear4bit(Linear(256, 96, bias=False, rng=0), compute_dtype="bfloat16").to("cuda")
+    x0 = np.random.default_rng(1).normal(size=(4, 256)).astype(np.float32)
+    assert modules._weight_dtype(cp.asarray(x0), "bfloat16") == amp.bfloat16_dtype()
+    assert modules._weight_dtype(x0, "bfloat16") == np.float32                    # the CPU emulates
+    y = q(Tensor(cp.asarray(x0))).data
+    w32 = k4.dequantize_4bit_cuda(q.weight.data, q.quant_state, np.float32)
+    ref = amp.gemm_2d(amp.to_compute(cp.asarray(x0), "bfloat16"), amp.to_compute(w32, "bfloat16").T, "bfloat16")
+    assert_same(y, ref.astype(np.float32), "forward")
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Block-wise 8-bit and 4-bit quantization: error bounds, round trips, edge cases, numbers."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -310,7 +312,7 @@ def test_bad_types_raise():
     packed, state = B.quantize_4bit(np.ones(10, np.float32))
     with pytest.raises(TypeError, match="expects packed uint8 bytes, got int8"):
         B.dequantize_4bit(packed.astype(np.int8), state)
-    with pytest.raises(TypeError, match="can return float32 or float16, got float64"):
+    with pytest.raises(TypeError, match="can return float32, float16 or bfloat16, got float64"):
         B.dequantize_4bit(packed, state, dtype=np.float64)
     with pytest.raises(ValueError, match="packed bytes"):
         B.dequantize_4bit(packed[:3], state)
@@ -476,3 +478,37 @@ def test_flush_to_zero_like_cuda():
     y = np.array([1e30, -1e-10, -1e30], np.float32)                     # -1e-10/1e30 underflows
     packed, _ = B.quantize_4bit(y, blocksize=64, quant_type="fp4")
     np.testing.assert_array_equal(B.unpack_4bit(packed, 3), [3, 0, 11])
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["plain", "dq"])
+@pytest.mark.parametrize("qt", ["nf4", "fp4", "int4"])
+def test_4bit_dequantize_to_bfloat16_rounds_the_float32_result_once(xp, to_xp, qt, nested):
+    """bfloat16 output (QLoRA's compute dtype): each float32 value rounded once, nearest even, the
+    course's rounding on the bits; every spelling of the dtype gives it."""
+    pytest.importorskip("ml_dtypes")
+    from minipeft.backend import bfloat16_dtype
+    from minipeft.quant.floats import float32_to_bfloat16_bits
+
+    x = np.random.default_rng(3).standard_normal((33, 129)).astype(np.float32) * 40
+    x[0, :5] = [3.0e38, -3.0e38, 1e-39, 0.0, -0.0]                    # overflow to inf, flushed, zeros
+    packed, state = B.quantize_4bit(to_xp(x), blocksize=64, quant_type=qt, compress_statistics=nested)
+    y32 = to_numpy(B.dequantize_4bit(packed, state, dtype=np.float32))
+    for spelling in ("bfloat16", bfloat16_dtype(), bfloat16_dtype().type):
+        y = B.dequantize_4bit(packed, state, dtype=spelling)
+        assert y.dtype == bfloat16_dtype() and y.shape == x.shape
+        np.testing.assert_array_equal(to_numpy(y).view(np.uint16), float32_to_bfloat16_bits(y32))
+    with pytest.raises(TypeError, match="float32 or float16, got bfloat16"):     # 8-bit: no bfloat16 output
+        q, s8 = B.quantize_blockwise(to_xp(x))
+        B.dequantize_blockwise(q, s8, dtype="bfloat16")
+
+
+def test_quant_state_cache_is_not_state():
+    """The launch cache a GPU dequantize keeps on a QuantState is not compared, printed or moved."""
+    packed, state = B.quantize_4bit(np.ones(100, np.float32), quant_type="nf4", compress_statistics=True)
+    state.cache["anything"] = object()
+    assert "cache" not in repr(state) and "anything" not in repr(state)
+    assert state.to("cpu").cache == {} and state.to("cpu").state2.cache == {}
+    assert "cache" not in state.as_dict() and B.QuantState.from_dict(state.as_dict()).cache == {}
+    twin = copy.deepcopy(state)
+    assert twin.cache == {} and state.cache and twin.state2.cache == {}
+    np.testing.assert_array_equal(B.dequantize_4bit(packed, twin), B.dequantize_4bit(packed, state))
