@@ -23,8 +23,12 @@ __device__ __forceinline__ u32 f2h(float f) {            // float32 -> float16 b
 }
 __device__ __forceinline__ u32 f2bf(float f) {           // float32 -> bfloat16 bits, round to nearest even
     const u32 u = __float_as_uint(f);                      // as minipeft.quant.floats.float32_to_bfloat16_bits:
-    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;   // NaN -> the quiet NaN, else one integer add
-    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;         // on the bits (a carry bumps the exponent)
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0u;   // NaN -> the quiet NaN
+#if __CUDA_ARCH__ >= 800
+    u16 b; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f)); return (u32)b;   // the hardware's rounding (sm_80+)
+#else
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;         // one integer add on the bits (a carry bumps the exponent)
+#endif
 }
 __device__ __forceinline__ float to_f32(float x) { return x; }
 __device__ __forceinline__ float to_f32(u16 x) { return h2f(x); }
