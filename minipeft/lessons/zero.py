@@ -33,6 +33,7 @@ from ._common import Report, finish, parse_args
 KINDS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw")
 QUICK = dict(n_layer=2, n_embd=32, block_size=16, steps=3, batch=8)
+BUCKET_BYTES = 32 * 1024  # gradient buckets far smaller than DDP's 25 MiB, so a tiny model's gradients fill several
 FULL = dict(n_layer=4, n_embd=64, block_size=32, steps=10, batch=16)
 
 
@@ -94,6 +95,7 @@ def run_case(kind: str, optimizer: str, parallel: DataParallel | bool, sizes: di
         out["predicted"] = per_rank_bytes(sizes_t, parallel.owner, parallel.rank, parallel.stage, 4, 4, optimizer)
         out["trainable_params"] = sum(sizes_t.values())
         out["traffic_per_step"] = {k: v / cfg.max_steps for k, v in parallel.traffic.items()}
+        out["launches_per_step"] = {k: v / cfg.max_steps for k, v in parallel.launches.items()}
         with parallel.full_parameters():
             out["weights"] = {n: to_numpy(p.data).copy() for n, p in parallel.named_params}
     return out
@@ -143,8 +145,9 @@ def main(argv=None) -> dict:
 
     rep.section(f"Tiny GPT, {ex.kind}, {ex.optimizer}: {world.size} rank(s) ({world.backend or 'one process'}), "
                 f"batch {sizes['batch']}, {sizes['steps']} steps")
-    runs = {s: run_case(ex.kind, ex.optimizer, DataParallel(world, stage=s), sizes, args.seed,
-                        checkpoint_dir=ex.checkpoint_dir if s == 2 else None, dropout=ex.dropout, device=args.device)
+    runs = {s: run_case(ex.kind, ex.optimizer, DataParallel(world, stage=s, bucket_bytes=BUCKET_BYTES), sizes,
+                        args.seed, checkpoint_dir=ex.checkpoint_dir if s == 2 else None, dropout=ex.dropout,
+                        device=args.device)
             for s in STAGES}
     keys = ("weights", "gradients", "optimizer_state")
     rows, per_rank = [], {}
@@ -167,7 +170,12 @@ def main(argv=None) -> dict:
     rep.table(traffic, ("", "paper (sent)", "all-reduce", "reduce", "broadcast"))
     rep.text("  (a ring all-reduce sends 2(N-1)/N of its buffer, a reduce or broadcast (N-1)/N; stage 3 here gathers the "
              "weights once a step and keeps them through backward, where the paper gathers them again: 3Ψ)")
+    launches = {s: runs[s]["launches_per_step"] for s in STAGES}
+    rep.text(f"  gradient buckets ({BUCKET_BYTES // 1024} KiB) per step, started during backward (as soon as their "
+             "last gradient is ready, last layer first) / after it: " + "; ".join(
+                 f"stage {s} {launches[s]['during backward']:g} / {launches[s]['after backward']:g}" for s in STAGES))
     result["traffic_per_step"] = {s: runs[s]["traffic_per_step"] for s in STAGES}
+    result["bucket_launches_per_step"] = launches
     result["per_rank"] = per_rank
     result["memory_equal"] = all(all(np.array_equal(m, p) for m, p in v) for v in per_rank.values())
 

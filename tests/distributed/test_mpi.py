@@ -54,6 +54,9 @@ def test_two_ranks_equal_one_process_and_the_calculator(tmp_path, kind, optimize
     w0, g0, o0 = per["0"][0][0]  # stage 0, rank 0, measured
     assert per["1"][0][0][2] < o0 and per["2"][0][0][1] < g0 and per["3"][0][0][0] < w0  # each stage sheds its part
     assert "stage 3 P_os+g+p" in out and "meas/pred" in out
+    launched = res["bucket_launches_per_step"]  # the lesson's small buckets start while backward runs
+    several = 2 if kind == "full" else 1  # LoRA's few trainable bytes fill one bucket
+    assert all(launched[s]["during backward"] >= several and launched[s]["after backward"] == 0 for s in "0123")
 
     assert [s for s, _ in list_checkpoints(ck)] == list(range(1, QUICK["steps"] + 1))
     remove_checkpoint(list_checkpoints(ck)[-1][1])
