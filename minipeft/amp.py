@@ -83,15 +83,9 @@ def autocast_dtype(*arrays) -> str | None:
     return None
 
 
-
-
-def _on_gpu(a) -> bool:
-    return type(a).__module__.startswith("cupy")
-
-
 def _real_16bit(a, compute_dtype: str) -> bool:
     """True where a 16-bit product runs in real 16-bit arrays: float16 or bfloat16 on a CuPy array."""
-    return compute_dtype in ("float16", "bfloat16") and _on_gpu(a)
+    return compute_dtype in ("float16", "bfloat16") and fast.on_gpu(a)
 
 
 def device_dtype(compute_dtype: str) -> np.dtype:
@@ -112,7 +106,7 @@ def round_to_compute(a, compute_dtype: str):
     if compute_dtype == "float16":
         with np.errstate(over="ignore"):  # beyond 65504 is inf, as on the GPU; GradScaler handles it
             return a32.astype(xp.float16).astype(xp.float32)
-    if _on_gpu(a):
+    if fast.on_gpu(a):
         return a32.astype(bfloat16_dtype()).astype(xp.float32)
     from .quant.floats import round_to_bfloat16  # lazy: only bfloat16 needs minipeft.quant
 
@@ -192,7 +186,7 @@ def gemm(a, b, compute_dtype: str, rows: int | None = None, cols: int | None = N
 
 def gemm_2d(a, b, compute_dtype: str, cols: int | None = None):
     """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n), as one 2-D product on the GPU."""
-    if a.ndim > 2 and _on_gpu(a):  # one GEMM, not a batch over the leading axes
+    if a.ndim > 2 and fast.on_gpu(a):  # one GEMM, not a batch over the leading axes
         y = gemm(a.reshape(-1, a.shape[-1]), b, compute_dtype, cols=cols)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
     return gemm(a, b, compute_dtype, cols=cols)

@@ -84,7 +84,7 @@ def _weight_dtype(x, compute_dtype: str):
     The kernel rounds ``code * absmax`` (float32) once to float16 or bfloat16, as bitsandbytes
     does, so no float32 weight is written and cast; elsewhere the weight is float32 and the
     emulation rounds it (``amp.to_compute``) to the same values."""
-    if compute_dtype != "float32" and type(x).__module__.startswith("cupy"):
+    if compute_dtype != "float32" and device_of(x) == "cuda":
         return device_dtype(compute_dtype)
     return np.float32
 
