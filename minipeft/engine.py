@@ -271,7 +271,7 @@ class Tensor:
         self.grad = None
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # _Node (Function, Context, parents) for non-leaves
-        self._grad_hooks: dict[int, Any] = {}  # post-accumulate-grad hooks by handle id, in registration order
+        self._grad_hooks: dict[int, Any] | None = None  # post-accumulate-grad hooks by handle id (made on first use)
         if self.requires_grad and not np.issubdtype(data.dtype, np.floating):
             raise TypeError(f"only floating tensors can require grad, got dtype {data.dtype}")
 
@@ -340,6 +340,8 @@ class Tensor:
         if self._ctx is not None or not self.requires_grad:
             raise RuntimeError("register_post_accumulate_grad_hook: only a leaf tensor that requires grad "
                                f"receives .grad; this one is {'not a leaf' if self._ctx is not None else 'frozen'}")
+        if self._grad_hooks is None:
+            self._grad_hooks = {}  # in registration order
         handle = _HookHandle(self._grad_hooks)
         self._grad_hooks[handle.id] = fn
         return handle
@@ -369,8 +371,9 @@ def _accumulate_into_grad(leaf: Tensor, g) -> None:
         g = np.asarray(g)
     # copy: g may be shared with another leaf or the caller (in-place safe)
     leaf.grad = g.copy() if leaf.grad is None else leaf.grad + g
-    for hook in list(leaf._grad_hooks.values()):  # .grad is final for this backward
-        hook(leaf)
+    if leaf._grad_hooks:
+        for hook in list(leaf._grad_hooks.values()):  # .grad is final for this backward
+            hook(leaf)
 
 
 def _backpropagate(output: Tensor, grad, retain_graph: bool, sink) -> None:
