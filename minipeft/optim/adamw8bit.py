@@ -43,10 +43,7 @@ import math
 from ..backend import xp_of
 from ..engine import Tensor
 from .core import AdamW, adamw_update
-from .state8bit import MIN_8BIT_SIZE, STATE_BLOCKSIZE, Blockwise8bitState, f32, fma32, sign_fix
-
-_sign_fix = sign_fix  # the name tests and older code use
-
+from .state8bit import MIN_8BIT_SIZE, STATE_BLOCKSIZE, Blockwise8bitState, f32, fma32
 
 def adamw8bit_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], eps: float,
                      wd: float) -> tuple:
@@ -100,12 +97,13 @@ class AdamW8bit(Blockwise8bitState, AdamW):
         st = self.state.get(name)
         if st is None:
             st = self.state[name] = self._init_state(p)
+        if "absmax1" in st:
+            self._check_finite(name, p.grad)
         st["step"] += 1
         hp = (st["step"], self.lr, self.betas, self.eps, self.weight_decay)
         if "absmax1" not in st:  # a small tensor: plain 32-bit AdamW
             adamw_update(p.data, p.grad, st["state1"], st["state2"], *hp)
             return
-        self._check_finite(name, st, p.grad)
         m, v = self.dequantized_state(name)                             # 1. float32, p's shape
         fresh = adamw8bit_update(p.data, p.grad, m, v, *hp)             # 2-3. fresh float32 m, v
         self._store_8bit(st, fresh)                                     # 4. requantize

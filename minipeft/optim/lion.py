@@ -119,11 +119,12 @@ class Lion8bit(Blockwise8bitState, Lion):
         st = self.state.get(name)
         if st is None:
             st = self.state[name] = self._init_state(p)
+        if "absmax1" in st:
+            self._check_finite(name, p.grad)
         st["step"] += 1
         if "absmax1" not in st:  # a small tensor: 32-bit Lion
             lion_update(p.data, p.grad, st["state1"], self.lr, self.betas, self.weight_decay)
             return
-        self._check_finite(name, st, p.grad)
         (m,) = self.dequantized_state(name)                             # float32, p's shape
         fresh = lion8bit_update(p.data, p.grad, m, self.lr, self.betas, self.weight_decay)
         self._store_8bit(st, (fresh,))                                  # requantize

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backend import xp_of
 from ..engine import Tensor
 from .adamw8bit import AdamW8bit, adamw8bit_update
 from .core import adamw_update
@@ -79,20 +78,14 @@ class PagedAdamW8bit(Blockwise8bitState, PagedAdamW):
 
     def step(self) -> None:
         for name, p in self.named_params:                                # before any page moves
-            if p.grad is not None and self.is_8bit(p) and not bool(xp_of(p.grad).isfinite(p.grad).all()):
-                raise ValueError(f"gradient of {name} holds NaN/inf: 8-bit optimizer state cannot store it "
-                                 "(bitsandbytes would zero those states and skip the update); clip or skip "
-                                 "the step before calling PagedAdamW8bit.step()")
+            if p.grad is not None and self.is_8bit(p):
+                self._check_finite(name, p.grad)
         super().step()
 
     def dequantized_state(self, name: str) -> tuple:
         """``(m, v)`` of a parameter as float32 arrays shaped like it (from the host, flushed)."""
         self.flush()
-        st = self.state_dict()["state"][name]
-        if "absmax1" not in st:
-            return st["state1"].copy(), st["state2"].copy()
-        return (dequantize_state(st["state1"], st["absmax1"], True, self.blocksize),
-                dequantize_state(st["state2"], st["absmax2"], False, self.blocksize))
+        return self._dequantized(self.state_dict()["state"][name])
 
     def state_bytes(self) -> int:
         """Bytes of state on the host: uint8 codes + float32 absmax (+ float32 small tensors)."""

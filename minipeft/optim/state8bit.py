@@ -139,7 +139,10 @@ class Blockwise8bitState:
 
     def dequantized_state(self, name: str) -> tuple:
         """The states of parameter ``name`` as float32 arrays shaped like it (copies)."""
-        st = self.state[name]
+        return self._dequantized(self.state[name])
+
+    def _dequantized(self, st: dict) -> tuple:
+        """The float32 states of one parameter's state entry ``st`` (8-bit or 32-bit), as copies."""
         if self._absmax_key(self._states[0][0]) not in st:
             return tuple(st[k].copy() for k, _ in self._states)
         return tuple(dequantize_state(st[k], st[self._absmax_key(k)], signed, self.blocksize)
@@ -150,10 +153,10 @@ class Blockwise8bitState:
         for (k, signed), x in zip(self._states, fresh):
             st[k][...], st[self._absmax_key(k)][...] = quantize_state(x, signed, self.blocksize)
 
-    def _check_finite(self, name: str, st: dict, g) -> None:
+    def _check_finite(self, name: str, g) -> None:
+        """Refuse a gradient of an 8-bit state holding NaN/inf (before the step counts or anything moves)."""
         xp = xp_of(g)
         if not bool(xp.isfinite(g).all()):
-            st["step"] -= 1
             raise ValueError(f"gradient of {name} holds NaN/inf: 8-bit optimizer state cannot store it "
                              "(bitsandbytes would zero those states and skip the update); find where it "
                              f"comes from, or clip/skip the step before calling {type(self).__name__}.step()")

@@ -16,7 +16,8 @@ from minipeft.backend import to_numpy
 from minipeft.checkpoint import load_checkpoint, save_checkpoint
 from minipeft.nn import Parameter
 from minipeft.optim import AdamW, AdamW8bit
-from minipeft.optim.adamw8bit import _sign_fix, adamw8bit_update
+from minipeft.optim.adamw8bit import adamw8bit_update
+from minipeft.optim.state8bit import sign_fix
 from minipeft.quant import DYNAMIC_SIGNED, DYNAMIC_UNSIGNED, quantize_blockwise, worst_case_error
 
 BS = 256
@@ -141,7 +142,7 @@ def test_sign_fix_keeps_tiny_negative_momentum():
     m[0], m[1], m[2], m[3] = 1.0, -1e-9, 1e-9, -0.5                      # block 0; block 1 all zero
     q, state = quantize_blockwise(m, DYNAMIC_SIGNED, blocksize=BS)
     assert q[1] == 127 and q[2] == 127                                  # both round to +0.0
-    fixed = _sign_fix(q, m)
+    fixed = sign_fix(q, m)
     assert fixed[1] == 126 and DYNAMIC_SIGNED[126] < 0                  # -5.5e-7: the sign survives
     assert fixed[2] == 127 and fixed[0] == q[0] and fixed[3] == q[3]
     assert (fixed[BS:] == 255).all()                                    # CUDA's 0 - 1 in unsigned char
