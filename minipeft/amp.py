@@ -3,8 +3,12 @@
 Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
 
 * **16-bit products** (§3): the operands of every matrix product are rounded to float16 (or
-  bfloat16), the products are accumulated in float32 and the result is rounded to 16 bits.
-  That is what a GPU's tensor cores do, many times faster than float32 arithmetic.
+  bfloat16) and the products are accumulated in float32. That is what a GPU's tensor cores
+  do, many times faster than float32 arithmetic. The paper then writes the sums out in 16
+  bits for the next 16-bit op; here the next ops (bias, GELU, residual, layer norm) read
+  float32, so cuBLAS writes the float32 sums directly: one rounding fewer, and no pass that
+  converts a 16-bit result back to float32 (issue [fast16]: those passes were a third of a
+  bfloat16 step's GPU time on the H200).
 * **float32 master weights** (§3.1): parameters and optimizer state stay float32; a
   16-bit copy of a weight is made for each product. Updates much smaller than a weight
   (lr x grad < 2^-11 of it) would vanish if the weight itself were float16.
@@ -29,12 +33,12 @@ q, k, v and the probabilities saved in 16 bits. Other batched products stay floa
 
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
-cores with float32 accumulation whose result cuBLAS rounds to 16 bits, and the operands saved
-for backward are 16-bit, which also halves their memory. NumPy has no fast float16 GEMM and no
-bfloat16 GEMM, so on the CPU the product is *emulated*: operands rounded to 16-bit values
-held in float32 (round to nearest even), a float32 product, the result rounded
-(:func:`round_to_compute`). Both give the same numbers up to the order of the float32 sums,
-so the CPU tests stand for the GPU path (``tests/test_bf16.py`` compares the two on a GPU).
+cores with float32 accumulation whose float32 result cuBLAS writes (``gemmEx`` through
+:func:`minipeft.kernels.gemm16.batched_gemm`), and the operands saved for backward are 16-bit,
+which also halves their memory. NumPy has no fast float16 GEMM and no bfloat16 GEMM, so on the
+CPU the product is *emulated*: operands rounded to 16-bit values held in float32 (round to
+nearest even, :func:`round_to_compute`), then a float32 product. Both give the same numbers up
+to the order of the float32 sums, so the CPU tests stand for the GPU path (``tests/test_bf16.py`` compares the two on a GPU).
 """
 from __future__ import annotations
 
@@ -132,6 +136,21 @@ def use_float32_accumulation(compute_dtype: str = "float16") -> None:
         _cupy_fp32_accumulation.add(compute_dtype)
 
 
+@fast.dispatch
+def cast_16bit(a, dtype, n: int | None = None, axis: int = -1):
+    """``a`` (float32) rounded to a 16-bit ``dtype`` array (float16, or ml_dtypes' bfloat16), round
+    to nearest even, with ``axis`` zero-padded to length ``n`` (None: as it is).
+
+    This reference is CuPy's ``astype`` (into a zero-filled array when padded); on the GPU
+    :func:`minipeft.kernels.cast16.cast_16bit_cuda` does it in one pass with the same bits."""
+    if n is None or a.shape[axis] == n:
+        return a.astype(dtype)
+    axis = axis % a.ndim
+    out = xp_of(a).zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], dtype)
+    out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a
+    return out
+
+
 def to_compute(a, compute_dtype: str):
     """An operand of a 16-bit product: a float16/bfloat16 array on the GPU, else rounded float32 values."""
     if compute_dtype == "float32":
@@ -139,7 +158,7 @@ def to_compute(a, compute_dtype: str):
     if _real_16bit(a, compute_dtype):
         use_float32_accumulation(compute_dtype)
         dt = device_dtype(compute_dtype)
-        return a if a.dtype == dt else a.astype(dt)  # round to nearest even, as the emulation
+        return a if a.dtype == dt else cast_16bit(a, dt)  # round to nearest even, as the emulation
     return round_to_compute(a, compute_dtype)
 
 
@@ -155,48 +174,69 @@ def to_compute_padded(a, compute_dtype: str, n: int, axis: int = -1):
     axis = axis % a.ndim
     if a.shape[axis] == n:
         return to_compute(a, compute_dtype)
-    xp = xp_of(a)
-    real = _real_16bit(a, compute_dtype)
-    out = xp.zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], device_dtype(compute_dtype) if real else np.float32)
-    if real:
+    if _real_16bit(a, compute_dtype):
         use_float32_accumulation(compute_dtype)
-    idx = (slice(None),) * axis + (slice(0, a.shape[axis]),)
-    out[idx] = a if real else round_to_compute(a, compute_dtype)
+        return cast_16bit(a, device_dtype(compute_dtype), n, axis)
+    xp = xp_of(a)
+    out = xp.zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], np.float32)
+    out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = round_to_compute(a, compute_dtype)
     return out
 
 
-def gemm(a, b, compute_dtype: str, rows: int | None = None, cols: int | None = None):
-    """``a @ b`` of two :func:`to_compute` operands: float32 accumulation, the result rounded
-    to ``compute_dtype`` and returned as float32; ``rows``/``cols`` keep only the leading
-    rows/columns (of a product of padded operands).
+def gemm(a, b, rows: int | None = None, cols: int | None = None):
+    """``a @ b`` of two :func:`to_compute` operands with float32 accumulation, returned as the
+    float32 sums (not rounded to ``compute_dtype``: see the module docstring); ``rows``/``cols``
+    keep only the leading rows/columns (of a product of padded operands).
 
-    Real 16-bit operands must be 2-D (:func:`gemm_2d`): CuPy runs a 2-D 16-bit ``@`` as one
-    cuBLAS ``gemmEx`` (16-bit in and out, float32 compute type), but refuses a batched
-    bfloat16 one."""
-    with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
-        y = a @ b
+    Real 16-bit operands must be 2-D (:func:`gemm_2d`); they run as one cuBLAS ``gemmEx``
+    (16-bit in, float32 compute and out). A transposed view (``w.T``) is passed to cuBLAS as
+    its buffer with the transpose flag, not copied. On the CPU the operands hold rounded
+    values (the emulation) and this is a float32 ``@``."""
+    if a.dtype.itemsize == 2 and fast.on_gpu(a):
+        y = _gemm_16in_32out(a, b)
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
+            y = a @ b
     if rows is not None or cols is not None:
         y = y[..., slice(rows), slice(cols)]
-    if compute_dtype == "float32":
-        return y
-    if y.dtype.itemsize == 2:  # a real 16-bit GEMM: cuBLAS already rounded the float32 sums
-        return y.astype(np.float32)
-    return round_to_compute(y, compute_dtype)
+        if not y.flags.c_contiguous:  # the columns of a padded product: the next ops want rows contiguous
+            y = xp_of(y).ascontiguousarray(y)
+    return y
 
 
-def gemm_2d(a, b, compute_dtype: str, cols: int | None = None):
+def _gemm_16in_32out(a, b):
+    """One cuBLAS GEMM of 2-D 16-bit CuPy operands, float32 result; transposed views go by flag."""
+    from .kernels.gemm16 import batched_gemm  # lazy: kernels/ is imported only on the GPU
+
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"a real 16-bit product takes 2-D operands (use gemm_2d), got {a.shape} and {b.shape}")
+    xp = xp_of(a)
+    ta, tb = _as_buffer(xp, a), _as_buffer(xp, b)
+    return batched_gemm(ta[0], tb[0], trans_a=ta[1], trans_b=tb[1], out_dtype=np.float32)  # (m, n) float32
+
+
+def _as_buffer(xp, a):
+    """``(buffer, transposed)``: a C-contiguous array whose (transpose) is ``a``, copying only if neither is."""
+    if a.flags.c_contiguous:
+        return a, False
+    if a.T.flags.c_contiguous:
+        return a.T, True
+    return xp.ascontiguousarray(a), False
+
+
+def gemm_2d(a, b, cols: int | None = None):
     """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n), as one 2-D product on the GPU."""
     if a.ndim > 2 and fast.on_gpu(a):  # one GEMM, not a batch over the leading axes
-        y = gemm(a.reshape(-1, a.shape[-1]), b, compute_dtype, cols=cols)
+        y = gemm(a.reshape(-1, a.shape[-1]), b, cols=cols)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
-    return gemm(a, b, compute_dtype, cols=cols)
+    return gemm(a, b, cols=cols)
 
 
 # ------------------------------------------------------------ 16-bit Functions
 
 
 class AmpMatMul(MatMul):
-    """2-D ``a @ b`` in ``compute_dtype``: 16-bit operands, float32 sums, the result rounded.
+    """2-D ``a @ b`` in ``compute_dtype``: 16-bit operands, float32 sums.
 
     The dtype active at the forward is kept in ``ctx``, so the backward's two products run
     in it too. Batched products stay float32 (CuPy's batched ``@`` has no 16-bit path; attention
@@ -209,7 +249,7 @@ class AmpMatMul(MatMul):
         dt = ctx.compute_dtype = autocast_dtype(a, b)
         a, b = to_compute(a, dt), to_compute(b, dt)
         ctx.save_for_backward(b if na else None, a if nb else None)  # the 16-bit operands
-        return gemm(a, b, dt)
+        return gemm(a, b)
 
     @staticmethod
     def backward(ctx, g):
@@ -217,7 +257,7 @@ class AmpMatMul(MatMul):
         na, nb = ctx.needs_input_grad
         dt = ctx.compute_dtype
         g = to_compute(g, dt)
-        return (gemm(g, b.T, dt) if na else None, gemm(a.T, g, dt) if nb else None)
+        return (gemm(g, b.T) if na else None, gemm(a.T, g) if nb else None)
 
 
 class AmpLinear(Linear):
@@ -235,7 +275,7 @@ class AmpLinear(Linear):
         out = ctx.out_features = w.shape[0]
         x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
         ctx.save_for_backward(x if nw else None, w if nx else None)
-        y = gemm_2d(x, w.T, dt, cols=out)  # (..., out) float32
+        y = gemm_2d(x, w.T, cols=out)  # (..., out) float32
         return y if b is None else y + b
 
     @staticmethod
@@ -245,11 +285,11 @@ class AmpLinear(Linear):
         dt, out = ctx.compute_dtype, ctx.out_features
         # the 16-bit gradient (loss scaling keeps it from underflowing), padded like W: (..., out8)
         gc = to_compute_padded(g, dt, aligned(out))
-        gx = gemm_2d(gc, w, dt) if needs[0] else None  # (..., in) float32
+        gx = gemm_2d(gc, w) if needs[0] else None  # (..., in) float32
         gw = gb = None
         if needs[1]:
             g2, x2 = gc.reshape(-1, gc.shape[-1]), x.reshape(-1, x.shape[-1])
-            gw = gemm(g2.T, x2, dt, rows=out)  # (out, in)
+            gw = gemm(g2.T, x2, rows=out)  # (out, in)
         if len(needs) > 2 and needs[2]:
             gb = sum_rows(g.reshape(-1, g.shape[-1]))  # (out,) float32
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)

@@ -126,7 +126,7 @@ def test_numpy_arrays_never_reach_a_gpu_kernel():
              (CrossEntropy, (x[0], np.zeros(3, np.int64), -100, 0.0)), (Attention, (q, q, q, True, None, 0.5)),
              (adamw_update, (c, c, c.copy(), c.copy(), 1, 1e-3, (0.9, 0.999), 1e-8, 0.0)),
              (blockwise.quantize_4bit, (x,)), (blockwise.quantize_blockwise, (x,)),
-             (int8.int8_vectorwise_quant, (x,))]
+             (int8.int8_vectorwise_quant, (x,)), (amp.cast_16bit, (x, np.float16))]
     for reference, args in calls:
         assert fast.paths(reference), f"{reference.__name__} has no registered fast path"
         assert fast.choose(reference, *args) is reference, reference.__name__
@@ -143,7 +143,7 @@ def test_autocast_chooses_the_16bit_functions_even_with_kernels_off(monkeypatch)
         assert fast.choose(MatMul, x[None], w.T[None]) is MatMul  # batched products stay float32
         y = F.linear(Tensor(x), Tensor(w))
     r = lambda a: amp.round_to_compute(a, "float16")  # noqa: E731
-    np.testing.assert_allclose(y.data, r(r(x) @ r(w).T), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(y.data, r(x) @ r(w).T, rtol=1e-6, atol=1e-6)
 
 
 def test_cross_entropy_backward_is_the_forwards_own():

@@ -22,14 +22,14 @@ stays on with ``MINIPEFT_KERNELS=0`` (which makes it run the twin on CuPy as wel
 """
 from __future__ import annotations
 
-from .. import fast
+from .. import amp, fast
 from ..ops.attention import Attention
 from ..ops.linalg import Linear
 from ..ops.loss import CrossEntropy
 from ..ops.norm_act import GELU, LayerNorm
 from ..optim import core as optim_core
 from ..quant import blockwise, int8
-from . import adamw, amp_attention, functions, quant4bit, quant8bit
+from . import adamw, amp_attention, cast16, functions, quant4bit, quant8bit
 
 
 def _first_on_gpu(a, *args, **kwargs) -> bool:
@@ -48,6 +48,8 @@ fast.register(Attention, amp_attention.AmpAttention, when=amp_attention.amp_atte
 fast.register(Attention, functions.FusedAttention, when=functions.attention_applies)
 fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
 fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)
+# Mixed precision's operands: float32 -> float16/bfloat16 (zero-padded) in one pass, CuPy's bits
+fast.register(amp.cast_16bit, cast16.cast_16bit_cuda, when=cast16.applies)
 
 # Quantization: bit-exact kernels in place of minipeft.quant's array code
 fast.register(blockwise.quantize_4bit, quant4bit.quantize_4bit_cuda, when=_first_on_gpu)

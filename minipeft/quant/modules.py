@@ -52,25 +52,24 @@ from .requantize import checked_weight, requantize
 def _linear_compute(x, w, b, compute_dtype: str):
     """``x @ w.T + b`` in ``compute_dtype`` (float32 accumulation), returned in x's dtype.
 
-    16-bit compute is :mod:`minipeft.amp`'s: a real float16 or bfloat16 GEMM on the GPU, rounding
-    emulation elsewhere; the bias is added to the rounded product and the sum rounded again,
-    as a 16-bit framework does.
+    16-bit compute is :mod:`minipeft.amp`'s (:class:`~minipeft.amp.AmpLinear`'s arithmetic): a
+    real float16 or bfloat16 GEMM on the GPU, rounding emulation elsewhere, the float32 sums
+    kept and the bias added in float32.
     """
     if compute_dtype == "float32":
         w = w.astype(x.dtype, copy=False)
         y = x @ w.T                                                    # (..., out)
         return y if b is None else y + b.astype(x.dtype, copy=False)
-    y = gemm_2d(to_compute(x, compute_dtype), to_compute(w, compute_dtype).T, compute_dtype)  # (..., out)
-    if b is not None:
-        y = round_to_compute(y + round_to_compute(b, compute_dtype), compute_dtype)
-    return y.astype(x.dtype)
+    y = gemm_2d(to_compute(x, compute_dtype), to_compute(w, compute_dtype).T)  # (..., out) float32
+    y = y if b is None else y + b.astype(y.dtype, copy=False)
+    return y.astype(x.dtype, copy=False)
 
 
 def _grad_input(g, w, compute_dtype: str):
     """``dL/dx = g @ w`` in ``compute_dtype``, returned in g's dtype."""
     if compute_dtype == "float32":
         return g @ w.astype(g.dtype, copy=False)                       # (..., in)
-    return gemm_2d(to_compute(g, compute_dtype), to_compute(w, compute_dtype), compute_dtype).astype(g.dtype)
+    return gemm_2d(to_compute(g, compute_dtype), to_compute(w, compute_dtype)).astype(g.dtype, copy=False)
 
 
 def _effective_compute_dtype(x, compute_dtype: str) -> str:

@@ -242,7 +242,7 @@ def test_linear4bit_bfloat16_on_the_gpu_dequantizes_straight_to_bfloat16(cp, k4)
     assert modules._weight_dtype(x0, "bfloat16") == np.float32                    # the CPU emulates
     y = q(Tensor(cp.asarray(x0))).data
     w32 = k4.dequantize_4bit_cuda(q.weight.data, q.quant_state, np.float32)
-    ref = amp.gemm_2d(amp.to_compute(cp.asarray(x0), "bfloat16"), amp.to_compute(w32, "bfloat16").T, "bfloat16")
+    ref = amp.gemm_2d(amp.to_compute(cp.asarray(x0), "bfloat16"), amp.to_compute(w32, "bfloat16").T)
     assert_same(y, ref.astype(np.float32), "forward")
 
 
