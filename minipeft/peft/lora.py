@@ -22,11 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import fast
 from .. import functional as F
 from ..engine import Tensor
 from ..init import kaiming_uniform
 from ..nn import Dropout, Linear, ModuleDict, Parameter, ParameterDict
-from . import dora, lora_init, merge
+from . import dora, lora_fused, lora_init, merge
 from .config import PeftConfig, check_dropout, check_layers, check_rank, pattern_value
 from .layer import BaseTunerLayer, param_dtype_xp
 from .lora_slices import check_enable_lora, slice_rows, sliced_delta_weight, sliced_lora_forward
@@ -204,8 +205,19 @@ class LoraLayer(BaseTunerLayer):
 
     def forward(self, x, *args, **kwargs):
         if self.batch_adapters is None or self.disable_adapters:
-            return super().forward(x, *args, **kwargs)
+            return lora_forward(self, x, *args, **kwargs)
         return mixed_batch_forward(self, x, self.batch_adapters, *args, **kwargs)
+
+
+@fast.dispatch
+def lora_forward(layer: LoraLayer, x, *args, **kwargs):
+    """A LoRA layer's forward, the reference: ``base(x) + s · B(A(dropout(x)))`` for each active
+    adapter (``BaseTunerLayer.forward``). Its fast path, one Function for the common case, is
+    :mod:`minipeft.peft.lora_fused`."""
+    return BaseTunerLayer.forward(layer, x, *args, **kwargs)
+
+
+lora_fused.register(lora_forward)
 
 
 def _lora(n_layer: int, n_embd: int, **kw) -> LoraConfig:
