@@ -9,6 +9,13 @@ minipeft/transformers, and the fraction of generated tokens on which the two agr
 (float32 on both sides; a near-tie in the logits can flip an argmax and then the rest of
 that row).
 
+On the GPU a second minipeft column times ``minipeft.decoding.graph.generate_graph``, the
+greedy decoder whose step is one CUDA graph (``graph_*`` keys; ``ratio_graph`` is
+transformers' time over the graph decoder's). It is called as a user calls it, once per
+batch: the first (warm-up) call builds its buffers and captures the graph, the timed calls
+replay it. Where the graph decoder cannot run (on the CPU) those keys are None and the
+reason is printed (and for batches of more than ``MAX_ROWS`` rows, which it does not take).
+
     python benchmarks/generate.py --device cuda
     python benchmarks/generate.py --device cuda --batch 8 --new 128 --json gen.json
 """
@@ -27,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minipeft.backend import to_numpy  # noqa: E402
+from minipeft.decoding.graph import MAX_ROWS, generate_graph, graph_decodable  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
 
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
@@ -94,6 +102,9 @@ def main(argv=None):
            "torch": torch.__version__, "transformers": transformers.__version__, "config": args.config,
            "prompt": args.prompt, "new": args.new, "rows": []}
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+    no_graph = graph_decodable(mini)  # None: the CUDA-graph decoder runs this model
+    if no_graph:
+        print(f"CUDA-graph decoder skipped: {no_graph}")
     rng = np.random.default_rng(args.seed + 1)
     for B in (int(b) for b in args.batch.split(",")):
         prompt = rng.integers(0, cfg.vocab_size, size=(B, args.prompt)).astype(np.int64)
@@ -109,16 +120,31 @@ def main(argv=None):
                                    min_new_tokens=args.new, do_sample=False, num_beams=1, pad_token_id=0,
                                    use_cache=True)
 
+        def run_g():  # as a user calls it: the first call builds the decoder and captures its graph
+            return generate_graph(mini, idx_m, args.new)
+
         s_m, out_m = timed(run_m, sync_m, args.reps)
         s_t, out_t = timed(run_t, sync_t, args.reps)
         gm, gt = to_numpy(out_m)[:, args.prompt:], out_t.cpu().numpy()[:, args.prompt:]
         agree = float((gm == gt).mean()) if gm.shape == gt.shape else float("nan")
         row = {"batch": B, "minipeft_s": s_m, "transformers_s": s_t, "minipeft_tokens_per_s": B * args.new / s_m,
-               "transformers_tokens_per_s": B * args.new / s_t, "ratio": s_t / s_m, "token_agreement": agree}
+               "transformers_tokens_per_s": B * args.new / s_t, "ratio": s_t / s_m, "token_agreement": agree,
+               "minipeft_graph_s": None, "graph_tokens_per_s": None, "ratio_graph": None,
+               "graph_token_agreement": None}
+        graph = not no_graph and B <= MAX_ROWS  # the decoder's GEMV takes at most MAX_ROWS rows
+        if graph:
+            s_g, out_g = timed(run_g, sync_m, args.reps)
+            gg = to_numpy(out_g)[:, args.prompt:]
+            row.update(minipeft_graph_s=s_g, graph_tokens_per_s=B * args.new / s_g, ratio_graph=s_t / s_g,
+                       graph_token_agreement=float((gg == gt).mean()) if gg.shape == gt.shape else float("nan"))
         res["rows"].append(row)
         print(f"batch {B}: minipeft {row['minipeft_tokens_per_s']:.0f} tok/s ({1e3 * s_m / args.new:.2f} ms/step), "
               f"transformers {row['transformers_tokens_per_s']:.0f} tok/s ({1e3 * s_t / args.new:.2f} ms/step), "
               f"ratio {row['ratio']:.3f}, tokens agree {agree:.3f}")
+        if graph:
+            print(f"batch {B}: minipeft CUDA graph {row['graph_tokens_per_s']:.0f} tok/s "
+                  f"({1e3 * row['minipeft_graph_s'] / args.new:.2f} ms/step), ratio {row['ratio_graph']:.3f}, "
+                  f"tokens agree {row['graph_token_agreement']:.3f}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=1)

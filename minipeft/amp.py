@@ -193,7 +193,7 @@ def gemm(a, b, rows: int | None = None, cols: int | None = None):
     its buffer with the transpose flag, not copied. On the CPU the operands hold rounded
     values (the emulation) and this is a float32 ``@``."""
     if a.dtype.itemsize == 2 and fast.on_gpu(a):
-        y = _gemm_16in_32out(a, b)
+        y = matmul_16bit(a, b)
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
             y = a @ b
@@ -204,24 +204,17 @@ def gemm(a, b, rows: int | None = None, cols: int | None = None):
     return y
 
 
-def _gemm_16in_32out(a, b):
-    """One cuBLAS GEMM of 2-D 16-bit CuPy operands, float32 result; transposed views go by flag."""
-    from .kernels.gemm16 import batched_gemm  # lazy: kernels/ is imported only on the GPU
+@fast.dispatch
+def matmul_16bit(a, b):
+    """``a @ b`` of two 2-D 16-bit arrays as float32 sums, returned in float32.
 
+    This reference multiplies float32 copies (exact: a 16-bit value is a float32 value); on the
+    GPU :func:`minipeft.kernels.gemm16.matmul_16bit_cuda` runs it as one cuBLAS ``gemmEx`` on the
+    tensor cores (16-bit in, float32 compute and out), the same numbers up to the order of the sums."""
     if a.ndim != 2 or b.ndim != 2:
-        raise ValueError(f"a real 16-bit product takes 2-D operands (use gemm_2d), got {a.shape} and {b.shape}")
+        raise ValueError(f"a 16-bit product takes 2-D operands (use gemm_2d), got {a.shape} and {b.shape}")
     xp = xp_of(a)
-    ta, tb = _as_buffer(xp, a), _as_buffer(xp, b)
-    return batched_gemm(ta[0], tb[0], trans_a=ta[1], trans_b=tb[1], out_dtype=np.float32)  # (m, n) float32
-
-
-def _as_buffer(xp, a):
-    """``(buffer, transposed)``: a C-contiguous array whose (transpose) is ``a``, copying only if neither is."""
-    if a.flags.c_contiguous:
-        return a, False
-    if a.T.flags.c_contiguous:
-        return a.T, True
-    return xp.ascontiguousarray(a), False
+    return a.astype(xp.float32) @ b.astype(xp.float32)
 
 
 def gemm_2d(a, b, cols: int | None = None):

@@ -29,7 +29,7 @@ from ..ops.loss import CrossEntropy
 from ..ops.norm_act import GELU, LayerNorm
 from ..optim import core as optim_core
 from ..quant import blockwise, int8
-from . import adamw, amp_attention, cast16, functions, quant4bit, quant8bit
+from . import adamw, amp_attention, cast16, functions, gemm16, quant4bit, quant8bit
 
 
 def _first_on_gpu(a, *args, **kwargs) -> bool:
@@ -48,8 +48,10 @@ fast.register(Attention, amp_attention.AmpAttention, when=amp_attention.amp_atte
 fast.register(Attention, functions.FusedAttention, when=functions.attention_applies)
 fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
 fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)
-# Mixed precision's operands: float32 -> float16/bfloat16 (zero-padded) in one pass, CuPy's bits
+# Mixed precision: its operands float32 -> float16/bfloat16 (zero-padded) in one pass, CuPy's bits; its
+# 2-D products as one cuBLAS GEMM, 16-bit in, float32 out
 fast.register(amp.cast_16bit, cast16.cast_16bit_cuda, when=cast16.applies)
+fast.register(amp.matmul_16bit, gemm16.matmul_16bit_cuda, when=gemm16.matmul_16bit_applies)
 
 # Quantization: bit-exact kernels in place of minipeft.quant's array code
 fast.register(blockwise.quantize_4bit, quant4bit.quantize_4bit_cuda, when=_first_on_gpu)

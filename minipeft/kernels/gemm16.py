@@ -97,3 +97,27 @@ def batched_gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out_dtyp
         c.data.ptr, cuda_data_type(c.dtype), n, m * n,
         batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     return c
+
+
+def matmul_16bit_applies(a, b) -> bool:
+    """Two 2-D CuPy arrays, both float16 or both bfloat16."""
+    from ..fast import on_gpu
+
+    return (on_gpu(a) and on_gpu(b) and a.ndim == b.ndim == 2 and a.dtype == b.dtype
+            and (a.dtype == np.float16 or a.dtype.name == "bfloat16"))
+
+
+def matmul_16bit_cuda(a, b):
+    """``a @ b`` (2-D, 16-bit) as one cuBLAS GEMM with float32 result (:func:`minipeft.amp.matmul_16bit`'s
+    fast path). A transposed view (``w.T``) goes to cuBLAS as its buffer with the transpose flag, not copied."""
+    (a, ta), (b, tb) = _as_buffer(a), _as_buffer(b)
+    return batched_gemm(a, b, trans_a=ta, trans_b=tb, out_dtype=np.float32)  # (m, n) float32
+
+
+def _as_buffer(a):
+    """``(buffer, transposed)``: a C-contiguous 2-D array whose (transpose) is ``a``, copying only if neither is."""
+    if a.flags.c_contiguous:
+        return a, False
+    if a.T.flags.c_contiguous:
+        return a.T, True
+    return cupy().ascontiguousarray(a), False
