@@ -20,7 +20,9 @@ The products and their roundings are the reference's, one by one (``amp.gemm`` o
 ``amp.to_compute`` operands, the same zero padding), so the results are the reference's up to
 the order cuBLAS picks for a sum; ``tests/peft/test_lora_fused.py`` compares the two. It is
 the fast path of ``lora_forward`` for a layer with one active plain-LoRA adapter (no DoRA, no
-slices, no dropout in training) on a float32 ``Linear`` base; anything else runs the reference.
+slices, no dropout in training) on a float32 ``Linear`` base or on QLoRA's ``Linear4bit``;
+anything else runs the reference. With a 4-bit base, W0 is dequantized in forward and again
+in backward, never saved (as :class:`minipeft.quant.modules.MatMul4bit` does: QLoRA's memory).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from ..amp import aligned, autocast_dtype, gemm, to_compute, to_compute_padded
 from ..backend import sum_rows
 from ..engine import Function, Tensor
 from ..nn import Linear
+from ..quant.modules import Linear4bit, dequantized_for
 
 
 def _padded(a, dt: str, n: int):
@@ -37,14 +40,19 @@ def _padded(a, dt: str, n: int):
 
 
 class LoraLinear(Function):
-    """``x W0^T + b + s (x A^T) B^T`` in one op; ``x`` (..., in), ``W0`` (out, in), ``A`` (r, in), ``B`` (out, r)."""
+    """``x W0^T + b + s (x A^T) B^T`` in one op; ``x`` (..., in), ``W0`` (out, in), ``A`` (r, in), ``B`` (out, r).
+
+    ``w`` None: W0 is ``base4.dequantize``'d (a frozen 4-bit base) in forward and in backward."""
 
     @staticmethod
-    def forward(ctx, x, w, b, a, bw, scaling: float = 1.0):
-        dt = ctx.compute_dtype = autocast_dtype(x, w) or "float32"
+    def forward(ctx, x, w, b, a, bw, scaling: float = 1.0, base4=None):
+        dt = ctx.compute_dtype = autocast_dtype(x, a) or "float32"
+        ctx.base4 = base4
+        if w is None:
+            w = dequantized_for(base4, x, dt)                  # (out, in), 16-bit on the GPU
         out = ctx.out = w.shape[0]
         n = aligned(out) if dt != "float32" else out  # tensor-core shapes, as amp.AmpLinear pads
-        ctx.lead, ctx.scaling = x.shape[:-1], scaling
+        ctx.lead, ctx.scaling, ctx.n_in = x.shape[:-1], scaling, x.shape[-1]
         x2 = to_compute(x.reshape(-1, x.shape[-1]), dt)         # (M, in), cast once for W0 and A
         wc, ac, bc = _padded(w, dt, n), to_compute(a, dt), _padded(bw, dt, n)  # (n, in), (r, in), (n, r)
         t = gemm(x2, ac.T)                                      # (M, r) float32
@@ -53,31 +61,36 @@ class LoraLinear(Function):
         if b is not None:
             y = y + b
         y = y + gemm(tc, bc.T, cols=out) * scaling              # + s B A x
-        ctx.save_for_backward(x2, wc, ac, bc, tc)
+        nx, nw, _, na, nB = ctx.needs_input_grad[:5]  # save what the reference's ops would (same bytes)
+        ctx.save_for_backward(x2 if na or nw else None, wc if nx and base4 is None else None,
+                              ac if nx else None, bc if na or nx else None, tc if nB else None)
         return y.reshape(ctx.lead + (out,))
 
     @staticmethod
     def backward(ctx, g):
         x2, wc, ac, bc, tc = ctx.saved_tensors
         nx, nw, nb, na, nB = ctx.needs_input_grad[:5]
-        dt, out, s, n = ctx.compute_dtype, ctx.out, ctx.scaling, wc.shape[0]
+        dt, out, s = ctx.compute_dtype, ctx.out, ctx.scaling
+        n = aligned(out) if dt != "float32" else out
+        if wc is None and nx:  # a 4-bit base: dequantized again, as MatMul4bit's backward does
+            wc = _padded(dequantized_for(ctx.base4, g, dt), dt, n)
         g2 = g.reshape(-1, out)                                 # (M, out)
         gc = to_compute_padded(g2, dt, n)                       # (M, n)
         gsc = gc if s == 1 else to_compute_padded(g2 * s, dt, n)  # the reference's Mul: s g, then its cast
-        gt = gemm(gsc, bc)                                      # (M, r) dL/dt
-        gtc = to_compute(gt, dt)
+        gtc = to_compute(gemm(gsc, bc), dt) if na or nx else None  # (M, r) dL/dt
         gB = gemm(gsc.T, tc, rows=out) if nB else None          # (out, r)
         gA = gemm(gtc.T, x2) if na else None                    # (r, in)
         gx = None
         if nx:
-            gx = (gemm(gc, wc) + gemm(gtc, ac)).reshape(ctx.lead + (x2.shape[-1],))  # (..., in)
+            gx = (gemm(gc, wc) + gemm(gtc, ac)).reshape(ctx.lead + (ctx.n_in,))  # (..., in)
         gw = gemm(gc.T, x2, rows=out) if nw else None           # (out, in)
         gb = sum_rows(g2) if nb else None                       # (out,)
         return gx, gw, gb, gA, gB
 
 
 def fused_applies(layer, x, *args, **kwargs) -> bool:
-    """One active plain-LoRA adapter, no dropout in training, a float32 Linear base, x float32 on its device."""
+    """One active plain-LoRA adapter, no dropout in training, x float32 on the adapter's device, and a
+    float32 Linear base or a Linear4bit that computes in the dtype the adapter does."""
     if args or kwargs or layer.disable_adapters or layer.merged or not isinstance(x, Tensor):
         return False
     active = [a for a in layer.active_adapters if a in layer.lora_A]
@@ -88,18 +101,24 @@ def fused_applies(layer, x, *args, **kwargs) -> bool:
         return False
     drop = layer.lora_dropout[name]
     base = layer.get_base_layer()
-    if (drop.p > 0 and drop.training) or type(base) is not Linear:
+    if drop.p > 0 and drop.training:
         return False
-    arrays = (x.data, base.weight.data, layer.lora_A[name].weight.data, layer.lora_B[name].weight.data)
-    return all(a.dtype == "float32" for a in arrays) and len({type(a) for a in arrays}) == 1
+    arrays = [x.data, layer.lora_A[name].weight.data, layer.lora_B[name].weight.data]
+    if type(base) is Linear:
+        arrays.append(base.weight.data)
+    elif type(base) is not Linear4bit or base.compute_dtype not in ("float32", autocast_dtype(x.data) or "float32"):
+        return False  # another base, or a 4-bit layer computing in another dtype than the adapter
+    return all(a.dtype == "float32" for a in arrays) and len({type(a) for a in arrays + [base.weight.data]}) == 1
 
 
 def fused_forward(layer, x, *args, **kwargs) -> Tensor:
     """``lora_forward`` of a layer :func:`fused_applies` accepts, as one :class:`LoraLinear`."""
     name = layer.active_adapters[0]
     base = layer.get_base_layer()
-    return LoraLinear.apply(x, base.weight, base.bias, layer.lora_A[name].weight, layer.lora_B[name].weight,
-                            scaling=float(layer.scaling[name]))
+    four_bit = type(base) is Linear4bit
+    return LoraLinear.apply(x, None if four_bit else base.weight, base.bias, layer.lora_A[name].weight,
+                            layer.lora_B[name].weight, scaling=float(layer.scaling[name]),
+                            base4=base if four_bit else None)
 
 
 def register(lora_forward) -> None:

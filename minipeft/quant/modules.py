@@ -88,6 +88,13 @@ def _weight_dtype(x, compute_dtype: str):
     return np.float32
 
 
+def dequantized_for(layer, x, compute_dtype: str):
+    """A :class:`Linear4bit`'s weight (out, in) as its product with ``x`` in ``compute_dtype`` takes it
+    (16-bit straight from the kernel on the GPU, float32 elsewhere), as :class:`MatMul4bit` does."""
+    dt = _effective_compute_dtype(x, compute_dtype)
+    return dequantize_4bit(layer.weight.data, layer.quant_state, dtype=_weight_dtype(x, dt))
+
+
 class MatMul4bit(Function):
     """``y = x W^T (+ b)`` with ``W`` dequantized from 4-bit codes in forward *and* backward.
 
