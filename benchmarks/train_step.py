@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile", action="store_true", help="also cProfile minipeft's step and print the top ops")
     ap.add_argument("--profile-steps", type=int, default=3, help="steps averaged in the profile (default 3)")
     ap.add_argument("--top", type=int, default=10, help="rows of the profile table (default 10)")
+    ap.add_argument("--lora-reference", action="store_true",
+                    help="run minipeft's LoRA layers as the reference's five ops, the fused LoRA op "
+                         "(minipeft/peft/lora_fused.py) off: what that op gains, measured")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     for k in ("batch", "steps", "block"):
@@ -618,6 +621,12 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no CUDA GPU")
+    if args.lora_reference:  # take the fused LoRA op out of the fast-path table for this run
+        from minipeft import fast
+        from minipeft.peft.lora import lora_forward
+
+        for path in fast.paths(lora_forward):
+            fast.unregister(path)
     cfg = GPTConfig.preset(args.config, dropout=0.0)
     T = args.seq or cfg.block_size
     if T > cfg.block_size:
@@ -637,6 +646,7 @@ def main(argv=None) -> dict:
         "loadavg_start": _loadavg(),
         "config": args.config, "gpt_config": cfg.to_dict(), "mode": args.mode, "batch": B, "seq": T,
         "tokens_per_step": tokens, "lr": args.lr, "compute_dtype": args.compute_dtype,
+        "lora_fused": not args.lora_reference,
     }
     print(f"# minipeft vs PyTorch: one training step (fwd + loss + bwd + AdamW), {args.mode}, "
           f"{args.compute_dtype} compute")
