@@ -33,12 +33,13 @@ q, k, v and the probabilities saved in 16 bits. Other batched products stay floa
 
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
-cores with float32 accumulation whose float32 result cuBLAS writes (``gemmEx`` through
-:func:`minipeft.kernels.gemm16.batched_gemm`), and the operands saved for backward are 16-bit,
+cores with float32 accumulation whose float32 result cuBLAS writes (``gemmEx``, the fast path of
+:func:`matmul_16bit`), and the operands saved for backward are 16-bit,
 which also halves their memory. NumPy has no fast float16 GEMM and no bfloat16 GEMM, so on the
 CPU the product is *emulated*: operands rounded to 16-bit values held in float32 (round to
 nearest even, :func:`round_to_compute`), then a float32 product. Both give the same numbers up
-to the order of the float32 sums, so the CPU tests stand for the GPU path (``tests/test_bf16.py`` compares the two on a GPU).
+to the order of the float32 sums, so the CPU tests stand for the GPU path (``tests/test_bf16.py``
+compares the two on a GPU).
 """
 from __future__ import annotations
 
