@@ -314,6 +314,8 @@ class GPT(Module):
         The key/value cache is used until the sequence fills ``block_size``; after that
         each step reruns the last window that fits (nanoGPT's crop). The loop is
         ``minipeft.decoding``'s, shared with beam search, the server and side tuning.
+        On a GPU, greedy decoding of up to 8 rows runs several times faster with the
+        whole step in a CUDA graph: ``minipeft.decoding.generate_graph(model, idx, n)``.
         """
         extra = {k: v for k, v in (("prefix_key_values", prefix_key_values),
                                    ("inputs_embeds_prefix", inputs_embeds_prefix)) if v is not None}

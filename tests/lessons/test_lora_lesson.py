@@ -82,11 +82,16 @@ def test_merged_lora_runs_the_base_ops_and_unmerged_runs_more(monkeypatch):
     lora_model = lora.build(copy.deepcopy(base), 4)
     merged = copy.deepcopy(lora_model).merge_and_unload()
     idx = np.random.default_rng(0).integers(0, 50, (2, 8))
+    fused = _ops_of_one_forward(lora_model, idx, monkeypatch)  # the fused LoRA op (peft/lora_fused.py)
+    monkeypatch.setenv("MINIPEFT_KERNELS", "0")  # the reference ops, one by one, as the lesson explains them
     ops = {name: _ops_of_one_forward(m, idx, monkeypatch)
            for name, m in (("base", base), ("unmerged", lora_model), ("merged", merged))}
     assert ops["merged"] == ops["base"] and sum(ops["base"].values()) > 0
     extra = ops["unmerged"] - ops["base"]
     assert extra and not ops["base"] - ops["unmerged"], extra  # unmerged: the base's ops and LoRA's on top
+    # the fused op runs each adapted layer (base product and LoRA's) as one op in place of the base's Linear
+    adapted = fused["LoraLinear"]
+    assert adapted > 0 and fused["Linear"] == ops["base"]["Linear"] - adapted
 
 
 def test_energy_fractions(result):
