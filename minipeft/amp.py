@@ -139,13 +139,14 @@ def use_float32_accumulation(compute_dtype: str = "float16") -> None:
 
 @fast.dispatch
 def cast_16bit(a, dtype, n: int | None = None, axis: int = -1):
-    """``a`` (float32) rounded to a 16-bit ``dtype`` array (float16, or ml_dtypes' bfloat16), round
-    to nearest even, with ``axis`` zero-padded to length ``n`` (None: as it is).
+    """``a`` (float32) rounded to a C-contiguous 16-bit ``dtype`` array (float16, or ml_dtypes'
+    bfloat16), round to nearest even, with ``axis`` zero-padded to length ``n`` (None: as it is).
 
     This reference is CuPy's ``astype`` (into a zero-filled array when padded); on the GPU
-    :func:`minipeft.kernels.cast16.cast_16bit_cuda` does it in one pass with the same bits."""
+    :func:`minipeft.kernels.cast16.cast_16bit_cuda` does it in one pass with the same bits, strided
+    views (attention's q, k, v) included."""
     if n is None or a.shape[axis] == n:
-        return a.astype(dtype)
+        return a.astype(dtype, order="C")
     axis = axis % a.ndim
     out = xp_of(a).zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], dtype)
     out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = a

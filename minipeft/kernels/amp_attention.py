@@ -28,7 +28,7 @@ Two ways to run the same arithmetic, chosen per call:
 """
 from __future__ import annotations
 
-from ..amp import autocast_dtype, device_dtype, round_to_compute
+from ..amp import autocast_dtype, cast_16bit, device_dtype, round_to_compute
 from ..fast import enabled, on_gpu
 from ..ops.attention import Attention, masked_softmax  # the reference's, the twin of attn_softmax_forward
 from ..ops.common import swap_last
@@ -45,7 +45,7 @@ def to_16bit(a, compute_dtype: str, real: bool):
     """A 16-bit operand: a C-contiguous float16/bfloat16 CuPy array (``real``), else rounded float32."""
     if not real:
         return round_to_compute(a, compute_dtype)
-    return a.astype(device_dtype(compute_dtype), order="C")  # ml_dtypes' bfloat16 for bfloat16
+    return cast_16bit(a, device_dtype(compute_dtype))  # C-contiguous; ml_dtypes' bfloat16 for bfloat16
 
 
 def bmm(a, b, real: bool, trans_a: bool = False, trans_b: bool = False):

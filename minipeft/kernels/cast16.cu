@@ -7,6 +7,9 @@
 // cast_pad_*:  x (rows, cols) into y (rows_p, cols_p), zeros outside x (rows_p >= rows, cols_p >=
 //   cols): a weight's rows padded to a multiple of 8 (a GEMM's tensor-core shapes) or a gradient's
 //   columns. One CUDA block per row (grid-stride over rows), threads along the row: coalesced.
+// cast_strided_*: a strided view of up to 4 axes (d0, d1, d2, d3), strides in elements (such as
+//   attention's q, k, v: (B, H, T, D) views of c_attn's (B, T, 3C) output), into a C-contiguous
+//   array: thread i writes y[i] from x at the offset of i's 4-D index (reads coalesced along d3).
 #include "common.cuh"
 
 template <bool BF>
@@ -38,6 +41,18 @@ __device__ void cast_pad(const float* __restrict__ x, u16* __restrict__ y, i64 r
     }
 }
 
+template <bool BF>
+__device__ void cast_strided(const float* __restrict__ x, u16* __restrict__ y, i64 n, i64 d1, i64 d2, i64 d3,
+                             i64 s0, i64 s1, i64 s2, i64 s3) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        i64 r = i;
+        const i64 i3 = r % d3; r /= d3;
+        const i64 i2 = r % d2; r /= d2;
+        const i64 i1 = r % d1; r /= d1;                      // r is now i0
+        y[i] = (u16)to16<BF>(x[r * s0 + i1 * s1 + i2 * s2 + i3 * s3]);
+    }
+}
+
 extern "C" __global__ void cast_flat_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n, int vec) {
     cast_flat<false>(x, y, n, vec);
 }
@@ -51,4 +66,12 @@ extern "C" __global__ void cast_pad_f16(const float* __restrict__ x, u16* __rest
 extern "C" __global__ void cast_pad_bf16(const float* __restrict__ x, u16* __restrict__ y, i64 rows, i64 cols,
                                          i64 rows_p, i64 cols_p) {
     cast_pad<true>(x, y, rows, cols, rows_p, cols_p);
+}
+extern "C" __global__ void cast_strided_f16(const float* __restrict__ x, u16* __restrict__ y, i64 n, i64 d1,
+                                            i64 d2, i64 d3, i64 s0, i64 s1, i64 s2, i64 s3) {
+    cast_strided<false>(x, y, n, d1, d2, d3, s0, s1, s2, s3);
+}
+extern "C" __global__ void cast_strided_bf16(const float* __restrict__ x, u16* __restrict__ y, i64 n, i64 d1,
+                                             i64 d2, i64 d3, i64 s0, i64 s1, i64 s2, i64 s3) {
+    cast_strided<true>(x, y, n, d1, d2, d3, s0, s1, s2, s3);
 }

@@ -43,7 +43,12 @@ def test_cast_kernel_gives_cupys_bits(name, monkeypatch):
     cases = [(x, None, -1), (x[1:], None, -1),  # x[1:]: not 16-byte aligned, the scalar path
              (x[:1000 * 37].reshape(1000, 37), 40, -1),  # a gradient's columns padded
              (x[:13 * 64].reshape(13, 64), 16, 0),  # a weight's rows padded
-             (x[:24].reshape(2, 3, 4), 8, -1), (x[:0].reshape(0, 5), 8, -1), (x[:7], 8, -1)]
+             (x[:24].reshape(2, 3, 4), 8, -1), (x[:0].reshape(0, 5), 8, -1), (x[:7], 8, -1),
+             # strided views: attention's q of c_attn's output, (B, T, 3C) -> (B, H, T, D); a transpose;
+             # a reversed axis (negative stride); a 1-D step
+             (x[:2 * 5 * 3 * 8].reshape(2, 5, 24)[..., :8].reshape(2, 5, 2, 4).transpose(0, 2, 1, 3), None, -1),
+             (x[:37 * 41].reshape(37, 41).T, None, -1), (x[:60].reshape(3, 20)[::-1, 1::3], None, -1),
+             (x[:999:3], None, -1)]
     for a, n, axis in cases:
         got = amp.cast_16bit(a, dt, n, axis)
         monkeypatch.setenv("MINIPEFT_KERNELS", "0")
@@ -51,6 +56,7 @@ def test_cast_kernel_gives_cupys_bits(name, monkeypatch):
         monkeypatch.delenv("MINIPEFT_KERNELS")
         assert got.dtype == ref.dtype == dt and got.shape == ref.shape and got.flags.c_contiguous
         _bits_equal(got, ref)
+        assert ref.flags.c_contiguous  # the twin's contract too (batched GEMMs take C-contiguous operands)
 
 
 @pytest.mark.gpu
