@@ -5,6 +5,8 @@
 #   train     benchmarks/train_step.py --device cuda, GPT-2 small shape, full / lora / qlora
 #   generate  benchmarks/generate.py --device cuda
 #   gputest   the whole gpu test suite (python -m pytest -m gpu)
+#   fast16    issue [fast16]'s table: train_step.py in bfloat16 and float16, full / lora / qlora, at 8 x 512
+#             and 32 x 512 tokens (about 12 min on an H200), then generate.py (the loop and the CUDA graph)
 # usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]   (default: all stages, in that order)
 set -u
 out=${1:?usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]}
@@ -29,6 +31,12 @@ for s in $stages; do
           --steps 20 --warmup 3 --json "$out/train_$m.json" 2>&1 | grep -v -i warn | tail -16
       done ;;
     generate) timeout 300 python3 benchmarks/generate.py --device cuda --json "$out/generate.json" 2>&1 | tail -4 ;;
+    fast16)
+      for d in bfloat16 float16; do for b in 8 32; do for m in full lora qlora; do
+        timeout 120 python3 benchmarks/train_step.py --device cuda --config gpt2 --batch $b --seq 512 --mode $m \
+          --compute-dtype $d --json "$out/train_${d}_${m}_${b}x512.json" 2>&1 | grep -E "ratio|agree" | sed "s/^/$d $m $b: /"
+      done; done; done
+      timeout 300 python3 benchmarks/generate.py --device cuda --json "$out/generate.json" 2>&1 | tail -4 ;;
     gputest) timeout 400 python3 -m pytest -q -m gpu --tb=short > "$out/pytest_gpu.log" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest_gpu.log" | tail -30 ;;
   esac
