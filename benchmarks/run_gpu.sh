@@ -6,7 +6,7 @@
 #   generate  benchmarks/generate.py --device cuda
 #   gputest   the whole gpu test suite (python -m pytest -m gpu)
 #   fast16    issue [fast16]'s table: train_step.py in bfloat16 and float16, full / lora / qlora, at 8 x 512
-#             and 32 x 512 tokens (12 runs of 30-75 s each on an H200), then generate.py (the loop and the CUDA graph)
+#             and 32 x 512 tokens (12 runs), then generate.py (the loop and the CUDA graph)
 # usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]   (default: all stages, in that order)
 set -u
 out=${1:?usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]}
