@@ -94,12 +94,7 @@ class AdamW8bit(Blockwise8bitState, AdamW):
         return self._new_8bit_state(p)
 
     def _update(self, name: str, p: Tensor) -> None:
-        st = self.state.get(name)
-        if st is None:
-            st = self.state[name] = self._init_state(p)
-        if "absmax1" in st:
-            self._check_finite(name, p.grad)
-        st["step"] += 1
+        st = self._counted_state(name, p)
         hp = (st["step"], self.lr, self.betas, self.eps, self.weight_decay)
         if "absmax1" not in st:  # a small tensor: plain 32-bit AdamW
             adamw_update(p.data, p.grad, st["state1"], st["state2"], *hp)

@@ -116,12 +116,7 @@ class Lion8bit(Blockwise8bitState, Lion):
         return self._new_8bit_state(p) if self.is_8bit(p) else super()._init_state(p)
 
     def _update(self, name: str, p: Tensor) -> None:
-        st = self.state.get(name)
-        if st is None:
-            st = self.state[name] = self._init_state(p)
-        if "absmax1" in st:
-            self._check_finite(name, p.grad)
-        st["step"] += 1
+        st = self._counted_state(name, p)
         if "absmax1" not in st:  # a small tensor: 32-bit Lion
             lion_update(p.data, p.grad, st["state1"], self.lr, self.betas, self.weight_decay)
             return

@@ -153,6 +153,17 @@ class Blockwise8bitState:
         for (k, signed), x in zip(self._states, fresh):
             st[k][...], st[self._absmax_key(k)][...] = quantize_state(x, signed, self.blocksize)
 
+    def _counted_state(self, name: str, p: Tensor) -> dict:
+        """Parameter ``name``'s state (made on first use), its gradient checked if the state is 8-bit,
+        then its step counted: the start of every 8-bit optimizer's ``_update``."""
+        st = self.state.get(name)
+        if st is None:
+            st = self.state[name] = self._init_state(p)
+        if self._absmax_key(self._states[0][0]) in st:
+            self._check_finite(name, p.grad)
+        st["step"] += 1
+        return st
+
     def _check_finite(self, name: str, g) -> None:
         """Refuse a gradient of an 8-bit state holding NaN/inf (before the step counts or anything moves)."""
         xp = xp_of(g)
