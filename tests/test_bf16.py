@@ -158,8 +158,8 @@ def test_gpu_train_in_bfloat16_matches_the_cpu_emulation():
         tc = TrainConfig(max_steps=20, batch_size=8, lr=3e-3, progress=False, compute_dtype="bfloat16")
         losses[device] = np.array(train(model, lambda rng: lm_batches(data, 8, 32, rng), config=tc).losses)
     # the first loss differs only by the order of float32 sums (and the roundings of operands that
-    # order flips); later
-    # steps carry those differences through the updates (bfloat16 keeps 8 bits: 2^-8 = 4e-3)
+    # order flips); later steps carry those differences through the updates (bfloat16 keeps 8 bits:
+    # 2^-8 = 4e-3)
     np.testing.assert_allclose(losses["cuda"][0], losses["cpu"][0], rtol=1e-3)
     np.testing.assert_allclose(losses["cuda"], losses["cpu"], rtol=2e-2)
     assert losses["cuda"][-1] < losses["cuda"][0]

@@ -49,7 +49,7 @@ class LoraLinear(Function):
         dt = ctx.compute_dtype = autocast_dtype(x, a) or "float32"
         ctx.base4 = base4
         if w is None:
-            w = dequantized_for(base4, x, dt)                  # (out, in), 16-bit on the GPU
+            w = dequantized_for(base4.weight.data, base4.quant_state, x, dt)  # (out, in), 16-bit on the GPU
         out = ctx.out = w.shape[0]
         n = aligned(out) if dt != "float32" else out  # tensor-core shapes, as amp.AmpLinear pads
         ctx.lead, ctx.scaling, ctx.n_in = x.shape[:-1], scaling, x.shape[-1]
@@ -73,7 +73,7 @@ class LoraLinear(Function):
         dt, out, s = ctx.compute_dtype, ctx.out, ctx.scaling
         n = aligned(out) if dt != "float32" else out
         if wc is None and nx:  # a 4-bit base: dequantized again, as MatMul4bit's backward does
-            wc = _padded(dequantized_for(ctx.base4, g, dt), dt, n)
+            wc = _padded(dequantized_for(ctx.base4.weight.data, ctx.base4.quant_state, g, dt), dt, n)
         g2 = g.reshape(-1, out)                                 # (M, out)
         gc = to_compute_padded(g2, dt, n)                       # (M, n)
         gsc = gc if s == 1 else to_compute_padded(g2 * s, dt, n)  # the reference's Mul: s g, then its cast

@@ -88,11 +88,11 @@ def _weight_dtype(x, compute_dtype: str):
     return np.float32
 
 
-def dequantized_for(layer, x, compute_dtype: str):
-    """A :class:`Linear4bit`'s weight (out, in) as its product with ``x`` in ``compute_dtype`` takes it
-    (16-bit straight from the kernel on the GPU, float32 elsewhere), as :class:`MatMul4bit` does."""
-    dt = _effective_compute_dtype(x, compute_dtype)
-    return dequantize_4bit(layer.weight.data, layer.quant_state, dtype=_weight_dtype(x, dt))
+def dequantized_for(packed, quant_state, x, compute_dtype: str):
+    """The weight (out, in) of 4-bit codes as a product with ``x`` in ``compute_dtype`` (resolved
+    already, as :func:`_effective_compute_dtype` gives it) takes it: 16-bit straight from the
+    kernel on the GPU, float32 elsewhere. :class:`MatMul4bit` and the fused LoRA op both call it."""
+    return dequantize_4bit(packed, quant_state, dtype=_weight_dtype(x, compute_dtype))
 
 
 class MatMul4bit(Function):
@@ -107,7 +107,7 @@ class MatMul4bit(Function):
     def forward(ctx, x, b=None, *, packed, quant_state, compute_dtype):
         compute_dtype = _effective_compute_dtype(x, compute_dtype)
         ctx.packed, ctx.quant_state, ctx.compute_dtype = packed, quant_state, compute_dtype
-        w = dequantize_4bit(packed, quant_state, dtype=_weight_dtype(x, compute_dtype))  # (out, in)
+        w = dequantized_for(packed, quant_state, x, compute_dtype)     # (out, in)
         return _linear_compute(x, w, b, compute_dtype)                 # (..., out)
 
     @staticmethod
@@ -115,7 +115,7 @@ class MatMul4bit(Function):
         needs = ctx.needs_input_grad
         gx = gb = None
         if needs[0]:
-            w = dequantize_4bit(ctx.packed, ctx.quant_state, dtype=_weight_dtype(g, ctx.compute_dtype))  # again
+            w = dequantized_for(ctx.packed, ctx.quant_state, g, ctx.compute_dtype)  # again
             gx = _grad_input(g, w, ctx.compute_dtype)                  # (..., in)
         if len(needs) > 1 and needs[1]:
             gb = g.reshape(-1, g.shape[-1]).sum(axis=0)                # (out,)
