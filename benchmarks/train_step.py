@@ -87,6 +87,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lora-reference", action="store_true",
                     help="run minipeft's LoRA layers as the reference's five ops, the fused LoRA op "
                          "(minipeft/peft/lora_fused.py) off: what that op gains, measured")
+    ap.add_argument("--graph", action="store_true",
+                    help="minipeft's step recorded once as a CUDA graph and replayed (minipeft.graph_train."
+                         "GraphTrainStep; bfloat16 on cuda only; torch stays eager)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     for k in ("batch", "steps", "block"):
@@ -98,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--threads must be a positive integer, got {args.threads}")
     if args.seq is not None and args.seq <= 0:
         ap.error(f"--seq must be a positive integer, got {args.seq}")
+    if args.graph and (args.device != "cuda" or args.compute_dtype != "bfloat16"):
+        ap.error("--graph records the step into a CUDA graph: it needs --device cuda --compute-dtype bfloat16")
     return args
 
 
@@ -391,8 +396,13 @@ def minipeft_step(model, optimizer, scaler, idx, tgt, compute_dtype: str = "floa
     return loss
 
 
-def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, compute_dtype: str = "float32"):
+def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, compute_dtype: str = "float32",
+                  graph: bool = False):
     """Two closures that run one training step each and return the loss (a scalar array/tensor).
+
+    With ``graph`` minipeft's step is a :class:`minipeft.graph_train.GraphTrainStep` (one eager
+    step, then the recorded step replayed) fed the host batch, which it copies to the device
+    at every step.
 
     With ``compute_dtype='float16'`` each side runs its own mixed precision: 16-bit matmuls
     under autocast, float32 weights and AdamW state, the loss scaled by a dynamic scaler
@@ -422,8 +432,16 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, c
     scaler_m = amp.GradScaler(enabled=half)
     scaler_t = torch.amp.GradScaler(device, enabled=half)
 
-    def step_mini():
-        return minipeft_step(mini, opt_m, scaler_m, idx_m, tgt_m, compute_dtype)
+    if graph:
+        from minipeft.graph_train import GraphTrainStep
+
+        graph_step = GraphTrainStep(mini, opt_m, compute_dtype)
+
+        def step_mini():
+            return graph_step(idx_np, tgt_np)
+    else:
+        def step_mini():
+            return minipeft_step(mini, opt_m, scaler_m, idx_m, tgt_m, compute_dtype)
 
     def step_torch():
         opt_t.zero_grad(set_to_none=True)
@@ -646,7 +664,7 @@ def main(argv=None) -> dict:
         "loadavg_start": _loadavg(),
         "config": args.config, "gpt_config": cfg.to_dict(), "mode": args.mode, "batch": B, "seq": T,
         "tokens_per_step": tokens, "lr": args.lr, "compute_dtype": args.compute_dtype,
-        "lora_fused": not args.lora_reference,
+        "lora_fused": not args.lora_reference, "minipeft_graph": args.graph,
     }
     print(f"# minipeft vs PyTorch: one training step (fwd + loss + bwd + AdamW), {args.mode}, "
           f"{args.compute_dtype} compute")
@@ -661,7 +679,9 @@ def main(argv=None) -> dict:
     data = rng.integers(0, cfg.vocab_size, size=(B, T + 1)).astype(np.int64)
     idx, tgt = np.ascontiguousarray(data[:, :-1]), np.ascontiguousarray(data[:, 1:])
     step_m, step_t, sync_m, sync_t, n_m, n_t = make_steppers(torch, mini, tmodel, idx, tgt, args.device, args.lr,
-                                                             args.compute_dtype)
+                                                             args.compute_dtype, args.graph)
+    if args.graph:
+        mini_kind += "; the step recorded as a CUDA graph (minipeft.graph_train.GraphTrainStep), torch eager"
     print(f"minipeft: {mini_kind}; trainable parameters {n_m:,}")
     print(f"torch:    {torch_kind}; trainable parameters {n_t:,}")
     if n_m != n_t:

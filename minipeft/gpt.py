@@ -38,6 +38,7 @@ from . import functional as F
 from .checkpointing import checkpoint
 from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
+from .capture import capturing  # recorded into a CUDA graph: the caller checks the ids
 from .engine import Tensor, is_grad_enabled
 from .forward_call import ForwardCall
 from .kv_cache import KVCache
@@ -296,7 +297,7 @@ class GPT(Module):
         if idx.ndim != 2 or idx.dtype.kind not in "iu":
             raise ValueError(f"idx must be integer token ids of shape (B, T), got a {idx.dtype} array of "
                              f"shape {idx.shape} (one sequence: pass idx[None])")
-        if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
+        if idx.size and capturing() is None and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}) (vocab_size), got ids in "
                              f"[{int(idx.min())}, {int(idx.max())}]")
         return idx

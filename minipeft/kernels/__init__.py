@@ -48,6 +48,7 @@ fast.register(Attention, amp_attention.AmpAttention, when=amp_attention.amp_atte
 fast.register(Attention, functions.FusedAttention, when=functions.attention_applies)
 fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
 fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)
+fast.register(optim_core.adamw_update_from, adamw.adamw_update_from_cuda, when=adamw.applies_from)
 # Mixed precision: its operands float32 -> float16/bfloat16 (zero-padded) in one pass, CuPy's bits; its
 # 2-D products as one cuBLAS GEMM, 16-bit in, float32 out
 fast.register(amp.cast_16bit, cast16.cast_16bit_cuda, when=cast16.applies)

@@ -11,22 +11,40 @@
 
 typedef long long i64;
 
+__device__ __forceinline__ void adamw_element(float* __restrict__ p, const float* __restrict__ g,
+                                              float* __restrict__ m, float* __restrict__ v, i64 i,
+                                              int decay, float keep, float one_minus_b1, float b2,
+                                              float one_minus_b2, float bc2_sqrt, float eps, float step_size) {
+    float pi = p[i];
+    const float gi = g[i];
+    float mi = m[i], vi = v[i];
+    if (decay) pi = __fmul_rn(pi, keep);
+    mi = __fadd_rn(mi, __fmul_rn(one_minus_b1, __fsub_rn(gi, mi)));
+    vi = __fmul_rn(vi, b2);
+    vi = __fadd_rn(vi, __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));
+    const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
+    pi = __fsub_rn(pi, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
+    p[i] = pi;
+    m[i] = mi;
+    v[i] = vi;
+}
+
 extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __restrict__ g,
                                         float* __restrict__ m, float* __restrict__ v, i64 n,
                                         int decay, float keep, float one_minus_b1, float b2,
                                         float one_minus_b2, float bc2_sqrt, float eps, float step_size) {
-    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
-        float pi = p[i];
-        const float gi = g[i];
-        float mi = m[i], vi = v[i];
-        if (decay) pi = __fmul_rn(pi, keep);
-        mi = __fadd_rn(mi, __fmul_rn(one_minus_b1, __fsub_rn(gi, mi)));
-        vi = __fmul_rn(vi, b2);
-        vi = __fadd_rn(vi, __fmul_rn(__fmul_rn(one_minus_b2, gi), gi));
-        const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(vi), bc2_sqrt), eps);
-        pi = __fsub_rn(pi, __fmul_rn(step_size, __fdiv_rn(mi, denom)));
-        p[i] = pi;
-        m[i] = mi;
-        v[i] = vi;
-    }
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        adamw_element(p, g, m, v, i, decay, keep, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size);
+}
+
+// The same update with the step's scalars read from device memory, scalars = (keep, bc2_sqrt,
+// step_size) as float32: a step recorded into a CUDA graph reads the values written before each
+// replay (minipeft/capture.py) instead of the ones it was recorded with.
+extern "C" __global__ void adamw_update_from(float* __restrict__ p, const float* __restrict__ g,
+                                             float* __restrict__ m, float* __restrict__ v, i64 n,
+                                             int decay, float one_minus_b1, float b2, float one_minus_b2,
+                                             float eps, const float* __restrict__ scalars) {
+    const float keep = scalars[0], bc2_sqrt = scalars[1], step_size = scalars[2];
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
+        adamw_element(p, g, m, v, i, decay, keep, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size);
 }

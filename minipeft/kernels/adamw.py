@@ -1,7 +1,9 @@
 """Fused AdamW update: one CUDA kernel per parameter, in place on the parameter and moments.
 
 The NumPy twin is :func:`minipeft.optim.core.adamw_update`; :mod:`minipeft.kernels` registers
-this as its fast path for C-contiguous float32 CuPy arrays (:func:`applies`);
+this as its fast path for C-contiguous float32 CuPy arrays (:func:`applies`), and
+:func:`adamw_update_from_cuda` (the scalars of the step read from device memory, for a step
+recorded into a CUDA graph) as the fast path of ``adamw_update_from``;
 ``tests/kernels/test_adamw.py`` checks that the two agree bit for bit. Floor: 28 bytes
 per parameter (read p, g, m, v; write p, m, v): ~1.2 ms for GPT-2 small's 124 M
 parameters at 3 TB/s, against the twin's ~10 passes and ~10 launches per parameter.
@@ -26,6 +28,21 @@ def adamw_update_cuda(p, g, m, v, step: int, lr: float, betas, eps: float, wd: f
         f32(bc2_sqrt), f32(eps), f32(lr / bc1)))
 
 
+def adamw_update_from_cuda(p, g, m, v, scalars, betas, eps: float, wd: float) -> None:
+    """The twin's ``adamw_update_from``: the step's scalars (keep, bc2_sqrt, step_size) read by the kernel
+    from the float32 CuPy array ``scalars`` (what a step recorded into a CUDA graph does)."""
+    cp = cupy()
+    g = cp.ascontiguousarray(g)
+    b1, b2 = betas
+    kernel("adamw.cu", "adamw_update_from")((blocks(p.size),), (256,), (
+        p, g, m, v, i64(p.size), i32(wd != 0.0), f32(1.0 - b1), f32(b2), f32(1.0 - b2), f32(eps), scalars))
+
+
 def applies(p, g, m, v, *args, **kwargs) -> bool:
     """The kernel's case: parameter and moments C-contiguous float32 CuPy arrays, the gradient of p's dtype."""
     return float32_on_gpu(p, m, v) and g.dtype == p.dtype
+
+
+def applies_from(p, g, m, v, scalars, *args, **kwargs) -> bool:
+    """:func:`applies`, and the scalars a C-contiguous float32 CuPy array of 3 values."""
+    return applies(p, g, m, v) and float32_on_gpu(scalars) and scalars.size == 3

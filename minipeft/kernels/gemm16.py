@@ -17,9 +17,12 @@ C^T = op(B)^T op(A)^T of shape (n, m): B's buffer goes first, A's second, and cu
 (M, N, K) are our (n, m, k). Each buffer's leading dimension is simply its last axis;
 transposing an operand (``trans_a``) is cuBLAS's ``CUBLAS_OP_T`` on that operand's buffer.
 
-Verified where: the call signature and constants below were read from CuPy 14.2's source
-(``cupy_backends/cuda/libs/cublas.pyx``, whose own ``_routines_linalg.pyx`` calls it the same
-way, with float32 ``one``/``zero`` host scalars passed by address). The issue's H200 check
+The call goes to cuBLAS through :mod:`minipeft.kernels.cublas` (a handle with its own
+workspace), not CuPy's wrapper, so that it can also be recorded into a CUDA graph
+(:mod:`minipeft.graph_train`). Verified where: the signature of
+``cublasGemmStridedBatchedEx`` and the constants below are the CUDA headers' (CuPy 14.2's
+``cupy_backends/cuda/libs/cublas.pyx`` wraps the same call with float32 ``one``/``zero``
+host scalars passed by address, as we do). The issue's H200 check
 (bfloat16 operands, float32 compute: relative error 2.5e-3 against float32, 58 TFLOP/s at
 96 x 512 x 512 x 64) used this call. ``tests/kernels/test_amp_attention.py`` checks the
 arguments on the CPU against a NumPy model of cuBLAS's documented column-major contract, and
@@ -31,6 +34,7 @@ import math
 
 import numpy as np
 
+from . import cublas
 from ._module import cupy
 
 # cuBLAS / CUDA enum values (stable ABI numbers, from the CUDA headers; CuPy exposes the same
@@ -84,16 +88,12 @@ def batched_gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out_dtyp
     if k == 0:  # an empty sum
         c.fill(0)
         return c
-    one, zero = np.array(1.0, np.float32), np.array(0.0, np.float32)  # float32 scalars: CUBLAS_COMPUTE_32F
     # column-major C^T (n, m) = op(B)^T (n, k) @ op(A)^T (k, m): b's buffer first, then a's
-    cp.cuda.cublas.gemmStridedBatchedEx(
-        cp.cuda.device.get_cublas_handle(),
+    cublas.gemm_strided_batched(
         CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N,
         n, m, k,
-        one.ctypes.data,
         b.data.ptr, cuda_data_type(b.dtype), b.shape[-1], b.shape[-2] * b.shape[-1],
         a.data.ptr, cuda_data_type(a.dtype), a.shape[-1], a.shape[-2] * a.shape[-1],
-        zero.ctypes.data,
         c.data.ptr, cuda_data_type(c.dtype), n, m * n,
         batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
     return c

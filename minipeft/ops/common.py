@@ -43,12 +43,17 @@ def swap_last(a):
 
 
 def as_tensor_arg(a, like: Tensor | None = None):
-    """Leave Tensors and arrays alone; turn Python scalars into arrays of ``like``'s dtype and device."""
+    """Leave Tensors and arrays alone; turn Python scalars into arrays of ``like``'s dtype and device.
+
+    The 0-d array is filled on the device (``full``), not copied from the host: a step recorded
+    into a CUDA graph (:mod:`minipeft.graph_train`) may hold no copy from host memory that a
+    replay would read again after the host has reused it.
+    """
     if isinstance(a, Tensor) or hasattr(a, "shape"):
         return a
     if like is not None:
         xp = xp_of(like.data)
-        return xp.asarray(a, dtype=like.dtype)
+        return xp.full((), a, dtype=like.dtype)
     return a
 
 

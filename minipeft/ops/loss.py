@@ -3,6 +3,7 @@ smoothing (Szegedy et al. 2016, §7), as ``torch.nn.functional.cross_entropy``."
 from __future__ import annotations
 
 from ..backend import xp_of
+from ..capture import capturing  # recorded into a CUDA graph: the caller checks the targets
 from ..engine import Function, Tensor
 from .common import array_module
 from .shape import reshape
@@ -60,7 +61,7 @@ def cross_entropy(logits, targets, ignore_index: int = -100, label_smoothing: fl
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     v = logits.shape[-1]
     bad = (targets != ignore_index) & ((targets < 0) | (targets >= v))  # an index outside [0, V) would wrap
-    if targets.size and bool(bad.any()):
+    if targets.size and capturing() is None and bool(bad.any()):
         raise ValueError(f"cross_entropy: targets must be class indices in [0, {v}) or ignore_index "
                          f"({ignore_index}); got {int(bad.sum())} outside, e.g. {int(targets[bad].reshape(-1)[0])}. "
                          f"Mark positions to skip with ignore_index, or check the tokenizer's vocabulary size")

@@ -27,9 +27,21 @@ import numpy as np
 
 from .. import fast
 from ..backend import to_device, xp_of
+from ..capture import capturing
 from ..engine import Tensor
 
 # ------------------------------------------------------------------ update rules
+
+
+def adamw_scalars(step: int, lr: float, betas: tuple[float, float], wd: float) -> np.ndarray:
+    """``(keep, bc2_sqrt, step_size)`` (float64): what one AdamW update needs of the step number and lr.
+
+    ``keep = 1 - lr*wd`` (the decoupled decay), ``bc2_sqrt = sqrt(1 - b2^t)``, ``step_size =
+    lr / (1 - b1^t)``; :func:`adamw_update_from` rounds them once to the moments' dtype, as
+    an array rounds a Python float it is multiplied by.
+    """
+    b1, b2 = betas
+    return np.array([1.0 - lr * wd, math.sqrt(1.0 - b2**step), lr / (1.0 - b1**step)])
 
 
 @fast.dispatch  # float32 CuPy arrays: one fused kernel instead (minipeft/kernels/adamw.cu), bit for bit
@@ -39,19 +51,26 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], e
     ``step`` is the 1-based count of this update (used for bias correction). ``m``/``v``
     may be float32 while ``p`` is lower precision: the math runs in ``m``'s dtype.
     """
+    adamw_update_from(p, g, m, v, adamw_scalars(step, lr, betas, wd), betas, eps, wd)
+
+
+@fast.dispatch  # float32 CuPy arrays and scalars on the device: the same kernel, reading them there
+def adamw_update_from(p, g, m, v, scalars, betas: tuple[float, float], eps: float, wd: float) -> None:
+    """:func:`adamw_update` with the step's scalars given as an array ``(keep, bc2_sqrt, step_size)``
+    (:func:`adamw_scalars`), on the host or, for a step recorded into a CUDA graph, on the device."""
     b1, b2 = betas
+    scalars = scalars.astype(m.dtype, copy=False)  # rounded once to the working dtype
+    keep, bias_correction2_sqrt, step_size = scalars[0], scalars[1], scalars[2]
     work = p if p.dtype == m.dtype else p.astype(m.dtype)
     g = g if g.dtype == m.dtype else g.astype(m.dtype)
     if wd != 0.0:
-        work *= 1.0 - lr * wd  # decoupled weight decay (Loshchilov & Hutter, Alg. 2 line 12)
+        work *= keep  # decoupled weight decay (Loshchilov & Hutter, Alg. 2 line 12)
     m += (1.0 - b1) * (g - m)  # m <- b1*m + (1-b1)*g
     v *= b2
     v += (1.0 - b2) * g * g  # v <- b2*v + (1-b2)*g^2
     xp = xp_of(p)
-    bias_correction1 = 1.0 - b1**step
-    bias_correction2_sqrt = math.sqrt(1.0 - b2**step)
     denom = xp.sqrt(v) / bias_correction2_sqrt + eps
-    work -= (lr / bias_correction1) * (m / denom)
+    work -= step_size * (m / denom)  # step_size = lr / (1 - b1^t)
     if work is not p:
         p[...] = work.astype(p.dtype)
 
@@ -299,11 +318,24 @@ class AdamW(Optimizer):
 
     def _update(self, name: str, p: Tensor) -> None:
         st = self.state.get(name)
+        rec = capturing()
         if st is None:
+            if rec is not None:
+                raise RuntimeError(f"{name} has no AdamW state yet: a recorded step cannot make it (its zeros "
+                                   "would be recorded too, and replayed); take one eager step first")
             st = self.state[name] = self._init_state(p)
-        st["step"] += 1
-        adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], self.lr,
-                     self.betas, self.eps, self.weight_decay)
+        if rec is None:
+            st["step"] += 1
+            adamw_update(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], st["step"], self.lr,
+                         self.betas, self.eps, self.weight_decay)
+            return
+
+        def advance():  # before each replay of a recorded step: the step it takes, at the lr of now
+            st["step"] += 1
+            return adamw_scalars(st["step"], self.lr, self.betas, self.weight_decay)
+
+        adamw_update_from(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], rec.per_replay(advance, 3),
+                          self.betas, self.eps, self.weight_decay)
 
 
 # ---------------------------------------------------------------- gradient clipping

@@ -9,7 +9,6 @@ the tensor-core attention against the twin on the same inputs.
 """
 from __future__ import annotations
 
-import ctypes
 import types
 
 import numpy as np
@@ -194,18 +193,18 @@ class _DeviceArray(np.ndarray):
 
 
 class _CublasModel:
-    """cuBLAS's ``gemmStridedBatchedEx`` as its documentation states it, in NumPy, standing in for CuPy.
+    """cuBLAS's ``gemmStridedBatchedEx`` as its documentation states it, in NumPy, standing in for
+    CuPy and for :func:`minipeft.kernels.cublas.gemm_strided_batched` (alpha 1, beta 0).
 
     Column-major: element (r, c) of a matrix with leading dimension ld sits at r + c * ld;
-    op(A) is M x K, op(B) is K x N, C = alpha op(A) op(B) + beta C is M x N; matrix i of a batch
-    starts i * stride elements after the first. Buffers are found by address.
+    op(A) is M x K, op(B) is K x N, C = op(A) op(B) is M x N; matrix i of a batch starts
+    i * stride elements after the first. Buffers are found by address.
     """
 
     CODES = {0: np.float32, 2: np.float16}
 
     def __init__(self):
         self.buffers, self.calls = {}, 0
-        self.cuda = types.SimpleNamespace(cublas=self, device=types.SimpleNamespace(get_cublas_handle=lambda: 0))
 
     def put(self, a):
         a = np.ascontiguousarray(a).view(_DeviceArray)
@@ -221,18 +220,17 @@ class _CublasModel:
         r, c = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
         return i * stride + r + c * ld, flat
 
-    def gemmStridedBatchedEx(self, handle, transa, transb, M, N, K, alpha, A, Atype, lda, strideA,
-                             B, Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batch, compute, algo):
+    def gemm_strided_batched(self, transa, transb, M, N, K, A, Atype, lda, strideA,
+                             B, Btype, ldb, strideB, C, Ctype, ldc, strideC, batch, compute, algo):
         self.calls += 1
         assert compute == 68 and algo == -1  # CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT
-        alpha, beta = ctypes.c_float.from_address(alpha).value, ctypes.c_float.from_address(beta).value
         for i in range(batch):
             ia, fa = self._matrix(A, Atype, i, strideA, *((M, K) if transa == 0 else (K, M)), lda)
             ib, fb = self._matrix(B, Btype, i, strideB, *((K, N) if transb == 0 else (N, K)), ldb)
             ic, fc = self._matrix(C, Ctype, i, strideC, M, N, ldc)
             opa = fa[ia].astype(np.float64) if transa == 0 else fa[ia].astype(np.float64).T
             opb = fb[ib].astype(np.float64) if transb == 0 else fb[ib].astype(np.float64).T
-            fc[ic] = alpha * opa @ opb + (beta * fc[ic].astype(np.float64) if beta else 0)
+            fc[ic] = opa @ opb
 
 
 @pytest.mark.parametrize("mode", ["float16", "bfloat16"])
@@ -244,6 +242,7 @@ def test_batched_gemm_passes_cublas_the_row_major_product(trans_a, trans_b, mode
 
     model = _CublasModel()
     monkeypatch.setattr(gemm16, "cupy", lambda: model)
+    monkeypatch.setattr(gemm16, "cublas", model)
     rng = np.random.default_rng(5)
     batch, m, k, n = (2, 3), 4, 5, 3
     a = rng.standard_normal(batch + ((k, m) if trans_a else (m, k))).astype(_dtype(mode))
