@@ -99,6 +99,28 @@ def batched_gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out_dtyp
     return c
 
 
+def sum_rows_cuda(a):
+    """``a.sum(axis=0)`` of a 2-D float32 CuPy array (rows, n) as one cuBLAS product ``ones (rows,) @ a``.
+
+    Column-major, ``a``'s buffer is a^T (n, rows) with leading dimension n, so the (n, 1)
+    result is ``a^T @ ones`` with no transpose flag (float32 in, float32 sums).
+    """
+    cp = cupy()
+    a = cp.ascontiguousarray(a)
+    rows, n = a.shape
+    out = cp.empty(n, dtype=cp.float32)  # (n,)
+    if n == 0:
+        return out
+    if rows == 0:
+        out.fill(0)
+        return out
+    ones = cp.ones(rows, dtype=cp.float32)  # (rows,)
+    cublas.gemm_strided_batched(CUBLAS_OP_N, CUBLAS_OP_N, n, 1, rows,
+                                a.data.ptr, CUDA_R_32F, n, 0, ones.data.ptr, CUDA_R_32F, rows, 0,
+                                out.data.ptr, CUDA_R_32F, n, 0, 1, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT)
+    return out
+
+
 def matmul_16bit_applies(a, b) -> bool:
     """Two 2-D CuPy arrays, both float16 or both bfloat16."""
     from ..fast import on_gpu

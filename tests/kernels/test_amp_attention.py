@@ -332,3 +332,20 @@ def test_tensor_core_attention_saves_16bit_arrays(mode, monkeypatch):
         y_np = F.scaled_dot_product_attention(*(Tensor(a) for a in (q, k, v)), causal=True)
     assert rel_err(y_off.data.get(), y_np.data) < UNIT_ROUNDOFF[mode] / 4  # a rare p may round the other way
     del y
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows,n", [(1, 1), (7, 3), (4096, 768), (513, 2304), (0, 5), (3, 0)])
+def test_sum_rows_is_the_column_sum(rows, n):
+    """backend.sum_rows on the GPU (one cuBLAS product ones @ a through kernels.cublas): the float32
+    column sums within float32 accumulation's bound rows 2^-24 sum |a|, and a fresh (n,) array."""
+    import cupy as cp
+
+    from minipeft.backend import sum_rows
+
+    a = np.random.default_rng(rows + n).standard_normal((rows, n)).astype(np.float32)
+    got = sum_rows(cp.asarray(a))
+    assert got.shape == (n,) and got.dtype == cp.float32
+    ref = a.astype(np.float64).sum(axis=0)
+    bound = (rows + 1) * 2.0 ** -24 * np.abs(a).astype(np.float64).sum(axis=0) + 1e-30
+    assert np.all(np.abs(got.get() - ref) <= bound)
