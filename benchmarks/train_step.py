@@ -89,7 +89,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "(minipeft/peft/lora_fused.py) off: what that op gains, measured")
     ap.add_argument("--graph", action="store_true",
                     help="minipeft's step recorded once as a CUDA graph and replayed (minipeft.graph_train."
-                         "GraphTrainStep; bfloat16 on cuda only; torch stays eager)")
+                         "GraphTrainStep; 16-bit on cuda only; torch stays eager)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     args = ap.parse_args(argv)
     for k in ("batch", "steps", "block"):
@@ -101,8 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--threads must be a positive integer, got {args.threads}")
     if args.seq is not None and args.seq <= 0:
         ap.error(f"--seq must be a positive integer, got {args.seq}")
-    if args.graph and (args.device != "cuda" or args.compute_dtype != "bfloat16"):
-        ap.error("--graph records the step into a CUDA graph: it needs --device cuda --compute-dtype bfloat16")
+    if args.graph and (args.device != "cuda" or args.compute_dtype == "float32"):
+        ap.error("--graph records the step into a CUDA graph: it needs --device cuda and --compute-dtype "
+                 "bfloat16 or float16")
     return args
 
 
@@ -435,7 +436,7 @@ def make_steppers(torch, mini, tmodel, idx_np, tgt_np, device: str, lr: float, c
     if graph:
         from minipeft.graph_train import GraphTrainStep
 
-        graph_step = GraphTrainStep(mini, opt_m, compute_dtype)
+        graph_step = GraphTrainStep(mini, opt_m, compute_dtype, scaler=scaler_m)  # float16: the same scaler
 
         def step_mini():
             return graph_step(idx_np, tgt_np)

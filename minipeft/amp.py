@@ -50,6 +50,7 @@ import numpy as np
 
 from . import fast
 from .backend import bfloat16_dtype, sum_rows, xp_of
+from .capture import capturing
 from .ops.linalg import Linear, MatMul
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
@@ -329,21 +330,38 @@ class GradScaler:
         self.skipped_steps = 0  # optimizer steps skipped for an overflow, over the whole run
 
     def scale_loss(self, loss):
-        """``loss * S`` (a Tensor): backpropagating it scales every gradient by ``S``."""
-        return loss * self.scale if self.enabled else loss
+        """``loss * S`` (a Tensor): backpropagating it scales every gradient by ``S``.
 
-    def unscale_(self, params) -> bool:
-        """Divide every gradient by ``S`` in place; True if any is inf or nan (one device sync)."""
+        While a step is recorded into a CUDA graph, ``S`` is read from the device, written
+        before every replay (:meth:`minipeft.capture.Recording.per_replay`).
+        """
+        if not self.enabled:
+            return loss
+        rec = capturing()
+        if rec is None:
+            return loss * self.scale
+        return loss * rec.per_replay(lambda: [self.scale], 1).reshape(())
+
+    def unscale_(self, params):
+        """Divide every gradient by ``S`` in place; True if any is inf or nan (one device sync).
+
+        While a step is recorded, ``1/S`` is read from the device and the verdict stays there: it
+        returns the 0-d device bool and sets the recording's ``skip`` flag to it.
+        """
         grads = [p.grad for p in params if getattr(p, "grad", None) is not None]
         if not self.enabled or not grads:
             return False
-        inv = 1.0 / self.scale
+        rec = capturing()
+        inv = 1.0 / self.scale if rec is None else rec.per_replay(lambda: [1.0 / self.scale], 1).reshape(())
         bad = None
         for g in grads:
-            g *= g.dtype.type(inv)
+            g *= g.dtype.type(inv) if rec is None else inv
             xp = xp_of(g)
             nf = ~xp.isfinite(g).all()
             bad = nf if bad is None else (bad | nf)
+        if rec is not None:
+            rec.skip = bad
+            return bad
         return bool(bad)
 
     def update(self, found_inf: bool) -> None:

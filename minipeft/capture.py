@@ -17,6 +17,11 @@ step or would read the device from the host, and the code that does them asks
 - **Memory**: every array the step allocates while recording is kept for the graph's
   lifetime (:attr:`Recording.held`), so no later allocation can take an address a replay
   writes to.
+- **Decisions**: float16's loss scaling skips the optimizer step when a gradient overflowed.
+  While recording, :meth:`minipeft.amp.GradScaler.unscale_` leaves its verdict on the device
+  (:attr:`Recording.skip`), the recorded optimizer kernels do nothing when it is set, and
+  after each replay the recorder reads it back and runs :meth:`Recording.skipped` (step
+  counts taken back) and the scaler's update.
 
 This module holds no GPU code: the recording itself is :mod:`minipeft.graph_train`'s.
 """
@@ -48,6 +53,8 @@ class Recording:
         self.hooks: list = []  # (advance, offset, n): advance() -> n values for the next replay
         self.used = 0  # values handed out so far
         self.held: list = []  # every allocation made while recording (CuPy MemoryPointers)
+        self.skip = None  # a 0-d device bool (float16's overflow flag): the optimizer does nothing when set
+        self.skip_hooks: list = []  # host functions to call after a replay whose skip flag was set
 
     def per_replay(self, advance, n: int):
         """A device view of ``n`` float32 values that ``advance()`` computes before every replay.
@@ -67,6 +74,16 @@ class Recording:
         """Compute every slot's values for the next replay (into :attr:`host`)."""
         for advance, off, n in self.hooks:
             self.host[off:off + n] = advance()
+
+    def on_skip(self, undo) -> None:
+        """Call ``undo()`` after every replay whose :attr:`skip` flag was set (the step did not happen:
+        a step count advanced before it is taken back)."""
+        self.skip_hooks.append(undo)
+
+    def skipped(self) -> None:
+        """Run the hooks of a replay that skipped its optimizer step."""
+        for undo in self.skip_hooks:
+            undo()
 
 
 class recording:

@@ -8,9 +8,10 @@ replays them all with one call, so the step costs what the GPU needs. PyTorch of
 same for its models (``torch.cuda.graphs``); this is the same recipe, written for
 minipeft's engine:
 
-1. **Warm-up.** The first ``warmup`` calls are ordinary eager steps: they compile every
-   kernel, make AdamW's moments and fill the caches (the 4-bit layers' dequantize launches)
-   that a recording must find already made.
+1. **Warm-up.** The first ``warmup`` calls are ordinary eager steps (more while AdamW has no
+   state yet: a float16 step skipped for an overflow makes none): they compile every kernel,
+   make AdamW's moments and fill the caches (the 4-bit layers' dequantize launches) that a
+   recording must find already made.
 2. **Record.** The next call runs the step once on a side stream under stream capture,
    with :mod:`minipeft.capture` telling the code that it is being recorded: every array the
    step allocates is kept for the graph's lifetime (the graph writes to those addresses on
@@ -26,9 +27,14 @@ with ``float(loss)`` before the next call if you keep it); the gradients in ``p.
 the graph's arrays too. The batch shape is fixed at the first call; another shape raises.
 
 What cannot be recorded is refused with the reason (:func:`graph_trainable`): a model on the
-CPU, float32 products (CuPy's own cuBLAS calls refuse capture), float16 (its dynamic loss
-scale decides on the host, each step, whether the optimizer runs), dropout (a replay would
-draw the same random numbers), optimizers other than :class:`minipeft.optim.AdamW`. An
+CPU, float32 products (CuPy's own cuBLAS calls refuse capture), dropout (a replay would draw
+the same random numbers), optimizers other than :class:`minipeft.optim.AdamW`.
+
+float16 runs with dynamic loss scaling (:class:`minipeft.amp.GradScaler`, made by default):
+the scale and its inverse are per-replay scalars, the overflow verdict stays on the device
+and the recorded AdamW kernels do nothing when it is set; after each replay the verdict is
+read back (one wait for the step to finish), the skipped step's counts are taken back and
+the scaler updated, exactly as the eager step decides. An
 operation that still cannot be recorded makes the recording fail with CUDA's or CuPy's own
 error, named with the remedy (run the step eagerly). ``tests/test_graph_train.py`` checks, on
 a GPU, that replayed steps give the eager steps' parameters.
@@ -39,7 +45,7 @@ import numpy as np
 
 from . import amp
 from .backend import xp_of
-from .capture import CAPACITY, Recording, recording
+from .capture import CAPACITY, Recording, capturing, recording
 from .optim.core import AdamW
 
 
@@ -58,9 +64,6 @@ def graph_trainable(model, optimizer, compute_dtype: str) -> str | None:
     if dtype == "float32":
         return ("compute_dtype float32 multiplies through CuPy's cuBLAS calls, which refuse to be recorded; "
                 "use bfloat16 (or run the float32 step eagerly)")
-    if dtype == "float16":
-        return ("float16 needs dynamic loss scaling, whose decision to skip a step is made on the host after "
-                "each step; use bfloat16 (no loss scale), or run the float16 step eagerly")
     if type(optimizer) is not AdamW:
         return (f"the optimizer is {type(optimizer).__name__}; only minipeft.optim.AdamW reads its per-step "
                 "scalars from the device when recorded")
@@ -78,10 +81,12 @@ class GraphTrainStep:
     tokens, (B, T) integers; ``targets`` may hold ``ignore_index``): ``optimizer.zero_grad()``,
     the forward under ``amp.autocast(compute_dtype)``, ``loss.backward()``, ``optimizer.step()``;
     the same arithmetic as that eager step (the module docstring says how it is recorded).
+    With a ``scaler`` (float16's default: ``amp.GradScaler()``), the backward starts from the
+    scaled loss and the step is skipped on an overflow, as ``minipeft.train`` does.
     """
 
     def __init__(self, model, optimizer, compute_dtype: str = "bfloat16", warmup: int = 1,
-                 ignore_index: int = -100) -> None:
+                 ignore_index: int = -100, scaler=None) -> None:
         reason = graph_trainable(model, optimizer, compute_dtype)
         if reason:
             raise ValueError(f"GraphTrainStep cannot record this step: {reason}")
@@ -91,6 +96,9 @@ class GraphTrainStep:
         self.model, self.optimizer = model, optimizer
         self.compute_dtype = amp.check_compute_dtype(compute_dtype)
         self.warmup, self.ignore_index = warmup, ignore_index
+        if scaler is None and self.compute_dtype == "float16":
+            scaler = amp.GradScaler()
+        self.scaler = scaler if scaler is not None and scaler.enabled else None
         self.steps = 0  # steps taken (eager warm-up and replays)
         self.shape = None  # (B, T), fixed by the first call
         self._graph = self._rec = self._stream = None
@@ -101,11 +109,23 @@ class GraphTrainStep:
         return self._graph is not None
 
     def _eager(self, idx, targets):
-        self.optimizer.zero_grad()
+        """The step, run (or, inside a recording, recorded): what ``minipeft.train`` does without clipping."""
+        opt, scaler = self.optimizer, self.scaler
+        opt.zero_grad()
         with amp.autocast(self.compute_dtype):
             loss = self.model(idx, targets=targets).loss
-        loss.backward()
-        self.optimizer.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            return loss
+        scaler.scale_loss(loss).backward()
+        found_inf = scaler.unscale_(opt.params)  # recording: a device flag, also the recording's skip flag
+        if capturing() is not None:
+            opt.step()  # its kernels do nothing on a replay whose flag is set
+        else:
+            if not found_inf:
+                opt.step()
+            scaler.update(found_inf)
         return loss
 
     def _check(self, idx, targets):
@@ -136,7 +156,7 @@ class GraphTrainStep:
         idx, targets = self._check(idx, targets)
         cp = xp_of(self.optimizer.params[0].data)
         idx, targets = cp.asarray(idx), cp.asarray(targets)  # host batches: copied to the device here
-        if self._graph is None and self.steps < self.warmup:
+        if self._graph is None and (self.steps < self.warmup or not self._state_ready()):
             self.steps += 1
             return self._eager(idx, targets)
         if self._graph is None:
@@ -146,6 +166,11 @@ class GraphTrainStep:
         self._replay(cp)
         self.steps += 1
         return self._loss
+
+    def _state_ready(self) -> bool:
+        """AdamW holds state for every parameter that got a gradient (a float16 step skipped for an
+        overflow makes none): a recording cannot make it."""
+        return all(name in self.optimizer.state for name, p in self.optimizer.named_params if p.grad is not None)
 
     # ---- recording and replaying
     def _record(self, cp) -> None:
@@ -197,6 +222,11 @@ class GraphTrainStep:
         done = cp.cuda.Event()
         done.record(stream)
         current.wait_event(done)  # whatever reads the loss or the weights next runs after the replay
+        if self.scaler is not None and rec.skip is not None:
+            found_inf = bool(rec.skip)  # waits for the replay: the scale of the next one depends on it
+            if found_inf:
+                rec.skipped()  # the optimizer did nothing: its step counts go back
+            self.scaler.update(found_inf)
 
 
 __all__ = ["GraphTrainStep", "graph_trainable"]

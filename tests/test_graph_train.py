@@ -168,16 +168,24 @@ def _batches(n, B=2, T=16, seed=3):
     return [(d[:, :-1].copy(), d[:, 1:].copy()) for d in data]
 
 
-def _eager_step(model, opt, idx, tgt):
+def _eager_step(model, opt, idx, tgt, dtype="bfloat16", scaler=None):
+    """What minipeft.train does without clipping (and benchmarks/train_step.py's minipeft_step)."""
     import cupy as cp
 
     from minipeft import amp
 
     opt.zero_grad()
-    with amp.autocast("bfloat16"):
+    with amp.autocast(dtype):
         loss = model(cp.asarray(idx), targets=cp.asarray(tgt)).loss
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale_loss(loss).backward()
+        found = scaler.unscale_(opt.params)
+        if not found:
+            opt.step()
+        scaler.update(found)
     return float(loss.item())
 
 
@@ -186,28 +194,42 @@ def _trainable(model):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["full", "lora", "qlora"])
-def test_replayed_steps_are_the_eager_steps(mode):
-    """Five steps (one eager warm-up, the recording's replay, three more replays, the learning rate
-    changed before the last) against five eager steps of an identical model: the same losses and
-    trained weights, up to the order of atomic float32 sums in the embedding's backward."""
-    batches = _batches(5)
+@pytest.mark.parametrize("mode,dtype", [("full", "bfloat16"), ("lora", "bfloat16"), ("qlora", "bfloat16"),
+                                        ("full", "float16"), ("qlora", "float16")])
+def test_replayed_steps_are_the_eager_steps(mode, dtype):
+    """Six steps (one eager warm-up, the recording's replay, four more replays, the learning rate
+    changed before the last) against six eager steps of an identical model: the same losses and
+    trained weights, up to the order of atomic float32 sums in the embedding's backward. In
+    float16 the loss scale starts at 2^60 and backs off by 2^-16, so the first steps overflow
+    and are skipped (the warm-up runs eagerly until AdamW has its state) until the scale fits:
+    the replays skip exactly the eager steps' skips."""
+    from minipeft import amp
+
+    batches = _batches(6)
     ref, rec_model = _gpu_model(mode), _gpu_model(mode)
     opt_ref, opt = AdamW(ref, lr=1e-3, weight_decay=0.01), AdamW(rec_model, lr=1e-3, weight_decay=0.01)
-    step = GraphTrainStep(rec_model, opt, "bfloat16")
+    half = dtype == "float16"
+    scaler_ref, scaler = [amp.GradScaler(init_scale=2.0 ** 60, backoff_factor=2.0 ** -16) if half else None
+                          for _ in range(2)]
+    step = GraphTrainStep(rec_model, opt, dtype, scaler=scaler)
     losses_ref, losses = [], []
     for i, (idx, tgt) in enumerate(batches):
-        if i == 4:
+        if i == 5:
             opt_ref.lr = opt.lr = 2e-4
-        losses_ref.append(_eager_step(ref, opt_ref, idx, tgt))
+        losses_ref.append(_eager_step(ref, opt_ref, idx, tgt, dtype, scaler_ref))
         losses.append(float(step(idx, tgt).item()))
-        assert step.recorded == (i >= 1)
+        assert step.recorded == (i >= 1) or half
+        if half:
+            assert (scaler.scale, scaler.skipped_steps) == (scaler_ref.scale, scaler_ref.skipped_steps)
     np.testing.assert_allclose(losses, losses_ref, rtol=1e-5)
     want, got = _trainable(ref), _trainable(rec_model)
     assert want.keys() == got.keys()
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=2e-6, err_msg=name)
-    assert {st["step"] for st in opt.state.values()} == {5}
+    steps_ref = {st["step"] for st in opt_ref.state.values()}
+    assert {st["step"] for st in opt.state.values()} == steps_ref
+    if half:
+        assert 0 < scaler.skipped_steps < 6 and steps_ref == {6 - scaler.skipped_steps}
 
 
 @pytest.mark.gpu
@@ -233,7 +255,7 @@ def test_a_recorded_step_checks_every_batch():
 def test_steps_that_cannot_be_recorded_are_refused_on_the_gpu():
     model = _gpu_model("full")
     assert "float32" in graph_trainable(model, AdamW(model), "float32")
-    assert "loss scaling" in graph_trainable(model, AdamW(model), "float16")
+    assert graph_trainable(model, AdamW(model), "float16") is None  # with its loss scaler
     assert "SGD" in graph_trainable(model, SGD(model, lr=0.1), "bfloat16")
     dropped = GPT(GPTConfig(**{**CFG, "dropout": 0.1}), seed=0).to("cuda")
     dropped.train()

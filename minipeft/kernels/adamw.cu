@@ -39,11 +39,14 @@ extern "C" __global__ void adamw_update(float* __restrict__ p, const float* __re
 
 // The same update with the step's scalars read from device memory, scalars = (keep, bc2_sqrt,
 // step_size) as float32: a step recorded into a CUDA graph reads the values written before each
-// replay (minipeft/capture.py) instead of the ones it was recorded with.
+// replay (minipeft/capture.py) instead of the ones it was recorded with. Nothing changes when
+// *skip is true (float16's loss scaler found an inf or nan gradient in this step).
 extern "C" __global__ void adamw_update_from(float* __restrict__ p, const float* __restrict__ g,
                                              float* __restrict__ m, float* __restrict__ v, i64 n,
                                              int decay, float one_minus_b1, float b2, float one_minus_b2,
-                                             float eps, const float* __restrict__ scalars) {
+                                             float eps, const float* __restrict__ scalars,
+                                             const bool* __restrict__ skip) {
+    if (*skip) return;
     const float keep = scalars[0], bc2_sqrt = scalars[1], step_size = scalars[2];
     for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x)
         adamw_element(p, g, m, v, i, decay, keep, one_minus_b1, b2, one_minus_b2, bc2_sqrt, eps, step_size);

@@ -55,9 +55,16 @@ def adamw_update(p, g, m, v, step: int, lr: float, betas: tuple[float, float], e
 
 
 @fast.dispatch  # float32 CuPy arrays and scalars on the device: the same kernel, reading them there
-def adamw_update_from(p, g, m, v, scalars, betas: tuple[float, float], eps: float, wd: float) -> None:
+def adamw_update_from(p, g, m, v, scalars, betas: tuple[float, float], eps: float, wd: float,
+                      skip=None) -> None:
     """:func:`adamw_update` with the step's scalars given as an array ``(keep, bc2_sqrt, step_size)``
-    (:func:`adamw_scalars`), on the host or, for a step recorded into a CUDA graph, on the device."""
+    (:func:`adamw_scalars`), on the host or, for a step recorded into a CUDA graph, on the device.
+
+    ``skip``: a 0-d bool array (float16's overflow verdict); when true nothing changes (the
+    kernel reads it on the device; here it is read back).
+    """
+    if skip is not None and bool(skip):
+        return
     b1, b2 = betas
     scalars = scalars.astype(m.dtype, copy=False)  # rounded once to the working dtype
     keep, bias_correction2_sqrt, step_size = scalars[0], scalars[1], scalars[2]
@@ -335,7 +342,13 @@ class AdamW(Optimizer):
             return adamw_scalars(st["step"], self.lr, self.betas, self.weight_decay)
 
         adamw_update_from(p.data, p.grad, st["exp_avg"], st["exp_avg_sq"], rec.per_replay(advance, 3),
-                          self.betas, self.eps, self.weight_decay)
+                          self.betas, self.eps, self.weight_decay, skip=rec.skip)
+        if rec.skip is not None:  # a replay that skipped the step did not take it: its count goes back
+
+            def undo():
+                st["step"] -= 1
+
+            rec.on_skip(undo)
 
 
 # ---------------------------------------------------------------- gradient clipping
