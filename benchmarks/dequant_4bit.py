@@ -23,6 +23,19 @@ launch alone), which shows the kernel's own bandwidth; ``mp-waves`` is the same 
 the grid of one sweep per CUDA block (several waves) instead of one wave of equal shares,
 to see what the one-wave grid buys.
 
+Kernel variants (``--variants``, a comma-separated list such as ``c4u4s0,c16u2s1``: CHUNK packed
+bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1, see
+``minipeft/kernels/quant4bit.cu``): each is timed as ``variant-kernel`` (its
+``DequantizeLaunch`` into a preallocated output, the launch alone) and ``variant-call``
+(``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
+``dequantize_4bit_cuda`` makes it), and its output is compared bit for bit with the default
+kernel's. Two peers per shape show what the traffic itself attains on this device:
+``peer-traffic`` is a kernel of this file that reads the same packed bytes and writes the
+same 16-bit output in the variant's access shape, with the least work per value (each
+4-bit code becomes the 16-bit integer it holds: no table, no absmax, no float), and
+``peer-memset`` is ``cudaMemsetAsync`` of the output (written bytes only). Their % copy is
+the ceiling the dequantize kernel can hope for.
+
 Timing (METHOD.md): warm-up calls, then ``--reps`` repetitions of ``--inner`` back-to-back
 calls between two CUDA events (so the host's launch overhead overlaps the GPU work, as in
 a model's forward), the two libraries alternating repetition by repetition; median and
@@ -31,6 +44,7 @@ stream, so one pair of events times either.
 
     python benchmarks/dequant_4bit.py
     python benchmarks/dequant_4bit.py --shapes 8192x8192,4096x11008 --reps 100 --json out.json
+    python benchmarks/dequant_4bit.py --variants c4u4s0,c16u2s1 --out-dtypes bfloat16
 """
 from __future__ import annotations
 
@@ -39,6 +53,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 
@@ -58,14 +73,153 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--inner", type=int, default=10, help="calls per repetition (default 10)")
     ap.add_argument("--copy-mib", type=int, default=1024, help="bytes copied for the bandwidth (MiB)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    ap.add_argument("--variants", default=DEFAULT_SWEEP,
+                    help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING, e.g. c16u2s1 "
+                         f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not set(args.out_dtypes.split(",")) <= {"float16", "bfloat16"}:
         ap.error(f"--out-dtypes takes float16 and/or bfloat16, got {args.out_dtypes!r}")
+    try:
+        args.variants = parse_variants(args.variants)
+    except ValueError as e:
+        ap.error(f"--variants: {e}")
     for k in ("warmup", "reps", "inner", "copy_mib"):
         if getattr(args, k) <= 0:
             ap.error(f"--{k.replace('_', '-')} must be positive, got {getattr(args, k)}")
     return args
+
+
+def parse_variants(text: str) -> list:
+    """``'c4u4s0,c16u2s1'`` as checked variants (``quant4bit.dequantize_variant`` tuples), in order."""
+    from minipeft.kernels.quant4bit import dequantize_variant
+
+    variants = []
+    for token in filter(None, (t.strip() for t in text.split(","))):
+        m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
+        if m is None:
+            raise ValueError(f"{token!r} is not cCHUNKuUNROLLsSTREAMING, e.g. c16u2s1")
+        v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3])))
+        if v not in variants:
+            variants.append(v)
+    return variants
+
+
+def variant_name(variant) -> str:
+    """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
+    v = dict(variant)
+    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
+
+
+# The default sweep: the same bytes loaded per thread and sweep (16: c4u4, c8u2, c16u1; 32: c4u8,
+# c8u4, c16u2) in three load widths, streaming hints on some, and fewer (c4u2) and more (c16u4).
+DEFAULT_SWEEP = "c4u4s0,c4u4s1,c4u2s0,c4u8s0,c8u2s0,c8u2s1,c8u4s0,c16u1s0,c16u1s1,c16u2s0,c16u2s1,c16u4s0"
+
+# The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
+PEER_SOURCE = r"""
+// Reads the packed 4-bit codes and writes one 16-bit value per code, as minipeft's
+// dequantize_4bit does (quant4bit.cu: CHUNK packed bytes per load, UNROLL chunks per thread and
+// sweep, STREAMING cache hints, each CUDA block an equal share), but each code q becomes the
+// 16-bit integer q: no table, no absmax, no float arithmetic.
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#ifndef CHUNK
+#define CHUNK 4
+#endif
+#ifndef UNROLL
+#define UNROLL 4
+#endif
+#ifndef STREAMING
+#define STREAMING 0
+#endif
+static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
+constexpr int WORDS = CHUNK / 4;                 // 32-bit words of codes per chunk, 8 codes each
+
+template <typename V>
+__device__ __forceinline__ V load_ro(const V* p) {
+#if STREAMING
+    return __ldcs(p);
+#else
+    return __ldg(p);
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(V* p, V v) {
+#if STREAMING
+    __stcs(p, v);
+#else
+    *p = v;
+#endif
+}
+
+// Code k (0..7) of a word: element 2j is the high nibble of byte j.
+__device__ __forceinline__ u32 code(u32 w, int k) { return (w >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 0xFu; }
+
+extern "C" __global__ void traffic_peer(const u8* __restrict__ packed, i64 n, u16* __restrict__ out) {
+    const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + CHUNK - 1) / CHUNK;
+    const i64 T = blockDim.x;
+    const i64 share = ((chunks + gridDim.x - 1) / gridDim.x + T - 1) / T * T;
+    const i64 first = (i64)blockIdx.x * share;
+    const i64 end = first + share < chunks ? first + share : chunks;
+    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += T * UNROLL) {
+        u32 word[UNROLL][WORDS];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {       // every load of the sweep first
+            const i64 c = c0 + u * T, j0 = c * CHUNK;
+#pragma unroll
+            for (int i = 0; i < WORDS; ++i) word[u][i] = 0u;
+            if (c >= end) continue;
+            if (j0 + CHUNK <= nbytes) {
+#if CHUNK == 16
+                const uint4 q = load_ro(reinterpret_cast<const uint4*>(packed + j0));
+                word[u][0] = q.x; word[u][1] = q.y; word[u][2] = q.z; word[u][3] = q.w;
+#elif CHUNK == 8
+                const uint2 q = load_ro(reinterpret_cast<const uint2*>(packed + j0));
+                word[u][0] = q.x; word[u][1] = q.y;
+#else
+                word[u][0] = load_ro(reinterpret_cast<const u32*>(packed + j0));
+#endif
+            } else {
+#pragma unroll
+                for (int k = 0; k < CHUNK; ++k)
+                    if (j0 + k < nbytes) word[u][k >> 2] |= (u32)packed[j0 + k] << (8 * (k & 3));
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {       // then every store: 16 bytes per word
+            const i64 c = c0 + u * T;
+            if (c >= end) break;
+#pragma unroll
+            for (int i = 0; i < WORDS; ++i) {
+                const u32 w = word[u][i];
+                const i64 e0 = c * (2 * CHUNK) + 8 * i;
+                if (e0 + 8 <= n) {
+                    uint4 o;
+                    o.x = code(w, 0) | (code(w, 1) << 16); o.y = code(w, 2) | (code(w, 3) << 16);
+                    o.z = code(w, 4) | (code(w, 5) << 16); o.w = code(w, 6) | (code(w, 7) << 16);
+                    store_vec(reinterpret_cast<uint4*>(out + e0), o);
+                } else {
+                    for (int k = 0; k < 8 && e0 + k < n; ++k) out[e0 + k] = (u16)code(w, k);
+                }
+            }
+        }
+    }
+}
+"""
+
+
+def traffic_peer(cp, variant, threads: int):
+    """The peer kernel compiled for ``variant`` and its one-wave grid function ``grid(chunks)``."""
+    v = dict(variant)
+    fn = cp.RawModule(code=PEER_SOURCE, options=("-std=c++17",) + tuple(
+        f"-D{k}={val}" for k, val in sorted(v.items()))).get_function("traffic_peer")
+    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+    resident = max(1, per_sm) * cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())[
+        "multiProcessorCount"]
+    return fn, lambda chunks: max(1, min(resident, -(-chunks // (threads * v["UNROLL"]))))
 
 
 def _quartiles(xs):
@@ -134,7 +288,7 @@ def main(argv=None) -> dict:
     import bitsandbytes
     import bitsandbytes.functional as F
     from minipeft.backend import bfloat16_dtype
-    from minipeft.kernels.quant4bit import (THREADS, UNROLL, DequantizeLaunch, cached_dequantize_launch,
+    from minipeft.kernels.quant4bit import (DEFAULT_VARIANT, THREADS, DequantizeLaunch, cached_dequantize_launch,
                                             dequantize_4bit_cuda, prepare_dequantize_4bit, quantize_4bit_cuda)
 
     bfloat16_dtype()                                                   # np.dtype("bfloat16") from here on
@@ -155,9 +309,13 @@ def main(argv=None) -> dict:
     copy_bw = copy_bandwidth(cp, torch, args.copy_mib, max(10, args.reps // 2))
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written, {args.copy_mib} MiB)")
 
-    rows = []
+    default = dict(DEFAULT_VARIANT)
+    print(f"default variant: {variant_name(default)}; variants timed: "
+          f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
+    rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
+    peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants}   # compiled once per variant
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))
         W = torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
@@ -179,23 +337,35 @@ def main(argv=None) -> dict:
                 read = pm.nbytes + (n_blocks + 4 * -(-n_blocks // 256) + 4 * 256 + 4 if dq else 4 * n_blocks)
                 written = 2 * n
                 prepared = prepare_dequantize_4bit(pm, qsm, out_name)
-                one_wave = cached_dequantize_launch(pm, qsm, out_name).grid[0]
-                same_prepared = bool((prepared().view(cp.uint16) == dequantize_4bit_cuda(pm, qsm, out_name)
-                                      .view(cp.uint16)).all())
-                chunks = -(-((n + 1) // 2) // 4)                       # 4 packed bytes each
-                waves = DequantizeLaunch(pm, qsm, np.dtype(out_name), grid=-(-chunks // (THREADS * UNROLL)))
+                launch = cached_dequantize_launch(pm, qsm, out_name)
+                one_wave = launch.grid[0]
+                expected = prepared().view(cp.uint16)                  # the default kernel's bits
+                same_prepared = bool((expected == dequantize_4bit_cuda(pm, qsm, out_name).view(cp.uint16)).all())
+                waves = DequantizeLaunch(pm, qsm, np.dtype(out_name),
+                                         grid=-(-launch.chunks // (THREADS * launch.variant["UNROLL"])))
                 waves_out = waves()
-                same_waves = bool((waves(waves_out).view(cp.uint16) == prepared().view(cp.uint16)).all())
-                t = time_alternating({"bnb": lambda: F.dequantize_4bit(pb, qsb),
-                                      "minipeft": lambda: dequantize_4bit_cuda(pm, qsm, out_name),
-                                      "mp-kernel": prepared,
-                                      "mp-waves": lambda: waves(waves_out)},
-                                     torch, args.warmup, args.reps, args.inner)
+                same_waves = bool((waves(waves_out).view(cp.uint16) == expected).all())
+                fns = {"bnb": lambda pb=pb, qsb=qsb: F.dequantize_4bit(pb, qsb),   # arrays bound now
+                       "minipeft": lambda pm=pm, qsm=qsm: dequantize_4bit_cuda(pm, qsm, out_name),
+                       "mp-kernel": prepared,
+                       "mp-waves": lambda waves=waves, waves_out=waves_out: waves(waves_out)}
+                # each variant: its launch alone into its own output, and the whole call through the cache
+                var = {}
+                for v in args.variants:
+                    vl = DequantizeLaunch(pm, qsm, np.dtype(out_name), variant=v)
+                    vout = vl()
+                    same = bool((vl(vout).view(cp.uint16) == expected).all()) and bool(
+                        (cached_dequantize_launch(pm, qsm, out_name, v)().view(cp.uint16) == expected).all())
+                    var[v] = (vl, same)
+                    fns[("kernel", v)] = lambda vl=vl, vout=vout: vl(vout)
+                    fns[("call", v)] = lambda v=v, pm=pm, qsm=qsm: cached_dequantize_launch(pm, qsm, out_name, v)()
+                t = time_alternating(fns, torch, args.warmup, args.reps, args.inner)
                 for impl in impls:
                     q1, med, q3 = t[impl]
                     gbs = (read + written) / med
                     rows.append({"shape": list(shape), "out_dtype": out_name, "double_quant": dq,
-                                 "impl": impl, "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
+                                 "impl": impl, "variant": None if impl == "bnb" else default,
+                                 "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
                                  "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
                                  "frac_copy": gbs / copy_bw,
                                  "speedup_vs_bnb": t["bnb"][1] / med,
@@ -203,9 +373,45 @@ def main(argv=None) -> dict:
                                           "mp-waves": waves.grid[0]}.get(impl),
                                  "packed_equal_bnb": same_packed, "out_equal_bnb_same_state": same_out,
                                  "prepared_equal_call": same_prepared, "waves_equal_one_wave": same_waves})
-                del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, waves, waves_out
+                for v, (vl, same) in var.items():
+                    for kind in ("kernel", "call"):
+                        q1, med, q3 = t[(kind, v)]
+                        gbs = (read + written) / med
+                        variant_rows.append({
+                            "shape": list(shape), "out_dtype": out_name, "double_quant": dq,
+                            "impl": f"variant-{kind}", "variant": dict(v), "median_us": med * 1e6,
+                            "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
+                            "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw, "speedup_vs_bnb": t["bnb"][1] / med,
+                            "grid": vl.grid[0], "equal_default_kernel": same})
+                del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, launch, expected, waves, waves_out, fns, var
             del Wq, ours_in
-        del W
+        # the peers: this shape's bytes with no arithmetic (read packed, write 16-bit), and the write alone
+        packed = cp.from_dlpack(torch.randint(0, 256, ((n + 1) // 2,), dtype=torch.uint8, device="cuda",
+                                              generator=gen))
+        nib = cp.stack([packed >> 4, packed & 15], axis=-1).reshape(-1)[:n].astype(cp.uint16)   # the codes
+        pfns, pinfo = {}, {}
+        for v, (fn, grid_of) in peers.items():
+            pout = cp.empty(n, dtype=cp.uint16)
+            grid = grid_of(-(-((n + 1) // 2) // dict(v)["CHUNK"]))
+            args_v = (packed, np.int64(n), pout)
+            fn((grid,), (THREADS,), args_v)
+            pinfo[v] = (grid, bool((pout == nib).all()))
+            pfns[v] = lambda fn=fn, grid=grid, args_v=args_v: fn((grid,), (THREADS,), args_v)
+        mout = cp.empty(n, dtype=cp.uint16)
+        pfns["memset"] = lambda ptr=mout.data.ptr, size=2 * n: cp.cuda.runtime.memsetAsync(ptr, 0, size, 0)
+        tp = time_alternating(pfns, torch, args.warmup, args.reps, args.inner)
+        for key, (q1, med, q3) in tp.items():
+            memset = key == "memset"
+            read, written = (0 if memset else (n + 1) // 2), 2 * n
+            gbs = (read + written) / med
+            peer_rows.append({"shape": list(shape), "out_dtype": "uint16", "double_quant": None,
+                              "impl": "peer-memset" if memset else "peer-traffic",
+                              "variant": None if memset else dict(key), "median_us": med * 1e6,
+                              "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
+                              "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw, "speedup_vs_bnb": None,
+                              "grid": None if memset else pinfo[key][0],
+                              "peer_output_correct": None if memset else pinfo[key][1]})
+        del W, packed, nib, pfns, mout
 
     print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'impl':>9} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
           f"{'% copy':>7} {'mp/bnb':>7} {'bytes=':>7}")
@@ -219,9 +425,35 @@ def main(argv=None) -> dict:
           "mp-waves: the same kernel, one sweep per CUDA block (several waves)")
     print("mp/bnb: bitsandbytes' time / this row's (>1: minipeft faster); bytes=: packed bytes "
           "equal bnb's and minipeft's output from bnb's state equals bnb's, bit for bit")
+
+    if variant_rows:
+        print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'variant':>10} {'kernel us':>10} {'% copy':>7} "
+              f"{'call us':>9} {'% copy':>7} {'grid':>6} {'bits=':>6}")
+        for rk, rc in zip(variant_rows[0::2], variant_rows[1::2]):     # kernel row, then call row
+            name = variant_name(rk["variant"]) + ("*" if rk["variant"] == default else "")
+            print(f"{'x'.join(map(str, rk['shape'])):>12} {rk['out_dtype']:>8} "
+                  f"{'yes' if rk['double_quant'] else 'no':>3} {name:>10} {rk['median_us']:10.1f} "
+                  f"{100 * rk['frac_copy']:6.1f}% {rc['median_us']:9.1f} {100 * rc['frac_copy']:6.1f}% "
+                  f"{rk['grid']:6d} {str(rk['equal_default_kernel']):>6}")
+        print("variant cCHUNKuUNROLLsSTREAMING (* the default): kernel = its DequantizeLaunch into a preallocated "
+              "output (the launch alone); call = cached_dequantize_launch(packed, state, dtype, variant)() (the "
+              "whole call); bits=: its output equals the default kernel's, bit for bit")
+    print(f"\n{'shape':>12} {'peer':>13} {'variant':>8} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
+          f"{'% copy':>7} {'grid':>6} {'ok':>5}")
+    for r in peer_rows:
+        memset = r["impl"] == "peer-memset"
+        print(f"{'x'.join(map(str, r['shape'])):>12} {r['impl']:>13} "
+              f"{'-' if memset else variant_name(r['variant']):>8} {r['median_us']:10.1f} "
+              f"{r['q1_us']:6.1f}-{r['q3_us']:6.1f} {r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% "
+              f"{'-' if memset else r['grid']:>6} {'-' if memset else str(r['peer_output_correct']):>5}")
+    print("peer-traffic: the packed bytes read and one 16-bit value per code written in the variant's access "
+          "shape, with no arithmetic (each code as a 16-bit integer; ok: it wrote exactly that); peer-memset: "
+          "cudaMemsetAsync of the 16-bit output (bytes written only). Their % copy bounds the dequantize rows'")
+
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
-              "inner": args.inner, "rows": rows}
+              "inner": args.inner, "default_variant": default,
+              "variants": [dict(v) for v in args.variants], "rows": rows + variant_rows + peer_rows}
     if args.json_out:
         with open(args.json_out, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)

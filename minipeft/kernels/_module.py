@@ -40,29 +40,53 @@ def cupy():
     return cp
 
 
+def _defines_key(defines) -> tuple:
+    """``defines`` (a dict or ``(NAME, value)`` pairs) as sorted pairs: the cache key of a compile.
+    Names must be C identifiers and values ints or strings without spaces (one ``-DNAME=value`` each)."""
+    pairs = tuple(sorted(dict(defines).items()))
+    for name, value in pairs:
+        if not (isinstance(name, str) and name.isidentifier()):
+            raise ValueError(f"a kernel define needs a C identifier as its name, got {name!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value) or any(
+                ch.isspace() for ch in str(value)):
+            raise ValueError(f"kernel define {name}={value!r}: expected an int or a string without spaces")
+    return pairs
+
+
 @functools.lru_cache(maxsize=None)
-def _module(filename: str, device_id: int):
+def _module(filename: str, device_id: int, defines: tuple = ()):
+    """``filename`` compiled for ``device_id`` with one ``-DNAME=value`` option per pair of ``defines``
+    (each distinct set is its own module; CuPy's disk cache keys by the options too)."""
     with open(os.path.join(_HERE, filename), encoding="utf-8") as f:
-        return cupy().RawModule(code=f.read(), options=compile_options())
+        options = compile_options() + tuple(f"-D{name}={value}" for name, value in defines)
+        return cupy().RawModule(code=f.read(), options=options)
 
 
 @functools.lru_cache(maxsize=None)
-def _function(filename: str, name: str, device_id: int):
-    return _module(filename, device_id).get_function(name)
+def _function(filename: str, name: str, device_id: int, defines: tuple = ()):
+    return _module(filename, device_id, defines).get_function(name)
 
 
-def kernel(filename: str, name: str, device_id: int | None = None):
+def kernel(filename: str, name: str, device_id: int | None = None, defines=()):
     """The kernel ``name`` of ``minipeft/kernels/<filename>``, compiled for ``device_id``
-    (default: the current device)."""
-    return _function(filename, name, cupy().cuda.runtime.getDevice() if device_id is None else int(device_id))
+    (default: the current device). ``defines`` (a dict or ``(NAME, value)`` pairs; default none)
+    are macros for this compile, as ``-DNAME=value``: a compile-time variant of the file, compiled
+    once per distinct set and cached apart from the plain one."""
+    device_id = cupy().cuda.runtime.getDevice() if device_id is None else int(device_id)
+    return _function(filename, name, device_id, _defines_key(defines) if defines else ())
+
+
+def resident_blocks(filename: str, name: str, threads: int, device_id: int, defines=()) -> int:
+    """CUDA blocks of ``threads`` threads of kernel ``name`` (compiled with ``defines``, as
+    :func:`kernel`) that ``device_id`` runs at once (one wave): the occupancy calculator's blocks
+    per SM (registers, shared memory) times the SMs."""
+    return _resident_blocks(filename, name, int(threads), int(device_id), _defines_key(defines) if defines else ())
 
 
 @functools.lru_cache(maxsize=None)
-def resident_blocks(filename: str, name: str, threads: int, device_id: int) -> int:
-    """CUDA blocks of ``threads`` threads of kernel ``name`` that ``device_id`` runs at once (one
-    wave): the occupancy calculator's blocks per SM (registers, shared memory) times the SMs."""
+def _resident_blocks(filename: str, name: str, threads: int, device_id: int, defines: tuple) -> int:
     cp = cupy()
-    fn = kernel(filename, name, device_id)
+    fn = _function(filename, name, device_id, defines)
     per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
     return max(1, per_sm) * cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 

@@ -14,10 +14,11 @@
 // Quantize: one thread = 8 consecutive elements (one 16-byte load for float16, two for
 // float32) -> 4 packed bytes (one 4-byte store); G = B/8 consecutive threads share a block
 // and reduce its absmax with warp shuffles (and shared memory when G > 32).
-// Dequantize: one thread = UNROLL chunks of 4 packed bytes (8 values) per sweep, all loads of a
-// sweep issued before its stores; each chunk is one 4-byte load and one 16-byte store (float16,
-// bfloat16) or two (float32), consecutive threads on consecutive chunks so every access is
-// coalesced; a grid of one wave, each CUDA block an equal share (see dequantize_4bit below).
+// Dequantize: one thread = UNROLL chunks of CHUNK packed bytes (2 * CHUNK values) per sweep, all
+// loads of a sweep issued before its stores; each chunk is one CHUNK-byte load (CHUNK = 4 by
+// default; 8 and 16 are compile-time variants) and one 16-byte store per 8 values (float16,
+// bfloat16) or two (float32), consecutive threads on consecutive chunks; a grid of one wave, each
+// CUDA block an equal share (see dequantize_4bit below).
 
 #include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax
 
@@ -89,34 +90,97 @@ extern "C" __global__ void quantize_4bit_f16(const u16* x, i64 n, int log2_bs, c
 // the output type: float32 (none), float16 or bfloat16 (the twin's one cast).
 enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 
-#ifndef UNROLL
-#define UNROLL 4   // chunks per thread per sweep: their loads are all issued before the first store
+// The shape of the dequantizer's memory accesses, fixed at compile time: quant4bit.py passes
+// -DNAME=value for a variant other than these defaults (DequantizeLaunch's `variant`). Every
+// variant computes each value with the same operations, so all give the same bits; only the
+// width of the loads and stores, their number per thread and their cache hints change.
+#ifndef CHUNK
+#define CHUNK 4       // packed bytes per chunk, one load: 4 (32 bits), 8 (uint2) or 16 (uint4)
 #endif
+#ifndef UNROLL
+#define UNROLL 4      // chunks per thread per sweep: their loads are all issued before the first store
+#endif
+#ifndef STREAMING
+#define STREAMING 0   // 1: streaming cache hints (__ldcs, __stcs: each byte is touched once, evict it first)
+#endif
+static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
+static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
+static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
 
-// One chunk: the 4 packed bytes from byte j0 as one little-endian word (bytes past nbytes: 0).
-__device__ __forceinline__ u32 load_chunk(const u8* __restrict__ packed, i64 j0, i64 nbytes) {
-    if (j0 + 4 <= nbytes) return __ldg(reinterpret_cast<const u32*>(packed + j0));
-    u32 w = 0;
-    for (int k = 0; k < 4; ++k) if (j0 + k < nbytes) w |= (u32)packed[j0 + k] << (8 * k);
-    return w;
+// A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
+// 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
+// a multiple of 2 * CHUNK, and a quantization block's B >= 32 values (a power of two,
+// check_blocksize) at a multiple of B, so a chunk never straddles two blocks: one absmax each.
+constexpr int WORDS = CHUNK / 4;
+
+// A read-only load and a store of one vector (u32, uint2, uint4; uint4, float4), with or
+// without the streaming hints.
+template <typename V>
+__device__ __forceinline__ V load_ro(const V* p) {
+#if STREAMING
+    return __ldcs(p);
+#else
+    return __ldg(p);
+#endif
+}
+template <typename V>
+__device__ __forceinline__ void store_vec(V* p, V v) {
+#if STREAMING
+    __stcs(p, v);
+#else
+    *p = v;
+#endif
+}
+
+// One chunk: the CHUNK packed bytes from byte j0 as WORDS words. A whole chunk is one CHUNK-byte
+// load (packed starts on a CHUNK-byte boundary: DequantizeLaunch sees to it, and j0 is a
+// multiple of CHUNK); the last, partial chunk is read byte by byte (bytes past nbytes: 0).
+__device__ __forceinline__ void load_chunk(const u8* __restrict__ packed, i64 j0, i64 nbytes, u32 w[WORDS]) {
+    if (j0 + CHUNK <= nbytes) {
+#if CHUNK == 16
+        const uint4 q = load_ro(reinterpret_cast<const uint4*>(packed + j0));
+        w[0] = q.x; w[1] = q.y; w[2] = q.z; w[3] = q.w;
+#elif CHUNK == 8
+        const uint2 q = load_ro(reinterpret_cast<const uint2*>(packed + j0));
+        w[0] = q.x; w[1] = q.y;
+#else
+        w[0] = load_ro(reinterpret_cast<const u32*>(packed + j0));
+#endif
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < WORDS; ++i) w[i] = 0u;
+#pragma unroll
+    for (int k = 0; k < CHUNK; ++k)                        // unrolled: w stays in registers
+        if (j0 + k < nbytes) w[k >> 2] |= (u32)packed[j0 + k] << (8 * (k & 3));
 }
 
 template <int OUT>
 __device__ __forceinline__ u32 to16(float v) { return OUT == OUT_BF16 ? f2bf(v) : f2h(v); }
 
-// The 8 values of one chunk from element e0: one 16-byte store (two for float32); none past n.
+// The 8 values of one word of codes: decode[q] * absmax, flushed (even element: high nibble).
+__device__ __forceinline__ void decode8(u32 word, float a, const float* tab, float v[8]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+        const u32 byte = (word >> (8 * k)) & 0xFFu;
+        v[2 * k] = flush(__fmul_rn(tab[byte >> 4], a));
+        v[2 * k + 1] = flush(__fmul_rn(tab[byte & 0xFu], a));
+    }
+}
+
+// The 8 values of one word from element e0: one 16-byte store (two for float32); none past n.
 template <int OUT>
 __device__ __forceinline__ void store8(void* __restrict__ out, i64 e0, i64 n, const float v[8]) {
     if (e0 + 8 <= n) {
         if (OUT == OUT_F32) {
             float4* o = reinterpret_cast<float4*>(static_cast<float*>(out) + e0);
-            o[0] = make_float4(v[0], v[1], v[2], v[3]);
-            o[1] = make_float4(v[4], v[5], v[6], v[7]);
+            store_vec(o, make_float4(v[0], v[1], v[2], v[3]));
+            store_vec(o + 1, make_float4(v[4], v[5], v[6], v[7]));
         } else {
             uint4 o;
             o.x = to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16); o.y = to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16);
             o.z = to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16); o.w = to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16);
-            *reinterpret_cast<uint4*>(static_cast<u16*>(out) + e0) = o;
+            store_vec(reinterpret_cast<uint4*>(static_cast<u16*>(out) + e0), o);
         }
     } else {
         for (int k = 0; k < 8 && e0 + k < n; ++k) {
@@ -130,10 +194,13 @@ __device__ __forceinline__ void store8(void* __restrict__ out, i64 e0, i64 n, co
 // occupancy calculator) and each CUDA block takes an equal, contiguous share of the chunks, a
 // whole number of sweeps of blockDim.x * UNROLL chunks but the last: all blocks finish together,
 // with no last partial wave running on a few SMs. In a sweep thread t takes chunks
-// c0, c0 + T, ..., c0 + (UNROLL-1) T (T = blockDim.x, c0 = sweep start + t), so a warp reads 128
-// contiguous bytes and writes 512 (float32: 1024) per instruction; it loads all UNROLL packed
-// words, then the UNROLL block absmax (nested: code2[q2] * absmax2 + offset, a chain of two
-// loads), and only then decodes and stores, so no load waits behind a store.
+// c0, c0 + T, ..., c0 + (UNROLL-1) T (T = blockDim.x, c0 = sweep start + t), so a warp reads
+// 32 * CHUNK contiguous bytes per load instruction and its stores of those 32 chunks fill one
+// contiguous span. With CHUNK = 4 and a 16-bit output each store instruction of a warp writes 512 contiguous
+// bytes; otherwise (CHUNK = 8 or 16, or float32) its lanes' 16-byte pieces lie one chunk's output
+// apart and the chunk's other stores fill the gaps. A thread loads all UNROLL chunks, then the UNROLL
+// block absmax (nested: code2[q2] * absmax2 + offset, a chain of two loads), and only then
+// decodes and stores, so no load waits behind a store.
 template <int OUT, bool NESTED>
 __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
                                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
@@ -144,7 +211,7 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     if (threadIdx.x < 16) tab[threadIdx.x] = decode[threadIdx.x];
     __syncthreads();
 
-    const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + 3) >> 2;      // 4 packed bytes per chunk
+    const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + CHUNK - 1) / CHUNK;   // CHUNK packed bytes each
     const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
     const i64 T = blockDim.x;
     const i64 share = ((chunks + gridDim.x - 1) / gridDim.x + T - 1) / T * T;   // whole warps
@@ -153,16 +220,21 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     const float off = NESTED ? __ldg(offset) : 0.0f;
 
     for (i64 c0 = first + threadIdx.x; c0 < end; c0 += T * UNROLL) {
-        u32 word[UNROLL];
+        u32 word[UNROLL][WORDS];
         float a[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const i64 c = c0 + u * T;
-            word[u] = c < end ? load_chunk(packed, c * 4, nbytes) : 0u;
+            if (c < end) {
+                load_chunk(packed, c * CHUNK, nbytes, word[u]);
+            } else {
+#pragma unroll
+                for (int i = 0; i < WORDS; ++i) word[u][i] = 0u;
+            }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {                 // the 8 values share one block (B >= 32)
-            const i64 b = ((c0 + u * T) * 8) >> log2_bs;
+        for (int u = 0; u < UNROLL; ++u) {                 // a chunk's values share one block (see WORDS)
+            const i64 b = ((c0 + u * T) * (2 * CHUNK)) >> log2_bs;
             a[u] = block_absmax<NESTED>(b < last_block ? b : last_block,   // past the end: stored nowhere
                                         absmax, qabsmax, code2, absmax2, off, log2_bs2);
         }
@@ -170,14 +242,12 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
         for (int u = 0; u < UNROLL; ++u) {
             const i64 c = c0 + u * T;
             if (c >= end) break;                           // after every load: nothing waits on it
-            float v[8];
 #pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                const u32 byte = (word[u] >> (8 * k)) & 0xFFu;
-                v[2 * k] = flush(__fmul_rn(tab[byte >> 4], a[u]));          // even element: high nibble
-                v[2 * k + 1] = flush(__fmul_rn(tab[byte & 0xFu], a[u]));
+            for (int i = 0; i < WORDS; ++i) {              // word i: elements e0 + 8i .. e0 + 8i + 7
+                float v[8];
+                decode8(word[u][i], a[u], tab, v);
+                store8<OUT>(out, c * (2 * CHUNK) + 8 * i, n, v);
             }
-            store8<OUT>(out, c * 8, n, v);
         }
     }
 }

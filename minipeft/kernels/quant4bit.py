@@ -37,7 +37,13 @@ from ._module import cupy as _cupy
 from .quant8bit import double_quantize_cuda, nested_arrays
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
-UNROLL = 4             # 4-byte chunks per dequantize thread and sweep, as UNROLL in the .cu
+# The dequantize kernel's compile-time variant (the macros of quant4bit.cu, see dequantize_variant):
+CHUNK = 4              # packed bytes per chunk and load: 4, 8 or 16, as CHUNK in the .cu
+UNROLL = 4             # chunks per dequantize thread and sweep, as UNROLL in the .cu
+STREAMING = 0          # 1: streaming cache hints on the loads and stores, as STREAMING in the .cu
+_CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING}   # the .cu's #define defaults
+DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # what every launch uses unless told otherwise
+_VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1)}
 
 
 def _kernel(name: str):
@@ -148,6 +154,43 @@ def quantize_4bit_cuda(x, blocksize: int = 64, quant_type: str = "fp4",
 _SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}   # kernel name per output dtype
 
 
+_CHECKED_VARIANTS: set = set()   # every tuple dequantize_variant returned: passed again, it is taken as is
+
+
+def dequantize_variant(variant=None) -> tuple:
+    """The dequantize kernel's compile-time variant, checked, as sorted ``(NAME, value)`` pairs.
+
+    ``variant`` is None (:data:`DEFAULT_VARIANT`) or a dict (or pairs) with any of ``CHUNK``
+    (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16) and
+    ``STREAMING`` (0, or 1 for streaming cache hints); missing names take
+    :data:`DEFAULT_VARIANT`'s values. Every variant gives the same bits (``quant4bit.cu``: only
+    the memory accesses differ). A tuple this function returned is returned at once (a set
+    look-up), so a caller that keeps it pays nothing per call.
+    """
+    if type(variant) is tuple and variant in _CHECKED_VARIANTS:
+        return variant
+    given = {} if variant is None else dict(variant)
+    unknown = sorted(set(given) - set(_VARIANT_VALUES))
+    if unknown:
+        raise ValueError(f"unknown dequantize variant setting(s) {unknown}: expected any of "
+                         f"{sorted(_VARIANT_VALUES)}, e.g. dict(CHUNK=16, UNROLL=2, STREAMING=1)")
+    full = {**DEFAULT_VARIANT, **given}
+    for name, value in full.items():
+        allowed = _VARIANT_VALUES[name]
+        if isinstance(value, bool) or value not in allowed:
+            raise ValueError(f"dequantize variant {name}={value!r} is not supported: expected one of "
+                             f"{list(allowed)}")
+    pairs = tuple(sorted((name, int(value)) for name, value in full.items()))
+    _CHECKED_VARIANTS.add(pairs)
+    return pairs
+
+
+def _variant_defines(variant: tuple) -> tuple:
+    """The ``-D`` macros that compile ``variant`` (a :func:`dequantize_variant`): those that differ
+    from the .cu's defaults, so the default variant is the very module the quantize kernels use."""
+    return tuple((name, value) for name, value in variant if value != _CU_DEFAULTS[name])
+
+
 def _sources(packed, qs) -> tuple:
     """Everything a :class:`DequantizeLaunch` is built from, to compare by identity (``is``)."""
     s2 = qs.state2
@@ -163,17 +206,25 @@ class DequantizeLaunch:
     allocates the output (or takes ``out``) and launches: what a frozen weight needs on every
     forward and backward. ``grid`` defaults to one wave (every CUDA block the device runs at
     once, each an equal share, see ``quant4bit.cu``); any grid gives the same result.
+    ``variant`` picks the kernel's compile-time memory-access shape (:func:`dequantize_variant`;
+    None: :data:`DEFAULT_VARIANT`), compiled once per variant; every variant gives the same bits.
     """
 
-    def __init__(self, packed, quant_state, dtype, grid: int | None = None):
+    def __init__(self, packed, quant_state, dtype, grid: int | None = None, variant=None):
         cp = _cupy()
         self.device = cp.cuda.runtime.getDevice()
         qs = quant_state
         self.sources = _sources(packed, qs)
+        pairs = dequantize_variant(variant)
+        self.variant = dict(pairs)                                     # {"CHUNK": .., "STREAMING": .., "UNROLL": ..}
+        chunk, unroll = self.variant["CHUNK"], self.variant["UNROLL"]
         bs = int(qs.blocksize)
+        if bs < 2 * chunk:                                             # check_blocksize: bs >= 32 = 2 * 16
+            raise ValueError(f"blocksize {bs} is smaller than the {2 * chunk} values of a {chunk}-byte "
+                             "chunk, which must lie in one block; use a smaller CHUNK")
         self.shape = tuple(qs.shape)
         n = int(np.prod(self.shape, dtype=np.int64))
-        aligned = aligned_to(cp, packed, 4)
+        aligned = aligned_to(cp, packed, chunk)                        # one CHUNK-byte load per chunk
         self.copied_packed = aligned is not packed                     # a copy of the codes: not worth keeping
         if aligned.size != (n + 1) // 2:
             raise ValueError(f"{n} values need {(n + 1) // 2} packed bytes, got {aligned.size}")
@@ -196,11 +247,12 @@ class DequantizeLaunch:
             absmax = as_f32(cp, qs.absmax)
             bs2 = 256
             ptrs = (decode, absmax, aligned, decode, absmax, decode)     # unused slots: any pointer
-        self.kernel = kernel("quant4bit.cu", name, self.device)
-        chunks = -(-((n + 1) // 2) // 4)                               # 4 packed bytes each
+        defines = _variant_defines(pairs)                              # none for the .cu's defaults
+        self.kernel = kernel("quant4bit.cu", name, self.device, defines)
+        self.chunks = -(-((n + 1) // 2) // chunk)                      # CHUNK packed bytes each
         if grid is None:
-            grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device),
-                       -(-chunks // (THREADS * UNROLL)))
+            grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device, defines),
+                       -(-self.chunks // (THREADS * unroll)))
         self.grid = (max(1, int(grid)),)
         self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
         self._empty = cp.empty
@@ -218,11 +270,13 @@ class DequantizeLaunch:
         return out
 
 
-def cached_dequantize_launch(packed, quant_state, dtype=None) -> DequantizeLaunch:
+def cached_dequantize_launch(packed, quant_state, dtype=None, variant=None) -> DequantizeLaunch:
     """The :class:`DequantizeLaunch` of ``(packed, quant_state, dtype)``, from ``quant_state.cache``.
 
     A frozen weight's launch never changes, so it is built once per output ``dtype`` (as
-    passed) and device and kept in the state's ``cache``. Invalidation rule: an entry is used
+    passed), device and kernel ``variant`` (:func:`dequantize_variant`; None: the default;
+    pass the tuple it returns to keep the per-call check to a set look-up) and kept in the
+    state's ``cache``. Invalidation rule: an entry is used
     only while ``packed`` and every field of the state it was built from (absmax, code,
     offset, state2 and its absmax, code and blocksize, shape, blocksize, quant_type, dtype) are
     the very same objects (``is``); replacing any of them, as ``requantize``,
@@ -234,6 +288,8 @@ def cached_dequantize_launch(packed, quant_state, dtype=None) -> DequantizeLaunc
     view) is not kept.
     """
     key = ("dequantize_4bit", dtype, _cupy().cuda.runtime.getDevice())
+    if variant is not None:                                            # the default's key: as before
+        key += (dequantize_variant(variant),)
     launch = quant_state.cache.get(key)
     if launch is not None and launch.built_from(packed, quant_state):
         return launch
@@ -242,20 +298,20 @@ def cached_dequantize_launch(packed, quant_state, dtype=None) -> DequantizeLaunc
     check_4bit_state(packed, quant_state)
     check_blocksize(quant_state.blocksize)
     dt = check_out_dtype(quant_state.dtype if dtype is None else dtype, bfloat16=True)
-    launch = DequantizeLaunch(packed, quant_state, dt)
+    launch = DequantizeLaunch(packed, quant_state, dt, variant=variant)
     if not launch.copied_packed:
         quant_state.cache[key] = launch
     return launch
 
 
-def prepare_dequantize_4bit(packed, quant_state, out_dtype=None):
+def prepare_dequantize_4bit(packed, quant_state, out_dtype=None, variant=None):
     """A zero-argument function that dequantizes into one preallocated output and returns it.
 
-    Everything but the launch happens once, here (:class:`DequantizeLaunch`), the output
-    included: each call is the kernel launch alone. The returned array is overwritten by
-    the next call.
+    Everything but the launch happens once, here (:class:`DequantizeLaunch`, with the kernel
+    ``variant``, None: the default), the output included: each call is the kernel launch
+    alone. The returned array is overwritten by the next call.
     """
-    launch = cached_dequantize_launch(packed, quant_state, out_dtype)
+    launch = cached_dequantize_launch(packed, quant_state, out_dtype, variant)
     out = launch()
 
     def run():

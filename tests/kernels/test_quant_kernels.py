@@ -228,6 +228,81 @@ def test_4bit_dequantize_launch_is_cached_on_the_state_until_its_arrays_change(c
     assert [entry.sources[0] is packed for entry in state.cache.values()] == [True]
 
 
+# Compile-time variants of the dequantize kernel (quant4bit.cu: CHUNK packed bytes per load,
+# UNROLL chunks per thread and sweep, STREAMING cache hints): the default and each load width
+# with a few unrolls, with and without the hints.
+DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s) for c, u, s in
+                    [(4, 4, 0), (4, 1, 1), (4, 3, 0), (8, 1, 0), (8, 2, 1), (8, 4, 0),
+                     (16, 1, 0), (16, 1, 1), (16, 2, 1), (16, 4, 0)]]
+
+
+def variant_id(v) -> str:
+    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
+
+
+@pytest.mark.parametrize("variant", DEQUANT_VARIANTS, ids=variant_id)
+def test_4bit_dequantize_variants_match_twin(cp, k4, variant):
+    """Every variant gives the twin's bits: odd n, n not a multiple of a chunk's 2 * CHUNK values
+    (the partial last chunk read byte by byte), block sizes 32 (a 16-byte chunk is exactly one
+    block) to 4096, nested or not, float32/float16/bfloat16 output, one wave and other grids."""
+    rng = np.random.default_rng(11)
+    for n, bs in [(1, 32), (7, 32), (31, 32), (33, 32), (65, 64), (1001, 32), (1001, 128),
+                  (4097, 64), (2 * 4096 + 1, 4096), (70_001, 128), (100_003, 32)]:
+        packed = rng.integers(0, 256, size=((n + 1) // 2, 1), dtype=np.uint8)
+        n_blocks = -(-n // bs)
+        absmax = (rng.random(n_blocks) * 10).astype(np.float32)
+        absmax[rng.random(n_blocks) < 0.1] = 0.0
+        absmax[rng.random(n_blocks) < 0.05] = 1e-39                    # subnormal: flushed
+        dpacked = cp.asarray(packed)
+        for nested in (False, True):
+            state = B.QuantState(absmax=absmax, shape=(n,), code=C.get_4bit_type("nf4"), blocksize=bs,
+                                 quant_type="nf4", dtype=np.dtype(np.float32))
+            if nested:
+                state.absmax, state.offset, state.state2 = B.double_quantize(absmax, blocksize=256)
+            dstate = state.to("cuda")
+            for out in (np.float32, np.float16, "bfloat16"):
+                dt = B.check_out_dtype(out, bfloat16=True)
+                ref = B.dequantize_4bit(packed, state, dtype=out)
+                for grid in (None, 1, 7):
+                    launch = k4.DequantizeLaunch(dpacked, dstate, dt, grid=grid, variant=variant)
+                    assert launch.variant == variant
+                    assert_same(launch(), ref, f"{variant_id(variant)} n={n} bs={bs} nested={nested} "
+                                               f"{dt} grid={launch.grid}")
+
+
+@pytest.mark.parametrize("variant", DEQUANT_VARIANTS[1::3], ids=variant_id)
+def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, variant):
+    """A variant through cached_dequantize_launch / prepare_dequantize_4bit (kept apart from the
+    default's entry), on quantized data; packed bytes off a CHUNK-byte boundary are copied first."""
+    x = make_input(12, (129, 515), np.float16, 64)
+    for compress in (False, True):
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", compress)
+        rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=compress)
+        ref = B.dequantize_4bit(rpacked, rstate, dtype="bfloat16")
+        launch = k4.cached_dequantize_launch(packed, state, "bfloat16", variant)
+        assert launch is k4.cached_dequantize_launch(packed, state, "bfloat16", k4.dequantize_variant(variant))
+        assert launch is not k4.cached_dequantize_launch(packed, state, "bfloat16")    # the default's own
+        assert_same(launch(), ref, "cached")
+        run = k4.prepare_dequantize_4bit(packed, state, "bfloat16", variant)
+        for _ in range(2):
+            assert_same(run(), ref, "prepared")
+        # codes 4 bytes past a 512-byte boundary: aligned for 4-byte loads, not for 8- or 16-byte ones
+        buf = cp.concatenate([cp.zeros(4, cp.uint8), packed.reshape(-1)])[4:]
+        off = k4.DequantizeLaunch(buf, state, B.check_out_dtype("bfloat16", bfloat16=True), variant=variant)
+        assert off.copied_packed == (variant["CHUNK"] > 4)
+        assert_same(off(), ref, "unaligned codes")
+
+
+def test_4bit_dequantize_bad_variant_raises(cp, k4):
+    packed, state = k4.quantize_4bit_cuda(cp.ones(64, cp.float32), 64, "nf4")
+    for bad, match in ((dict(CHUNK=32), "CHUNK=32"), (dict(UNROLL=0), "UNROLL=0"),
+                       (dict(STREAMING=True), "STREAMING"), (dict(WIDTH=4), "unknown")):
+        with pytest.raises(ValueError, match=match):
+            k4.DequantizeLaunch(packed, state, np.dtype(np.float16), variant=bad)
+        with pytest.raises(ValueError, match=match):
+            k4.cached_dequantize_launch(packed, state, np.float16, bad)
+
+
 def test_linear4bit_bfloat16_on_the_gpu_dequantizes_straight_to_bfloat16(cp, k4):
     """MatMul4bit asks for a bfloat16 weight on the GPU (no float32 weight, no cast) and multiplies
     exactly what the float32 weight cast to bfloat16 gives."""
