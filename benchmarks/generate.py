@@ -16,8 +16,24 @@ batch: the first (warm-up) call builds its buffers and captures the graph, the t
 replay it. Where the graph decoder cannot run (on the CPU) those keys are None and the
 reason is printed (and for batches of more than ``MAX_ROWS`` rows, which it does not take).
 
+``--rows server`` (or ``plain,server``) measures many adapters on one base instead: three LoRA
+adapters (ranks 4, 8, 16 on ``c_attn``, ``c_proj``, ``c_fc``) mixed in one batch, each row
+with its own adapter or none (Punica's mixed batch), greedy, ``--new`` tokens per row.
+minipeft's ``LoraServer.generate`` runs it with the decode step in a CUDA graph
+(``serve_graph.py``; ``server_graph_*`` keys) and with the Python loop (``graph_decode=False``,
+``server_loop_*``); the peer is peft's mixed-adapter batch, ``PeftModel.generate(...,
+adapter_names=[...])`` on ``transformers``' GPT-2, with the same adapters read from the same
+files. ``*_ms_per_token`` is a call's time over ``--new`` (one step of every row), ``ratio`` peft's
+time over the graph path's (``ratio_loop``: over the loop's); the agreements are fractions of
+equal generated tokens (float32 on every side). The graph decodes 8 rows at a time, so its time
+grows with the batch past 8 rows (``ServeConfig.graph_max_rows``: larger waves run the loop; the
+benchmark lifts that cap to time the graph at every batch). Each side's warm-up call generates 8
+tokens (it compiles, fills caches and captures the graph, once per row count); the timed calls
+generate ``--new``. JSON rows carry ``kind``: ``plain`` or ``server``.
+
     python benchmarks/generate.py --device cuda
     python benchmarks/generate.py --device cuda --batch 8 --new 128 --json gen.json
+    python benchmarks/generate.py --device cuda --rows server --json gen_server.json
 """
 from __future__ import annotations
 
@@ -27,6 +43,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -36,8 +53,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from minipeft.backend import to_numpy  # noqa: E402
 from minipeft.decoding.graph import MAX_ROWS, generate_graph, graph_decodable  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
+from minipeft.peft import LoraConfig, get_peft_model, save_adapter  # noqa: E402
+from minipeft.serve import LoraServer, Request, ServeConfig  # noqa: E402
 
 _CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+ADAPTERS = {"a4": 4, "a8": 8, "a16": 16}  # the server rows' adapters: name -> rank (alpha = 2 r)
+MIX = ["a4", "a8", None, "a16", "a4", "a8", "a16", None]  # row b of a server batch uses MIX[b % 8] (None: base)
+WARM = 8  # tokens of the server rows' warm-up calls
 
 
 def parse_args(argv=None):
@@ -49,6 +71,7 @@ def parse_args(argv=None):
     ap.add_argument("--new", type=int, default=128, help="generated tokens (default 128)")
     ap.add_argument("--reps", type=int, default=3, help="timed calls per side (default 3)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", default="plain", help="comma-separated: plain (one model), server (many adapters)")
     ap.add_argument("--json", dest="json_out", default=None)
     return ap.parse_args(argv)
 
@@ -67,8 +90,9 @@ def hf_model(torch, cfg: GPTConfig, state: dict, device: str):
     return model.to(device).eval()
 
 
-def timed(f, sync, reps):
-    f()
+def timed(f, sync, reps, warm=None):
+    """Median seconds of ``reps`` calls of ``f`` and the last result, after a warm-up call (``warm``, else ``f``)."""
+    (warm or f)()
     sync()
     ts, out = [], None
     for _ in range(reps):
@@ -80,16 +104,104 @@ def timed(f, sync, reps):
     return statistics.median(ts), out
 
 
+def save_adapters(cfg: GPTConfig, root: str, seed: int) -> dict:
+    """The server rows' adapters in peft's format (minipeft writes them; peft and the server read them)."""
+    rng = np.random.default_rng(seed + 2)
+    pm = None
+    for name, r in ADAPTERS.items():
+        lc = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj", "c_fc"])
+        if pm is None:
+            pm = get_peft_model(GPT(cfg, init_weights=False), lc, adapter_name=name)
+        else:
+            pm.add_adapter(name, lc)
+    for n, p in pm.named_parameters():  # B = 0 at init: give every factor the scale of the base's weights
+        if ".lora_A." in n or ".lora_B." in n:
+            p.data = (0.02 * rng.standard_normal(p.shape)).astype(p.dtype)
+    return {name: save_adapter(pm, root, name) for name in ADAPTERS}
+
+
+def server_rows(args, torch, cfg, state, sync_m, sync_t, res) -> None:
+    """Mixed-adapter batches: minipeft's LoraServer (CUDA graph, Python loop) against peft's adapter_names."""
+    import peft
+
+    with tempfile.TemporaryDirectory() as root:
+        paths = save_adapters(cfg, root, args.seed)
+        mini = GPT(cfg, init_weights=False)
+        mini.load_state_dict(state)
+        batches = [int(b) for b in args.batch.split(",")]
+        server = LoraServer(mini.to(args.device).eval(), ServeConfig(max_rank=max(ADAPTERS.values()),
+                                                                     graph_max_rows=max(batches)))  # graph at any B
+        for name, path in paths.items():
+            server.add_adapter(name, path, load=True)
+        names = list(paths)
+        pt = peft.PeftModel.from_pretrained(hf_model(torch, cfg, state, args.device), paths[names[0]],
+                                            adapter_name=names[0])
+        for name in names[1:]:
+            pt.load_adapter(paths[name], adapter_name=name)
+        pt.eval()
+    no_graph = server.graph_decodable()
+    if no_graph:
+        print(f"server: CUDA-graph decoding skipped: {no_graph}")
+    rng = np.random.default_rng(args.seed + 3)
+    for B in batches:
+        prompt = rng.integers(0, cfg.vocab_size, size=(B, args.prompt)).astype(np.int64)
+        rows = [MIX[(b + 1) % len(MIX)] if B == 1 else MIX[b % len(MIX)] for b in range(B)]  # batch 1: a8
+        idx_t = torch.from_numpy(prompt).to(args.device)
+        mask_t = torch.ones_like(idx_t)
+
+        def run_server(graph: bool, n: int = args.new):
+            server.config.graph_decode = graph
+            out = server.generate([Request(prompt[b], rows[b], n) for b in range(B)])
+            assert all(r.ok for r in out), [r.error for r in out]
+            return np.stack([r.tokens for r in out])  # (B, n), host
+
+        def run_peft(n: int = args.new):
+            with torch.no_grad():
+                return pt.generate(input_ids=idx_t, attention_mask=mask_t, max_new_tokens=n, min_new_tokens=n,
+                                   do_sample=False, num_beams=1, pad_token_id=0, use_cache=True,
+                                   adapter_names=[a or "__base__" for a in rows])
+
+        # the warm-up calls generate WARM tokens: enough to compile, cache and capture (the graph is captured
+        # once per row count, whatever the number of tokens); the timed calls generate --new
+        s_l, out_l = timed(lambda: run_server(False), sync_m, args.reps, lambda: run_server(False, WARM))
+        s_p, out_p = timed(run_peft, sync_t, args.reps, lambda: run_peft(WARM))
+        gp = out_p.cpu().numpy()[:, args.prompt:]
+        row = {"kind": "server", "batch": B, "adapters": [n or "base" for n in rows],
+               "server_loop_s": s_l, "server_loop_ms_per_token": 1e3 * s_l / args.new,
+               "server_loop_tokens_per_s": B * args.new / s_l, "peft_s": s_p, "peft_ms_per_token": 1e3 * s_p / args.new,
+               "peft_tokens_per_s": B * args.new / s_p, "ratio_loop": s_p / s_l,
+               "loop_token_agreement": float((out_l == gp).mean()) if out_l.shape == gp.shape else float("nan"),
+               "server_graph_s": None, "server_graph_ms_per_token": None, "server_graph_tokens_per_s": None,
+               "ratio": None,
+               "token_agreement": None, "graph_loop_agreement": None, "graph_speedup_over_loop": None}
+        if not no_graph:
+            s_g, out_g = timed(lambda: run_server(True), sync_m, args.reps, lambda: run_server(True, WARM))
+            row.update(server_graph_s=s_g, server_graph_ms_per_token=1e3 * s_g / args.new,
+                       server_graph_tokens_per_s=B * args.new / s_g, ratio=s_p / s_g,
+                       token_agreement=float((out_g == gp).mean()) if out_g.shape == gp.shape else float("nan"),
+                       graph_loop_agreement=float((out_g == out_l).mean()), graph_speedup_over_loop=s_l / s_g)
+        server.config.graph_decode = True
+        res["rows"].append(row)
+        print(f"server batch {B} {row['adapters']}: loop {row['server_loop_ms_per_token']:.2f} ms/token, "
+              f"peft {row['peft_ms_per_token']:.2f} ms/token, ratio_loop {row['ratio_loop']:.3f}, "
+              f"tokens agree {row['loop_token_agreement']:.3f}")
+        if not no_graph:
+            print(f"server batch {B}: CUDA graph {row['server_graph_ms_per_token']:.2f} ms/token, ratio "
+                  f"{row['ratio']:.3f} (peft / graph), tokens agree with peft {row['token_agreement']:.3f}, "
+                  f"with the loop {row['graph_loop_agreement']:.3f}, {row['graph_speedup_over_loop']:.2f}x the loop")
+
+
 def main(argv=None):
     args = parse_args(argv)
+    kinds = [k.strip() for k in args.rows.split(",") if k.strip()]
+    if not kinds or set(kinds) - {"plain", "server"}:
+        raise SystemExit(f"--rows takes plain and/or server, got {args.rows!r}")
     import torch
     import transformers
 
     cfg = GPTConfig.preset(args.config, dropout=0.0)
     mini = GPT(cfg, seed=args.seed)
     state = {k: to_numpy(v) for k, v in mini.state_dict().items()}
-    mini.to(args.device).eval()
-    tm = hf_model(torch, cfg, state, args.device)
     if args.device == "cuda":
         import cupy as cp
 
@@ -101,7 +213,26 @@ def main(argv=None):
            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "device_name": name,
            "torch": torch.__version__, "transformers": transformers.__version__, "config": args.config,
            "prompt": args.prompt, "new": args.new, "rows": []}
+    if "server" in kinds:
+        import peft
+
+        res["peft"] = peft.__version__
     print(json.dumps({k: v for k, v in res.items() if k != "rows"}))
+    if "plain" in kinds:
+        plain_rows(args, torch, cfg, mini, state, xp, sync_m, sync_t, res)
+    if "server" in kinds:
+        del mini
+        server_rows(args, torch, cfg, state, sync_m, sync_t, res)
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(res, f, indent=1)
+    return res
+
+
+def plain_rows(args, torch, cfg, mini, state, xp, sync_m, sync_t, res) -> None:
+    """One model: minipeft's GPT.generate (and its CUDA-graph decoder) against transformers' generate."""
+    mini.to(args.device).eval()
+    tm = hf_model(torch, cfg, state, args.device)
     no_graph = graph_decodable(mini)  # None: the CUDA-graph decoder runs this model
     if no_graph:
         print(f"CUDA-graph decoder skipped: {no_graph}")
@@ -127,8 +258,9 @@ def main(argv=None):
         s_t, out_t = timed(run_t, sync_t, args.reps)
         gm, gt = to_numpy(out_m)[:, args.prompt:], out_t.cpu().numpy()[:, args.prompt:]
         agree = float((gm == gt).mean()) if gm.shape == gt.shape else float("nan")
-        row = {"batch": B, "minipeft_s": s_m, "transformers_s": s_t, "minipeft_tokens_per_s": B * args.new / s_m,
-               "transformers_tokens_per_s": B * args.new / s_t, "ratio": s_t / s_m, "token_agreement": agree,
+        row = {"kind": "plain", "batch": B, "minipeft_s": s_m, "transformers_s": s_t,
+               "minipeft_tokens_per_s": B * args.new / s_m, "transformers_tokens_per_s": B * args.new / s_t,
+               "ratio": s_t / s_m, "token_agreement": agree,
                "minipeft_graph_s": None, "graph_tokens_per_s": None, "ratio_graph": None,
                "graph_token_agreement": None}
         graph = not no_graph and B <= MAX_ROWS  # the decoder's GEMV takes at most MAX_ROWS rows
@@ -145,10 +277,6 @@ def main(argv=None):
             print(f"batch {B}: minipeft CUDA graph {row['graph_tokens_per_s']:.0f} tok/s "
                   f"({1e3 * row['minipeft_graph_s'] / args.new:.2f} ms/step), ratio {row['ratio_graph']:.3f}, "
                   f"tokens agree {row['graph_token_agreement']:.3f}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1)
-    return res
 
 
 if __name__ == "__main__":

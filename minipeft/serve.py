@@ -24,9 +24,12 @@ kept least-recently-used first and evicted when a batch needs a slot of their cl
 host pool holds the rest (optionally within a budget too, re-reading evicted ones from
 disk). ``generate`` runs greedy decoding for a static batch in which every request names
 its own adapter or none; a request naming an unknown adapter, or one that cannot serve
-this base, gets its own error and the others run. ``serve_scheduler.serve`` runs requests
-that arrive over time with continuous batching and sampling; ``forward`` gives a mixed
-batch's logits (equal to ``PeftModel(idx, adapter_names=...)``'s).
+this base, gets its own error and the others run. On a GPU, with one rank class and a float32
+base, a wave's decode step runs in a CUDA graph, BGMV included (``serve_graph.py``; groups of
+at most 8 rows, waves of up to ``ServeConfig.graph_max_rows``; ``graph_decodable()`` says why a
+server cannot, ``graph_decode=False`` turns it off), with the tokens of the Python loop.
+``serve_scheduler.serve`` runs requests that arrive over time with continuous batching and
+sampling; ``forward`` gives a mixed batch's logits (equal to ``PeftModel(idx, adapter_names=...)``'s).
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ from .peft.layer import param_dtype_xp
 from .peft.mixed_batch import BASE  # peft's name for "no adapter" in a mixed batch
 from .peft.model import PeftModel
 from .serve_adapters import AdapterError, HostAdapter, read_lora_adapter
+from .serve_graph import GraphWaves
 from .serve_layers import (BatchContext, MultiLoraLinear, RankClasses, bgmv_reference, served_modules,
                            sgmv_reference)
 
@@ -64,6 +68,9 @@ class ServeConfig:
     host_budget_bytes: int | None = None  # bytes of adapters kept in host memory; None = no limit
     base_model_name: str | None = None  # if set, adapters whose base_model_name_or_path differs are refused
     use_kernels: bool = True  # CUDA RawKernels for float32 on a GPU (False, or MINIPEFT_KERNELS=0: the twins)
+    graph_decode: bool = True  # generate's greedy waves run their step in a CUDA graph where they can (serve_graph)
+    graph_backend: str = "cuda"  # "cuda": the graph (a float32 model on a GPU); "reference": its NumPy twin (tests)
+    graph_max_rows: int = 32  # larger waves run the loop: the graph decodes 8 rows at a time, the loop all at once
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str) or not self.target_modules:
@@ -84,6 +91,12 @@ class ServeConfig:
             raise ValueError(f"device_budget_bytes must be a positive int, got {self.device_budget_bytes!r}")
         if self.host_budget_bytes is not None and self.host_budget_bytes <= 0:
             raise ValueError(f"host_budget_bytes must be None or positive, got {self.host_budget_bytes!r}")
+        if isinstance(self.graph_max_rows, bool) or not isinstance(self.graph_max_rows, (int, np.integer)) \
+                or self.graph_max_rows < 1:
+            raise ValueError(f"graph_max_rows must be a positive int, got {self.graph_max_rows!r}")
+        if self.graph_backend not in ("cuda", "reference"):
+            raise ValueError(f"graph_backend must be 'cuda' or 'reference' (the NumPy twin), "
+                             f"got {self.graph_backend!r}")
 
 
 @dataclass
@@ -221,6 +234,7 @@ class LoraServer:
         self._host: OrderedDict[str, HostAdapter] = OrderedDict()  # least recently used first
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self._free = [self.classes.slots_of(c)[::-1] for c in range(len(ranks))]  # per class, lowest id last
+        self._graph = GraphWaves(model, self._ctx, self.config)  # greedy waves with the step in a CUDA graph
         self.reset_stats()
 
     # ---- the adapter pool
@@ -264,7 +278,12 @@ class LoraServer:
 
     def reset_stats(self) -> None:
         self.stats = dict(disk_loads=0, host_evictions=0, device_loads=0, device_hits=0, device_evictions=0,
-                          waves=0, swap_s=0.0, prefill_s=0.0, decode_s=0.0, decode_tokens=0, prefill_tokens=0)
+                          waves=0, graph_waves=0, swap_s=0.0, prefill_s=0.0, decode_s=0.0, decode_tokens=0,
+                          prefill_tokens=0)
+
+    def graph_decodable(self) -> str | None:
+        """None when ``generate`` runs its waves' decode step in a CUDA graph (``serve_graph.py``); else why not."""
+        return self._graph.reason()
 
     def memory(self) -> dict:
         """Bytes held: the base model, the device slots (padded), the host pool (unpadded)."""
@@ -410,14 +429,20 @@ class LoraServer:
         slots = np.array([slot_of.get(requests[i].adapter, -1) for i in wave])
         order = np.argsort(slots, kind="stable")  # each adapter's requests contiguous (SGMV segments)
         rows = [wave[k] for k in order]
-        self._ctx.set(slots[order], xp_of(self.model.transformer.wte.weight.data))
-        try:
-            out = greedy_batch(self.model, [prompts[i] for i in rows], n_new, eos_token_id, self.stats)
-        finally:
-            self._ctx.clear()
+        batch = [prompts[i] for i in rows]
+        if len(rows) <= self.config.graph_max_rows and self._graph.reason() is None:  # groups of <= 8 rows
+            out = self._graph.generate(batch, slots[order], [requests[i].max_new_tokens for i in rows],
+                                       eos_token_id, self.stats)
+            self.stats["graph_waves"] += 1
+        else:  # the Python loop: graph_decodable() says why, or the wave has more than graph_max_rows rows
+            self._ctx.set(slots[order], xp_of(self.model.transformer.wte.weight.data))
+            try:
+                out = greedy_batch(self.model, batch, n_new, eos_token_id, self.stats)
+            finally:
+                self._ctx.clear()
         self.stats["waves"] += 1
         for k, i in enumerate(rows):
-            toks = out[k, :requests[i].max_new_tokens]
+            toks = out[k][:requests[i].max_new_tokens]
             if eos_token_id is not None and (toks == eos_token_id).any():
                 toks = toks[: int(np.argmax(toks == eos_token_id)) + 1]
             results[i] = Result(tokens=toks)

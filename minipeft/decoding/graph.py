@@ -26,7 +26,9 @@ through merged weights ``W + s·B·A`` (Hu et al. 2021, §4.1: merging is why Lo
 inference latency), computed into the decoder's own buffers at each call: the model is not
 changed. Methods that are not a weight change (prompt and prefix tuning, bottleneck
 adapters, side tuning), other weight methods, quantized layers and non-float32 models are
-refused with the reason (:func:`graph_decodable`); ``model.generate`` decodes all of them.
+refused with the reason (:func:`graph_decodable`); ``model.generate`` decodes all of them. The
+multi-adapter server's layers (one adapter per row, unmerged) run through a subclass,
+:class:`minipeft.serve_graph.ServedGraphDecoder`.
 
 The twin: :class:`~minipeft.decoding.graph_step.Reference` holds one NumPy function per kernel (same arguments, same
 buffers, float32) and :func:`decode_step` runs either set, so the CPU runs the orchestration
@@ -95,8 +97,11 @@ def _module_reason(name: str, m) -> str | None:
     return f"{name or 'the model'} is a {type(m).__name__}, a module the graph's step does not run"
 
 
-def _check_model(model):
-    """``(gpt, None)`` when the graph's step computes what ``model``'s forward computes, else ``(None, reason)``."""
+def _check_model(model, module_reason=None):
+    """``(gpt, None)`` when the graph's step computes what ``model``'s forward computes, else ``(None, reason)``.
+
+    ``module_reason(name, module)``: the reason a module is not run by the step, or None (default:
+    the plain and LoRA modules of a GPT; a subclass of :class:`GraphDecoder` may take more)."""
     try:
         target = resolve_model(model)
     except TypeError as e:
@@ -113,7 +118,7 @@ def _check_model(model):
     if 4 * (cfg.block_size + cfg.head_dim) > SMEM_LIMIT:
         return None, f"block_size {cfg.block_size} is more than the attention kernel keeps in shared memory"
     for name, m in _walk(gpt):
-        reason = _module_reason(name, m)
+        reason = (module_reason or _module_reason)(name, m)
         if reason:
             return None, reason
     return gpt, None
@@ -123,11 +128,11 @@ def _xp_of_gpt(gpt):
     return xp_of(_effective(gpt.transformer.wte).weight.data)
 
 
-def _decodable(model, backend: str):
+def _decodable(model, backend: str, module_reason=None):
     """``(gpt, None)``, or ``(None or gpt, reason)`` when ``backend`` cannot decode ``model``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    gpt, reason = _check_model(model)
+    gpt, reason = _check_model(model, module_reason)
     if reason is None and backend == "cuda" and _xp_of_gpt(gpt) is np:
         reason = "the model is on the CPU (model.to('cuda') first; backend='reference' runs the NumPy twin)"
     return gpt, reason
@@ -166,8 +171,11 @@ def _linear_weights(m):
     return W, (None if base.bias is None else base.bias.data), merged
 
 
-def gather_weights(gpt) -> tuple[dict, set]:
-    """``(weights, merged)``: every array of the step by its GPT-2 name, and the names of merged ones."""
+def gather_weights(gpt, linear_weights=None) -> tuple[dict, set]:
+    """``(weights, merged)``: every array of the step by its GPT-2 name, and the names of merged ones.
+
+    ``linear_weights(module)``: ``(weight, bias, merged)`` of a Linear-like module, or None for the
+    default (a Linear's own, or a LoRA layer's merged ``W + s·B·A``)."""
     t = gpt.transformer
     weights, merged = {}, set()
 
@@ -176,7 +184,8 @@ def gather_weights(gpt) -> tuple[dict, set]:
         weights[name + ".weight"], weights[name + ".bias"] = m.weight.data, m.bias.data
 
     def linear(name, m):
-        weights[name + ".weight"], weights[name + ".bias"], is_merged = _linear_weights(m)
+        got = linear_weights(m) if linear_weights else None
+        weights[name + ".weight"], weights[name + ".bias"], is_merged = got or _linear_weights(m)
         if is_merged:
             merged.add(name + ".weight")
 
@@ -211,10 +220,21 @@ class GraphDecoder:
 
     It holds its model weakly (it never keeps a model alive) and reads the model's weights at
     every call: a model trained or given another adapter since decodes as it is now.
+
+    A subclass may run more modules (:class:`minipeft.serve_graph.ServedGraphDecoder`: the
+    multi-adapter server's layers) by overriding :meth:`module_reason`, :meth:`_gather` and
+    :meth:`_lora_rank`.
     """
 
+    module_reason = staticmethod(_module_reason)  # (name, module) -> why the step cannot run it, or None
+
+    @classmethod
+    def decodable(cls, model, backend: str = "cuda"):
+        """``(gpt, None)``, or ``(gpt or None, reason)`` when this class cannot decode ``model`` with ``backend``."""
+        return _decodable(model, backend, cls.module_reason)
+
     def __init__(self, model, batch_size: int, backend: str = "cuda") -> None:
-        gpt, reason = _decodable(model, backend)
+        gpt, reason = self.decodable(model, backend)
         if reason:
             raise _refuse(reason)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
@@ -224,7 +244,7 @@ class GraphDecoder:
         self._model = weakref.ref(model)
         self.backend, self.batch_size, self.config = backend, int(batch_size), gpt.config
         self.xp = _xp_of_gpt(gpt)
-        self.state = DecodeState.allocate(gpt.config, self.batch_size, self.xp)
+        self.state = DecodeState.allocate(gpt.config, self.batch_size, self.xp, self._lora_rank(gpt))
         self.weights: dict = {}  # by GPT-2 name: the model's arrays, or the decoder's copies of merged ones
         self._owned: dict = {}  # name -> the decoder's own buffer (merged, converted): its address never changes
         self._graph = self._graph_key = self._stream = None
@@ -238,7 +258,7 @@ class GraphDecoder:
 
     def __call__(self, idx, max_new_tokens: int, attention_mask=None):
         model, xp = self.model, self.xp
-        gpt, reason = _decodable(model, self.backend)  # adapters may have changed since the decoder was built
+        gpt, reason = self.decodable(model, self.backend)  # adapters may have changed since the decoder was built
         if reason:
             raise _refuse(reason)
         if _xp_of_gpt(gpt) is not xp:
@@ -257,7 +277,7 @@ class GraphDecoder:
             session = Session(resolve_model(model), idx, attention_mask)
             if n == 0:
                 return xp.concatenate([session.tokens, session.tokens[:, :0]], axis=1)
-            self._bind(*gather_weights(gpt))
+            self._bind(*self._gather(gpt))
             logits = session.start()  # (B, V): the prompt through the ordinary forward
             self._load_prefill(session.cache, logits)
         self._run(n - 1)
@@ -265,6 +285,14 @@ class GraphDecoder:
         return xp.concatenate([session.tokens, new], axis=1)  # (B, T + n)
 
     # ---- the call's parts
+    def _lora_rank(self, gpt) -> int:
+        """Columns of ``state.lora_h``: the rank of the LoRA stacks the step reads (none here)."""
+        return 0
+
+    def _gather(self, gpt) -> tuple[dict, set]:
+        """``(weights, merged)`` of the step (:func:`gather_weights`)."""
+        return gather_weights(gpt)
+
     def _bind(self, weights: dict, merged: set) -> None:
         """Point the step at the model's arrays; merged (or not kernel-ready) ones go into the decoder's own
         buffers, so their addresses, which the captured graph holds, stay the same from call to call."""

@@ -4,9 +4,16 @@ the CUDA kernels (``minipeft/kernels/decode.cu``) or their NumPy twins.
 :class:`DecodeState` holds every array the step reads or writes, allocated once, so a CUDA graph
 captured from one step can be replayed for the next token (the counters ``tok``, ``pos``,
 ``slot``, ``step`` live in device memory and the kernels advance them). :func:`decode_step` is
-GPT-2's forward for one token per row (Radford et al. 2019) written as eleven kinds of call on
+GPT-2's forward for one token per row (Radford et al. 2019) written as a few kinds of call on
 ``ops``: :class:`Reference` (NumPy, float32, the twin) or :mod:`minipeft.kernels.decode` (the
 launchers, same arguments). ``tests/test_graph_decode.py`` checks that the two agree.
+
+A Linear whose weights come with LoRA stacks (``<name>.lora_A`` (N, r, in), ``.lora_B``
+(N, out, r), ``.lora_scales`` (N,): the multi-adapter server's layers, :mod:`minipeft.serve_graph`)
+adds each row's own adapter, ``y_b = W x_b + b + s_j B_j A_j x_b`` with ``j = lora_slot[b]``
+(Hu et al. 2021, eq. 3, one adapter per row as Punica's BGMV, Chen et al. 2023, Sec. 4), the term
+added before GELU or the residual add, as ``serve_layers.MultiLoraLinear`` adds it to the base
+Linear's output; ``tests/test_graph_serve.py`` checks those ops.
 """
 from __future__ import annotations
 
@@ -41,9 +48,11 @@ class DecodeState:
     att: object  # (B, C): the heads' outputs, concatenated
     fc: object  # (B, 4C): mlp.c_fc's output after GELU
     logits: object  # (B, V)
+    lora_slot: object = None  # (B,) int32: each row's adapter slot in the served layers' stacks (-1: none)
+    lora_h: object = None  # (B, r) float32: a served layer's shrink A_j x, r its stacks' rank ((B, 0): none)
 
     @classmethod
-    def allocate(cls, config, rows: int, xp) -> "DecodeState":
+    def allocate(cls, config, rows: int, xp, lora_rank: int = 0) -> "DecodeState":
         B, S, C, L, H = rows, config.block_size, config.n_embd, config.n_layer, config.n_head
         f, i = xp.float32, xp.int32
         return cls(n_head=H, eps=float(config.layer_norm_epsilon), tok=xp.zeros(B, i), pos=xp.zeros(B, i),
@@ -51,7 +60,8 @@ class DecodeState:
                    k=xp.zeros((L, B, H, S, C // H), f), v=xp.zeros((L, B, H, S, C // H), f),
                    x=xp.zeros((B, C), f), h=xp.zeros((B, C), f), qkv=xp.zeros((B, 3 * C), f),
                    att=xp.zeros((B, C), f), fc=xp.zeros((B, config.d_ff), f),
-                   logits=xp.zeros((B, config.vocab_size), f))
+                   logits=xp.zeros((B, config.vocab_size), f), lora_slot=xp.full(B, -1, i),
+                   lora_h=xp.zeros((B, lora_rank), f))
 
 
 # ------------------------------------------------------------------ the step and its twin
@@ -74,16 +84,39 @@ class Reference:
 
     @staticmethod
     def gemv(x, weight, bias, y, epilogue="none") -> None:
+        Reference._gemv(x, weight, bias, y, epilogue, None)
+
+    @staticmethod
+    def _gemv(x, weight, bias, y, epilogue, lora) -> None:
         xp = xp_of(x)
         v = x @ weight.T  # (B, out)
         if bias is not None:
             v = v + bias
+        if lora is not None:  # (B, out): each row's LoRA term, before the epilogue (gemv_lora)
+            v = v + lora
         if epilogue == "gelu":  # GPT-2's tanh form
             v = np.float32(0.5) * v * (np.float32(1.0) + xp.tanh(np.float32(math.sqrt(2.0 / math.pi)) * (
                 v + np.float32(0.044715) * v * v * v)))
         elif epilogue == "residual":
             v = y + v
         y[...] = v
+
+    @staticmethod
+    def lora_shrink(x, lora_A, slot, u) -> None:
+        xp = xp_of(x)
+        keep = slot >= 0  # (B,): rows with an adapter
+        A = lora_A[xp.where(keep, slot, 0)]  # (B, r, in): each row's A_j
+        v = xp.matmul(A, x[:, :, None])[:, :, 0]  # (B, r)
+        u[...] = xp.where(keep[:, None], v, np.float32(0.0))
+
+    @staticmethod
+    def gemv_lora(x, weight, bias, u, lora_B, scales, slot, y, epilogue="none") -> None:
+        xp = xp_of(x)
+        keep = slot >= 0
+        j = xp.where(keep, slot, 0)
+        delta = xp.matmul(lora_B[j], u[:, :, None])[:, :, 0]  # (B, out): B_j u_b
+        lora = xp.where(keep[:, None], scales[j][:, None] * delta, np.float32(0.0))  # s_j B_j A_j x_b, 0 for none
+        Reference._gemv(x, weight, bias, y, epilogue, lora)
 
     @staticmethod
     def attend(qkv, k_cache, v_cache, kept, slot, out, n_head) -> None:
@@ -126,16 +159,27 @@ def decode_step(ops, weights: dict, state: DecodeState) -> None:
     for i in range(s.k.shape[0]):
         p = f"transformer.h.{i}."
         ops.layernorm(s.x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], s.eps, s.h)
-        ops.gemv(s.h, w[p + "attn.c_attn.weight"], w[p + "attn.c_attn.bias"], s.qkv)  # (B, 3C)
+        linear(ops, w, s, p + "attn.c_attn", s.h, s.qkv)  # (B, 3C)
         ops.attend(s.qkv, s.k[i], s.v[i], s.kept, s.slot, s.att, s.n_head)  # (B, C)
-        ops.gemv(s.att, w[p + "attn.c_proj.weight"], w[p + "attn.c_proj.bias"], s.x, "residual")  # x += ...
+        linear(ops, w, s, p + "attn.c_proj", s.att, s.x, "residual")  # x += ...
         ops.layernorm(s.x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], s.eps, s.h)
-        ops.gemv(s.h, w[p + "mlp.c_fc.weight"], w[p + "mlp.c_fc.bias"], s.fc, "gelu")  # (B, 4C)
-        ops.gemv(s.fc, w[p + "mlp.c_proj.weight"], w[p + "mlp.c_proj.bias"], s.x, "residual")  # x += ...
+        linear(ops, w, s, p + "mlp.c_fc", s.h, s.fc, "gelu")  # (B, 4C)
+        linear(ops, w, s, p + "mlp.c_proj", s.fc, s.x, "residual")  # x += ...
     ops.layernorm(s.x, w["transformer.ln_f.weight"], w["transformer.ln_f.bias"], s.eps, s.h)
-    ops.gemv(s.h, w["lm_head.weight"], w["lm_head.bias"], s.logits)  # (B, V)
+    linear(ops, w, s, "lm_head", s.h, s.logits)  # (B, V)
     ops.argmax(s.logits, s.tok, s.out, s.step)
     ops.advance(s.pos, s.slot, s.step, s.kept)  # last: after every reader of the counters
+
+
+def linear(ops, w: dict, s: DecodeState, name: str, x, y, epilogue: str = "none") -> None:
+    """The Linear ``name``: one GEMV, or, for a served Linear (``name.lora_A`` among the weights), each row's
+    LoRA term too: the shrink ``lora_h = A_j x`` and the GEMV that adds ``s_j B_j lora_h`` before its epilogue."""
+    if name + ".lora_A" not in w:
+        ops.gemv(x, w[name + ".weight"], w[name + ".bias"], y, epilogue)
+        return
+    ops.lora_shrink(x, w[name + ".lora_A"], s.lora_slot, s.lora_h)  # (B, r)
+    ops.gemv_lora(x, w[name + ".weight"], w[name + ".bias"], s.lora_h, w[name + ".lora_B"],
+                  w[name + ".lora_scales"], s.lora_slot, y, epilogue)
 
 
 def decode_step_reference(weights: dict, state: DecodeState) -> None:

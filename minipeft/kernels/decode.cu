@@ -6,14 +6,17 @@
 //   * what changes per token lives in device memory and is read and advanced by the kernels
 //     themselves: tok[b] (the token to run), pos[b] (its position), slot[0] (the cache slot
 //     of this step), step[0] (the column of out that receives the next token).
-// The NumPy twin is minipeft.decoding.graph (the ``Reference`` ops, the same buffers);
-// tests/test_graph_decode.py checks that they agree.
+// The NumPy twin is minipeft.decoding.graph_step (the ``Reference`` ops, the same buffers);
+// tests/test_graph_decode.py and tests/test_graph_serve.py check that they agree.
 //
 // The step, per token (x is the residual stream, (B, C)):
 //     embed:  x = wte[tok] + wpe[pos]
 //     each block:  h = ln_1(x); qkv = h Wa^T + ba; att = attention(qkv, cache); x += att Wp^T + bp
 //                  h = ln_2(x); f = gelu(h Wf^T + bf); x += f Wm^T + bm
 //     h = ln_f(x); logits = h wte^T; tok = argmax(logits); then advance pos, slot, step.
+// A served Linear of the multi-adapter server (minipeft.serve_graph) adds each row's own LoRA
+// term: lora_shrink (u = A_j x, j = the row's adapter slot, read from device memory) and then
+// gemv_lora_rows (y = epilogue(x W^T + b + s_j u B_j^T)), Punica's BGMV in two launches.
 // Every product is a thin GEMV (B rows): memory-bound on the weight, so one warp per output
 // feature reads its weight row once (16-byte loads) for all B rows at once.
 
@@ -81,9 +84,22 @@ extern "C" __global__ void layernorm_rows(const float* __restrict__ x, const flo
 // reduced across the warp by shuffles; lane 0 writes the B results.
 // resid and y may be the same buffer (the residual stream): each element is read, then written,
 // by the same thread, so they are not __restrict__.
-extern "C" __global__ void gemv_rows(const float* __restrict__ x, const float* __restrict__ W,
-                                     const float* __restrict__ bias, const float* resid, float* y,
-                                     int nb, int n_in, int n_out, int has_bias, int epilogue) {
+//
+// LORA (gemv_lora_rows): each row b also gets its own adapter's LoRA term (Hu et al. 2021, eq. 3;
+// Punica's BGMV expand, Chen et al. 2023, Sec. 4), added BEFORE the epilogue, as
+// minipeft.serve_layers.MultiLoraLinear adds it to the base Linear's output:
+//     y[b, o] = epilogue((sum_i x[b, i] W[o, i] + bias[o]) + scales[j] * sum_r LB[j, o, r] u[b, r])
+// with j = slot[b] (j < 0: no adapter, no term), LB the stack (N, n_out, R) and u (nb, R) the
+// shrink u[b] = A[j] x[b] (lora_shrink, launched just before). Lanes stride over r (before the
+// main loop, so the loads overlap it); the sum is reduced apart from the base sum, so the base
+// sum rounds as in the plain kernel. LORA is a template argument: the plain kernel (gemv_rows)
+// compiles without any of it.
+template <bool LORA>
+__device__ __forceinline__ void gemv_body(const float* __restrict__ x, const float* __restrict__ W,
+                                          const float* __restrict__ bias, const float* resid, float* y,
+                                          int nb, int n_in, int n_out, int has_bias, int epilogue,
+                                          const float* __restrict__ u, const float* __restrict__ LB,
+                                          const float* __restrict__ scales, const int* __restrict__ slot, int R) {
     const int lane = threadIdx.x & 31;
     const int o = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (o >= n_out) return;                                    // a whole warp leaves together
@@ -91,6 +107,20 @@ extern "C" __global__ void gemv_rows(const float* __restrict__ x, const float* _
     float acc[MAX_ROWS];
 #pragma unroll
     for (int b = 0; b < MAX_ROWS; ++b) acc[b] = 0.0f;
+    float lora[MAX_ROWS];                                      // each lane's part of the LoRA sums (LORA only)
+    int js[MAX_ROWS];                                          // each row's slot (LORA only)
+    if (LORA) {                                                // first, so these loads overlap the main loop's
+#pragma unroll
+        for (int b = 0; b < MAX_ROWS; ++b) {
+            js[b] = b < nb ? __ldg(slot + b) : -1;             // the same in every lane
+            lora[b] = 0.0f;
+            if (js[b] >= 0) {
+                const float* lb = LB + ((i64)js[b] * n_out + o) * R;   // LB[j, o, :], R floats
+                const float* ub = u + (i64)b * R;
+                for (int r = lane; r < R; r += 32) lora[b] += __ldg(lb + r) * __ldg(ub + r);
+            }
+        }
+    }
     const bool vec = (n_in & 3) == 0 && ((unsigned long long)W & 15) == 0 && ((unsigned long long)x & 15) == 0;
     if (vec) {                                                 // 16-byte loads
         const int n4 = n_in >> 2;
@@ -102,8 +132,8 @@ extern "C" __global__ void gemv_rows(const float* __restrict__ x, const float* _
 #pragma unroll
             for (int b = 0; b < MAX_ROWS; ++b) {
                 if (b < nb) {
-                    const float4 u = __ldg(x4 + (i64)b * n4 + i);
-                    acc[b] += a.x * u.x + a.y * u.y + a.z * u.z + a.w * u.w;
+                    const float4 v = __ldg(x4 + (i64)b * n4 + i);
+                    acc[b] += a.x * v.x + a.y * v.y + a.z * v.z + a.w * v.w;
                 }
             }
         }
@@ -118,17 +148,69 @@ extern "C" __global__ void gemv_rows(const float* __restrict__ x, const float* _
 #pragma unroll
     for (int b = 0; b < MAX_ROWS; ++b)
         if (b < nb) acc[b] = warp_sum(acc[b]);                 // nb is the same in every lane
+    if (LORA) {
+#pragma unroll
+        for (int b = 0; b < MAX_ROWS; ++b)
+            if (js[b] >= 0) lora[b] = warp_sum(lora[b]);       // js[b] is the same in every lane
+    }
     if (lane != 0) return;
     const float bo = has_bias ? bias[o] : 0.0f;
 #pragma unroll
     for (int b = 0; b < MAX_ROWS; ++b) {
         if (b < nb) {
             float v = acc[b] + bo;
+            if (LORA && js[b] >= 0) v += __ldg(scales + js[b]) * lora[b];
             if (epilogue == EPILOGUE_GELU) v = 0.5f * v * (1.0f + tanhf(GELU_C * (v + GELU_A * v * v * v)));
             else if (epilogue == EPILOGUE_RESIDUAL) v += resid[(i64)b * n_out + o];
             y[(i64)b * n_out + o] = v;
         }
     }
+}
+
+extern "C" __global__ void gemv_rows(const float* __restrict__ x, const float* __restrict__ W,
+                                     const float* __restrict__ bias, const float* resid, float* y,
+                                     int nb, int n_in, int n_out, int has_bias, int epilogue) {
+    gemv_body<false>(x, W, bias, resid, y, nb, n_in, n_out, has_bias, epilogue, nullptr, nullptr, nullptr, nullptr, 0);
+}
+
+extern "C" __global__ void gemv_lora_rows(const float* __restrict__ x, const float* __restrict__ W,
+                                          const float* __restrict__ bias, const float* resid, float* y,
+                                          int nb, int n_in, int n_out, int has_bias, int epilogue,
+                                          const float* __restrict__ u, const float* __restrict__ LB,
+                                          const float* __restrict__ scales, const int* __restrict__ slot, int R) {
+    gemv_body<true>(x, W, bias, resid, y, nb, n_in, n_out, has_bias, epilogue, u, LB, scales, slot, R);
+}
+
+// LoRA's shrink for every row (Punica's BGMV shrink): u[b, r] = sum_i A[j, r, i] x[b, i] with
+// j = slot[b], A the stack (N, R, n_in); u[b, :] = 0 where j < 0 (a base-model row). One warp per
+// (b, r): g = global warp id, b = g / R, r = g % R; lanes stride over i (16-byte loads when
+// aligned), then a shuffle reduction; lane 0 writes.
+extern "C" __global__ void lora_shrink(const float* __restrict__ x, const float* __restrict__ A,
+                                       const int* __restrict__ slot, float* __restrict__ u,
+                                       int nb, int n_in, int R) {
+    const int lane = threadIdx.x & 31;
+    const int g = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (g >= nb * R) return;                                   // a whole warp leaves together
+    const int b = g / R, r = g - (g / R) * R;
+    const int j = slot[b];                                     // the same in every lane of the warp
+    float acc = 0.0f;
+    if (j >= 0) {
+        const float* a = A + ((i64)j * R + r) * n_in;          // A[j, r, :]
+        const float* xb = x + (i64)b * n_in;
+        if ((n_in & 3) == 0 && ((unsigned long long)A & 15) == 0 && ((unsigned long long)x & 15) == 0) {
+            const float4* a4 = reinterpret_cast<const float4*>(a);
+            const float4* x4 = reinterpret_cast<const float4*>(xb);
+#pragma unroll 4
+            for (int i = lane; i < (n_in >> 2); i += 32) {
+                const float4 p = __ldg(a4 + i), q = __ldg(x4 + i);
+                acc += p.x * q.x + p.y * q.y + p.z * q.z + p.w * q.w;
+            }
+        } else {
+            for (int i = lane; i < n_in; i += 32) acc += __ldg(a + i) * __ldg(xb + i);
+        }
+        acc = warp_sum(acc);
+    }
+    if (lane == 0) u[(i64)b * R + r] = acc;
 }
 
 // Attention of one new token per row over its key/value cache; one block per (row b, head h).

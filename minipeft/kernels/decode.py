@@ -8,6 +8,11 @@ launcher has the signature of its NumPy twin in :class:`minipeft.decoding.graph.
 and writes its result into its last array argument, as the twin does;
 ``tests/test_graph_decode.py`` checks that the two agree.
 
+The multi-adapter server's step (:mod:`minipeft.serve_graph`) adds each row's own LoRA term to a
+served Linear with two launches, Punica's BGMV (Chen et al. 2023, arXiv 2310.18547, Sec. 4)
+split at its rank-``R`` middle: :func:`lora_shrink` (``u[b] = A_j x[b]``) and :func:`gemv_lora`
+(the GEMV with ``s_j B_j u[b]`` added before its epilogue), ``j`` the row's adapter slot.
+
 Arrays are CuPy arrays: activations and weights float32, counters int32, all C-contiguous
 (the kernels index raw pointers). A launcher checks that, and raises ``ValueError`` naming
 the argument, before anything is launched: inside a capture a wrong launch would only show
@@ -28,7 +33,9 @@ MAX_ROWS = 8  # rows one GEMV takes (its per-row accumulators live in registers)
 GEMV_WARPS = 4  # output features per GEMV block (one warp each)
 EPILOGUES = {"none": 0, "gelu": 1, "residual": 2}  # must match decode.cu's EPILOGUE_*
 SMEM_LIMIT = 48 * 1024  # bytes of dynamic shared memory a kernel may use without opting in
-KERNELS = ("embed", "layernorm_rows", "gemv_rows", "attend", "argmax_rows", "advance")
+SHRINK_WARPS = 4  # (row, rank) pairs per lora_shrink block (one warp each)
+KERNELS = ("embed", "layernorm_rows", "gemv_rows", "gemv_lora_rows", "lora_shrink", "attend", "argmax_rows",
+           "advance")
 
 
 def load() -> None:
@@ -69,6 +76,11 @@ def gemv(x, weight, bias, y, epilogue: str = "none") -> None:
 
     ``epilogue``: ``"none"``, ``"gelu"`` (tanh form) or ``"residual"`` (``y += ...``, in place).
     """
+    _gemv(x, weight, bias, y, epilogue, None)
+
+
+def _gemv(x, weight, bias, y, epilogue: str, lora) -> None:
+    """:func:`gemv`; with ``lora`` = ``(u, lora_B, scales, slot)`` (checked by :func:`gemv_lora`), its LoRA form."""
     for n, a in (("x", x), ("weight", weight), ("y", y)):
         _check(n, a, np.float32, 2)
     if bias is not None:
@@ -83,8 +95,50 @@ def gemv(x, weight, bias, y, epilogue: str = "none") -> None:
     if epilogue not in EPILOGUES:
         raise ValueError(f"decode kernels: epilogue must be one of {sorted(EPILOGUES)}, got {epilogue!r}")
     b = weight if bias is None else bias  # a valid pointer the kernel never reads when has_bias is 0
-    kernel("decode.cu", "gemv_rows")((-(-n_out // GEMV_WARPS),), (32 * GEMV_WARPS,), (
-        x, weight, b, y, y, i32(B), i32(n_in), i32(n_out), i32(bias is not None), i32(EPILOGUES[epilogue])))
+    args = (x, weight, b, y, y, i32(B), i32(n_in), i32(n_out), i32(bias is not None), i32(EPILOGUES[epilogue]))
+    grid, block = (-(-n_out // GEMV_WARPS),), (32 * GEMV_WARPS,)
+    if lora is None:
+        kernel("decode.cu", "gemv_rows")(grid, block, args)
+    else:
+        u, lora_B, scales, slot = lora
+        kernel("decode.cu", "gemv_lora_rows")(grid, block, args + (u, lora_B, scales, slot, i32(u.shape[1])))
+
+
+def lora_shrink(x, lora_A, slot, u) -> None:
+    """LoRA's shrink per row: ``u[b] = lora_A[slot[b]] @ x[b]`` (zeros where ``slot[b] < 0``).
+
+    x (B, in), lora_A (N, R, in) (the served layer's stack), slot (B,) int32 in [-1, N) (not
+    checked: it is read on the device), u (B, R).
+    """
+    for n, a, t, d in (("x", x, np.float32, 2), ("lora_A", lora_A, np.float32, 3), ("slot", slot, np.int32, 1),
+                       ("u", u, np.float32, 2)):
+        _check(n, a, t, d)
+    B, n_in = x.shape
+    R = lora_A.shape[1]
+    if lora_A.shape[2] != n_in or u.shape != (B, R) or slot.shape != (B,):
+        raise ValueError(f"decode kernels: lora_shrink shapes do not fit: x {x.shape}, lora_A {lora_A.shape}, "
+                         f"slot {slot.shape}, u {u.shape}")
+    if B * R == 0:
+        return
+    kernel("decode.cu", "lora_shrink")((-(-(B * R) // SHRINK_WARPS),), (32 * SHRINK_WARPS,), (
+        x, lora_A, slot, u, i32(B), i32(n_in), i32(R)))
+
+
+def gemv_lora(x, weight, bias, u, lora_B, scales, slot, y, epilogue: str = "none") -> None:
+    """:func:`gemv` plus each row's LoRA term before the epilogue (the expand of :func:`lora_shrink`'s ``u``):
+
+    ``y[b] = epilogue(x[b] weight^T + bias + scales[j] * lora_B[j] @ u[b])``, ``j = slot[b]``
+    (no term where ``j < 0``); u (B, R), lora_B (N, out, R), scales (N,), slot (B,) int32.
+    """
+    for n, a, t in (("u", u, np.float32), ("lora_B", lora_B, np.float32), ("scales", scales, np.float32),
+                    ("slot", slot, np.int32)):
+        _check(n, a, t)
+    B, n_out = x.shape[0], weight.shape[0]
+    if lora_B.ndim != 3 or lora_B.shape[1] != n_out or u.shape != (B, lora_B.shape[2]) \
+            or scales.shape != (lora_B.shape[0],) or slot.shape != (B,):
+        raise ValueError(f"decode kernels: gemv_lora shapes do not fit: x {x.shape}, weight {weight.shape}, "
+                         f"u {u.shape}, lora_B {lora_B.shape}, scales {scales.shape}, slot {slot.shape}")
+    _gemv(x, weight, bias, y, epilogue, (u, lora_B, scales, slot))
 
 
 def attend(qkv, k_cache, v_cache, kept, slot, out, n_head: int) -> None:
@@ -124,4 +178,5 @@ def advance(pos, slot, step, kept) -> None:
     kernel("decode.cu", "advance")((1,), (32,), (pos, slot, step, kept, i32(B), i32(S)))
 
 
-__all__ = ["load", "embed", "layernorm", "gemv", "attend", "argmax", "advance", "MAX_ROWS", "EPILOGUES"]
+__all__ = ["load", "embed", "layernorm", "gemv", "gemv_lora", "lora_shrink", "attend", "argmax", "advance", "MAX_ROWS",
+           "EPILOGUES"]

@@ -235,7 +235,9 @@ def main(argv=None) -> dict:
                                                TARGETS[i % 2], rng) for i in range(n_adapters)}
     wide = GPT(GPTConfig.from_dict({**cfg.to_dict(), "n_embd": cfg.n_embd + 2 * cfg.n_head}), init_weights=False)
     bad = {"other-base": write_random_adapter(os.path.join(tmp.name, "other"), wide, 4, ["c_attn"], rng)}
-    sc = ServeConfig(max_rank=max(RANKS), device_budget_bytes=n_adapters * slot_nbytes(base, ServeConfig()))
+    # graph_decode off: section 2 sets mixed batches against the base model decoded by the same Python loop
+    sc = ServeConfig(max_rank=max(RANKS), device_budget_bytes=n_adapters * slot_nbytes(base, ServeConfig()),
+                     graph_decode=False)
     with DeviceMemoryTracker(args.device) as mem:
         server = LoraServer(_copy(state, cfg, args.device), sc)
         for name, path in paths.items():
@@ -313,7 +315,8 @@ def main(argv=None) -> dict:
 
     rep.section("4. More adapters than device slots: least-recently-used eviction")
     k_slots = max(2, n_adapters // 4)
-    small = LoraServer(_copy(state, cfg, args.device), ServeConfig(device_budget_bytes=k_slots * server.slot_bytes))
+    small = LoraServer(_copy(state, cfg, args.device),
+                       ServeConfig(device_budget_bytes=k_slots * server.slot_bytes, graph_decode=False))
     for name, path in paths.items():
         small.add_adapter(name, path)
     lru = lru_demo(small, paths, prompts[: max(4, B // 4)], n_new, ex.lru_batches or (3 if args.quick else 8),
