@@ -22,7 +22,7 @@ stays on with ``MINIPEFT_KERNELS=0`` (which makes it run the twin on CuPy as wel
 """
 from __future__ import annotations
 
-from .. import amp, fast
+from .. import amp, backend, fast
 from ..ops.attention import Attention
 from ..ops.linalg import Linear
 from ..ops.loss import CrossEntropy
@@ -53,6 +53,7 @@ fast.register(optim_core.adamw_update_from, adamw.adamw_update_from_cuda, when=a
 # 2-D products as one cuBLAS GEMM, 16-bit in, float32 out
 fast.register(amp.cast_16bit, cast16.cast_16bit_cuda, when=cast16.applies)
 fast.register(amp.matmul_16bit, gemm16.matmul_16bit_cuda, when=gemm16.matmul_16bit_applies)
+fast.register(backend.sum_rows, gemm16.sum_rows_cuda, when=gemm16.sum_rows_applies)
 
 # Quantization: bit-exact kernels in place of minipeft.quant's array code
 fast.register(blockwise.quantize_4bit, quant4bit.quantize_4bit_cuda, when=_first_on_gpu)

@@ -121,6 +121,13 @@ def sum_rows_cuda(a):
     return out
 
 
+def sum_rows_applies(a) -> bool:
+    """A 2-D float32 CuPy array."""
+    from ..fast import float32_on_gpu
+
+    return float32_on_gpu(a, contiguous=False) and a.ndim == 2
+
+
 def matmul_16bit_applies(a, b) -> bool:
     """Two 2-D CuPy arrays, both float16 or both bfloat16."""
     from ..fast import on_gpu
