@@ -7,6 +7,7 @@
 #   gputest   the whole gpu test suite (python -m pytest -m gpu)
 #   fast16    issue [fast16]'s table: train_step.py in bfloat16 and float16, full / lora / qlora, at 8 x 512
 #             and 32 x 512 tokens (12 runs), then generate.py (the loop and the CUDA graph)
+#   graph16   the same 12 training runs with minipeft's step recorded as a CUDA graph (--graph)
 # usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]   (default: all stages, in that order)
 set -u
 out=${1:?usage: bash benchmarks/run_gpu.sh OUTDIR [stage ...]}
@@ -37,6 +38,11 @@ for s in $stages; do
           --compute-dtype $d --json "$out/train_${d}_${m}_${b}x512.json" 2>&1 | grep -E "ratio|agree" | sed "s/^/$d $m $b: /"
       done; done; done
       timeout 300 python3 benchmarks/generate.py --device cuda --json "$out/generate.json" 2>&1 | tail -4 ;;
+    graph16)
+      for d in bfloat16 float16; do for b in 8 32; do for m in full lora qlora; do
+        timeout 120 python3 benchmarks/train_step.py --device cuda --config gpt2 --batch $b --seq 512 --mode $m \
+          --compute-dtype $d --graph --json "$out/graph_${d}_${m}_${b}x512.json" 2>&1 | grep -E "ratio|agree" | sed "s/^/$d $m $b: /"
+      done; done; done ;;
     gputest) timeout 400 python3 -m pytest -q -m gpu --tb=short > "$out/pytest_gpu.log" 2>&1
       grep -E "^(FAILED|ERROR)|passed|failed" "$out/pytest_gpu.log" | tail -30 ;;
   esac
