@@ -42,11 +42,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minipeft.backend import get_xp, resolve_device, synchronize  # noqa: E402
+from minipeft.backend import get_xp, resolve_device  # noqa: E402
 from minipeft.gpt import GPT, GPTConfig  # noqa: E402
 from minipeft.memory import MethodConfig, StepSetup, estimate_memory, format_bytes  # noqa: E402
 from minipeft.memory_measure import CATEGORIES, measure_training_step  # noqa: E402
-from minipeft.nn import Linear, Parameter  # noqa: E402
+from minipeft.nn import Linear  # noqa: E402
 from minipeft.optim import AdamW  # noqa: E402
 from minipeft.peft import LoraConfig, get_peft_model  # noqa: E402
 from minipeft.quant.modules import Linear4bit  # noqa: E402

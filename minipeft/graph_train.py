@@ -25,6 +25,9 @@ minipeft's engine:
 The returned loss is the graph's own loss array, overwritten by the next replay (read it
 with ``float(loss)`` before the next call if you keep it); the gradients in ``p.grad`` are
 the graph's arrays too. The batch shape is fixed at the first call; another shape raises.
+Memory: the recorded step keeps every array it allocates for as long as the graph lives
+(nothing is freed and reused within the step, as the eager step's memory pool does), so it
+holds more device memory than the eager step's peak; deleting the ``GraphTrainStep`` frees it.
 
 What cannot be recorded is refused with the reason (:func:`graph_trainable`): a model on the
 CPU, float32 products (CuPy's own cuBLAS calls refuse capture), dropout (a replay would draw

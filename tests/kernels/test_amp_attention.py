@@ -349,3 +349,41 @@ def test_sum_rows_is_the_column_sum(rows, n):
     ref = a.astype(np.float64).sum(axis=0)
     bound = (rows + 1) * 2.0 ** -24 * np.abs(a).astype(np.float64).sum(axis=0) + 1e-30
     assert np.all(np.abs(got.get() - ref) <= bound)
+
+
+class _FakeCublasLib:
+    """Records the cuBLAS calls a Handle makes (a stand-in for libcublas, on the CPU)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def cublasSetStream_v2(self, handle, stream):
+        self.calls.append(("stream", stream.value))
+        return 0
+
+    def cublasSetWorkspace_v2(self, handle, ptr, nbytes):
+        self.calls.append(("workspace", ptr.value, nbytes))
+        return 0
+
+
+def test_cublas_handle_sets_its_workspace_after_every_change_of_stream():
+    """cublasSetStream resets a handle's workspace to cuBLAS's own pool (cuBLAS docs), which a CUDA
+    graph cannot record allocations from: the Handle sets its workspace again after each change of
+    stream, and calls neither while the stream stays the same."""
+    from minipeft.kernels import cublas
+
+    h = cublas.Handle.__new__(cublas.Handle)  # no GPU: the bookkeeping only
+    h.lib, h.handle, h.stream = _FakeCublasLib(), None, None
+    h.workspace = types.SimpleNamespace(ptr=4096)
+    for s in (0, 0, 7, 7, 0):
+        h.on_stream(s)
+    ws = ("workspace", 4096, cublas.WORKSPACE_BYTES)
+    assert h.lib.calls == [("stream", None), ws, ("stream", 7), ws, ("stream", None), ws]
+
+
+def test_cublas_status_errors_name_the_call():
+    from minipeft.kernels import cublas
+
+    cublas._check(0, "cublasGemmStridedBatchedEx")
+    with pytest.raises(RuntimeError, match="cublasGemmStridedBatchedEx failed: CUBLAS_STATUS_NOT_SUPPORTED"):
+        cublas._check(15, "cublasGemmStridedBatchedEx")
