@@ -65,6 +65,14 @@ def pytest_make_collect_report(collector):
     return _fail_missing_reference((yield))
 
 
+@pytest.fixture(scope="session")
+def cp():
+    """CuPy, for the ``gpu`` tests of the kernels (only requested by tests that are skipped without a GPU)."""
+    from minipeft.backend import get_xp
+
+    return get_xp("cuda")
+
+
 @pytest.fixture(params=BACKENDS)
 def xp(request):
     """The array module of the backend under test (numpy, or cupy on a GPU machine)."""

@@ -202,13 +202,6 @@ def test_batch_and_shape_errors():
 
 
 @pytest.fixture(scope="module")
-def cp():
-    from minipeft.backend import get_xp
-
-    return get_xp("cuda")
-
-
-@pytest.fixture(scope="module")
 def kd():
     from minipeft.kernels import decode
 

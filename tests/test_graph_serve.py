@@ -18,28 +18,17 @@ import pytest
 
 from minipeft.backend import to_numpy
 from minipeft.decoding.graph import MAX_ROWS, Reference
-from minipeft.gpt import GPT, GPTConfig
 from minipeft.peft import LoraConfig, from_pretrained, get_peft_model, save_adapter
 from minipeft.quant.modules import quantize_model
 from minipeft.serve import LoraServer, Request, ServeConfig, greedy_batch, slot_nbytes
 from minipeft.serve_graph import ServedGraphDecoder
 
-CFG = dict(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32)
+from .test_graph_decode import CFG, _close, random_gpt  # the plain decoder's tiny GPT and float32 comparison
 SPECS = {  # three ranks in one class of max_rank 8; different targets; alphas; a layer subset
     "r2": dict(r=2, lora_alpha=4, target_modules=["c_attn"]),
     "r4": dict(r=4, lora_alpha=4, target_modules=["c_attn", "c_proj", "c_fc"], layers_to_transform=[1]),
     "r8": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["c_attn", "c_proj", "c_fc"]),
 }
-
-
-def random_gpt(seed: int = 0, **overrides) -> GPT:
-    """A small float32 GPT with weights large enough that its greedy choices vary (as test_graph_decode's)."""
-    model = GPT(GPTConfig(**{**CFG, **overrides}), seed=seed)
-    rng = np.random.default_rng(seed + 100)
-    for name, p in model.named_parameters():
-        base = 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else 0.0
-        p.data = (base + 0.3 * rng.standard_normal(p.shape)).astype(p.dtype)
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -222,22 +211,10 @@ def test_a_decoder_checks_its_rows_and_slots(adapters):
 
 
 @pytest.fixture(scope="module")
-def cp():
-    from minipeft.backend import get_xp
-
-    return get_xp("cuda")
-
-
-@pytest.fixture(scope="module")
 def kd():
     from minipeft.kernels import decode
 
     return decode
-
-
-def _close(got, ref, tol=2e-5):
-    got, ref = to_numpy(got).astype(np.float64), np.asarray(ref, np.float64)
-    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * (np.abs(ref).max() + 1e-30))
 
 
 @pytest.mark.gpu

@@ -25,13 +25,6 @@ BGMV_SHAPES = [  # (M rows, N slots, R, H1, H2)
 
 
 @pytest.fixture(scope="module")
-def cp():
-    from minipeft.backend import get_xp
-
-    return get_xp("cuda")
-
-
-@pytest.fixture(scope="module")
 def kb():
     from minipeft.kernels import bgmv
 

@@ -23,13 +23,6 @@ SHAPES = [(1,), (7,), (64,), (65,), (1001,), (3, 4097), (33, 129), (2, 3, 2048),
 
 
 @pytest.fixture(scope="module")
-def cp():
-    from minipeft.backend import get_xp
-
-    return get_xp("cuda")
-
-
-@pytest.fixture(scope="module")
 def k4():
     from minipeft.kernels import quant4bit
 
