@@ -47,7 +47,8 @@ def test_vectorwise_quant_properties(seed, rows, cols, threshold, dtype, scale):
         inlier_cols[outliers] = False
     deq = I.int8_vectorwise_dequant(CA, stats)
     err = np.abs(deq - Af)[:, inlier_cols]
-    assert np.all(err <= stats[:, None] / 254 * (1 + 1e-5) + 1e-30)
+    u = np.finfo(np.float32).eps / 2  # float32 rounding of x * (127 / absmax) and of the dequantize, as in
+    assert np.all(err <= stats[:, None] / 254 * (1 + 10 * u * 127) + 1e-30)  # tests/quant/test_absmax.py
     assert np.all(CA[stats == 0] == 0)
     assert np.abs(CA.astype(int)).max() <= 127
 
