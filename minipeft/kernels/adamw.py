@@ -11,9 +11,9 @@ parameters at 3 TB/s, against the twin's ~10 passes and ~10 launches per paramet
 from __future__ import annotations
 
 import functools
-import math
 
 from ..fast import float32_on_gpu, on_gpu
+from ..optim.core import adamw_scalars
 from ._module import blocks, cupy, f32, i32, i64, kernel
 
 
@@ -22,11 +22,10 @@ def adamw_update_cuda(p, g, m, v, step: int, lr: float, betas, eps: float, wd: f
     cp = cupy()
     g = cp.ascontiguousarray(g)
     b1, b2 = betas
-    bc1 = 1.0 - b1**step
-    bc2_sqrt = math.sqrt(1.0 - b2**step)
+    keep, bc2_sqrt, step_size = adamw_scalars(step, lr, betas, wd)  # the twin's, rounded to float32 here
     kernel("adamw.cu", "adamw_update")((blocks(p.size),), (256,), (
-        p, g, m, v, i64(p.size), i32(wd != 0.0), f32(1.0 - lr * wd), f32(1.0 - b1), f32(b2), f32(1.0 - b2),
-        f32(bc2_sqrt), f32(eps), f32(lr / bc1)))
+        p, g, m, v, i64(p.size), i32(wd != 0.0), f32(keep), f32(1.0 - b1), f32(b2), f32(1.0 - b2),
+        f32(bc2_sqrt), f32(eps), f32(step_size)))
 
 
 def adamw_update_from_cuda(p, g, m, v, scalars, betas, eps: float, wd: float, skip=None) -> None:
