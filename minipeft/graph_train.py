@@ -37,10 +37,11 @@ float16 runs with dynamic loss scaling (:class:`minipeft.amp.GradScaler`, made b
 the scale and its inverse are per-replay scalars, the overflow verdict stays on the device
 and the recorded AdamW kernels do nothing when it is set; after each replay the verdict is
 read back (one wait for the step to finish), the skipped step's counts are taken back and
-the scaler updated, exactly as the eager step decides. An
-operation that still cannot be recorded makes the recording fail with CUDA's or CuPy's own
-error, named with the remedy (run the step eagerly). ``tests/test_graph_train.py`` checks, on
-a GPU, that replayed steps give the eager steps' parameters.
+the scaler updated, exactly as the eager step decides.
+
+An operation that still cannot be recorded makes the recording fail with CUDA's or CuPy's
+own error, named with the remedy (run the step eagerly). ``tests/test_graph_train.py``
+checks, on a GPU, that replayed steps give the eager steps' parameters.
 """
 from __future__ import annotations
 
@@ -97,6 +98,7 @@ class GraphTrainStep:
             raise ValueError(f"warmup must be an int >= 1 (eager steps before recording, to make AdamW's "
                              f"state and compile the kernels), got {warmup!r}")
         self.model, self.optimizer = model, optimizer
+        self.xp = xp_of(optimizer.params[0].data)  # CuPy (graph_trainable refused a model on the CPU)
         self.compute_dtype = amp.check_compute_dtype(compute_dtype)
         self.warmup, self.ignore_index = warmup, ignore_index
         if scaler is None and self.compute_dtype == "float16":
@@ -140,33 +142,30 @@ class GraphTrainStep:
                                  f"{getattr(a, 'dtype', type(a).__name__)} of shape {getattr(a, 'shape', None)}")
         if targets.shape != idx.shape:
             raise ValueError(f"targets must have the shape of idx {idx.shape}, got {targets.shape}")
-        if self.shape is None:
-            self.shape = tuple(idx.shape)
-        elif tuple(idx.shape) != self.shape:
+        if self.shape is not None and tuple(idx.shape) != self.shape:
             raise ValueError(f"this GraphTrainStep was recorded for batches of shape {self.shape}, got "
                              f"{tuple(idx.shape)}; build another GraphTrainStep for another shape")
         V = self.model.config.vocab_size
         if not (xp_of(idx) is np and xp_of(targets) is np):  # on the device (either one): check both there
-            cp = xp_of(self.optimizer.params[0].data)
-            idx, targets = cp.asarray(idx), cp.asarray(targets)
+            idx, targets = self.xp.asarray(idx), self.xp.asarray(targets)
         t_bad = (targets != self.ignore_index) & ((targets < 0) | (targets >= V))
         if bool(((idx < 0) | (idx >= V)).any() | t_bad.any()):
             raise ValueError(f"token ids and targets must be in [0, {V}) (targets may also be ignore_index "
                              f"{self.ignore_index}); check the tokenizer's vocabulary size")
+        self.shape = tuple(idx.shape)  # the first good batch fixes it
         return idx, targets
 
     def __call__(self, idx, targets):
         idx, targets = self._check(idx, targets)
-        cp = xp_of(self.optimizer.params[0].data)
-        idx, targets = cp.asarray(idx), cp.asarray(targets)  # host batches: copied to the device here
+        idx, targets = self.xp.asarray(idx), self.xp.asarray(targets)  # host batches: copied to the device here
         if self._graph is None and (self.steps < self.warmup or not self._state_ready()):
             self.steps += 1
             return self._eager(idx, targets)
         if self._graph is None:
-            self._record(cp)
+            self._record()
         self._idx[...] = idx
         self._targets[...] = targets
-        self._replay(cp)
+        self._replay()
         self.steps += 1
         return self._loss
 
@@ -176,7 +175,8 @@ class GraphTrainStep:
         return all(name in self.optimizer.state for name, p in self.optimizer.named_params if p.grad is not None)
 
     # ---- recording and replaying
-    def _record(self, cp) -> None:
+    def _record(self) -> None:
+        cp = self.xp
         cp.cuda.Device().synchronize()
         cp.get_default_memory_pool().free_all_blocks()  # the eager steps' cached blocks: not the graph's
         B, T = self.shape
@@ -191,7 +191,6 @@ class GraphTrainStep:
             rec.held.append(mem)
             return mem
 
-        graph = None
         cp.cuda.set_allocator(keep)
         try:
             with stream, recording(rec):
@@ -213,7 +212,8 @@ class GraphTrainStep:
             cp.cuda.set_allocator(pool_malloc)
         self._graph, self._rec, self._stream, self._loss = graph, rec, stream, loss
 
-    def _replay(self, cp) -> None:
+    def _replay(self) -> None:
+        cp = self.xp
         rec, stream, current = self._rec, self._stream, cp.cuda.get_current_stream()
         rec.refresh()  # this step's scalars (AdamW's step counts advance here, as the eager step's would)
         cp.cuda.runtime.memcpyAsync(rec.buffer.data.ptr, rec.host.ctypes.data, 4 * rec.used,
