@@ -31,3 +31,24 @@ def test_no_module_passes_500_lines():
     assert len(sizes) > 50, "minipeft/ should hold its modules"
     long = {p: n for p, n in sizes.items() if n > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by topic): {long}"
+
+
+def test_package_data_ships_every_kernel_source():
+    """A plain (non-editable) install carries what NVRTC compiles: every ``.cu`` file and every header a
+    ``.cu`` file includes must match one of pyproject's ``package-data`` patterns."""
+    import fnmatch
+    import re
+    import tomllib
+
+    project = tomllib.loads((ROOT.parent / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = project["tool"]["setuptools"]["package-data"]["minipeft"]
+    kernels = ROOT / "kernels"
+    sources = sorted(kernels.glob("*.cu"))
+    assert sources, "minipeft/kernels/ should hold the .cu sources"
+    needed = {p.name for p in sources}
+    for p in sources:
+        needed |= set(re.findall(r'#include\s+"([^"]+)"', p.read_text(encoding="utf-8")))
+    missing = sorted(name for name in needed
+                     if not any(fnmatch.fnmatch(f"kernels/{name}", pat) for pat in patterns))
+    assert not missing, (f"pyproject.toml [tool.setuptools.package-data] misses {missing}: a plain "
+                         "`pip install .` would not ship them and the kernels would not compile")
