@@ -74,7 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--copy-mib", type=int, default=1024, help="bytes copied for the bandwidth (MiB)")
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
-                    help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING, e.g. c16u2s1 "
+                    help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
+                         "or, staged (sm_90+), bTILEKIBkSTAGESsSTREAMING (e.g. b16k2s0) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -97,9 +98,15 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        if m is None:
-            raise ValueError(f"{token!r} is not cCHUNKuUNROLLsSTREAMING, e.g. c16u2s1")
-        v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3])))
+        b = re.fullmatch(r"b(\d+)k(\d+)s(\d+)", token)
+        if m is not None:
+            v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
+        elif b is not None:
+            v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
+                                        STREAMING=int(b[3])))
+        else:
+            raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
+                             "bTILEKIBkSTAGESsSTREAMING (the staged kernel, e.g. b16k2s0)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -108,12 +115,15 @@ def parse_variants(text: str) -> list:
 def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
+    if v.get("STAGED"):
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}s{v['STREAMING']}"
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
-# The default sweep: the same bytes loaded per thread and sweep (16: c4u4, c8u2, c16u1; 32: c4u8,
-# c8u4, c16u2) in three load widths, streaming hints on some, and fewer (c4u2) and more (c16u4).
-DEFAULT_SWEEP = "c4u4s0,c4u4s1,c4u2s0,c4u8s0,c8u2s0,c8u2s1,c8u4s0,c16u1s0,c16u1s1,c16u2s0,c16u2s1,c16u4s0"
+# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
+# without streaming hints, fewer and more chunks per thread), and the staged kernel (sm_90+: bulk
+# stores from shared memory) at every tile size and number of stages it compiles for.
+DEFAULT_SWEEP = "c4u4s0,c4u4s1,c4u2s0,c4u8s0,b16k2s0,b16k2s1,b8k2s0,b8k3s0,b8k4s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -315,7 +325,8 @@ def main(argv=None) -> dict:
     rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
-    peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants}   # compiled once per variant
+    peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
+             if not dict(v)["STAGED"]}                                   # (the peer has the swept kernel's shape)
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))
         W = torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
@@ -341,8 +352,7 @@ def main(argv=None) -> dict:
                 one_wave = launch.grid[0]
                 expected = prepared().view(cp.uint16)                  # the default kernel's bits
                 same_prepared = bool((expected == dequantize_4bit_cuda(pm, qsm, out_name).view(cp.uint16)).all())
-                waves = DequantizeLaunch(pm, qsm, np.dtype(out_name),
-                                         grid=-(-launch.chunks // (THREADS * launch.variant["UNROLL"])))
+                waves = DequantizeLaunch(pm, qsm, np.dtype(out_name), grid=launch.sweeps)
                 waves_out = waves()
                 same_waves = bool((waves(waves_out).view(cp.uint16) == expected).all())
                 fns = {"bnb": lambda pb=pb, qsb=qsb: F.dequantize_4bit(pb, qsb),   # arrays bound now

@@ -91,6 +91,13 @@ def _resident_blocks(filename: str, name: str, threads: int, device_id: int, def
     return max(1, per_sm) * cp.cuda.runtime.getDeviceProperties(device_id)["multiProcessorCount"]
 
 
+@functools.lru_cache(maxsize=None)
+def compute_capability(device_id: int) -> int:
+    """The device's compute capability as one number, major * 10 + minor (90 for an H100 or H200)."""
+    props = cupy().cuda.runtime.getDeviceProperties(int(device_id))
+    return 10 * int(props["major"]) + int(props["minor"])
+
+
 def blocks(n: int, per_block: int = THREADS) -> int:
     """Grid size of a grid-stride loop over ``n`` items."""
     return int(max(1, min(MAX_GRID, -(-int(n) // per_block))))

@@ -18,7 +18,9 @@
 // loads of a sweep issued before its stores; each chunk is one CHUNK-byte load (CHUNK = 4 by
 // default; 8 and 16 are compile-time variants) and one 16-byte store per 8 values (float16,
 // bfloat16) or two (float32), consecutive threads on consecutive chunks; a grid of one wave, each
-// CUDA block an equal share (see dequantize_4bit below).
+// CUDA block an equal share (see dequantize_4bit below). STAGED = 1 compiles the staged body
+// instead (sm_90+, dequantize_4bit_staged below): tiles decoded into shared memory, each written
+// with one bulk copy by the Tensor Memory Accelerator.
 
 #include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax
 
@@ -103,9 +105,22 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef STREAMING
 #define STREAMING 0   // 1: streaming cache hints (__ldcs, __stcs: each byte is touched once, evict it first)
 #endif
+#ifndef STAGED
+#define STAGED 0      // 1: the staged kernel (sm_90+, below): values through shared memory, one bulk store per tile
+#endif
+#ifndef TILE
+#define TILE 16384    // STAGED: output bytes per tile (8192 or 16384)
+#endif
+#ifndef STAGES
+#define STAGES 2      // STAGED: tiles of shared memory in flight (2 to 4; STAGES * TILE <= 32 KiB)
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
+static_assert(STAGED == 0 || STAGED == 1, "STAGED is 0 or 1");
+static_assert(!STAGED || CHUNK == 4, "the staged kernel loads 4 packed bytes per chunk");
+static_assert(TILE == 8192 || TILE == 16384, "TILE is 8192 or 16384 output bytes");
+static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2 to 4, STAGES * TILE <= 32 KiB");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -252,13 +267,154 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// The staged dequantizer (STAGED = 1; Hopper, sm_90+). The kernel above writes the output with
+// the SM's ordinary stores: every warp issues its 16-byte stores itself, and the same-traffic peer
+// of benchmarks/dequant_4bit.py (no decoding at all) tops out near 75-78% of the copy rate in
+// that shape. Here the output goes through shared memory instead: the CUDA block decodes one tile
+// of TILE output bytes into a shared-memory buffer, and one thread hands the whole tile to the
+// Tensor Memory Accelerator as one bulk copy (cp.async.bulk, PTX ISA 8.0: a contiguous
+// shared -> global copy the TMA unit carries out by itself, in full 128-byte lines). STAGES
+// buffers rotate, so a tile is loaded and decoded while the TMA still drains the tiles before it.
+//
+// A tile is VPT = TILE / sizeof(out) values, CPT = VPT / 8 chunks of 4 packed bytes; thread t of
+// the T = 256 holds chunks t, t + T, ..., t + (U-1) T of it (U = CPT / T: a warp reads 128
+// contiguous bytes per load and writes 512 contiguous bytes of shared memory per store, no bank
+// conflicts). Every value is computed as in the kernel above (decode8, to16): the same bits. The
+// CUDA blocks (one wave, several per SM: their loads, decoding and barriers overlap) take equal
+// contiguous shares of the tiles; the last tile of the output, when partial, is stored directly
+// (store8), with no bulk copy.
+#if STAGED
+constexpr int STAGED_THREADS = 256;                        // quant4bit.py launches THREADS = 256
+
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, u32 bytes) {
+#if __CUDA_ARCH__ >= 900
+    // shared -> global, completion tracked per bulk group (PTX ISA: cp.async.bulk); dst and bytes: 16-byte multiples
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;"
+                 :: "l"(dst), "r"((u32)__cvta_generic_to_shared(src)), "r"(bytes) : "memory");
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+template <int PENDING>
+__device__ __forceinline__ void bulk_wait_read() {         // at most PENDING groups still reading shared memory
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group.read %0;" :: "n"(PENDING) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_all() {          // every group complete (its writes done)
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {      // shared-memory writes made visible to the TMA
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+#endif
+}
+
+template <int OUT, bool NESTED>
+__device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
+                                       const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
+                                       const float* __restrict__ code2, const float* __restrict__ absmax2,
+                                       const float* __restrict__ offset, int log2_bs, int log2_bs2,
+                                       void* __restrict__ out) {
+#if __CUDA_ARCH__ < 900
+    __trap();                                              // quant4bit.py picks STAGED only on sm_90+
+#else
+    constexpr int OB = OUT == OUT_F32 ? 4 : 2;             // output bytes per value
+    constexpr int VPT = TILE / OB, CPT = VPT / 8, U = CPT / STAGED_THREADS;
+    static_assert(U >= 1 && U * STAGED_THREADS == CPT, "a tile is a whole number of chunks per thread");
+    __shared__ float tab[16];
+    __shared__ __align__(128) uint4 stage[STAGES][TILE / 16];
+    if (threadIdx.x < 16) tab[threadIdx.x] = decode[threadIdx.x];
+    __syncthreads();
+
+    const i64 nbytes = (n + 1) >> 1, tiles = (n + VPT - 1) / VPT;
+    const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
+    const i64 share = (tiles + gridDim.x - 1) / gridDim.x;
+    const i64 first = (i64)blockIdx.x * share;
+    const i64 end = first + share < tiles ? first + share : tiles;   // this CUDA block's tiles [first, end)
+    const float off = NESTED ? __ldg(offset) : 0.0f;
+
+    u32 word[U];                                           // this tile's codes and absmax
+    float a[U];
+    auto load_tile = [&](i64 tile) {
+        const i64 c0 = tile * CPT + threadIdx.x;           // this thread's first chunk of the tile
+        if ((tile + 1) * VPT <= n) {                       // a whole tile: plain loads, every block in range
+            const u32* p = reinterpret_cast<const u32*>(packed) + c0;
+#pragma unroll
+            for (int u = 0; u < U; ++u) word[u] = load_ro(p + u * STAGED_THREADS);
+#pragma unroll
+            for (int u = 0; u < U; ++u)
+                a[u] = block_absmax<NESTED>(((c0 + u * STAGED_THREADS) * 8) >> log2_bs, absmax, qabsmax, code2,
+                                            absmax2, off, log2_bs2);
+        } else {                                           // the last tile: bytes past the end read as 0
+#pragma unroll
+            for (int u = 0; u < U; ++u) load_chunk(packed, (c0 + u * STAGED_THREADS) * 4, nbytes, &word[u]);
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const i64 b = ((c0 + u * STAGED_THREADS) * 8) >> log2_bs;
+                a[u] = block_absmax<NESTED>(b < last_block ? b : last_block, absmax, qabsmax, code2, absmax2, off,
+                                            log2_bs2);
+            }
+        }
+    };
+    int slot = 0;
+    for (i64 tile = first; tile < end; ++tile) {
+        load_tile(tile);                                   // (loading the next tile ahead took 4x the registers)
+        const i64 v0 = tile * VPT;
+        if (v0 + VPT <= n) {                               // a whole tile: shared memory, one bulk store
+            uint4* buf = stage[slot];
+            __syncthreads();                               // thread 0's bulk_wait_read has freed buf
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                float v[8];
+                decode8(word[u], a[u], tab, v);
+                const int l = u * STAGED_THREADS + threadIdx.x;   // chunk l of the tile: 8 values
+                if (OUT == OUT_F32) {
+                    buf[2 * l] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+                    buf[2 * l + 1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
+                } else {
+                    buf[l] = make_uint4(to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16), to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16),
+                                        to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16), to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16));
+                }
+            }
+            fence_proxy_async();
+            __syncthreads();                               // the whole tile is in buf
+            if (threadIdx.x == 0) {
+                bulk_store(static_cast<u8*>(out) + v0 * OB, buf, TILE);
+                bulk_wait_read<STAGES - 1>();              // the oldest buffer is free for the tile STAGES on
+            }
+            slot = slot + 1 == STAGES ? 0 : slot + 1;
+        } else {                                           // the last, partial tile: direct stores
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const i64 e0 = (tile * CPT + u * STAGED_THREADS + threadIdx.x) * 8;
+                if (e0 >= n) break;
+                float v[8];
+                decode8(word[u], a[u], tab, v);
+                store8<OUT>(out, e0, n, v);
+            }
+        }
+    }
+    if (threadIdx.x == 0) bulk_wait_all();                 // shared memory outlives the bulk copies reading it
+#endif
+}
+#endif
+
+// One kernel name per output type and absmax kind; STAGED picks the body compiled into it.
+#if STAGED
+#define DEQ4_BODY dequantize_4bit_staged
+#else
+#define DEQ4_BODY dequantize_4bit
+#endif
 #define DEQ4(NAME, OUT, NESTED)                                                                   \
     extern "C" __global__ void NAME(const u8* packed, i64 n, const float* decode,                 \
                                     const float* absmax, const u8* qabsmax, const float* code2,   \
                                     const float* absmax2, const float* offset, int log2_bs,       \
                                     int log2_bs2, void* out) {                                    \
-        dequantize_4bit<OUT, NESTED>(packed, n, decode, absmax, qabsmax, code2, absmax2, offset,  \
-                                     log2_bs, log2_bs2, out);                                     \
+        DEQ4_BODY<OUT, NESTED>(packed, n, decode, absmax, qabsmax, code2, absmax2, offset,        \
+                               log2_bs, log2_bs2, out);                                           \
     }
 DEQ4(dequantize_4bit_f32, OUT_F32, false)
 DEQ4(dequantize_4bit_f16, OUT_F16, false)

@@ -32,7 +32,7 @@ from ..backend import device_of
 from ..quant import codes
 from ..quant.state import (DECODE_4BIT, QuantState, check_4bit_state, check_blocksize, check_input,
                            check_out_dtype, check_quant_type_4bit)
-from ._module import aligned_to, as_f32, kernel, log2, resident_blocks
+from ._module import aligned_to, as_f32, compute_capability, kernel, log2, resident_blocks
 from ._module import cupy as _cupy
 from .quant8bit import double_quantize_cuda, nested_arrays
 
@@ -41,9 +41,15 @@ THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8
 CHUNK = 4              # packed bytes per chunk and load: 4, 8 or 16, as CHUNK in the .cu
 UNROLL = 4             # chunks per dequantize thread and sweep, as UNROLL in the .cu
 STREAMING = 0          # 1: streaming cache hints on the loads and stores, as STREAMING in the .cu
-_CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING}   # the .cu's #define defaults
-DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # what every launch uses unless told otherwise
-_VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1)}
+STAGED = 0             # 1: the staged kernel (sm_90+: shared memory and bulk stores), as STAGED in the .cu
+TILE = 16384           # staged: output bytes per tile, as TILE in the .cu
+STAGES = 2             # staged: tiles of shared memory in flight, as STAGES in the .cu
+_CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
+                "STAGES": STAGES}   # the .cu's #define defaults
+DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # what every launch uses unless told otherwise (see default_variant)
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES"), ("UNROLL",)   # settings of one kernel body only
+_VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
+                   "TILE": (8192, 16384), "STAGES": (2, 3, 4)}
 
 
 def _kernel(name: str):
@@ -161,11 +167,14 @@ def dequantize_variant(variant=None) -> tuple:
     """The dequantize kernel's compile-time variant, checked, as sorted ``(NAME, value)`` pairs.
 
     ``variant`` is None (:data:`DEFAULT_VARIANT`) or a dict (or pairs) with any of ``CHUNK``
-    (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16) and
-    ``STREAMING`` (0, or 1 for streaming cache hints); missing names take
-    :data:`DEFAULT_VARIANT`'s values. Every variant gives the same bits (``quant4bit.cu``: only
-    the memory accesses differ). A tuple this function returned is returned at once (a set
-    look-up), so a caller that keeps it pays nothing per call.
+    (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16),
+    ``STREAMING`` (0, or 1 for streaming cache hints) and ``STAGED`` (1: the staged kernel,
+    sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, and ``STAGES`` buffers, 2 to 4,
+    ``STAGES * TILE <= 32768``; it loads 4 packed bytes per chunk and has no ``UNROLL``); missing
+    names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
+    refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
+    differ). A tuple this function returned is returned at once (a set look-up), so a caller
+    that keeps it pays nothing per call.
     """
     if type(variant) is tuple and variant in _CHECKED_VARIANTS:
         return variant
@@ -180,6 +189,16 @@ def dequantize_variant(variant=None) -> tuple:
         if isinstance(value, bool) or value not in allowed:
             raise ValueError(f"dequantize variant {name}={value!r} is not supported: expected one of "
                              f"{list(allowed)}")
+    other = _ONLY_SWEPT if full["STAGED"] else _ONLY_STAGED        # the other body's settings: its defaults
+    wrong = sorted(k for k in other if k in given and given[k] != _CU_DEFAULTS[k])
+    if wrong:
+        raise ValueError(f"dequantize variant setting(s) {wrong} apply only to the "
+                         f"{'swept' if full['STAGED'] else 'staged'} kernel (STAGED={1 - full['STAGED']})")
+    full.update({k: _CU_DEFAULTS[k] for k in other})
+    if full["STAGED"] and (full["CHUNK"] != 4 or full["STAGES"] * full["TILE"] > 32768):
+        raise ValueError(f"the staged dequantize kernel loads CHUNK=4 bytes and keeps STAGES * TILE <= 32768 "
+                         f"bytes of shared memory, got CHUNK={full['CHUNK']}, STAGES={full['STAGES']}, "
+                         f"TILE={full['TILE']}")
     pairs = tuple(sorted((name, int(value)) for name, value in full.items()))
     _CHECKED_VARIANTS.add(pairs)
     return pairs
@@ -248,11 +267,17 @@ class DequantizeLaunch:
             bs2 = 256
             ptrs = (decode, absmax, aligned, decode, absmax, decode)     # unused slots: any pointer
         defines = _variant_defines(pairs)                              # none for the .cu's defaults
+        if self.variant["STAGED"] and compute_capability(self.device) < 90:
+            raise ValueError(f"the staged dequantize kernel (STAGED=1) needs an sm_90 (Hopper) or newer GPU; "
+                             f"device {self.device} is sm_{compute_capability(self.device)}: use STAGED=0")
         self.kernel = kernel("quant4bit.cu", name, self.device, defines)
         self.chunks = -(-((n + 1) // 2) // chunk)                      # CHUNK packed bytes each
-        if grid is None:
-            grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device, defines),
-                       -(-self.chunks // (THREADS * unroll)))
+        if self.variant["STAGED"]:                                     # tiles of TILE output bytes
+            self.sweeps = -(-n // (self.variant["TILE"] // self.dtype.itemsize))
+        else:                                                          # sweeps of THREADS * UNROLL chunks
+            self.sweeps = -(-self.chunks // (THREADS * unroll))
+        if grid is None:                                               # one wave, or fewer blocks than that
+            grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device, defines), self.sweeps)
         self.grid = (max(1, int(grid)),)
         self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
         self._empty = cp.empty

@@ -223,24 +223,40 @@ def test_4bit_dequantize_launch_is_cached_on_the_state_until_its_arrays_change(c
 
 # Compile-time variants of the dequantize kernel (quant4bit.cu: CHUNK packed bytes per load,
 # UNROLL chunks per thread and sweep, STREAMING cache hints): the default and each load width
-# with a few unrolls, with and without the hints.
-DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s) for c, u, s in
+# with a few unrolls, with and without the hints; and the staged kernel (STAGED=1, sm_90+: TILE
+# output bytes per bulk store, STAGES buffers) at each tile size and number of stages.
+DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s, STAGED=0) for c, u, s in
                     [(4, 4, 0), (4, 1, 1), (4, 3, 0), (8, 1, 0), (8, 2, 1), (8, 4, 0),
                      (16, 1, 0), (16, 1, 1), (16, 2, 1), (16, 4, 0)]]
+DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, STREAMING=s) for t, k, s in
+                     [(16384, 2, 0), (16384, 2, 1), (8192, 2, 0), (8192, 3, 0), (8192, 4, 1)]]
 
 
 def variant_id(v) -> str:
+    if v.get("STAGED"):
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}s{v['STREAMING']}"
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
+
+
+def needs_sm90_for(cp, variant):
+    """Skip a staged variant below sm_90, where quant4bit.py refuses it (tested below)."""
+    from minipeft.kernels._module import compute_capability
+    if variant.get("STAGED") and compute_capability(cp.cuda.runtime.getDevice()) < 90:
+        pytest.skip("the staged dequantize kernel needs sm_90 or newer")
 
 
 @pytest.mark.parametrize("variant", DEQUANT_VARIANTS, ids=variant_id)
 def test_4bit_dequantize_variants_match_twin(cp, k4, variant):
     """Every variant gives the twin's bits: odd n, n not a multiple of a chunk's 2 * CHUNK values
     (the partial last chunk read byte by byte), block sizes 32 (a 16-byte chunk is exactly one
-    block) to 4096, nested or not, float32/float16/bfloat16 output, one wave and other grids."""
+    block) to 4096, nested or not, float32/float16/bfloat16 output, one wave and other grids;
+    for the staged kernel also whole numbers of tiles (8192 values: a 16 KiB tile of 16-bit values,
+    two of float32), with and without a partial last tile."""
+    needs_sm90_for(cp, variant)
     rng = np.random.default_rng(11)
     for n, bs in [(1, 32), (7, 32), (31, 32), (33, 32), (65, 64), (1001, 32), (1001, 128),
-                  (4097, 64), (2 * 4096 + 1, 4096), (70_001, 128), (100_003, 32)]:
+                  (4097, 64), (2 * 4096 + 1, 4096), (70_001, 128), (100_003, 32), (3 * 8192, 64),
+                  (5 * 8192 + 8, 256)]:
         packed = rng.integers(0, 256, size=((n + 1) // 2, 1), dtype=np.uint8)
         n_blocks = -(-n // bs)
         absmax = (rng.random(n_blocks) * 10).astype(np.float32)
@@ -258,7 +274,8 @@ def test_4bit_dequantize_variants_match_twin(cp, k4, variant):
                 ref = B.dequantize_4bit(packed, state, dtype=out)
                 for grid in (None, 1, 7):
                     launch = k4.DequantizeLaunch(dpacked, dstate, dt, grid=grid, variant=variant)
-                    assert launch.variant == variant
+                    assert launch.variant == dict(k4.dequantize_variant(variant))
+                    assert all(launch.variant[k] == v for k, v in variant.items())
                     assert_same(launch(), ref, f"{variant_id(variant)} n={n} bs={bs} nested={nested} "
                                                f"{dt} grid={launch.grid}")
 
@@ -267,6 +284,7 @@ def test_4bit_dequantize_variants_match_twin(cp, k4, variant):
 def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, variant):
     """A variant through cached_dequantize_launch / prepare_dequantize_4bit (kept apart from the
     default's entry), on quantized data; packed bytes off a CHUNK-byte boundary are copied first."""
+    needs_sm90_for(cp, variant)
     x = make_input(12, (129, 515), np.float16, 64)
     for compress in (False, True):
         packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", compress)
@@ -289,7 +307,10 @@ def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, v
 def test_4bit_dequantize_bad_variant_raises(cp, k4):
     packed, state = k4.quantize_4bit_cuda(cp.ones(64, cp.float32), 64, "nf4")
     for bad, match in ((dict(CHUNK=32), "CHUNK=32"), (dict(UNROLL=0), "UNROLL=0"),
-                       (dict(STREAMING=True), "STREAMING"), (dict(WIDTH=4), "unknown")):
+                       (dict(STREAMING=True), "STREAMING"), (dict(WIDTH=4), "unknown"),
+                       (dict(STAGED=1, CHUNK=16), "CHUNK=4"), (dict(STAGED=1, TILE=16384, STAGES=3), "STAGES"),
+                       (dict(STAGED=1, UNROLL=8), "UNROLL"), (dict(STAGED=0, TILE=8192), "TILE"),
+                       (dict(STAGED=1, TILE=4096), "TILE=4096")):
         with pytest.raises(ValueError, match=match):
             k4.DequantizeLaunch(packed, state, np.dtype(np.float16), variant=bad)
         with pytest.raises(ValueError, match=match):
