@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
-                         "or, staged (sm_90+), bTILEKIBkSTAGESsSTREAMING (e.g. b16k2s0) "
+                         "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p2s0) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -98,15 +98,15 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        b = re.fullmatch(r"b(\d+)k(\d+)s(\d+)", token)
+        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)", token)
         if m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
-                                        STREAMING=int(b[3])))
+                                        PREFETCH=int(b[3]), STREAMING=int(b[4])))
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
-                             "bTILEKIBkSTAGESsSTREAMING (the staged kernel, e.g. b16k2s0)")
+                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING (the staged kernel, e.g. b16k2p2s0)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -116,14 +116,14 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("STAGED"):
-        return f"b{v['TILE'] // 1024}k{v['STAGES']}s{v['STREAMING']}"
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}"
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
-# without streaming hints, fewer and more chunks per thread), and the staged kernel (sm_90+: bulk
-# stores from shared memory) at every tile size and number of stages it compiles for.
-DEFAULT_SWEEP = "c4u4s0,c4u4s1,c4u2s0,c4u8s0,b16k2s0,b16k2s1,b8k2s0,b8k3s0,b8k4s0"
+# without streaming hints), and the staged kernel (sm_90+: bulk stores from shared memory) at both
+# tile sizes, several numbers of stages and L2 prefetch distances.
+DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p1s0,b16k2p2s0,b16k2p2s1,b16k2p4s0,b8k2p2s0,b8k4p2s0,b8k4p4s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

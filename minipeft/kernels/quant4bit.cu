@@ -114,6 +114,9 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef STAGES
 #define STAGES 2      // STAGED: tiles of shared memory in flight (2 to 4; STAGES * TILE <= 32 KiB)
 #endif
+#ifndef PREFETCH
+#define PREFETCH 2    // STAGED: tiles ahead whose codes and absmax are prefetched into L2 (0: none, up to 4)
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -121,6 +124,7 @@ static_assert(STAGED == 0 || STAGED == 1, "STAGED is 0 or 1");
 static_assert(!STAGED || CHUNK == 4, "the staged kernel loads 4 packed bytes per chunk");
 static_assert(TILE == 8192 || TILE == 16384, "TILE is 8192 or 16384 output bytes");
 static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2 to 4, STAGES * TILE <= 32 KiB");
+static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -275,7 +279,10 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
 // of TILE output bytes into a shared-memory buffer, and one thread hands the whole tile to the
 // Tensor Memory Accelerator as one bulk copy (cp.async.bulk, PTX ISA 8.0: a contiguous
 // shared -> global copy the TMA unit carries out by itself, in full 128-byte lines). STAGES
-// buffers rotate, so a tile is loaded and decoded while the TMA still drains the tiles before it.
+// buffers rotate, so a tile is loaded and decoded while the TMA still drains the tiles before it;
+// thread 0 also asks the TMA to prefetch the codes and absmax of the PREFETCH tiles ahead into L2
+// (cp.async.bulk.prefetch.L2), so the block's own loads find them there. With double
+// quantization the 256-entry code of the absmax is kept in shared memory.
 //
 // A tile is VPT = TILE / sizeof(out) values, CPT = VPT / 8 chunks of 4 packed bytes; thread t of
 // the T = 256 holds chunks t, t + T, ..., t + (U-1) T of it (U = CPT / T: a warp reads 128
@@ -306,6 +313,55 @@ __device__ __forceinline__ void bulk_wait_all() {          // every group comple
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 #endif
 }
+// A hint: bring the 16-byte-aligned part of [lo, hi) into L2 (the TMA fetches it; nothing waits).
+__device__ __forceinline__ void prefetch_l2(const void* lo, const void* hi) {
+#if __CUDA_ARCH__ >= 900
+    const unsigned long long a = ((unsigned long long)lo + 15) & ~15ull, b = (unsigned long long)hi & ~15ull;
+    if (b > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"((u32)(b - a)) : "memory");
+#endif
+}
+// The decoding with fewer instructions, for finite absmax and table (decode_word below): flush in
+// one instruction, x * 1 with flush-to-zero (a subnormal x becomes the zero of its sign, anything
+// else but NaN is unchanged: flush's result), and two values rounded to 16 bits by one cvt (x2: the
+// same rounding as two cvt.rn, packed with `hi` in the upper half).
+__device__ __forceinline__ float flush1(float x) {
+    float r; asm("mul.rn.ftz.f32 %0, %1, 0f3F800000;" : "=f"(r) : "f"(x)); return r;
+}
+template <int OUT>
+__device__ __forceinline__ u32 pack16x2(float lo, float hi) {
+    u32 r;
+    if (OUT == OUT_BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+// One word of codes (8 values, even element in the high nibble) into shared memory at `dst`:
+// 16 bytes of 16-bit values or 32 of float32. `fast` (a and the table finite: no NaN can arise)
+// takes the short instructions above, else decode8/to16 as the swept kernel; the same bits.
+template <int OUT>
+__device__ __forceinline__ void decode_word(u32 word, float a, const float* tab, bool fast, uint4* dst) {
+    float v[8];
+    if (fast) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const u32 byte = (word >> (8 * k)) & 0xFFu;
+            v[2 * k] = flush1(__fmul_rn(tab[byte >> 4], a));
+            v[2 * k + 1] = flush1(__fmul_rn(tab[byte & 0xFu], a));
+        }
+    } else {
+        decode8(word, a, tab, v);
+    }
+    if (OUT == OUT_F32) {
+        dst[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+        dst[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
+    } else if (fast) {
+        dst[0] = make_uint4(pack16x2<OUT>(v[0], v[1]), pack16x2<OUT>(v[2], v[3]), pack16x2<OUT>(v[4], v[5]),
+                            pack16x2<OUT>(v[6], v[7]));
+    } else {
+        dst[0] = make_uint4(to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16), to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16),
+                            to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16), to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16));
+    }
+}
+
 __device__ __forceinline__ void fence_proxy_async() {      // shared-memory writes made visible to the TMA
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -325,9 +381,12 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
     constexpr int VPT = TILE / OB, CPT = VPT / 8, U = CPT / STAGED_THREADS;
     static_assert(U >= 1 && U * STAGED_THREADS == CPT, "a tile is a whole number of chunks per thread");
     __shared__ float tab[16];
+    __shared__ float code2_s[NESTED ? 256 : 1];            // the nested absmax's 8-bit code, one load fewer per block
     __shared__ __align__(128) uint4 stage[STAGES][TILE / 16];
-    if (threadIdx.x < 16) tab[threadIdx.x] = decode[threadIdx.x];
-    __syncthreads();
+    bool finite = true;
+    if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
+    if (NESTED) code2_s[threadIdx.x] = code2[threadIdx.x];  // STAGED_THREADS = 256 entries
+    const bool tab_finite = __syncthreads_and(finite);     // (a barrier too)
 
     const i64 nbytes = (n + 1) >> 1, tiles = (n + VPT - 1) / VPT;
     const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
@@ -338,6 +397,20 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 
     u32 word[U];                                           // this tile's codes and absmax
     float a[U];
+    auto absmax_of = [&](i64 b) -> float {                 // block_absmax (common.cuh), the code from shared memory
+        if (NESTED) {
+            const float d2 = flush(__fmul_rn(code2_s[__ldg(qabsmax + b)], flush(__ldg(absmax2 + (b >> log2_bs2)))));
+            return flush(__fadd_rn(d2, off));
+        }
+        return flush(__ldg(absmax + b));
+    };
+    auto prefetch_tile = [&](i64 tile) {                   // thread 0: tile's codes and absmax into L2
+        const i64 v0 = tile * VPT, v1 = v0 + VPT < n ? v0 + VPT : n;
+        prefetch_l2(packed + v0 / 2, packed + (v1 + 1) / 2);
+        const i64 b0 = v0 >> log2_bs, b1 = ((v1 - 1) >> log2_bs) + 1;
+        if (NESTED) prefetch_l2(qabsmax + b0, qabsmax + b1);
+        else prefetch_l2(absmax + b0, absmax + b1);
+    };
     auto load_tile = [&](i64 tile) {
         const i64 c0 = tile * CPT + threadIdx.x;           // this thread's first chunk of the tile
         if ((tile + 1) * VPT <= n) {                       // a whole tile: plain loads, every block in range
@@ -346,38 +419,31 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
             for (int u = 0; u < U; ++u) word[u] = load_ro(p + u * STAGED_THREADS);
 #pragma unroll
             for (int u = 0; u < U; ++u)
-                a[u] = block_absmax<NESTED>(((c0 + u * STAGED_THREADS) * 8) >> log2_bs, absmax, qabsmax, code2,
-                                            absmax2, off, log2_bs2);
+                a[u] = absmax_of(((c0 + u * STAGED_THREADS) * 8) >> log2_bs);
         } else {                                           // the last tile: bytes past the end read as 0
 #pragma unroll
             for (int u = 0; u < U; ++u) load_chunk(packed, (c0 + u * STAGED_THREADS) * 4, nbytes, &word[u]);
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const i64 b = ((c0 + u * STAGED_THREADS) * 8) >> log2_bs;
-                a[u] = block_absmax<NESTED>(b < last_block ? b : last_block, absmax, qabsmax, code2, absmax2, off,
-                                            log2_bs2);
+                a[u] = absmax_of(b < last_block ? b : last_block);
             }
         }
     };
+    if (PREFETCH && threadIdx.x == 0)                      // the L2 prefetch window: the PREFETCH tiles after this one
+        for (i64 t = first + 1; t < first + PREFETCH && t < end; ++t) prefetch_tile(t);
     int slot = 0;
     for (i64 tile = first; tile < end; ++tile) {
+        if (PREFETCH && threadIdx.x == 0 && tile + PREFETCH < end) prefetch_tile(tile + PREFETCH);
         load_tile(tile);                                   // (loading the next tile ahead took 4x the registers)
         const i64 v0 = tile * VPT;
         if (v0 + VPT <= n) {                               // a whole tile: shared memory, one bulk store
             uint4* buf = stage[slot];
             __syncthreads();                               // thread 0's bulk_wait_read has freed buf
 #pragma unroll
-            for (int u = 0; u < U; ++u) {
-                float v[8];
-                decode8(word[u], a[u], tab, v);
-                const int l = u * STAGED_THREADS + threadIdx.x;   // chunk l of the tile: 8 values
-                if (OUT == OUT_F32) {
-                    buf[2 * l] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-                    buf[2 * l + 1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
-                } else {
-                    buf[l] = make_uint4(to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16), to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16),
-                                        to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16), to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16));
-                }
+            for (int u = 0; u < U; ++u) {                  // chunk l = u T + t of the tile: 8 values
+                const int l = u * STAGED_THREADS + threadIdx.x;
+                decode_word<OUT>(word[u], a[u], tab, tab_finite && isfinite(a[u]), buf + (OUT == OUT_F32 ? 2 * l : l));
             }
             fence_proxy_async();
             __syncthreads();                               // the whole tile is in buf
@@ -405,11 +471,13 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 // One kernel name per output type and absmax kind; STAGED picks the body compiled into it.
 #if STAGED
 #define DEQ4_BODY dequantize_4bit_staged
+#define DEQ4_BOUNDS __launch_bounds__(256, 6)   // <= 40 registers: six CUDA blocks per SM (shared memory allows 6)
 #else
 #define DEQ4_BODY dequantize_4bit
+#define DEQ4_BOUNDS
 #endif
 #define DEQ4(NAME, OUT, NESTED)                                                                   \
-    extern "C" __global__ void NAME(const u8* packed, i64 n, const float* decode,                 \
+    extern "C" __global__ void DEQ4_BOUNDS NAME(const u8* packed, i64 n, const float* decode,     \
                                     const float* absmax, const u8* qabsmax, const float* code2,   \
                                     const float* absmax2, const float* offset, int log2_bs,       \
                                     int log2_bs2, void* out) {                                    \

@@ -44,12 +44,13 @@ STREAMING = 0          # 1: streaming cache hints on the loads and stores, as ST
 STAGED = 0             # 1: the staged kernel (sm_90+: shared memory and bulk stores), as STAGED in the .cu
 TILE = 16384           # staged: output bytes per tile, as TILE in the .cu
 STAGES = 2             # staged: tiles of shared memory in flight, as STAGES in the .cu
+PREFETCH = 2           # staged: tiles ahead prefetched into L2, as PREFETCH in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
-                "STAGES": STAGES}   # the .cu's #define defaults
+                "STAGES": STAGES, "PREFETCH": PREFETCH}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # what every launch uses unless told otherwise (see default_variant)
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES"), ("UNROLL",)   # settings of one kernel body only
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH"), ("UNROLL",)   # settings of one kernel body only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
-                   "TILE": (8192, 16384), "STAGES": (2, 3, 4)}
+                   "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4)}
 
 
 def _kernel(name: str):
@@ -169,8 +170,9 @@ def dequantize_variant(variant=None) -> tuple:
     ``variant`` is None (:data:`DEFAULT_VARIANT`) or a dict (or pairs) with any of ``CHUNK``
     (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16),
     ``STREAMING`` (0, or 1 for streaming cache hints) and ``STAGED`` (1: the staged kernel,
-    sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, and ``STAGES`` buffers, 2 to 4,
-    ``STAGES * TILE <= 32768``; it loads 4 packed bytes per chunk and has no ``UNROLL``); missing
+    sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, ``STAGES`` buffers, 2 to 4,
+    ``STAGES * TILE <= 32768``, and ``PREFETCH`` tiles ahead prefetched into L2, 0 to 4; it loads
+    4 packed bytes per chunk and has no ``UNROLL``); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
     differ). A tuple this function returned is returned at once (a set look-up), so a caller
