@@ -123,7 +123,7 @@ def variant_name(variant) -> str:
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
 # without streaming hints), and the staged kernel (sm_90+: bulk stores from shared memory) at both
 # tile sizes, several numbers of stages and L2 prefetch distances.
-DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p1s0,b16k2p2s0,b16k2p2s1,b16k2p4s0,b8k2p2s0,b8k4p2s0,b8k4p4s0"
+DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p0s1,b16k2p1s0,b16k2p2s0,b8k2p0s0,b8k3p0s0,b8k4p0s0,b8k2p1s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -219,6 +219,58 @@ extern "C" __global__ void traffic_peer(const u8* __restrict__ packed, i64 n, u1
     }
 }
 """
+
+
+# The staged peer: the staged kernel's bytes and access shape (quant4bit.cu, STAGED=1: a tile of 16 KiB
+# of 16-bit output per CUDA block and step, decoded into shared memory, one bulk copy out, two
+# buffers), each code written as the 16-bit integer it holds: no table, no absmax.
+STAGED_PEER_SOURCE = r"""
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+#define T 256
+#define TILE 16384
+__device__ __forceinline__ u32 code(u32 w, int k) { return (w >> (8 * (k >> 1) + ((k & 1) ? 0 : 4))) & 0xFu; }
+extern "C" __global__ void __launch_bounds__(256, 6) staged_peer(const u32* __restrict__ packed, i64 n,
+                                                                 u16* __restrict__ out) {
+    constexpr int VPT = TILE / 2, CPT = VPT / 8, U = CPT / T;
+    __shared__ __align__(128) uint4 stage[2][TILE / 16];
+    const i64 tiles = n / VPT;                                   // whole tiles only (the shapes timed have no tail)
+    const i64 share = (tiles + gridDim.x - 1) / gridDim.x, first = (i64)blockIdx.x * share;
+    const i64 end = first + share < tiles ? first + share : tiles;
+    int slot = 0;
+    for (i64 tile = first; tile < end; ++tile) {
+        u32 w[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) w[u] = __ldg(packed + tile * CPT + u * T + threadIdx.x);
+        __syncthreads();
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            stage[slot][u * T + threadIdx.x] = make_uint4(code(w[u], 0) | (code(w[u], 1) << 16), code(w[u], 2) | (code(w[u], 3) << 16),
+                                                          code(w[u], 4) | (code(w[u], 5) << 16), code(w[u], 6) | (code(w[u], 7) << 16));
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" :: "l"(out + tile * VPT),
+                         "r"((u32)__cvta_generic_to_shared(stage[slot])), "r"(TILE) : "memory");
+            asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+            asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+        }
+        slot ^= 1;
+    }
+    if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+"""
+
+
+def staged_peer(cp, threads: int):
+    """The staged peer kernel (sm_90+) and its one-wave grid function ``grid(tiles)``; None below sm_90."""
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
+    if 10 * props["major"] + props["minor"] < 90:
+        return None
+    fn = cp.RawModule(code=STAGED_PEER_SOURCE, options=("-std=c++17",)).get_function("staged_peer")
+    per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
+    return fn, lambda tiles: max(1, min(max(1, per_sm) * props["multiProcessorCount"], tiles))
 
 
 def traffic_peer(cp, variant, threads: int):
@@ -327,6 +379,7 @@ def main(argv=None) -> dict:
     impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
              if not dict(v)["STAGED"]}                                   # (the peer has the swept kernel's shape)
+    speer = staged_peer(cp, THREADS)                                     # the staged kernel's shape (sm_90+)
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))
         W = torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
@@ -407,21 +460,35 @@ def main(argv=None) -> dict:
             fn((grid,), (THREADS,), args_v)
             pinfo[v] = (grid, bool((pout == nib).all()))
             pfns[v] = lambda fn=fn, grid=grid, args_v=args_v: fn((grid,), (THREADS,), args_v)
+        if speer is not None and n % 8192 == 0:                   # whole 16 KiB tiles of 16-bit output
+            fn, grid_of = speer
+            sout = cp.empty(n, dtype=cp.uint16)
+            grid = grid_of(n // 8192)
+            fn((grid,), (THREADS,), (packed, np.int64(n), sout))
+            pinfo["staged"] = (grid, bool((sout == nib).all()))
+            pfns["staged"] = lambda fn=fn, grid=grid, a=(packed, np.int64(n), sout): fn((grid,), (THREADS,), a)
         mout = cp.empty(n, dtype=cp.uint16)
         pfns["memset"] = lambda ptr=mout.data.ptr, size=2 * n: cp.cuda.runtime.memsetAsync(ptr, 0, size, 0)
+        # a device-to-device copy moving the same bytes as a dequantize of this shape (n/2 read + 2n
+        # written = 2 x 1.25 n): what the copy itself attains at this size, next to the 1 GiB reference
+        csrc = cp.empty(5 * n // 4, dtype=cp.uint8)
+        cdst = cp.empty_like(csrc)
+        pfns["copy"] = lambda d=cdst.data.ptr, s=csrc.data.ptr, size=csrc.size: cp.cuda.runtime.memcpyAsync(
+            d, s, size, cp.cuda.runtime.memcpyDeviceToDevice, 0)
         tp = time_alternating(pfns, torch, args.warmup, args.reps, args.inner)
         for key, (q1, med, q3) in tp.items():
-            memset = key == "memset"
-            read, written = (0 if memset else (n + 1) // 2), 2 * n
+            memset, copy = key == "memset", key == "copy"
+            read, written = ((0, 2 * n) if memset else (5 * n // 4, 5 * n // 4) if copy else ((n + 1) // 2, 2 * n))
             gbs = (read + written) / med
+            kernel = not (memset or copy)
             peer_rows.append({"shape": list(shape), "out_dtype": "uint16", "double_quant": None,
-                              "impl": "peer-memset" if memset else "peer-traffic",
-                              "variant": None if memset else dict(key), "median_us": med * 1e6,
+                              "impl": "peer-" + (key if isinstance(key, str) else "traffic"),
+                              "variant": dict(key) if isinstance(key, tuple) else None, "median_us": med * 1e6,
                               "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
                               "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw, "speedup_vs_bnb": None,
-                              "grid": None if memset else pinfo[key][0],
-                              "peer_output_correct": None if memset else pinfo[key][1]})
-        del W, packed, nib, pfns, mout
+                              "grid": pinfo[key][0] if kernel else None,
+                              "peer_output_correct": pinfo[key][1] if kernel else None})
+        del W, packed, nib, pfns, mout, csrc, cdst
 
     print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'impl':>9} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
           f"{'% copy':>7} {'mp/bnb':>7} {'bytes=':>7}")
@@ -451,14 +518,17 @@ def main(argv=None) -> dict:
     print(f"\n{'shape':>12} {'peer':>13} {'variant':>8} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
           f"{'% copy':>7} {'grid':>6} {'ok':>5}")
     for r in peer_rows:
-        memset = r["impl"] == "peer-memset"
+        kernel = r["grid"] is not None
+        name = variant_name(r["variant"]) if r["variant"] else "b16k2" if r["impl"] == "peer-staged" else "-"
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['impl']:>13} "
-              f"{'-' if memset else variant_name(r['variant']):>8} {r['median_us']:10.1f} "
+              f"{name:>8} {r['median_us']:10.1f} "
               f"{r['q1_us']:6.1f}-{r['q3_us']:6.1f} {r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% "
-              f"{'-' if memset else r['grid']:>6} {'-' if memset else str(r['peer_output_correct']):>5}")
+              f"{r['grid'] if kernel else '-':>6} {str(r['peer_output_correct']) if kernel else '-':>5}")
     print("peer-traffic: the packed bytes read and one 16-bit value per code written in the variant's access "
-          "shape, with no arithmetic (each code as a 16-bit integer; ok: it wrote exactly that); peer-memset: "
-          "cudaMemsetAsync of the 16-bit output (bytes written only). Their % copy bounds the dequantize rows'")
+          "shape, with no arithmetic (each code as a 16-bit integer; ok: it wrote exactly that); peer-staged: the "
+          "same in the staged kernel's shape (16 KiB tiles through shared memory, bulk stores); peer-memset: "
+          "cudaMemsetAsync of the 16-bit output (bytes written only); peer-copy: a device-to-device copy of "
+          "1.25 n bytes (the dequantize's bytes moved, read + written). Their % copy bounds the dequantize rows'")
 
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
