@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
-                         "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p2s0) "
+                         "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING[lLOADS] (e.g. b16k2p2s0, b16k2p0s0l2) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -98,15 +98,15 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)", token)
+        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:l(\d+))?", token)
         if m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
-                                        PREFETCH=int(b[3]), STREAMING=int(b[4])))
+                                        PREFETCH=int(b[3]), STREAMING=int(b[4]), LOADS=int(b[5] or 0)))
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
-                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING (the staged kernel, e.g. b16k2p2s0)")
+                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING[lLOADS] (the staged kernel, e.g. b16k2p2s0, b16k2p0s0l2)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -116,14 +116,16 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("STAGED"):
-        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}"
+        loads = f"l{v['LOADS']}" if v.get("LOADS") else ""
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}{loads}"
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
 # without streaming hints), and the staged kernel (sm_90+: bulk stores from shared memory) at both
 # tile sizes, several numbers of stages and L2 prefetch distances.
-DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p0s1,b16k2p1s0,b16k2p2s0,b8k2p0s0,b8k3p0s0,b8k4p0s0,b8k2p1s0"
+DEFAULT_SWEEP = ("c4u4s0,c4u4s1,b16k2p0s0,b16k2p1s0,b8k3p0s0,b16k2p0s0l2,b16k2p0s0l3,b16k2p1s0l3,b8k2p0s0l4,"
+                 "b8k3p0s0l4")
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
