@@ -23,18 +23,23 @@ launch alone), which shows the kernel's own bandwidth; ``mp-waves`` is the same 
 the grid of one sweep per CUDA block (several waves) instead of one wave of equal shares,
 to see what the one-wave grid buys.
 
-Kernel variants (``--variants``, a comma-separated list such as ``c4u4s0,c16u2s1``: CHUNK packed
-bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1, see
-``minipeft/kernels/quant4bit.cu``): each is timed as ``variant-kernel`` (its
-``DequantizeLaunch`` into a preallocated output, the launch alone) and ``variant-call``
+Kernel variants (``--variants``, a comma-separated list): ``cCHUNKuUNROLLsSTREAMING`` is the swept
+kernel (CHUNK packed bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1)
+and ``bTILEkSTAGESpPREFETCHsSTREAMING`` the staged one (sm_90+: TILE KiB of output per tile decoded
+into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2), see
+``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
+into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
 ``dequantize_4bit_cuda`` makes it), and its output is compared bit for bit with the default
-kernel's. Two peers per shape show what the traffic itself attains on this device:
-``peer-traffic`` is a kernel of this file that reads the same packed bytes and writes the
-same 16-bit output in the variant's access shape, with the least work per value (each
-4-bit code becomes the 16-bit integer it holds: no table, no absmax, no float), and
-``peer-memset`` is ``cudaMemsetAsync`` of the output (written bytes only). Their % copy is
-the ceiling the dequantize kernel can hope for.
+kernel's (the device's ``default_variant``: the staged kernel on sm_90+). Peers per shape show what
+the traffic itself attains on this device: ``peer-traffic`` is a kernel of this file that reads the
+same packed bytes and writes the same 16-bit output in a swept variant's access shape, with the
+least work per value (each 4-bit code becomes the 16-bit integer it holds: no table, no absmax, no
+float); ``peer-staged`` the same in the staged kernel's shape (16 KiB tiles, two buffers);
+``peer-memset`` is ``cudaMemsetAsync`` of the output (written bytes only); ``peer-copy`` a
+device-to-device copy moving the dequantize's bytes (1.25 n read and 1.25 n written), what a copy
+attains at this size against the 1 GiB reference. The first two bound the dequantize kernels of
+their shapes.
 
 Timing (METHOD.md): warm-up calls, then ``--reps`` repetitions of ``--inner`` back-to-back
 calls between two CUDA events (so the host's launch overhead overlaps the GPU work, as in
@@ -44,7 +49,7 @@ stream, so one pair of events times either.
 
     python benchmarks/dequant_4bit.py
     python benchmarks/dequant_4bit.py --shapes 8192x8192,4096x11008 --reps 100 --json out.json
-    python benchmarks/dequant_4bit.py --variants c4u4s0,c16u2s1 --out-dtypes bfloat16
+    python benchmarks/dequant_4bit.py --variants c4u4s0,b16k2p0s0,b8k3p0s0 --out-dtypes bfloat16
 """
 from __future__ import annotations
 
@@ -75,7 +80,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
-                         "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING[lLOADS] (e.g. b16k2p2s0, b16k2p0s0l2) "
+                         "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p0s0) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -98,15 +103,15 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:l(\d+))?", token)
+        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)", token)
         if m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
-                                        PREFETCH=int(b[3]), STREAMING=int(b[4]), LOADS=int(b[5] or 0)))
+                                        PREFETCH=int(b[3]), STREAMING=int(b[4])))
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
-                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING[lLOADS] (the staged kernel, e.g. b16k2p2s0, b16k2p0s0l2)")
+                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING (the staged kernel, e.g. b16k2p0s0)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -116,16 +121,14 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("STAGED"):
-        loads = f"l{v['LOADS']}" if v.get("LOADS") else ""
-        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}{loads}"
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}"
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
 # without streaming hints), and the staged kernel (sm_90+: bulk stores from shared memory) at both
 # tile sizes, several numbers of stages and L2 prefetch distances.
-DEFAULT_SWEEP = ("c4u4s0,c4u4s1,b16k2p0s0,b16k2p1s0,b8k3p0s0,b16k2p0s0l2,b16k2p0s0l3,b16k2p1s0l3,b8k2p0s0l4,"
-                 "b8k3p0s0l4")
+DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p0s1,b16k2p1s0,b16k2p2s0,b8k2p0s0,b8k3p0s0,b8k4p0s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -352,7 +355,7 @@ def main(argv=None) -> dict:
     import bitsandbytes
     import bitsandbytes.functional as F
     from minipeft.backend import bfloat16_dtype
-    from minipeft.kernels.quant4bit import (DEFAULT_VARIANT, THREADS, DequantizeLaunch, cached_dequantize_launch,
+    from minipeft.kernels.quant4bit import (THREADS, DequantizeLaunch, cached_dequantize_launch, default_variant,
                                             dequantize_4bit_cuda, prepare_dequantize_4bit, quantize_4bit_cuda)
 
     bfloat16_dtype()                                                   # np.dtype("bfloat16") from here on
@@ -373,7 +376,7 @@ def main(argv=None) -> dict:
     copy_bw = copy_bandwidth(cp, torch, args.copy_mib, max(10, args.reps // 2))
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written, {args.copy_mib} MiB)")
 
-    default = dict(DEFAULT_VARIANT)
+    default = default_variant(cp.cuda.runtime.getDevice())                # what a launch with no variant takes
     print(f"default variant: {variant_name(default)}; variants timed: "
           f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
     rows, variant_rows, peer_rows = [], [], []

@@ -115,10 +115,7 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #define STAGES 2      // STAGED: tiles of shared memory in flight (2 to 4; STAGES * TILE <= 32 KiB)
 #endif
 #ifndef PREFETCH
-#define PREFETCH 2    // STAGED: tiles ahead whose codes and absmax are prefetched into L2 (0: none, up to 4)
-#endif
-#ifndef LOADS
-#define LOADS 0       // STAGED: 0 (each thread loads its codes), or tiles of codes in flight by bulk copies (2 to 4)
+#define PREFETCH 0    // STAGED: tiles ahead whose codes and absmax are prefetched into L2 (0: none, up to 4)
 #endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
@@ -128,8 +125,6 @@ static_assert(!STAGED || CHUNK == 4, "the staged kernel loads 4 packed bytes per
 static_assert(TILE == 8192 || TILE == 16384, "TILE is 8192 or 16384 output bytes");
 static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2 to 4, STAGES * TILE <= 32 KiB");
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
-static_assert(LOADS == 0 || (LOADS >= 2 && LOADS <= 4), "LOADS is 0 or 2 to 4 tiles");
-static_assert(STAGES * TILE + LOADS * (TILE / 4) <= 45056, "STAGES * TILE + LOADS * TILE / 4 <= 44 KiB of shared memory");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -286,10 +281,9 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
 // shared -> global copy the TMA unit carries out by itself, in full 128-byte lines). STAGES
 // buffers rotate, so a tile is loaded and decoded while the TMA still drains the tiles before it;
 // thread 0 also asks the TMA to prefetch the codes and absmax of the PREFETCH tiles ahead into L2
-// (cp.async.bulk.prefetch.L2), so the block's own loads find them there; or, with LOADS > 0, to
-// copy the codes of the next LOADS tiles into shared memory (cp.async.bulk with an mbarrier), so
-// reads stay in flight while the block decodes. With double quantization the 256-entry code of
-// the absmax is kept in shared memory.
+// (cp.async.bulk.prefetch.L2), so the block's own loads find them there (PREFETCH > 0; measured no
+// faster on the H200, benchmarks/results/h200-2026-12-02/dequant/). With double quantization the
+// 256-entry code of the absmax is kept in shared memory.
 //
 // A tile is VPT = TILE / sizeof(out) values, CPT = VPT / 8 chunks of 4 packed bytes; thread t of
 // the T = 256 holds chunks t, t + T, ..., t + (U-1) T of it (U = CPT / T: a warp reads 128
@@ -369,31 +363,6 @@ __device__ __forceinline__ void decode_word(u32 word, float a, const float* tab,
     }
 }
 
-// Bulk loads (LOADS > 0): thread 0 asks the TMA for a tile's codes (one contiguous global -> shared
-// copy); the copy counts its bytes on an mbarrier, and the block waits on the barrier's phase.
-__device__ __forceinline__ u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void mbar_init(unsigned long long* bar) {   // one arrival (thread 0's) per phase
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(smem_addr(bar)) : "memory");
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-                 :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, u32 parity) {   // until phase `parity` completes
-#if __CUDA_ARCH__ >= 900
-    u32 done = 0;
-    while (!done)
-        asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                     : "=r"(done) : "r"(smem_addr(bar)), "r"(parity) : "memory");
-#endif
-}
-
 __device__ __forceinline__ void fence_proxy_async() {      // shared-memory writes made visible to the TMA
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -415,11 +384,6 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
     __shared__ float tab[16];
     __shared__ float code2_s[NESTED ? 256 : 1];            // the nested absmax's 8-bit code, one load fewer per block
     __shared__ __align__(128) uint4 stage[STAGES][TILE / 16];
-    constexpr int IN_BYTES = VPT / 2, NL = LOADS > 0 ? LOADS : 1;   // packed bytes of a tile
-    __shared__ __align__(128) u32 inbuf[NL][LOADS > 0 ? IN_BYTES / 4 : 1];
-    __shared__ __align__(8) unsigned long long full[NL];
-    if (LOADS && threadIdx.x == 0)
-        for (int k = 0; k < LOADS; ++k) mbar_init(&full[k]);
     bool finite = true;
     if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
     if (NESTED) code2_s[threadIdx.x] = code2[threadIdx.x];  // STAGED_THREADS = 256 entries
@@ -467,35 +431,16 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
             }
         }
     };
-    // Bulk loads: the codes of this block's k-th tile go to inbuf[k % LOADS], counted on full[k % LOADS]
-    // (phase k / LOADS); whole tiles only (the last, partial tile of the output is loaded as above).
-    auto issue = [&](i64 k) {
-        const i64 tile = first + k;
-        if (tile < end && (tile + 1) * VPT <= n)
-            bulk_load(inbuf[k % NL], packed + tile * IN_BYTES, IN_BYTES, &full[k % NL]);
-    };
-    if (LOADS && threadIdx.x == 0)
-        for (int k = 0; k < LOADS; ++k) issue(k);
     if (PREFETCH && threadIdx.x == 0)                      // the L2 prefetch window: the PREFETCH tiles after this one
         for (i64 t = first + 1; t < first + PREFETCH && t < end; ++t) prefetch_tile(t);
     int slot = 0;
     for (i64 tile = first; tile < end; ++tile) {
-        const i64 k = tile - first, v0 = tile * VPT;
         if (PREFETCH && threadIdx.x == 0 && tile + PREFETCH < end) prefetch_tile(tile + PREFETCH);
-        if (LOADS && v0 + VPT <= n) {                      // the absmax first, then the codes the TMA brought
-            const i64 c0 = tile * CPT + threadIdx.x;
-#pragma unroll
-            for (int u = 0; u < U; ++u) a[u] = absmax_of(((c0 + u * STAGED_THREADS) * 8) >> log2_bs);
-            mbar_wait(&full[k % NL], (u32)(k / NL) & 1u);
-#pragma unroll
-            for (int u = 0; u < U; ++u) word[u] = inbuf[k % NL][u * STAGED_THREADS + threadIdx.x];
-        } else {
-            load_tile(tile);                               // (loading the next tile ahead took 4x the registers)
-        }
+        load_tile(tile);                                   // (loading the next tile ahead took 4x the registers)
+        const i64 v0 = tile * VPT;
         if (v0 + VPT <= n) {                               // a whole tile: shared memory, one bulk store
             uint4* buf = stage[slot];
-            __syncthreads();                               // thread 0's bulk_wait_read has freed buf; inbuf read
-            if (LOADS && threadIdx.x == 0) issue(k + LOADS);   // into the buffer just read
+            __syncthreads();                               // thread 0's bulk_wait_read has freed buf
 #pragma unroll
             for (int u = 0; u < U; ++u) {                  // chunk l = u T + t of the tile: 8 values
                 const int l = u * STAGED_THREADS + threadIdx.x;

@@ -44,15 +44,22 @@ STREAMING = 0          # 1: streaming cache hints on the loads and stores, as ST
 STAGED = 0             # 1: the staged kernel (sm_90+: shared memory and bulk stores), as STAGED in the .cu
 TILE = 16384           # staged: output bytes per tile, as TILE in the .cu
 STAGES = 2             # staged: tiles of shared memory in flight, as STAGES in the .cu
-PREFETCH = 2           # staged: tiles ahead prefetched into L2, as PREFETCH in the .cu
-LOADS = 0              # staged: tiles of codes in flight by bulk copies into shared memory (0: none), as LOADS
+PREFETCH = 0           # staged: tiles ahead prefetched into L2, as PREFETCH in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
-                "STAGES": STAGES, "PREFETCH": PREFETCH, "LOADS": LOADS}   # the .cu's #define defaults
-DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # what every launch uses unless told otherwise (see default_variant)
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "LOADS"), ("UNROLL",)   # settings of one kernel body only
+                "STAGES": STAGES, "PREFETCH": PREFETCH}   # the .cu's #define defaults
+DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
+# On sm_90+ (Hopper) a launch with no variant takes the staged kernel: 16 KiB tiles, two buffers, no L2
+# prefetch, the fastest of the sweep on the H200 (benchmarks/results/h200-2026-12-02/dequant/README.md).
+HOPPER_VARIANT = {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 16384, "STAGES": 2, "PREFETCH": 0}
+
+
+def default_variant(device_id: int) -> dict:
+    """The variant a launch on ``device_id`` takes when none is given: :data:`HOPPER_VARIANT` on sm_90 or
+    newer (the staged kernel's bulk stores need the Tensor Memory Accelerator), else :data:`DEFAULT_VARIANT`."""
+    return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH"), ("UNROLL",)   # settings of one kernel body only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
-                   "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4),
-                   "LOADS": (0, 2, 3, 4)}
+                   "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4)}
 
 
 def _kernel(name: str):
@@ -173,9 +180,8 @@ def dequantize_variant(variant=None) -> tuple:
     (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16),
     ``STREAMING`` (0, or 1 for streaming cache hints) and ``STAGED`` (1: the staged kernel,
     sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, ``STAGES`` buffers, 2 to 4,
-    ``STAGES * TILE <= 32768``, ``PREFETCH`` tiles ahead prefetched into L2, 0 to 4, and ``LOADS``
-    tiles of codes copied ahead into shared memory, 0 or 2 to 4, ``(STAGES + LOADS / 4) * TILE <=
-    45056``; it loads 4 packed bytes per chunk and has no ``UNROLL``); missing
+    ``STAGES * TILE <= 32768``, and ``PREFETCH`` tiles ahead prefetched into L2, 0 to 4; it loads
+    4 packed bytes per chunk and has no ``UNROLL``); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
     differ). A tuple this function returned is returned at once (a set look-up), so a caller
@@ -200,11 +206,10 @@ def dequantize_variant(variant=None) -> tuple:
         raise ValueError(f"dequantize variant setting(s) {wrong} apply only to the "
                          f"{'swept' if full['STAGED'] else 'staged'} kernel (STAGED={1 - full['STAGED']})")
     full.update({k: _CU_DEFAULTS[k] for k in other})
-    if full["STAGED"] and (full["CHUNK"] != 4 or full["STAGES"] * full["TILE"] > 32768
-                           or (4 * full["STAGES"] + full["LOADS"]) * full["TILE"] > 4 * 45056):
-        raise ValueError(f"the staged dequantize kernel loads CHUNK=4 bytes and keeps STAGES * TILE <= 32768 and "
-                         f"(STAGES + LOADS / 4) * TILE <= 45056 bytes of shared memory, got CHUNK={full['CHUNK']}, "
-                         f"STAGES={full['STAGES']}, LOADS={full['LOADS']}, TILE={full['TILE']}")
+    if full["STAGED"] and (full["CHUNK"] != 4 or full["STAGES"] * full["TILE"] > 32768):
+        raise ValueError(f"the staged dequantize kernel loads CHUNK=4 bytes and keeps STAGES * TILE <= 32768 "
+                         f"bytes of shared memory, got CHUNK={full['CHUNK']}, STAGES={full['STAGES']}, "
+                         f"TILE={full['TILE']}")
     pairs = tuple(sorted((name, int(value)) for name, value in full.items()))
     _CHECKED_VARIANTS.add(pairs)
     return pairs
@@ -232,7 +237,8 @@ class DequantizeLaunch:
     forward and backward. ``grid`` defaults to one wave (every CUDA block the device runs at
     once, each an equal share, see ``quant4bit.cu``); any grid gives the same result.
     ``variant`` picks the kernel's compile-time memory-access shape (:func:`dequantize_variant`;
-    None: :data:`DEFAULT_VARIANT`), compiled once per variant; every variant gives the same bits.
+    None: the device's :func:`default_variant`), compiled once per variant; every variant gives the
+    same bits.
     """
 
     def __init__(self, packed, quant_state, dtype, grid: int | None = None, variant=None):
@@ -240,7 +246,7 @@ class DequantizeLaunch:
         self.device = cp.cuda.runtime.getDevice()
         qs = quant_state
         self.sources = _sources(packed, qs)
-        pairs = dequantize_variant(variant)
+        pairs = dequantize_variant(default_variant(self.device) if variant is None else variant)
         self.variant = dict(pairs)                                     # {"CHUNK": .., "STREAMING": .., "UNROLL": ..}
         chunk, unroll = self.variant["CHUNK"], self.variant["UNROLL"]
         bs = int(qs.blocksize)
@@ -249,7 +255,7 @@ class DequantizeLaunch:
                              "chunk, which must lie in one block; use a smaller CHUNK")
         self.shape = tuple(qs.shape)
         n = int(np.prod(self.shape, dtype=np.int64))
-        aligned = aligned_to(cp, packed, 16 if self.variant["LOADS"] else chunk)   # CHUNK-byte loads; bulk: 16
+        aligned = aligned_to(cp, packed, chunk)                        # one CHUNK-byte load per chunk
         self.copied_packed = aligned is not packed                     # a copy of the codes: not worth keeping
         if aligned.size != (n + 1) // 2:
             raise ValueError(f"{n} values need {(n + 1) // 2} packed bytes, got {aligned.size}")
