@@ -34,7 +34,8 @@ q, k, v and the probabilities saved in 16 bits. Other batched products stay floa
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
 cores with float32 accumulation whose float32 result cuBLAS writes (``gemmEx``, the fast path of
-:func:`matmul_16bit`), and the operands saved for backward are 16-bit,
+:func:`matmul_16bit`; a Linear layer's bias is added by the same GEMM, in cuBLASLt's epilogue,
+:func:`matmul_16bit_bias`), and the operands saved for backward are 16-bit,
 which also halves their memory. NumPy has no fast float16 GEMM and no bfloat16 GEMM, so on the
 CPU the product is *emulated*: operands rounded to 16-bit values held in float32 (round to
 nearest even, :func:`round_to_compute`), then a float32 product. Both give the same numbers up
@@ -186,20 +187,23 @@ def to_compute_padded(a, compute_dtype: str, n: int, axis: int = -1):
     return out
 
 
-def gemm(a, b, rows: int | None = None, cols: int | None = None):
+def gemm(a, b, rows: int | None = None, cols: int | None = None, bias=None):
     """``a @ b`` of two :func:`to_compute` operands with float32 accumulation, returned as the
     float32 sums (not rounded to ``compute_dtype``: see the module docstring); ``rows``/``cols``
-    keep only the leading rows/columns (of a product of padded operands).
+    keep only the leading rows/columns (of a product of padded operands). ``bias`` (float32, one
+    value per column of the whole product, padding included: :func:`padded_bias`) is added to
+    every row before the columns are cut.
 
     Real 16-bit operands must be 2-D (:func:`gemm_2d`); they run as one cuBLAS ``gemmEx``
-    (16-bit in, float32 compute and out). A transposed view (``w.T``) is passed to cuBLAS as
+    (16-bit in, float32 compute and out), or with a bias as one cuBLASLt GEMM that adds it in its
+    epilogue (:func:`matmul_16bit_bias`). A transposed view (``w.T``) is passed to cuBLAS as
     its buffer with the transpose flag, not copied. On the CPU the operands hold rounded
-    values (the emulation) and this is a float32 ``@``."""
+    values (the emulation) and this is a float32 ``@`` (then ``+ bias``)."""
     if a.dtype.itemsize == 2 and fast.on_gpu(a):
-        y = matmul_16bit(a, b)
+        y = matmul_16bit(a, b) if bias is None else matmul_16bit_bias(a, b, bias)
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
-            y = a @ b
+            y = a @ b if bias is None else a @ b + bias
     if rows is not None or cols is not None:
         y = y[..., slice(rows), slice(cols)]
         if not y.flags.c_contiguous:  # the columns of a padded product: the next ops want rows contiguous
@@ -220,12 +224,35 @@ def matmul_16bit(a, b):
     return a.astype(xp.float32) @ b.astype(xp.float32)
 
 
-def gemm_2d(a, b, cols: int | None = None):
-    """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n), as one 2-D product on the GPU."""
+@fast.dispatch
+def matmul_16bit_bias(a, b, bias):
+    """``a @ b + bias`` of two 2-D 16-bit arrays and a float32 ``bias`` (one value per column), in float32.
+
+    This reference adds the bias in a second pass over the product (:func:`matmul_16bit`, then
+    ``+``); on the GPU :func:`minipeft.kernels.gemm16.matmul_16bit_bias_cuda` runs both as one
+    cuBLASLt GEMM whose epilogue adds the bias to the float32 sums before writing them
+    (``CUBLASLT_EPILOGUE_BIAS``): the same numbers up to the order of the sums, and no second
+    read and write of the whole (m, n) float32 result."""
+    return matmul_16bit(a, b) + bias
+
+
+def padded_bias(b, n: int):
+    """A bias ``b`` (out,) as the bias of a product zero-padded to ``n >= out`` columns (:func:`aligned`):
+    ``b`` itself where ``out == n``, else a zero-padded copy, made at every call (n values, against
+    the product's m x n; a copy kept between calls would miss the optimizer's in-place updates)."""
+    if b.shape[-1] == n:
+        return b
+    out = xp_of(b).zeros(n, b.dtype)
+    out[:b.shape[-1]] = b
+    return out
+
+
+def gemm_2d(a, b, cols: int | None = None, bias=None):
+    """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n) (and a ``bias`` (n,)), as one 2-D product on the GPU."""
     if a.ndim > 2 and fast.on_gpu(a):  # one GEMM, not a batch over the leading axes
-        y = gemm(a.reshape(-1, a.shape[-1]), b, cols=cols)
+        y = gemm(a.reshape(-1, a.shape[-1]), b, cols=cols, bias=bias)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
-    return gemm(a, b, cols=cols)
+    return gemm(a, b, cols=cols, bias=bias)
 
 
 # ------------------------------------------------------------ 16-bit Functions
@@ -260,8 +287,9 @@ class AmpLinear(Linear):
     """``y = x W^T + b`` with its three products (forward, dL/dx, dL/dW) in ``compute_dtype``.
 
     The 16-bit ``x`` and ``W`` are what is saved (half the bytes of float32); the bias is
-    added in float32. ``W`` and the gradient are zero-padded to a multiple of 8 output
-    rows (tensor-core GEMMs, see :func:`aligned`) and the padding is cut off the results.
+    added in float32, on the GPU by the forward GEMM itself (:func:`matmul_16bit_bias`). ``W``,
+    the bias and the gradient are zero-padded to a multiple of 8 output rows (tensor-core GEMMs,
+    see :func:`aligned`) and the padding is cut off the results.
     """
 
     @staticmethod
@@ -271,8 +299,8 @@ class AmpLinear(Linear):
         out = ctx.out_features = w.shape[0]
         x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
         ctx.save_for_backward(x if nw else None, w if nx else None)
-        y = gemm_2d(x, w.T, cols=out)  # (..., out) float32
-        return y if b is None else y + b
+        bias = None if b is None else padded_bias(b, w.shape[0])  # (out8,)
+        return gemm_2d(x, w.T, cols=out, bias=bias)  # (..., out) float32: x W^T + b
 
     @staticmethod
     def backward(ctx, g):

@@ -127,7 +127,8 @@ def test_numpy_arrays_never_reach_a_gpu_kernel():
              (adamw_update, (c, c, c.copy(), c.copy(), 1, 1e-3, (0.9, 0.999), 1e-8, 0.0)),
              (blockwise.quantize_4bit, (x,)), (blockwise.quantize_blockwise, (x,)),
              (int8.int8_vectorwise_quant, (x,)), (amp.cast_16bit, (x, np.float16)),
-             (amp.matmul_16bit, (x[0].astype(np.float16), x[0].T.astype(np.float16)))]
+             (amp.matmul_16bit, (x[0].astype(np.float16), x[0].T.astype(np.float16))),
+             (amp.matmul_16bit_bias, (x[0].astype(np.float16), x[0].T.astype(np.float16), np.zeros(3, np.float32)))]
     for reference, args in calls:
         assert fast.paths(reference), f"{reference.__name__} has no registered fast path"
         assert fast.choose(reference, *args) is reference, reference.__name__

@@ -50,9 +50,11 @@ fast.register(Linear, functions.LinearGEMM, when=functions.linear_applies)
 fast.register(optim_core.adamw_update, adamw.adamw_update_cuda, when=adamw.applies)
 fast.register(optim_core.adamw_update_from, adamw.adamw_update_from_cuda, when=adamw.applies_from)
 # Mixed precision: its operands float32 -> float16/bfloat16 (zero-padded) in one pass, CuPy's bits; its
-# 2-D products as one cuBLAS GEMM, 16-bit in, float32 out
+# 2-D products as one cuBLAS GEMM, 16-bit in, float32 out; a product plus a bias as one cuBLASLt GEMM that
+# adds the bias in its epilogue (kernels/cublaslt.py)
 fast.register(amp.cast_16bit, cast16.cast_16bit_cuda, when=cast16.applies)
 fast.register(amp.matmul_16bit, gemm16.matmul_16bit_cuda, when=gemm16.matmul_16bit_applies)
+fast.register(amp.matmul_16bit_bias, gemm16.matmul_16bit_bias_cuda, when=gemm16.matmul_16bit_bias_applies)
 fast.register(backend.sum_rows, gemm16.sum_rows_cuda, when=gemm16.sum_rows_applies)
 
 # Quantization: bit-exact kernels in place of minipeft.quant's array code

@@ -38,16 +38,24 @@ def _check(status: int, what: str) -> None:
         raise RuntimeError(f"{what} failed: CUBLAS_STATUS_{_STATUS.get(status, status)}")
 
 
+def mapped_library(prefix: str) -> str | None:
+    """The path of a shared library this process has mapped whose file name starts with ``prefix``
+    (``"libcublas.so"``), read from ``/proc/self/maps``; None if there is none."""
+    with open("/proc/self/maps", encoding="utf-8") as f:
+        for line in f:
+            path = line.split()[-1] if "/" in line else ""
+            if path.rsplit("/", 1)[-1].startswith(prefix):
+                return path
+    return None
+
+
 def library_path() -> str:
     """The path of the ``libcublas`` this process has loaded (CuPy loads it on its first product)."""
     cp = cupy()
     cp.cuda.device.get_cublas_handle()  # makes CuPy load libcublas if it has not yet
-    with open("/proc/self/maps", encoding="utf-8") as f:
-        for line in f:
-            path = line.split()[-1] if "/" in line else ""
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith("libcublas.so"):
-                return path
+    path = mapped_library("libcublas.so")
+    if path is not None:
+        return path
     raise RuntimeError("libcublas is not loaded in this process (CuPy's cuBLAS did not load it?); "
                        "16-bit products need cuBLAS: check the CUDA installation with "
                        "python -c 'import cupy; cupy.show_config()'")

@@ -19,14 +19,18 @@ transposing an operand (``trans_a``) is cuBLAS's ``CUBLAS_OP_T`` on that operand
 
 The call goes to cuBLAS through :mod:`minipeft.kernels.cublas` (a handle with its own
 workspace), not CuPy's wrapper, so that it can also be recorded into a CUDA graph
-(:mod:`minipeft.graph_train`). Verified where: the signature of
-``cublasGemmStridedBatchedEx`` and the constants below are the CUDA headers' (CuPy 14.2's
-``cupy_backends/cuda/libs/cublas.pyx`` wraps the same call with float32 ``one``/``zero``
-host scalars passed by address, as we do). The issue's H200 check
+(:mod:`minipeft.graph_train`). A product plus a bias, a Linear layer's ``x W^T + b``, is
+:func:`gemm_bias`: one cuBLASLt call (:mod:`minipeft.kernels.cublaslt`, recordable the same
+way) whose epilogue adds the bias to the float32 sums, instead of a GEMM and a second pass.
+
+Verified where: the signature of ``cublasGemmStridedBatchedEx`` and the constants below are
+the CUDA headers' (CuPy 14.2's ``cupy_backends/cuda/libs/cublas.pyx`` wraps the same call with
+float32 ``one``/``zero`` host scalars passed by address, as we do). The issue's H200 check
 (bfloat16 operands, float32 compute: relative error 2.5e-3 against float32, 58 TFLOP/s at
 96 x 512 x 512 x 64) used this call. ``tests/kernels/test_amp_attention.py`` checks the
 arguments on the CPU against a NumPy model of cuBLAS's documented column-major contract, and
-the products themselves on a GPU (its ``gpu`` tests).
+the products themselves on a GPU (its ``gpu`` tests); ``tests/kernels/test_cublaslt.py`` does
+the same for :func:`gemm_bias`.
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ import math
 
 import numpy as np
 
-from . import cublas
+from . import cublas, cublaslt
 from ._module import cupy
 
 # cuBLAS / CUDA enum values (stable ABI numbers, from the CUDA headers; CuPy exposes the same
@@ -46,6 +50,8 @@ CUBLAS_OP_N = 0  # cublas_api.h: use the matrix as stored
 CUBLAS_OP_T = 1  # cublas_api.h: use its transpose
 CUBLAS_COMPUTE_32F = 68  # cublas_api.h cublasComputeType_t: accumulate in float32
 CUBLAS_GEMM_DEFAULT = -1  # cublas_api.h: let cuBLAS pick the algorithm (tensor cores for 16-bit inputs)
+BIAS_ALIGNMENT = 16  # bytes: cuBLASLt's bias epilogue wants a 16-byte aligned bias (llm.c's matmul.cuh checks
+# every cuBLASLt pointer for it; marian's gpu/prod.cpp found 8 not enough on an A100), a copy is made otherwise
 
 
 def cuda_data_type(dtype) -> int:
@@ -99,6 +105,51 @@ def batched_gemm(a, b, *, trans_a: bool = False, trans_b: bool = False, out_dtyp
     return c
 
 
+def gemm_bias(a, b, bias, *, trans_a: bool = False, trans_b: bool = False):
+    """``op(a) @ op(b) + bias`` for 2-D C-contiguous 16-bit CuPy arrays and a float32 ``bias``, as one
+    cuBLASLt matmul whose epilogue adds the bias to the float32 sums before they are written.
+
+    ``a`` is (m, k) (or (k, m) with ``trans_a``), ``b`` is (k, n) (or (n, k) with ``trans_b``), both
+    float16 or both bfloat16; ``bias`` is (n,) float32, one value per column of the product.
+    Returns a new C-contiguous (m, n) float32 array, or None where cuBLASLt has no algorithm for
+    these shapes and alignments (nothing was computed: the caller adds the bias itself).
+
+    Column-major (see the module docstring), the row-major (m, n) result C is C^T (n, m) =
+    op(B)^T op(A)^T: b's buffer is cuBLASLt's A, a's buffer its B, and cuBLASLt's (M, N, K) are
+    our (n, m, k). C^T has one row per column of C, so the bias, one value per output feature,
+    is one value per row of cuBLASLt's D: exactly ``CUBLASLT_EPILOGUE_BIAS``'s broadcast ("bias
+    vector length must match matrix D rows ... broadcasted to all columns", cublasLt.h). For
+    ``x @ w.T`` (x (m, k), w (n, k)): A = w's buffer, stored k x n with ld k, op T; B = x's buffer,
+    stored k x m with ld k, op N; D n x m with ld n, which is C-contiguous (m, n).
+    """
+    if a.dtype != b.dtype or cuda_data_type(a.dtype) == CUDA_R_32F:
+        raise TypeError(f"gemm_bias needs two float16 or two bfloat16 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or not (a.flags.c_contiguous and b.flags.c_contiguous):
+        raise ValueError(f"gemm_bias needs 2-D C-contiguous operands, got {a.shape} and {b.shape}")
+    m, k = a.shape[::-1] if trans_a else a.shape
+    kb, n = b.shape[::-1] if trans_b else b.shape
+    if k != kb:
+        raise ValueError(f"gemm_bias: inner sizes differ ({k} vs {kb}) for shapes {a.shape}, {b.shape} "
+                         f"with trans_a={trans_a}, trans_b={trans_b}")
+    if bias.shape != (n,) or bias.dtype != np.float32 or not bias.flags.c_contiguous:
+        raise ValueError(f"gemm_bias needs a contiguous float32 bias of shape ({n},), got {bias.dtype} {bias.shape}")
+    cp = cupy()
+    c = cp.empty((m, n), dtype=np.float32)  # (m, n)
+    if c.size == 0:
+        return c
+    if k == 0:  # an empty sum, plus the bias
+        c[...] = bias
+        return c
+    if bias.data.ptr % BIAS_ALIGNMENT:
+        bias = cp.array(bias)  # a fresh (aligned) copy of a view into some larger buffer
+    ran = cublaslt.matmul_bias(
+        CUBLAS_OP_T if trans_b else CUBLAS_OP_N, CUBLAS_OP_T if trans_a else CUBLAS_OP_N, n, m, k,
+        b.data.ptr, cuda_data_type(b.dtype), b.shape[-1],
+        a.data.ptr, cuda_data_type(a.dtype), a.shape[-1],
+        bias.data.ptr, c.data.ptr, n)
+    return c if ran else None
+
+
 def sum_rows_cuda(a):
     """``a.sum(axis=0)`` of a 2-D float32 CuPy array (rows, n) as one cuBLAS product ``ones (rows,) @ a``.
 
@@ -141,6 +192,26 @@ def matmul_16bit_cuda(a, b):
     fast path). A transposed view (``w.T``) goes to cuBLAS as its buffer with the transpose flag, not copied."""
     (a, ta), (b, tb) = _as_buffer(a), _as_buffer(b)
     return batched_gemm(a, b, trans_a=ta, trans_b=tb, out_dtype=np.float32)  # (m, n) float32
+
+
+def matmul_16bit_bias_applies(a, b, bias) -> bool:
+    """:func:`matmul_16bit_applies`, and a contiguous float32 CuPy bias with one value per column of ``a @ b``."""
+    from ..fast import on_gpu
+
+    return (matmul_16bit_applies(a, b) and on_gpu(bias) and bias.ndim == 1 and bias.dtype == np.float32
+            and bias.flags.c_contiguous and bias.shape[0] == b.shape[1])
+
+
+def matmul_16bit_bias_cuda(a, b, bias):
+    """``a @ b + bias`` (2-D, 16-bit, float32 bias) as one cuBLASLt GEMM with the bias added in its
+    epilogue (:func:`minipeft.amp.matmul_16bit_bias`'s fast path): the float32 result written once,
+    no second pass over it. A transposed view (``w.T``) goes as its buffer with the transpose flag."""
+    (a, ta), (b, tb) = _as_buffer(a), _as_buffer(b)
+    y = gemm_bias(a, b, bias, trans_a=ta, trans_b=tb)  # (m, n) float32
+    if y is None:  # cuBLASLt has no algorithm for this case: the product, then the bias
+        y = batched_gemm(a, b, trans_a=ta, trans_b=tb, out_dtype=np.float32)
+        y += bias
+    return y
 
 
 def _as_buffer(a):

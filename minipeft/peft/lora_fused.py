@@ -27,7 +27,7 @@ in backward, never saved (as :class:`minipeft.quant.modules.MatMul4bit` does: QL
 from __future__ import annotations
 
 from .. import fast
-from ..amp import aligned, autocast_dtype, gemm, to_compute, to_compute_padded
+from ..amp import aligned, autocast_dtype, gemm, padded_bias, to_compute, to_compute_padded
 from ..backend import sum_rows
 from ..engine import Function, Tensor
 from ..nn import Linear
@@ -57,9 +57,8 @@ class LoraLinear(Function):
         wc, ac, bc = _padded(w, dt, n), to_compute(a, dt), _padded(bw, dt, n)  # (n, in), (r, in), (n, r)
         t = gemm(x2, ac.T)                                      # (M, r) float32
         tc = to_compute(t, dt)
-        y = gemm(x2, wc.T, cols=out)                            # (M, out) float32: the base
-        if b is not None:
-            y = y + b
+        bias = None if b is None else padded_bias(b, n)         # (n,): added by the base's GEMM (on the GPU
+        y = gemm(x2, wc.T, cols=out, bias=bias)                 # in its epilogue); (M, out) float32: the base
         y = y + gemm(tc, bc.T, cols=out) * scaling              # + s B A x
         nx, nw, _, na, nB = ctx.needs_input_grad[:5]  # save what the reference's ops would (same bytes)
         ctx.save_for_backward(x2 if na or nw else None, wc if nx and base4 is None else None,

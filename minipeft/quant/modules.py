@@ -60,8 +60,8 @@ def _linear_compute(x, w, b, compute_dtype: str):
         w = w.astype(x.dtype, copy=False)
         y = x @ w.T                                                    # (..., out)
         return y if b is None else y + b.astype(x.dtype, copy=False)
-    y = gemm_2d(to_compute(x, compute_dtype), to_compute(w, compute_dtype).T)  # (..., out) float32
-    y = y if b is None else y + b.astype(y.dtype, copy=False)
+    bias = None if b is None else b.astype(np.float32, copy=False)  # added by the GEMM (on the GPU, its epilogue)
+    y = gemm_2d(to_compute(x, compute_dtype), to_compute(w, compute_dtype).T, bias=bias)  # (..., out) float32
     return y.astype(x.dtype, copy=False)
 
 
