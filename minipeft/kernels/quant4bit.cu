@@ -282,7 +282,7 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
 // buffers rotate, so a tile is loaded and decoded while the TMA still drains the tiles before it;
 // thread 0 also asks the TMA to prefetch the codes and absmax of the PREFETCH tiles ahead into L2
 // (cp.async.bulk.prefetch.L2), so the block's own loads find them there (PREFETCH > 0; measured no
-// faster on the H200, benchmarks/results/h200-2026-12-02/dequant/). With double quantization the
+// faster on the H200, benchmarks/results/h200-2026-12-02/staged/). With double quantization the
 // 256-entry code of the absmax is kept in shared memory.
 //
 // A tile is VPT = TILE / sizeof(out) values, CPT = VPT / 8 chunks of 4 packed bytes; thread t of

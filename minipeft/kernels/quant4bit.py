@@ -49,7 +49,7 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
                 "STAGES": STAGES, "PREFETCH": PREFETCH}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the staged kernel: 16 KiB tiles, two buffers, no L2
-# prefetch, the fastest of the sweep on the H200 (benchmarks/results/h200-2026-12-02/dequant/README.md).
+# prefetch, the fastest of the sweep on the H200 (benchmarks/results/h200-2026-12-02/staged/README.md).
 HOPPER_VARIANT = {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 16384, "STAGES": 2, "PREFETCH": 0}
 
 
