@@ -270,9 +270,12 @@ extern "C" __global__ void __launch_bounds__(256, 6) staged_peer(const u32* __re
 
 def staged_peer(cp, threads: int):
     """The staged peer kernel (sm_90+) and its one-wave grid function ``grid(tiles)``; None below sm_90."""
-    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.runtime.getDevice())
-    if 10 * props["major"] + props["minor"] < 90:
+    from minipeft.kernels._module import compute_capability
+
+    device = cp.cuda.runtime.getDevice()
+    if compute_capability(device) < 90:
         return None
+    props = cp.cuda.runtime.getDeviceProperties(device)
     fn = cp.RawModule(code=STAGED_PEER_SOURCE, options=("-std=c++17",)).get_function("staged_peer")
     per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
     return fn, lambda tiles: max(1, min(max(1, per_sm) * props["multiProcessorCount"], tiles))

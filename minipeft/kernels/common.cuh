@@ -91,13 +91,16 @@ __device__ __forceinline__ float group_absmax(float m, int log2_bs, float* smem)
 // Dequantizers: the absmax of block b, as the twin flushes it. Double quantization keeps it
 // as a uint8 code q2 of (absmax - offset) in blocks of 2**log2_bs2:
 //     absmax^ = code2[q2[b]] * absmax2[b >> log2_bs2] + offset.
+// nested_absmax is that formula given the code's value c2 = code2[q2[b]], wherever the caller keeps code2.
+__device__ __forceinline__ float nested_absmax(float c2, i64 b, const float* __restrict__ absmax2, float offset,
+                                               int log2_bs2) {
+    const float d2 = flush(__fmul_rn(c2, flush(__ldg(absmax2 + (b >> log2_bs2)))));
+    return flush(__fadd_rn(d2, offset));                   // the twin flushes the absmax it scales by
+}
 template <bool NESTED>
 __device__ __forceinline__ float block_absmax(i64 b, const float* __restrict__ absmax,
                                               const u8* __restrict__ qabsmax, const float* __restrict__ code2,
                                               const float* __restrict__ absmax2, float offset, int log2_bs2) {
-    if (NESTED) {
-        const float d2 = flush(__fmul_rn(__ldg(code2 + __ldg(qabsmax + b)), flush(__ldg(absmax2 + (b >> log2_bs2)))));
-        return flush(__fadd_rn(d2, offset));               // the twin flushes the absmax it scales by
-    }
+    if (NESTED) return nested_absmax(__ldg(code2 + __ldg(qabsmax + b)), b, absmax2, offset, log2_bs2);
     return flush(__ldg(absmax + b));
 }

@@ -22,7 +22,7 @@
 // instead (sm_90+, dequantize_4bit_staged below): tiles decoded into shared memory, each written
 // with one bulk copy by the Tensor Memory Accelerator.
 
-#include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax
+#include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax, nested_absmax
 
 // Index of one scaled value: map[#{k : thr[k] < a}], a = s (or |s| for FP4, whose bit 3 is
 // the sign); unused thresholds are +inf. NaN (an all-zero block's 0 * inf) -> index 0.
@@ -399,10 +399,7 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
     u32 word[U];                                           // this tile's codes and absmax
     float a[U];
     auto absmax_of = [&](i64 b) -> float {                 // block_absmax (common.cuh), the code from shared memory
-        if (NESTED) {
-            const float d2 = flush(__fmul_rn(code2_s[__ldg(qabsmax + b)], flush(__ldg(absmax2 + (b >> log2_bs2)))));
-            return flush(__fadd_rn(d2, off));
-        }
+        if (NESTED) return nested_absmax(code2_s[__ldg(qabsmax + b)], b, absmax2, off, log2_bs2);
         return flush(__ldg(absmax + b));
     };
     auto prefetch_tile = [&](i64 tile) {                   // thread 0: tile's codes and absmax into L2

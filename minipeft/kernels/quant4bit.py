@@ -57,6 +57,8 @@ def default_variant(device_id: int) -> dict:
     """The variant a launch on ``device_id`` takes when none is given: :data:`HOPPER_VARIANT` on sm_90 or
     newer (the staged kernel's bulk stores need the Tensor Memory Accelerator), else :data:`DEFAULT_VARIANT`."""
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
+
+
 _ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH"), ("UNROLL",)   # settings of one kernel body only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
                    "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4)}
@@ -247,7 +249,7 @@ class DequantizeLaunch:
         qs = quant_state
         self.sources = _sources(packed, qs)
         pairs = dequantize_variant(default_variant(self.device) if variant is None else variant)
-        self.variant = dict(pairs)                                     # {"CHUNK": .., "STREAMING": .., "UNROLL": ..}
+        self.variant = dict(pairs)                                     # {"CHUNK": .., "STAGED": .., ...}
         chunk, unroll = self.variant["CHUNK"], self.variant["UNROLL"]
         bs = int(qs.blocksize)
         if bs < 2 * chunk:                                             # check_blocksize: bs >= 32 = 2 * 16
