@@ -25,8 +25,9 @@ to see what the one-wave grid buys.
 
 Kernel variants (``--variants``, a comma-separated list): ``cCHUNKuUNROLLsSTREAMING`` is the swept
 kernel (CHUNK packed bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1)
-and ``bTILEkSTAGESpPREFETCHsSTREAMING`` the staged one (sm_90+: TILE KiB of output per tile decoded
-into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2), see
+and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD]`` the staged one (sm_90+: TILE KiB of output per tile decoded
+into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2, ``a1``: the
+next tile's codes and absmax loaded into registers while a tile decodes), see
 ``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
@@ -103,15 +104,15 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)", token)
+        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?", token)
         if m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
-                                        PREFETCH=int(b[3]), STREAMING=int(b[4])))
+                                        PREFETCH=int(b[3]), STREAMING=int(b[4]), AHEAD=int(b[5] or 0)))
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
-                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING (the staged kernel, e.g. b16k2p0s0)")
+                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD] (the staged kernel, e.g. b16k2p0s0a1)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -121,7 +122,7 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("STAGED"):
-        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}"
+        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 

@@ -91,11 +91,15 @@ __device__ __forceinline__ float group_absmax(float m, int log2_bs, float* smem)
 // Dequantizers: the absmax of block b, as the twin flushes it. Double quantization keeps it
 // as a uint8 code q2 of (absmax - offset) in blocks of 2**log2_bs2:
 //     absmax^ = code2[q2[b]] * absmax2[b >> log2_bs2] + offset.
-// nested_absmax is that formula given the code's value c2 = code2[q2[b]], wherever the caller keeps code2.
+// nested_absmax is that formula given the code's value c2 = code2[q2[b]], wherever the caller keeps code2;
+// nested_absmax_of is the same given also a2 = absmax2[b >> log2_bs2], for a caller that loaded it ahead.
+__device__ __forceinline__ float nested_absmax_of(float c2, float a2, float offset) {
+    const float d2 = flush(__fmul_rn(c2, flush(a2)));
+    return flush(__fadd_rn(d2, offset));                   // the twin flushes the absmax it scales by
+}
 __device__ __forceinline__ float nested_absmax(float c2, i64 b, const float* __restrict__ absmax2, float offset,
                                                int log2_bs2) {
-    const float d2 = flush(__fmul_rn(c2, flush(__ldg(absmax2 + (b >> log2_bs2)))));
-    return flush(__fadd_rn(d2, offset));                   // the twin flushes the absmax it scales by
+    return nested_absmax_of(c2, __ldg(absmax2 + (b >> log2_bs2)), offset);
 }
 template <bool NESTED>
 __device__ __forceinline__ float block_absmax(i64 b, const float* __restrict__ absmax,

@@ -117,6 +117,9 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef PREFETCH
 #define PREFETCH 0    // STAGED: tiles ahead whose codes and absmax are prefetched into L2 (0: none, up to 4)
 #endif
+#ifndef AHEAD
+#define AHEAD 0       // STAGED: 1 loads the next tile's codes and absmax into registers while this tile decodes
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -125,6 +128,7 @@ static_assert(!STAGED || CHUNK == 4, "the staged kernel loads 4 packed bytes per
 static_assert(TILE == 8192 || TILE == 16384, "TILE is 8192 or 16384 output bytes");
 static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2 to 4, STAGES * TILE <= 32 KiB");
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
+static_assert(AHEAD == 0 || AHEAD == 1, "AHEAD is 0 or 1");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -396,11 +400,27 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
     const i64 end = first + share < tiles ? first + share : tiles;   // this CUDA block's tiles [first, end)
     const float off = NESTED ? __ldg(offset) : 0.0f;
 
-    u32 word[U];                                           // this tile's codes and absmax
-    float a[U];
-    auto absmax_of = [&](i64 b) -> float {                 // block_absmax (common.cuh), the code from shared memory
-        if (NESTED) return nested_absmax(code2_s[__ldg(qabsmax + b)], b, absmax2, off, log2_bs2);
-        return flush(__ldg(absmax + b));
+    // A tile's loads, kept raw so that nothing waits on them until the tile is decoded: the codes,
+    // and per chunk the absmax (plain) or its 8-bit code and absmax2 (nested; code2 is applied at decode).
+    struct Loads { u32 word[U]; u32 q[U]; float a[U]; };
+    auto load_tile = [&](i64 tile, Loads& L) {
+        const i64 c0 = tile * CPT + threadIdx.x;           // this thread's first chunk of the tile
+        const bool whole = (tile + 1) * VPT <= n;          // a whole tile: plain loads, every block in range
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            if (whole) L.word[u] = load_ro(reinterpret_cast<const u32*>(packed) + c0 + u * STAGED_THREADS);
+            else load_chunk(packed, (c0 + u * STAGED_THREADS) * 4, nbytes, &L.word[u]);   // past the end: 0
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            i64 b = ((c0 + u * STAGED_THREADS) * 8) >> log2_bs;
+            b = b < last_block ? b : last_block;           // past the end: stored nowhere
+            if (NESTED) { L.q[u] = __ldg(qabsmax + b); L.a[u] = __ldg(absmax2 + (b >> log2_bs2)); }
+            else L.a[u] = __ldg(absmax + b);
+        }
+    };
+    auto absmax_of = [&](const Loads& L, int u) -> float {  // block_absmax (common.cuh), code2 from shared memory
+        return NESTED ? nested_absmax_of(code2_s[L.q[u]], L.a[u], off) : flush(L.a[u]);
     };
     auto prefetch_tile = [&](i64 tile) {                   // thread 0: tile's codes and absmax into L2
         const i64 v0 = tile * VPT, v1 = v0 + VPT < n ? v0 + VPT : n;
@@ -409,31 +429,15 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
         if (NESTED) prefetch_l2(qabsmax + b0, qabsmax + b1);
         else prefetch_l2(absmax + b0, absmax + b1);
     };
-    auto load_tile = [&](i64 tile) {
-        const i64 c0 = tile * CPT + threadIdx.x;           // this thread's first chunk of the tile
-        if ((tile + 1) * VPT <= n) {                       // a whole tile: plain loads, every block in range
-            const u32* p = reinterpret_cast<const u32*>(packed) + c0;
-#pragma unroll
-            for (int u = 0; u < U; ++u) word[u] = load_ro(p + u * STAGED_THREADS);
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-                a[u] = absmax_of(((c0 + u * STAGED_THREADS) * 8) >> log2_bs);
-        } else {                                           // the last tile: bytes past the end read as 0
-#pragma unroll
-            for (int u = 0; u < U; ++u) load_chunk(packed, (c0 + u * STAGED_THREADS) * 4, nbytes, &word[u]);
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const i64 b = ((c0 + u * STAGED_THREADS) * 8) >> log2_bs;
-                a[u] = absmax_of(b < last_block ? b : last_block);
-            }
-        }
-    };
+    Loads cur, next;
+    if (AHEAD && first < end) load_tile(first, cur);
     if (PREFETCH && threadIdx.x == 0)                      // the L2 prefetch window: the PREFETCH tiles after this one
         for (i64 t = first + 1; t < first + PREFETCH && t < end; ++t) prefetch_tile(t);
     int slot = 0;
     for (i64 tile = first; tile < end; ++tile) {
         if (PREFETCH && threadIdx.x == 0 && tile + PREFETCH < end) prefetch_tile(tile + PREFETCH);
-        load_tile(tile);                                   // (loading the next tile ahead took 4x the registers)
+        if (!AHEAD) load_tile(tile, cur);
+        else if (tile + 1 < end) load_tile(tile + 1, next);   // in flight while this tile decodes and stores
         const i64 v0 = tile * VPT;
         if (v0 + VPT <= n) {                               // a whole tile: shared memory, one bulk store
             uint4* buf = stage[slot];
@@ -441,7 +445,8 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 #pragma unroll
             for (int u = 0; u < U; ++u) {                  // chunk l = u T + t of the tile: 8 values
                 const int l = u * STAGED_THREADS + threadIdx.x;
-                decode_word<OUT>(word[u], a[u], tab, tab_finite && isfinite(a[u]), buf + (OUT == OUT_F32 ? 2 * l : l));
+                const float a = absmax_of(cur, u);
+                decode_word<OUT>(cur.word[u], a, tab, tab_finite && isfinite(a), buf + (OUT == OUT_F32 ? 2 * l : l));
             }
             fence_proxy_async();
             __syncthreads();                               // the whole tile is in buf
@@ -456,10 +461,11 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
                 const i64 e0 = (tile * CPT + u * STAGED_THREADS + threadIdx.x) * 8;
                 if (e0 >= n) break;
                 float v[8];
-                decode8(word[u], a[u], tab, v);
+                decode8(cur.word[u], absmax_of(cur, u), tab, v);
                 store8<OUT>(out, e0, n, v);
             }
         }
+        if (AHEAD) cur = next;
     }
     if (threadIdx.x == 0) bulk_wait_all();                 // shared memory outlives the bulk copies reading it
 #endif
@@ -469,7 +475,9 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 // One kernel name per output type and absmax kind; STAGED picks the body compiled into it.
 #if STAGED
 #define DEQ4_BODY dequantize_4bit_staged
-#define DEQ4_BOUNDS __launch_bounds__(256, 6)   // <= 40 registers: six CUDA blocks per SM (shared memory allows 6)
+// Registers for as many CUDA blocks per SM as shared memory allows (227 KiB): 6 with 32 KiB of stages
+// (<= 40 registers), 8, the most 256-thread blocks an SM runs, with 8 KiB tiles and 2 or 3 stages (<= 32).
+#define DEQ4_BOUNDS __launch_bounds__(256, STAGES * TILE <= 24576 ? 8 : 6)
 #else
 #define DEQ4_BODY dequantize_4bit
 #define DEQ4_BOUNDS
