@@ -8,7 +8,11 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
   bits for the next 16-bit op; here the next ops (bias, GELU, residual, layer norm) read
   float32, so cuBLAS writes the float32 sums directly: one rounding fewer, and no pass that
   converts a 16-bit result back to float32 (issue [fast16]: those passes were a third of a
-  bfloat16 step's GPU time on the H200).
+  bfloat16 step's GPU time on the H200). The one product whose consumer reads 16 bits is the
+  LM head's: its logits go to the loss alone, which widens them itself (as torch.autocast's
+  linear writes 16-bit logits and its cross_entropy upcasts them), so there cuBLAS rounds the
+  float32 sums once to the compute dtype (:class:`AmpLinearOut16`, asked for by a layer's
+  ``nn.Linear.output_16bit``): half the bytes of the largest activation of a GPT-2 step.
 * **float32 master weights** (§3.1): parameters and optimizer state stay float32; a
   16-bit copy of a weight is made for each product. Updates much smaller than a weight
   (lr x grad < 2^-11 of it) would vanish if the weight itself were float16.
@@ -29,7 +33,11 @@ the quantized layers (:mod:`minipeft.quant.modules`) call the same helpers. Atte
 autocast runs as :class:`minipeft.kernels.amp_attention.AmpAttention`: its four batched (B, H)
 products on 16-bit operands through cuBLAS (``minipeft/kernels/gemm16.py``: CuPy's own batched
 ``@`` converts float16 to float32 and back and refuses bfloat16), the masked softmax in float32,
-q, k, v and the probabilities saved in 16 bits. Other batched products stay float32.
+q, k, v and the probabilities saved in 16 bits. Other batched products stay float32. The LM head
+(``nn.Linear.output_16bit``, set by :class:`minipeft.gpt.GPT`) runs as :class:`AmpLinearOut16` and its
+16-bit logits go to :class:`minipeft.kernels.amp_cross_entropy.AmpCrossEntropy`: float32 statistics,
+the logits themselves and a float32 log-sum-exp per row saved instead of probabilities, and the
+gradient written in 16 bits in the padded layout this module's backward GEMMs multiply.
 
 On the GPU a 16-bit product is real: CuPy float16 or bfloat16 arrays (bfloat16 is
 ``ml_dtypes.bfloat16``, the NumPy dtype CuPy uses for it), one cuBLAS GEMM on the tensor
@@ -40,7 +48,8 @@ which also halves their memory. NumPy has no fast float16 GEMM and no bfloat16 G
 CPU the product is *emulated*: operands rounded to 16-bit values held in float32 (round to
 nearest even, :func:`round_to_compute`), then a float32 product. Both give the same numbers up
 to the order of the float32 sums, so the CPU tests stand for the GPU path (``tests/test_bf16.py``
-compares the two on a GPU).
+compares the two on a GPU). The emulation's 16-bit logits are float32 arrays of values on the 16-bit
+grid too: on NumPy, float32 logits under a 16-bit autocast are taken to be those.
 """
 from __future__ import annotations
 
@@ -52,7 +61,8 @@ import numpy as np
 from . import fast
 from .backend import bfloat16_dtype, sum_rows, xp_of
 from .capture import capturing
-from .ops.linalg import Linear, MatMul
+from .engine import Tensor
+from .ops.linalg import Linear, MatMul, linear
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -166,6 +176,27 @@ def to_compute(a, compute_dtype: str):
     return round_to_compute(a, compute_dtype)
 
 
+def _address(a) -> int:
+    return a.data.ptr if fast.on_gpu(a) else a.__array_interface__["data"][0]
+
+
+def padded_parent(a, n: int):
+    """The C-contiguous array (..., n) whose first ``a.shape[-1]`` columns ``a`` is a view of, or None.
+
+    The 16-bit cross-entropy (:mod:`minipeft.kernels.amp_cross_entropy`) writes its gradient into rows
+    of ``aligned(V)`` values, zeros past V, and hands on the (N, V) view: AmpLinear's backward GEMMs
+    multiply the padded array itself. (Only zeros, or finite values, in the padding keep ``g W`` exact:
+    they meet W's zero padding rows; dL/dW's padding rows are cut off.)"""
+    base = getattr(a, "base", None)
+    if base is None or a.ndim == 0 or base.dtype != a.dtype or not base.flags.c_contiguous:
+        return None
+    rows = math.prod(a.shape[:-1])
+    if base.size != rows * n or _address(base) != _address(a):
+        return None
+    whole = base.reshape(a.shape[:-1] + (n,))  # (..., n)
+    return whole if whole[..., :a.shape[-1]].strides == a.strides else None
+
+
 def aligned(n: int) -> int:
     """``n`` rounded up to a multiple of 8: cuBLAS's fast float16 tensor-core kernels need
     dimensions divisible by 8 (GPT-2's vocabulary, 50257, is not: on an H100 its LM-head
@@ -174,25 +205,32 @@ def aligned(n: int) -> int:
 
 
 def to_compute_padded(a, compute_dtype: str, n: int, axis: int = -1):
-    """:func:`to_compute` of ``a`` with ``axis`` zero-padded to length ``n`` (cast and copy in one pass)."""
+    """:func:`to_compute` of ``a`` with ``axis`` zero-padded to length ``n`` (cast and copy in one pass).
+
+    A 16-bit ``a`` that is already the leading columns of a padded array (:func:`padded_parent`: the
+    16-bit cross-entropy writes its gradient so) is that array, taken as it is: no pass at all."""
     axis = axis % a.ndim
     if a.shape[axis] == n:
         return to_compute(a, compute_dtype)
     if _real_16bit(a, compute_dtype):
         use_float32_accumulation(compute_dtype)
-        return cast_16bit(a, device_dtype(compute_dtype), n, axis)
+        dt = device_dtype(compute_dtype)
+        whole = padded_parent(a, n) if a.dtype == dt and axis == a.ndim - 1 else None
+        return whole if whole is not None else cast_16bit(a, dt, n, axis)
     xp = xp_of(a)
     out = xp.zeros(a.shape[:axis] + (n,) + a.shape[axis + 1:], np.float32)
     out[(slice(None),) * axis + (slice(0, a.shape[axis]),)] = round_to_compute(a, compute_dtype)
     return out
 
 
-def gemm(a, b, rows: int | None = None, cols: int | None = None, bias=None):
+def gemm(a, b, rows: int | None = None, cols: int | None = None, bias=None, out_dtype: str = "float32"):
     """``a @ b`` of two :func:`to_compute` operands with float32 accumulation, returned as the
     float32 sums (not rounded to ``compute_dtype``: see the module docstring); ``rows``/``cols``
     keep only the leading rows/columns (of a product of padded operands). ``bias`` (float32, one
     value per column of the whole product, padding included: :func:`padded_bias`) is added to
-    every row before the columns are cut.
+    every row before the columns are cut. ``out_dtype`` ``"float16"``/``"bfloat16"`` rounds the
+    sums (plus bias) once to it, for a consumer that reads 16 bits (:class:`AmpLinearOut16`): on the
+    GPU cuBLAS writes them in it, on the CPU they are :func:`round_to_compute`'d float32 values.
 
     Real 16-bit operands must be 2-D (:func:`gemm_2d`); they run as one cuBLAS ``gemmEx``
     (16-bit in, float32 compute and out), or with a bias as one cuBLASLt GEMM that adds it in its
@@ -200,10 +238,14 @@ def gemm(a, b, rows: int | None = None, cols: int | None = None, bias=None):
     its buffer with the transpose flag, not copied. On the CPU the operands hold rounded
     values (the emulation) and this is a float32 ``@`` (then ``+ bias``)."""
     if a.dtype.itemsize == 2 and fast.on_gpu(a):
-        y = matmul_16bit(a, b) if bias is None else matmul_16bit_bias(a, b, bias)
+        if bias is None:
+            y = matmul_16bit(a, b, out_dtype=np.float32 if out_dtype == "float32" else device_dtype(out_dtype))
+        else:  # the bias is added to the float32 sums, then rounded (a 16-bit out_dtype)
+            y = to_compute(matmul_16bit_bias(a, b, bias), out_dtype)
     else:
         with np.errstate(invalid="ignore", over="ignore"):  # inf operands (an overflow) give inf/nan, as on the GPU
             y = a @ b if bias is None else a @ b + bias
+        y = round_to_compute(y, out_dtype)  # the emulation's one rounding of the sums (float32: y itself)
     if rows is not None or cols is not None:
         y = y[..., slice(rows), slice(cols)]
         if not y.flags.c_contiguous:  # the columns of a padded product: the next ops want rows contiguous
@@ -212,16 +254,17 @@ def gemm(a, b, rows: int | None = None, cols: int | None = None, bias=None):
 
 
 @fast.dispatch
-def matmul_16bit(a, b):
-    """``a @ b`` of two 2-D 16-bit arrays as float32 sums, returned in float32.
+def matmul_16bit(a, b, out_dtype=np.float32):
+    """``a @ b`` of two 2-D 16-bit arrays as float32 sums, returned in ``out_dtype`` (float32, or a
+    16-bit dtype: the sums rounded once, to nearest even).
 
     This reference multiplies float32 copies (exact: a 16-bit value is a float32 value); on the
     GPU :func:`minipeft.kernels.gemm16.matmul_16bit_cuda` runs it as one cuBLAS ``gemmEx`` on the
-    tensor cores (16-bit in, float32 compute and out), the same numbers up to the order of the sums."""
+    tensor cores (16-bit in, float32 compute, ``out_dtype`` out), the same numbers up to the order of the sums."""
     if a.ndim != 2 or b.ndim != 2:
         raise ValueError(f"a 16-bit product takes 2-D operands (use gemm_2d), got {a.shape} and {b.shape}")
     xp = xp_of(a)
-    return a.astype(xp.float32) @ b.astype(xp.float32)
+    return (a.astype(xp.float32) @ b.astype(xp.float32)).astype(out_dtype, copy=False)
 
 
 @fast.dispatch
@@ -247,12 +290,12 @@ def padded_bias(b, n: int):
     return out
 
 
-def gemm_2d(a, b, cols: int | None = None, bias=None):
+def gemm_2d(a, b, cols: int | None = None, bias=None, out_dtype: str = "float32"):
     """:func:`gemm` of ``a`` (..., k) with a 2-D ``b`` (k, n) (and a ``bias`` (n,)), as one 2-D product on the GPU."""
     if a.ndim > 2 and fast.on_gpu(a):  # one GEMM, not a batch over the leading axes
-        y = gemm(a.reshape(-1, a.shape[-1]), b, cols=cols, bias=bias)
+        y = gemm(a.reshape(-1, a.shape[-1]), b, cols=cols, bias=bias, out_dtype=out_dtype)
         return y.reshape(a.shape[:-1] + (y.shape[-1],))
-    return gemm(a, b, cols=cols, bias=bias)
+    return gemm(a, b, cols=cols, bias=bias, out_dtype=out_dtype)
 
 
 # ------------------------------------------------------------ 16-bit Functions
@@ -307,7 +350,8 @@ class AmpLinear(Linear):
         x, w = ctx.saved_tensors
         needs = ctx.needs_input_grad
         dt, out = ctx.compute_dtype, ctx.out_features
-        # the 16-bit gradient (loss scaling keeps it from underflowing), padded like W: (..., out8)
+        # the 16-bit gradient (loss scaling keeps it from underflowing), padded like W: (..., out8); the 16-bit
+        # loss writes the LM head's so already, and it is taken as it is
         gc = to_compute_padded(g, dt, aligned(out))
         gx = gemm_2d(gc, w) if needs[0] else None  # (..., in) float32
         gw = gb = None
@@ -315,8 +359,42 @@ class AmpLinear(Linear):
             g2, x2 = gc.reshape(-1, gc.shape[-1]), x.reshape(-1, x.shape[-1])
             gw = gemm(g2.T, x2, rows=out)  # (out, in)
         if len(needs) > 2 and needs[2]:
-            gb = sum_rows(g.reshape(-1, g.shape[-1]))  # (out,) float32
+            gb = sum_rows(g.reshape(-1, g.shape[-1]).astype(np.float32, copy=False))  # (out,) float32
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)
+
+
+class AmpLinearOut16(AmpLinear):
+    """:class:`AmpLinear` whose product is written in ``compute_dtype``: the float32 sums (plus the
+    bias) rounded once, for a consumer that reads 16 bits (the LM head's logits, read by the loss).
+
+    The result is the (..., out) view of the (..., aligned(out)) product, not a copy without the
+    padding: its rows are ``aligned(out)`` values apart (the 16-bit cross-entropy reads them so). The
+    backward is AmpLinear's: a gradient handed back in that padded layout is multiplied as it is
+    (:func:`to_compute_padded`). On the CPU the result holds float32 values on the 16-bit grid.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b=None):
+        nx, nw = ctx.needs_input_grad[:2]
+        dt = ctx.compute_dtype = autocast_dtype(x, w)
+        out = ctx.out_features = w.shape[0]
+        x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
+        ctx.save_for_backward(x if nw else None, w if nx else None)
+        bias = None if b is None else padded_bias(b, w.shape[0])  # (out8,)
+        y = gemm_2d(x, w.T, bias=bias, out_dtype=dt)  # (..., out8) in dt: x W^T + b, rounded once
+        return y[..., :out]  # (..., out): a view, rows out8 apart (the padding columns stay where they are)
+
+
+def linear_output_16bit(x, weight, bias=None):
+    """``F.linear`` for a layer whose output is read in 16 bits: under a 16-bit :func:`autocast`
+    (float32 operands) it runs as :class:`AmpLinearOut16` and returns float16/bfloat16 values
+    (rounded float32 values on the CPU); otherwise it is ``F.linear`` itself (float32 out)."""
+    if autocast_dtype(*(t.data if isinstance(t, Tensor) else t for t in (x, weight))) is None:
+        return linear(x, weight, bias)
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input has {x.shape[-1]} features but weight {tuple(weight.shape)} "
+                         f"expects {weight.shape[1]}")
+    return AmpLinearOut16.apply(x, weight) if bias is None else AmpLinearOut16.apply(x, weight, bias)
 
 
 def _autocast_2d(a, b) -> bool:

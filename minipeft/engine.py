@@ -272,7 +272,9 @@ class Tensor:
         self.requires_grad = bool(requires_grad)
         self._ctx = None  # _Node (Function, Context, parents) for non-leaves
         self._grad_hooks: dict[int, Any] | None = None  # post-accumulate-grad hooks by handle id (made on first use)
-        if self.requires_grad and not np.issubdtype(data.dtype, np.floating):
+        # ml_dtypes' bfloat16 (a 16-bit autocast's logits on the GPU) is no np.floating subtype: named here
+        floating = np.issubdtype(data.dtype, np.floating) or data.dtype.name == "bfloat16"
+        if self.requires_grad and not floating:
             raise TypeError(f"only floating tensors can require grad, got dtype {data.dtype}")
 
     # ---- basic properties

@@ -119,7 +119,7 @@ CONFIGS: dict[str, dict] = SHAPES
 
 @dataclass
 class GPTOutput:
-    logits: Tensor  # (B, P + T, V): P prompt-embedding positions, then the T tokens
+    logits: Tensor  # (B, P + T, V): P prompt-embedding positions, then the T tokens; 16-bit under a 16-bit autocast
     loss: Tensor | None = None  # mean cross-entropy over the T token positions (scalar)
     hidden_states: list | None = None  # L + 1 Tensors (B, P + T, C), Hugging Face's convention
     past_key_values: KVCache | None = None  # with use_cache: per layer (k, v) (B, H, S, D) and the mask (B, S)
@@ -241,6 +241,10 @@ class GPT(Module):
             self.lm_head.weight = self.transformer.wte.weight  # the same Parameter: tied
         else:
             self.lm_head = _linear(cfg.n_embd, cfg.vocab_size, False, 0.02, rng, cfg.dtype)
+        # under a 16-bit autocast the logits are written in 16 bits, as torch.autocast's: the loss, their
+        # one reader, widens them itself (minipeft.kernels.amp_cross_entropy), and they are the step's
+        # largest activation (B T V: 823 MB at 8 x 512 tokens of GPT-2 in float32)
+        self.lm_head.output_16bit = True
 
     # ---------------------------------------------------------------- gradient checkpointing
     is_gradient_checkpointing = False  # transformers' name; set by the two methods below
@@ -288,7 +292,7 @@ class GPT(Module):
             call.keep_kv(kv)  # the cache for the next call
         x = self.transformer.ln_f(x)  # (B, P' + T, C)
         call.keep_hidden(x)
-        logits = self.lm_head(x)  # (B, P' + T, V)
+        logits = self.lm_head(x)  # (B, P' + T, V): float16/bfloat16 under a 16-bit autocast
         return GPTOutput(logits, call.loss(logits, targets), call.hidden_states, call.new_cache())
 
     def _check_idx(self, idx, xp=None):

@@ -216,7 +216,7 @@ class StepSetup:
     weight_dtype: str = "float32"  # trainable weights
     frozen_dtype: str | None = None  # frozen, unquantized weights; None -> weight_dtype
     grad_dtype: str | None = None  # None -> weight_dtype
-    compute_dtype: str | None = None  # activations; None -> weight_dtype
+    compute_dtype: str | None = None  # activations; None -> weight_dtype (16-bit with float32 weights: amp.autocast)
     optimizer: str = "adamw"  # one of OPTIMIZERS
     state_dtype: str = "float32"  # 32-bit optimizers' states
     master_weights: bool = False  # fp32 master copy (mixed precision; ZeRO's K = 12)
@@ -442,6 +442,7 @@ def estimate_memory(model, method=None, setup: StepSetup | None = None) -> Break
             t.batch_size, T, s.n_layer, s.n_embd, s.n_head, s.d_ff, s.vocab_size, ab, lora_dropout=m.lora_dropout,
             save_frozen_linear_inputs=t.save_frozen_linear_inputs, resid_pdrop=t.resid_pdrop,
             embd_pdrop=t.embd_pdrop, ledger_view=t.ledger_view, gradient_checkpointing=t.gradient_checkpointing,
+            logits_16bit=ab == 2 and wb == 4,  # amp.autocast: the LM head writes 16-bit logits, the loss keeps them
             **model_of.activations(s, m)).values())
     return Breakdown(w_tr, w_fr, sum(trainable) * gb, o, acts, q_c, sum(k for _, k, _, _ in tensors),
                            sum(trainable), t.optimizer.startswith("paged_"), known)

@@ -14,7 +14,7 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
                      lora_ranks=None, lora_dropout=0.0, ln_trainable=False, embeddings_trainable=False,
                      n_prompt=0, n_prefix=0, side_width=0, side_inner=0, save_frozen_linear_inputs=False,
                      resid_pdrop=0.0, embd_pdrop=0.0, ledger_view=False, mask_bytes=1, index_bytes=8,
-                     gradient_checkpointing=False):
+                     gradient_checkpointing=False, logits_16bit=False):
     """Bytes saved for backward by one training step of a GPT-2 LM, per term (summed over layers).
 
     Mirrors minipeft.functional: an op records (and saves) only when an input needs grad;
@@ -22,6 +22,9 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
     LayerNorm keeps x̂ (if input or weight needs grad) and rstd (if input does); GELU its
     input; Attention q, k, v and probs (B, H, T, Tk); Dropout a bool mask; Embedding its
     indices; CrossEntropy probs (N, V) + int64 targets + bool valid; adds save nothing.
+    logits_16bit: a 16-bit ``amp.autocast`` step, whose LM head writes 16-bit logits: the loss keeps
+    them (the head's GEMM output, rows of aligned(V) values) and a float32 log-sum-exp per row
+    instead of probs (``minipeft.kernels.amp_cross_entropy``).
     A buffer kept by two ops counts once. lora_ranks: {block module: r} (linear_shapes names).
     side_width > 0: LST side network of that width; the backbone runs without a graph.
     ledger_view: skip arrays made outside the graph (the engine's ledger treats them as leaves).
@@ -110,7 +113,13 @@ def activation_bytes(B, T, n_layer, n_embd, n_head, n_inner, vocab, act_bytes, *
     if embeddings_trainable:
         add("lm_head: input", N * C * act_bytes)  # tied head: dL/dwte needs ln_f(x)
     if g or embeddings_trainable:  # logits need grad: the loss op is recorded
-        add("cross_entropy: probs", B * T * vocab * act_bytes)  # (B*T, V): real tokens only, no prompt
+        if logits_16bit:  # the logits themselves: the head's (N, V8) output, which the loss reads as a view, unless
+            # prompt tuning's token rows are not one view of it (B > 1): then the loss reads a copy (B*T, V)
+            rows, cols = (N, -(-vocab // 8) * 8) if n_prompt == 0 or B == 1 else (B * T, vocab)  # V8: amp.aligned
+            add("cross_entropy: 16-bit logits", rows * cols * act_bytes)
+            add("cross_entropy: log-sum-exp", B * T * 4)  # float32 (B*T,)
+        else:
+            add("cross_entropy: probs", B * T * vocab * act_bytes)  # (B*T, V): real tokens only, no prompt
         add("cross_entropy: targets, valid", B * T * (index_bytes + 1))  # int64 + bool
     if gradient_checkpointing and side_width == 0:
         input_bytes = [N * C * act_bytes if keep(x_rg) else 0 for x_rg in block_input_needs_grad]

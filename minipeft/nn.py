@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from . import amp
 from . import functional as F
 from . import init  # noqa: F401  (nn.init.kaiming_uniform ..., as torch.nn.init)
 from .backend import get_xp, resolve_device, to_device
@@ -260,7 +261,14 @@ class Linear(Module):
     """y = x W^T + b with W of shape (out_features, in_features), like ``torch.nn.Linear``.
 
     Default init is PyTorch's: U(-1/sqrt(in), 1/sqrt(in)) for W and b.
+
+    ``output_16bit``: under a 16-bit ``amp.autocast``, write the product in the compute dtype (its
+    float32 sums rounded once, :func:`minipeft.amp.linear_output_16bit`) rather than float32. Only for a
+    layer whose consumer reads 16 bits: GPT's ``lm_head``, whose loss widens its logits itself. The
+    other layers feed float32 ops (bias, GELU, layer norm, the residual stream) and keep False.
     """
+
+    output_16bit = False  # see the class docstring; set per layer (GPT sets it on lm_head)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rng=None, dtype=np.float32,
                  device: str | None = None):
@@ -275,6 +283,8 @@ class Linear(Module):
         self.bias = Parameter(xp.asarray(r.uniform(-bound, bound, out_features).astype(dtype))) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.output_16bit:
+            return amp.linear_output_16bit(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -68,6 +68,40 @@ def test_linear_under_autocast_is_the_16bit_formula_forward_and_backward(xp, to_
     assert not np.array_equal(_np(y.data), y32)  # it did run in 16 bits
 
 
+@pytest.mark.parametrize("compute_dtype,out", [("bfloat16", 13), ("float16", 16)])
+def test_a_layer_read_in_16_bits_rounds_its_product_once(xp, to_xp, compute_dtype, out):
+    """nn.Linear.output_16bit (GPT's lm_head): under autocast x W^T + b is rounded once to the compute dtype, the
+    (..., out) view of the padded product (16-bit arrays on the GPU, float32 values on the grid on the CPU); its
+    backward is AmpLinear's, on a 16-bit gradient too. Outside autocast it is F.linear."""
+    from minipeft.nn import Linear
+
+    rng = np.random.default_rng(5)
+    x0, w0, b0 = (rng.normal(size=s).astype(np.float32) for s in ((2, 5, 24), (out, 24), (out,)))
+    r = lambda a: amp.round_to_compute(np.asarray(a, np.float32), compute_dtype)  # noqa: E731
+    g0 = r(rng.normal(size=(2, 5, out)))  # a gradient on the 16-bit grid: the same in either backward
+    lin = Linear.from_weight(Tensor(to_xp(w0), requires_grad=True), Tensor(to_xp(b0), requires_grad=True))
+    lin.output_16bit = True
+    x = Tensor(to_xp(x0), requires_grad=True)
+    np.testing.assert_array_equal(_np(lin(x).data), _np(F.linear(x, lin.weight, lin.bias).data))  # no autocast
+    with amp.autocast(compute_dtype):
+        y = lin(x)
+    assert y._ctx.fn is amp.AmpLinearOut16 and y.shape == (2, 5, out)
+    assert y.data.strides[-2] == amp.aligned(out) * y.data.itemsize  # rows of the padded product, not a copy
+    if xp.__name__ == "cupy":
+        assert y.dtype == amp.device_dtype(compute_dtype)
+    y32 = r(x0) @ r(w0).T + b0  # float32 sums, one rounding below
+    yh = _np(y.data).astype(np.float32)
+    np.testing.assert_array_equal(yh, r(yh))  # on the 16-bit grid
+    step = 2.0 ** (-10 if compute_dtype == "float16" else -7)
+    np.testing.assert_allclose(yh, r(y32), rtol=step, atol=1e-6)  # the sums' order may flip a rounding
+    y.backward(to_xp(g0))
+    np.testing.assert_allclose(_np(x.grad), g0 @ r(w0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(_np(lin.weight.grad), g0.reshape(-1, out).T @ r(x0).reshape(-1, 24), rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(_np(lin.bias.grad), g0.sum(axis=(0, 1)), rtol=1e-5)
+    assert x.grad.dtype == lin.weight.grad.dtype == lin.bias.grad.dtype == np.float32
+
+
 @pytest.mark.parametrize("compute_dtype", ["float16", "bfloat16"])
 def test_autocast_saves_16bit_operands_on_the_gpu(xp, to_xp, compute_dtype):
     leaf = Tensor(to_xp(np.ones((64, 32), np.float32)), requires_grad=True)

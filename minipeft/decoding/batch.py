@@ -14,7 +14,7 @@ import numpy as np
 from ..backend import to_numpy
 from .beam import LENGTH_PENALTY_STYLES, beam_search, log_softmax
 from .greedy import greedy_search
-from .loop import array_of, inference, resolve_model
+from .loop import array_of, inference, resolve_model, widened
 
 
 @dataclass
@@ -112,7 +112,7 @@ def sequence_log_prob(model, prompt, continuation) -> float:
         return 0.0
     ids = np.concatenate([prompt, cont])[None, :]  # (1, T)
     with inference(model):
-        logits = array_of(target.forward(target.xp.asarray(ids), **target.extra).logits)[0]  # (P + T, V)
+        logits = widened(array_of(target.forward(target.xp.asarray(ids), **target.extra).logits)[0])  # (P + T, V)
     lp = to_numpy(log_softmax(logits))[-ids.shape[1]:]  # the token positions
     T0 = prompt.size
     return float(lp[np.arange(T0 - 1, ids.shape[1] - 1), cont].sum())

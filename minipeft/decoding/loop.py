@@ -37,6 +37,12 @@ def array_of(x):
     return x.data if isinstance(x, Tensor) else x
 
 
+def widened(logits):
+    """Logits widened to float32 where they are 16-bit (what the LM head writes under a 16-bit ``amp.autocast``):
+    log-softmax, sampling and beam scores are float32 arithmetic. float32 and float64 ones as they are."""
+    return logits.astype(np.float32) if logits.dtype.itemsize < 4 else logits
+
+
 # ------------------------------------------------------------------ what runs
 
 
@@ -178,7 +184,7 @@ class Session:
             kw["position_ids"] = positions(xp.ones((R, 1), bool), self.cache.next_positions())  # (R, 1)
         out = self.forward(tokens[:, None], **kw)
         self.cache = out.past_key_values
-        return array_of(out.logits)[:, -1, :]
+        return widened(array_of(out.logits)[:, -1, :])
 
     def select(self, rows) -> None:
         """Keep, repeat and reorder rows (R',) of the session: history, mask and cache."""
@@ -241,7 +247,7 @@ class Session:
             kw["use_cache"] = True
         out = self.forward(win, **kw)
         self.cache = out.past_key_values if self.use_cache else None
-        return array_of(out.logits)[:, -1, :]
+        return widened(array_of(out.logits)[:, -1, :])
 
 
 def _pad_left(tokens, mask, length: int, xp):

@@ -15,10 +15,11 @@ turns all of them off, the bit-exact quantizers included, so the very same NumPy
 code runs through CuPy instead (what ``benchmarks/gpu_profile.py`` compares against, and
 how a student can check that a kernel changes speed, not results). BGMV / SGMV
 (``bgmv.py``), whose twins live in :mod:`minipeft.serve` above this package, are
-registered there. One registration is a precision mode rather than a kernel:
+registered there. Two registrations are a precision mode rather than a kernel:
 :class:`~minipeft.kernels.amp_attention.AmpAttention`, attention under a 16-bit
-``amp.autocast``, runs on NumPy too (as its twin, an emulation of the GPU's arithmetic) and
-stays on with ``MINIPEFT_KERNELS=0`` (which makes it run the twin on CuPy as well).
+``amp.autocast``, and :class:`~minipeft.kernels.amp_cross_entropy.AmpCrossEntropy`, the loss of
+the 16-bit logits the LM head writes there, run on NumPy too (as their twins, an emulation of the
+GPU's arithmetic) and stay on with ``MINIPEFT_KERNELS=0`` (which makes them run the twins on CuPy as well).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from ..ops.loss import CrossEntropy
 from ..ops.norm_act import GELU, LayerNorm
 from ..optim import core as optim_core
 from ..quant import blockwise, int8
-from . import adamw, amp_attention, cast16, functions, gemm16, quant4bit, quant8bit
+from . import adamw, amp_attention, amp_cross_entropy, cast16, functions, gemm16, quant4bit, quant8bit
 
 
 def _first_on_gpu(a, *args, **kwargs) -> bool:
@@ -40,6 +41,10 @@ def _first_on_gpu(a, *args, **kwargs) -> bool:
 # Training: fused Functions in place of the reference ops (minipeft/kernels/functions.py)
 fast.register(GELU, functions.FusedGELU, when=functions.gelu_applies)
 fast.register(LayerNorm, functions.FusedLayerNorm, when=functions.layernorm_applies)
+# the loss of 16-bit logits (the LM head's under autocast): float32 statistics, its twin on NumPy and with
+# MINIPEFT_KERNELS=0 (a precision mode, as the 16-bit attention below); float32 logits: the fused float32 one
+fast.register(CrossEntropy, amp_cross_entropy.AmpCrossEntropy, when=amp_cross_entropy.amp_cross_entropy_applies,
+              switch=False)
 fast.register(CrossEntropy, functions.FusedCrossEntropy, when=functions.cross_entropy_applies)
 # Attention: under a 16-bit autocast the 16-bit one (tried first; other numbers by request, so, like
 # minipeft.amp's products, not switched off by MINIPEFT_KERNELS=0, which only makes it run its twin),

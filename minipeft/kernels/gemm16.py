@@ -179,19 +179,20 @@ def sum_rows_applies(a) -> bool:
     return float32_on_gpu(a, contiguous=False) and a.ndim == 2
 
 
-def matmul_16bit_applies(a, b) -> bool:
-    """Two 2-D CuPy arrays, both float16 or both bfloat16."""
+def matmul_16bit_applies(a, b, out_dtype=None) -> bool:
+    """Two 2-D CuPy arrays, both float16 or both bfloat16 (``out_dtype``: any that batched_gemm writes)."""
     from ..fast import on_gpu
 
     return (on_gpu(a) and on_gpu(b) and a.ndim == b.ndim == 2 and a.dtype == b.dtype
             and (a.dtype == np.float16 or a.dtype.name == "bfloat16"))
 
 
-def matmul_16bit_cuda(a, b):
-    """``a @ b`` (2-D, 16-bit) as one cuBLAS GEMM with float32 result (:func:`minipeft.amp.matmul_16bit`'s
-    fast path). A transposed view (``w.T``) goes to cuBLAS as its buffer with the transpose flag, not copied."""
+def matmul_16bit_cuda(a, b, out_dtype=np.float32):
+    """``a @ b`` (2-D, 16-bit) as one cuBLAS GEMM with a float32 (or ``out_dtype``: float16, bfloat16, the float32
+    sums rounded once by cuBLAS) result (:func:`minipeft.amp.matmul_16bit`'s fast path). A transposed view
+    (``w.T``) goes to cuBLAS as its buffer with the transpose flag, not copied."""
     (a, ta), (b, tb) = _as_buffer(a), _as_buffer(b)
-    return batched_gemm(a, b, trans_a=ta, trans_b=tb, out_dtype=np.float32)  # (m, n) float32
+    return batched_gemm(a, b, trans_a=ta, trans_b=tb, out_dtype=out_dtype)  # (m, n)
 
 
 def matmul_16bit_bias_applies(a, b, bias) -> bool:
