@@ -335,14 +335,18 @@ class AmpLinear(Linear):
     see :func:`aligned`) and the padding is cut off the results.
     """
 
-    @staticmethod
-    def forward(ctx, x, w, b=None):
+    output_16bit = False  # AmpLinearOut16: the product written in compute_dtype, padding kept
+
+    @classmethod
+    def forward(cls, ctx, x, w, b=None):
         nx, nw = ctx.needs_input_grad[:2]
         dt = ctx.compute_dtype = autocast_dtype(x, w)
         out = ctx.out_features = w.shape[0]
         x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
         ctx.save_for_backward(x if nw else None, w if nx else None)
         bias = None if b is None else padded_bias(b, w.shape[0])  # (out8,)
+        if cls.output_16bit:  # (..., out8) in dt, x W^T + b rounded once; its (..., out) view, rows out8 apart
+            return gemm_2d(x, w.T, bias=bias, out_dtype=dt)[..., :out]
         return gemm_2d(x, w.T, cols=out, bias=bias)  # (..., out) float32: x W^T + b
 
     @staticmethod
@@ -373,16 +377,7 @@ class AmpLinearOut16(AmpLinear):
     (:func:`to_compute_padded`). On the CPU the result holds float32 values on the 16-bit grid.
     """
 
-    @staticmethod
-    def forward(ctx, x, w, b=None):
-        nx, nw = ctx.needs_input_grad[:2]
-        dt = ctx.compute_dtype = autocast_dtype(x, w)
-        out = ctx.out_features = w.shape[0]
-        x, w = to_compute(x, dt), to_compute_padded(w, dt, aligned(out), axis=0)  # (..., in), (out8, in)
-        ctx.save_for_backward(x if nw else None, w if nx else None)
-        bias = None if b is None else padded_bias(b, w.shape[0])  # (out8,)
-        y = gemm_2d(x, w.T, bias=bias, out_dtype=dt)  # (..., out8) in dt: x W^T + b, rounded once
-        return y[..., :out]  # (..., out): a view, rows out8 apart (the padding columns stay where they are)
+    output_16bit = True
 
 
 def linear_output_16bit(x, weight, bias=None):

@@ -45,13 +45,28 @@ __device__ __forceinline__ float block_sum(float v, float* sh) {
     return t;
 }
 
+// The block's threads' running (m, s) pairs merged into the row's (M, S), returned in m and s of every thread.
+__device__ __forceinline__ void block_merge(float& m, float& s, float* shm, float* shs) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        merge(m, s, m2, s2);
+    }
+    const int w = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    __syncthreads();
+    if (lane == 0) { shm[w] = m; shs[w] = s; }
+    __syncthreads();
+    m = shm[0]; s = shs[0];
+    for (int k = 1; k < BLOCK / 32; ++k) merge(m, s, shm[k], shs[k]);
+}
+
 extern "C" __global__ void __launch_bounds__(BLOCK) cross_entropy_forward(
         const float* __restrict__ logits, const i64* __restrict__ targets, i64 n_rows, int V,
         i64 ignore_index, float eps, float one_minus_eps, int smoothing,
         float* __restrict__ probs, float* __restrict__ nll_out, i64* __restrict__ safe_t,
         u8* __restrict__ valid) {
     __shared__ float shm[BLOCK / 32], shs[BLOCK / 32], sh[BLOCK / 32];
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int tid = threadIdx.x;
     for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const float* x = logits + row * V;
         float m = NEG_INF, s = 0.0f;
@@ -60,16 +75,8 @@ extern "C" __global__ void __launch_bounds__(BLOCK) cross_entropy_forward(
             if (v > m) { s = s * expf(m - v) + 1.0f; m = v; }
             else { s += expf(v - m); }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            merge(m, s, m2, s2);
-        }
-        __syncthreads();
-        if (lane == 0) { shm[w] = m; shs[w] = s; }
-        __syncthreads();
-        float M = shm[0], S = shs[0];
-        for (int k = 1; k < BLOCK / 32; ++k) merge(M, S, shm[k], shs[k]);
+        block_merge(m, s, shm, shs);                            // the row's (M, S) in every thread
+        const float M = m, S = s;
         const float lse = logf(S);
         float* pr = probs + row * V;
         float acc = 0.0f;
@@ -142,7 +149,7 @@ __device__ void ce16_forward(const u16* __restrict__ logits, i64 ld, const i64* 
                              float* __restrict__ lse_out, float* __restrict__ nll_out, i64* __restrict__ safe_t,
                              u8* __restrict__ valid) {
     __shared__ float shm[BLOCK / 32], shs[BLOCK / 32], sh[BLOCK / 32];
-    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int tid = threadIdx.x;
     for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
         const u16* x = logits + row * ld;
         float m = NEG_INF, s = 0.0f, sx = 0.0f;                  // running max, sum exp(x - m), sum x
@@ -156,16 +163,8 @@ __device__ void ce16_forward(const u16* __restrict__ logits, i64 ld, const i64* 
 #pragma unroll
             for (int k = 0; k < 8; ++k) if (j0 + k < V) { s += expf(v[k] - m); sx += v[k]; }
         }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            merge(m, s, m2, s2);
-        }
-        __syncthreads();
-        if (lane == 0) { shm[w] = m; shs[w] = s; }
-        __syncthreads();
-        float M = shm[0], S = shs[0];
-        for (int k = 1; k < BLOCK / 32; ++k) merge(M, S, shm[k], shs[k]);
+        block_merge(m, s, shm, shs);                            // the row's (M, S) in every thread
+        const float M = m, S = s;
         const float lse = M + logf(S);
         if (smoothing) sx = block_sum(sx, sh);
         if (tid == 0) {
