@@ -126,10 +126,12 @@ def variant_name(variant) -> str:
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
-# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4, with and
-# without streaming hints), and the staged kernel (sm_90+: bulk stores from shared memory) at both
-# tile sizes, several numbers of stages and L2 prefetch distances.
-DEFAULT_SWEEP = "c4u4s0,c4u4s1,b16k2p0s0,b16k2p0s1,b16k2p1s0,b16k2p2s0,b8k2p0s0,b8k3p0s0,b8k4p0s0"
+# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), the staged
+# kernel (sm_90+: bulk stores from shared memory) as the default and at 8 KiB tiles, and the staged
+# kernel with the next tile's loads in flight (a1) at both tile sizes, 2 or 3 stages, with and without
+# a one-tile L2 prefetch. (Streaming hints, 4 stages and prefetching 2+ tiles ahead measured no faster
+# on the H200: benchmarks/results/h200-2026-12-02/staged/.)
+DEFAULT_SWEEP = "c4u4s0,b16k2p0s0,b8k2p0s0,b16k2p0s0a1,b16k2p1s0a1,b8k2p0s0a1,b8k3p0s0a1,b8k3p1s0a1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

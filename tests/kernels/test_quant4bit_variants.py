@@ -55,9 +55,9 @@ def test_bad_variants_name_the_setting(bad, match):
 
 def test_benchmark_tokens_round_trip():
     b = bench()
-    variants = b.parse_variants(b.DEFAULT_SWEEP + ",b8k4p3s1,c16u2s1,b8k3p1s0a1")
+    variants = b.parse_variants(b.DEFAULT_SWEEP + ",b8k4p3s1,c16u2s1,b16k2p2s1a1")
     names = [b.variant_name(v) for v in variants]
-    assert names == b.DEFAULT_SWEEP.split(",") + ["b8k4p3s1", "c16u2s1", "b8k3p1s0a1"]
+    assert names == b.DEFAULT_SWEEP.split(",") + ["b8k4p3s1", "c16u2s1", "b16k2p2s1a1"]
     assert dict(variants[-1])["AHEAD"] == 1 and b.parse_variants("b8k3p1s0a0") == b.parse_variants("b8k3p1s0")
     assert dict(variants[names.index("b8k4p3s1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 4,
                                                        "PREFETCH": 3, "STREAMING": 1}
