@@ -62,7 +62,7 @@ from . import fast
 from .backend import bfloat16_dtype, sum_rows, xp_of
 from .capture import capturing
 from .engine import Tensor
-from .ops.linalg import Linear, MatMul, linear
+from .ops.linalg import Linear, MatMul, check_linear, linear
 
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -386,9 +386,7 @@ def linear_output_16bit(x, weight, bias=None):
     (rounded float32 values on the CPU); otherwise it is ``F.linear`` itself (float32 out)."""
     if autocast_dtype(*(t.data if isinstance(t, Tensor) else t for t in (x, weight))) is None:
         return linear(x, weight, bias)
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"linear: input has {x.shape[-1]} features but weight {tuple(weight.shape)} "
-                         f"expects {weight.shape[1]}")
+    check_linear(x, weight)
     return AmpLinearOut16.apply(x, weight) if bias is None else AmpLinearOut16.apply(x, weight, bias)
 
 

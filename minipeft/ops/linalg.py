@@ -61,9 +61,14 @@ class Linear(Function):
         return (gx, gw, gb) if len(needs) > 2 else (gx, gw)
 
 
-def linear(x, weight, bias=None) -> Tensor:
+def check_linear(x, weight) -> None:
+    """``x`` (..., in) against ``weight`` (out, in): a clear error when the feature counts differ."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(
             f"linear: input has {x.shape[-1]} features but weight {tuple(weight.shape)} expects {weight.shape[1]}"
         )
+
+
+def linear(x, weight, bias=None) -> Tensor:
+    check_linear(x, weight)
     return Linear.apply(x, weight) if bias is None else Linear.apply(x, weight, bias)
