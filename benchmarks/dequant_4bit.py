@@ -25,9 +25,11 @@ to see what the one-wave grid buys.
 
 Kernel variants (``--variants``, a comma-separated list): ``cCHUNKuUNROLLsSTREAMING`` is the swept
 kernel (CHUNK packed bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1)
-and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD]`` the staged one (sm_90+: TILE KiB of output per tile decoded
-into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2, ``a1``: the
-next tile's codes and absmax loaded into registers while a tile decodes), see
+and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE]`` the staged one (sm_90+: TILE KiB of output per
+tile decoded into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2,
+``a1``: the next tile's codes and absmax loaded into registers while a tile decodes, ``i1``: the tiles dealt
+out to the CUDA blocks in turn, so that they all write one window of the output, instead of contiguous
+shares), see
 ``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
@@ -36,7 +38,8 @@ kernel's (the device's ``default_variant``: the staged kernel on sm_90+). Peers 
 the traffic itself attains on this device: ``peer-traffic`` is a kernel of this file that reads the
 same packed bytes and writes the same 16-bit output in a swept variant's access shape, with the
 least work per value (each 4-bit code becomes the 16-bit integer it holds: no table, no absmax, no
-float); ``peer-staged`` the same in the staged kernel's shape (16 KiB tiles, two buffers);
+float); ``peer-staged`` the same in the staged kernel's shape (16 KiB tiles, two buffers), and
+``peer-staged-i`` with its tiles dealt out in turn (as ``i1``);
 ``peer-memset`` is ``cudaMemsetAsync`` of the output (written bytes only); ``peer-copy`` a
 device-to-device copy moving the dequantize's bytes (1.25 n read and 1.25 n written), what a copy
 attains at this size against the 1 GiB reference. The first two bound the dequantize kernels of
@@ -104,15 +107,17 @@ def parse_variants(text: str) -> list:
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
-        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?", token)
+        b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?(?:i(\d+))?", token)
         if m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
-                                        PREFETCH=int(b[3]), STREAMING=int(b[4]), AHEAD=int(b[5] or 0)))
+                                        PREFETCH=int(b[3]), STREAMING=int(b[4]), AHEAD=int(b[5] or 0),
+                                        INTERLEAVE=int(b[6] or 0)))
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
-                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD] (the staged kernel, e.g. b16k2p0s0a1)")
+                             "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE] (the staged kernel, e.g. "
+                             "b16k2p0s0a1i1)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -122,16 +127,19 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("STAGED"):
-        return f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
+        return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
+                + ("i1" if v.get("INTERLEAVE") else ""))
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
 
 
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), the staged
-# kernel (sm_90+: bulk stores from shared memory) as the default and at 8 KiB tiles, and the staged
-# kernel with the next tile's loads in flight (a1) at both tile sizes, 2 or 3 stages, with and without
-# a one-tile L2 prefetch. (Streaming hints, 4 stages and prefetching 2+ tiles ahead measured no faster
-# on the H200: benchmarks/results/h200-2026-12-02/staged/.)
-DEFAULT_SWEEP = "c4u4s0,b16k2p0s0,b8k2p0s0,b16k2p0s0a1,b16k2p1s0a1,b8k2p0s0a1,b8k3p0s0a1,b8k3p1s0a1"
+# kernel (sm_90+: bulk stores from shared memory) as the default, at 8 KiB tiles and with the next
+# tile's loads in flight (a1); then the same with the tiles dealt out in turn (i1), with and without a
+# one-tile L2 prefetch. (Streaming hints, 4 stages and prefetching 2+ tiles ahead measured no faster
+# on the H200: benchmarks/results/h200-2026-12-02/staged/; a1 within 1% of the default either way:
+# ../results/h200-2026-12-03/.)
+DEFAULT_SWEEP = ("c4u4s0,b16k2p0s0,b8k2p0s0,b8k3p0s0a1,"
+                 "b16k2p0s0i1,b8k2p0s0i1,b8k3p0s0i1,b16k2p0s0a1i1,b8k3p0s0a1i1,b8k3p1s0a1i1")
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -244,10 +252,14 @@ extern "C" __global__ void __launch_bounds__(256, 6) staged_peer(const u32* __re
     constexpr int VPT = TILE / 2, CPT = VPT / 8, U = CPT / T;
     __shared__ __align__(128) uint4 stage[2][TILE / 16];
     const i64 tiles = n / VPT;                                   // whole tiles only (the shapes timed have no tail)
-    const i64 share = (tiles + gridDim.x - 1) / gridDim.x, first = (i64)blockIdx.x * share;
+#if INTERLEAVE
+    const i64 first = blockIdx.x, step = gridDim.x, end = tiles;  // tiles dealt out in turn
+#else
+    const i64 share = (tiles + gridDim.x - 1) / gridDim.x, first = (i64)blockIdx.x * share, step = 1;
     const i64 end = first + share < tiles ? first + share : tiles;
+#endif
     int slot = 0;
-    for (i64 tile = first; tile < end; ++tile) {
+    for (i64 tile = first; tile < end; tile += step) {
         u32 w[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) w[u] = __ldg(packed + tile * CPT + u * T + threadIdx.x);
@@ -271,15 +283,17 @@ extern "C" __global__ void __launch_bounds__(256, 6) staged_peer(const u32* __re
 """
 
 
-def staged_peer(cp, threads: int):
-    """The staged peer kernel (sm_90+) and its one-wave grid function ``grid(tiles)``; None below sm_90."""
+def staged_peer(cp, threads: int, interleave: int = 0):
+    """The staged peer kernel (sm_90+; ``interleave``: its tiles dealt out in turn, as INTERLEAVE in
+    quant4bit.cu) and its one-wave grid function ``grid(tiles)``; None below sm_90."""
     from minipeft.kernels._module import compute_capability
 
     device = cp.cuda.runtime.getDevice()
     if compute_capability(device) < 90:
         return None
     props = cp.cuda.runtime.getDeviceProperties(device)
-    fn = cp.RawModule(code=STAGED_PEER_SOURCE, options=("-std=c++17",)).get_function("staged_peer")
+    fn = cp.RawModule(code=STAGED_PEER_SOURCE, options=("-std=c++17", f"-DINTERLEAVE={interleave}")).get_function(
+        "staged_peer")
     per_sm = cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(fn.kernel.ptr, threads, 0)
     return fn, lambda tiles: max(1, min(max(1, per_sm) * props["multiProcessorCount"], tiles))
 
@@ -390,7 +404,7 @@ def main(argv=None) -> dict:
     impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
              if not dict(v)["STAGED"]}                                   # (the peer has the swept kernel's shape)
-    speer = staged_peer(cp, THREADS)                                     # the staged kernel's shape (sm_90+)
+    speers = {key: staged_peer(cp, THREADS, i) for key, i in (("staged", 0), ("staged-i", 1))}   # sm_90+: else None
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))
         W = torch.randn(shape, dtype=torch.float16, device="cuda", generator=gen)
@@ -471,13 +485,15 @@ def main(argv=None) -> dict:
             fn((grid,), (THREADS,), args_v)
             pinfo[v] = (grid, bool((pout == nib).all()))
             pfns[v] = lambda fn=fn, grid=grid, args_v=args_v: fn((grid,), (THREADS,), args_v)
-        if speer is not None and n % 8192 == 0:                   # whole 16 KiB tiles of 16-bit output
+        for key, speer in speers.items():
+            if speer is None or n % 8192:                           # whole 16 KiB tiles of 16-bit output only
+                continue
             fn, grid_of = speer
             sout = cp.empty(n, dtype=cp.uint16)
             grid = grid_of(n // 8192)
             fn((grid,), (THREADS,), (packed, np.int64(n), sout))
-            pinfo["staged"] = (grid, bool((sout == nib).all()))
-            pfns["staged"] = lambda fn=fn, grid=grid, a=(packed, np.int64(n), sout): fn((grid,), (THREADS,), a)
+            pinfo[key] = (grid, bool((sout == nib).all()))
+            pfns[key] = lambda fn=fn, grid=grid, a=(packed, np.int64(n), sout): fn((grid,), (THREADS,), a)
         mout = cp.empty(n, dtype=cp.uint16)
         pfns["memset"] = lambda ptr=mout.data.ptr, size=2 * n: cp.cuda.runtime.memsetAsync(ptr, 0, size, 0)
         # a device-to-device copy moving the same bytes as a dequantize of this shape (n/2 read + 2n
@@ -530,7 +546,7 @@ def main(argv=None) -> dict:
           f"{'% copy':>7} {'grid':>6} {'ok':>5}")
     for r in peer_rows:
         kernel = r["grid"] is not None
-        name = variant_name(r["variant"]) if r["variant"] else "b16k2" if r["impl"] == "peer-staged" else "-"
+        name = variant_name(r["variant"]) if r["variant"] else {"peer-staged": "b16k2", "peer-staged-i": "b16k2i1"}.get(r["impl"], "-")
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['impl']:>13} "
               f"{name:>8} {r['median_us']:10.1f} "
               f"{r['q1_us']:6.1f}-{r['q3_us']:6.1f} {r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% "

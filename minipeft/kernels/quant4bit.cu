@@ -120,6 +120,9 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef AHEAD
 #define AHEAD 0       // STAGED: 1 loads the next tile's codes and absmax into registers while this tile decodes
 #endif
+#ifndef INTERLEAVE
+#define INTERLEAVE 0  // STAGED: 1 deals the tiles out in turn (block b: b, b + G, ...), 0 in contiguous shares
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -129,6 +132,7 @@ static_assert(TILE == 8192 || TILE == 16384, "TILE is 8192 or 16384 output bytes
 static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2 to 4, STAGES * TILE <= 32 KiB");
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
 static_assert(AHEAD == 0 || AHEAD == 1, "AHEAD is 0 or 1");
+static_assert(INTERLEAVE == 0 || INTERLEAVE == 1, "INTERLEAVE is 0 or 1");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -295,7 +299,9 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
 // conflicts). Every value is computed as in the kernel above (decode8, to16): the same bits. The
 // CUDA blocks (one wave, several per SM: their loads, decoding and barriers overlap) take equal
 // contiguous shares of the tiles; the last tile of the output, when partial, is stored directly
-// (store8), with no bulk copy.
+// (store8), with no bulk copy. INTERLEAVE = 1 deals the tiles out in turn instead (block b of G takes
+// tiles b, b + G, b + 2G, ...): at any moment the blocks then write one window of about G tiles, as a
+// copy kernel does, rather than G places a share apart.
 #if STAGED
 constexpr int STAGED_THREADS = 256;                        // quant4bit.py launches THREADS = 256
 
@@ -395,9 +401,13 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 
     const i64 nbytes = (n + 1) >> 1, tiles = (n + VPT - 1) / VPT;
     const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
+#if INTERLEAVE
+    const i64 first = blockIdx.x, step = gridDim.x, end = tiles;     // this CUDA block's tiles: first, first + step, ...
+#else
     const i64 share = (tiles + gridDim.x - 1) / gridDim.x;
-    const i64 first = (i64)blockIdx.x * share;
+    const i64 first = (i64)blockIdx.x * share, step = 1;
     const i64 end = first + share < tiles ? first + share : tiles;   // this CUDA block's tiles [first, end)
+#endif
     const float off = NESTED ? __ldg(offset) : 0.0f;
 
     // A tile's loads, kept raw so that nothing waits on them until the tile is decoded: the codes,
@@ -432,12 +442,12 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
     Loads cur, next;
     if (AHEAD && first < end) load_tile(first, cur);
     if (PREFETCH && threadIdx.x == 0)                      // the L2 prefetch window: the PREFETCH tiles after this one
-        for (i64 t = first + 1; t < first + PREFETCH && t < end; ++t) prefetch_tile(t);
+        for (i64 t = first + step; t < first + PREFETCH * step && t < end; t += step) prefetch_tile(t);
     int slot = 0;
-    for (i64 tile = first; tile < end; ++tile) {
-        if (PREFETCH && threadIdx.x == 0 && tile + PREFETCH < end) prefetch_tile(tile + PREFETCH);
+    for (i64 tile = first; tile < end; tile += step) {
+        if (PREFETCH && threadIdx.x == 0 && tile + PREFETCH * step < end) prefetch_tile(tile + PREFETCH * step);
         if (!AHEAD) load_tile(tile, cur);
-        else if (tile + 1 < end) load_tile(tile + 1, next);   // in flight while this tile decodes and stores
+        else if (tile + step < end) load_tile(tile + step, next);   // in flight while this tile decodes and stores
         const i64 v0 = tile * VPT;
         if (v0 + VPT <= n) {                               // a whole tile: shared memory, one bulk store
             uint4* buf = stage[slot];
