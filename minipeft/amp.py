@@ -92,11 +92,13 @@ def autocast(dtype: str = "float16", enabled: bool = True):
 
 
 def autocast_dtype(*arrays) -> str | None:
-    """The active autocast dtype if it changes a product of ``arrays`` (all float32), else None."""
+    """The active autocast dtype if it changes a product of ``arrays`` (each float32, or already in that
+    dtype: a 16-bit layer norm's output, :mod:`minipeft.amp_layernorm`), else None."""
     if not _autocast or _autocast[-1] == "float32":
         return None
-    if all(a.dtype == np.float32 for a in arrays):
-        return _autocast[-1]
+    dt = _autocast[-1]
+    if all(a.dtype == np.float32 or a.dtype.name == dt for a in arrays):
+        return dt
     return None
 
 

@@ -36,6 +36,7 @@ import numpy as np
 from . import decoding
 from . import functional as F
 from .checkpointing import checkpoint
+from .amp_layernorm import reads_16bit
 from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
 from .capture import capturing  # recorded into a CUDA graph: the caller checks the ids
@@ -195,6 +196,15 @@ class MLP(Module):
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 
+def _norm(ln, x, reader):
+    """``ln(x)``; under a 16-bit autocast written in 16 bits when ``ln`` is the plain LayerNorm and its one
+    reader, ``reader``, reads 16 bits anyway (a plain Linear: :mod:`minipeft.amp_layernorm`). ``reader`` None:
+    someone else reads the output too (a hidden state kept, a wrapped sub-layer): float32, as always."""
+    if reader is not None and type(ln) is LayerNorm and reads_16bit(reader):
+        return ln(x, output_16bit=True)
+    return ln(x)
+
+
 class Block(Module):
     def __init__(self, cfg: GPTConfig, rng) -> None:
         super().__init__()
@@ -205,9 +215,10 @@ class Block(Module):
 
     def forward(self, x, front=None, key_mask=None):
         """x (B, T, C) -> (B, T, C), and the keys/values of its attention (see ``CausalSelfAttention``)."""
-        a, kv = self.attn(self.ln_1(x), front, key_mask)
+        attn_in = _norm(self.ln_1, x, self.attn.c_attn if type(self.attn) is CausalSelfAttention else None)
+        a, kv = self.attn(attn_in, front, key_mask)
         x = x + a  # (B, T, C)
-        x = x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(_norm(self.ln_2, x, self.mlp.c_fc if type(self.mlp) is MLP else None))
         return x, kv
 
 
@@ -290,7 +301,7 @@ class GPT(Module):
                 continue
             x, kv = block(x, call.front_kv(i), call.key_mask)  # prefix and cached keys/values in front
             call.keep_kv(kv)  # the cache for the next call
-        x = self.transformer.ln_f(x)  # (B, P' + T, C)
+        x = _norm(self.transformer.ln_f, x, self.lm_head if call.hidden_states is None else None)  # (B, P' + T, C)
         call.keep_hidden(x)
         logits = self.lm_head(x)  # (B, P' + T, V): float16/bfloat16 under a 16-bit autocast
         return GPTOutput(logits, call.loss(logits, targets), call.hidden_states, call.new_cache())

@@ -14,6 +14,7 @@ from typing import Iterator
 import numpy as np
 
 from . import amp
+from .amp_layernorm import layer_norm_output_16bit
 from . import functional as F
 from . import init  # noqa: F401  (nn.init.kaiming_uniform ..., as torch.nn.init)
 from .backend import get_xp, resolve_device, to_device
@@ -335,7 +336,11 @@ class LayerNorm(Module):
         self.weight = Parameter(np.ones(n, dtype=dtype))
         self.bias = Parameter(np.zeros(n, dtype=dtype))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, output_16bit: bool = False) -> Tensor:
+        """``output_16bit``: under a 16-bit ``amp.autocast``, write the result in the compute dtype, for a
+        consumer that reads 16 bits anyway (:mod:`minipeft.amp_layernorm`; GPT asks for it so)."""
+        if output_16bit:
+            return layer_norm_output_16bit(x, self.weight, self.bias, self.eps)
         return F.layer_norm(x, self.weight, self.bias, self.eps)
 
     def extra_repr(self) -> str:

@@ -10,12 +10,15 @@
 // partial sums (a block of 32 x 8 threads over 32 columns and a chunk of rows) that the
 // launcher adds up, so the result is deterministic (no atomics).
 
-#include "common.cuh"   // i64, u8, warp_sum, warp_max
+#include "common.cuh"   // i64, u8, u16, warp_sum, warp_max, f2h, f2bf
 
-extern "C" __global__ void layernorm_forward(const float* __restrict__ x, const float* __restrict__ w,
-                                             const float* __restrict__ b, float eps, i64 n_rows, int C,
-                                             float* __restrict__ y, float* __restrict__ xhat,
-                                             float* __restrict__ rstd) {
+// OUT16 = 0: y in float32; 1 / 2: y rounded once to float16 / bfloat16 (round to nearest even, common.cuh's
+// f2h / f2bf), the float32 y of OUT16 = 0 to the bit: a layer norm whose consumer reads 16 bits anyway
+// (minipeft.amp_layernorm), which saves the separate cast pass. xhat and rstd stay float32.
+template <int OUT16>
+__device__ void layernorm_forward_impl(const float* __restrict__ x, const float* __restrict__ w,
+                                       const float* __restrict__ b, float eps, i64 n_rows, int C,
+                                       void* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd) {
     const i64 row = (blockIdx.x * (i64)blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
     if (row >= n_rows) return;
@@ -26,15 +29,26 @@ extern "C" __global__ void layernorm_forward(const float* __restrict__ x, const 
     float q = 0.0f;
     for (int c = lane; c < C; c += 32) { const float d = xr[c] - mu; q += d * d; }
     const float rs = 1.0f / sqrtf(warp_sum(q) / (float)C + eps);
-    float* yr = y + row * C;
     float* hr = xhat + row * C;
     for (int c = lane; c < C; c += 32) {
         const float h = (xr[c] - mu) * rs;
         hr[c] = h;
-        yr[c] = h * w[c] + b[c];
+        const float v = h * w[c] + b[c];
+        if (OUT16 == 0) static_cast<float*>(y)[row * C + c] = v;
+        else static_cast<u16*>(y)[row * C + c] = (u16)(OUT16 == 2 ? f2bf(v) : f2h(v));
     }
     if (lane == 0) rstd[row] = rs;
 }
+
+#define LN_FORWARD(NAME, OUT16)                                                                      \
+    extern "C" __global__ void NAME(const float* __restrict__ x, const float* __restrict__ w,        \
+                                    const float* __restrict__ b, float eps, i64 n_rows, int C,       \
+                                    void* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd) { \
+        layernorm_forward_impl<OUT16>(x, w, b, eps, n_rows, C, y, xhat, rstd);                      \
+    }
+LN_FORWARD(layernorm_forward, 0)
+LN_FORWARD(layernorm_forward_f16, 1)
+LN_FORWARD(layernorm_forward_bf16, 2)
 
 extern "C" __global__ void layernorm_backward_x(const float* __restrict__ g, const float* __restrict__ xhat,
                                                 const float* __restrict__ rstd, const float* __restrict__ w,

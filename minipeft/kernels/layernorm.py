@@ -11,22 +11,32 @@ twin makes ~8 passes forward and ~12 backward, each a kernel launch.
 """
 from __future__ import annotations
 
+import numpy as np
+
+from ..amp import device_dtype
 from ._module import cupy, f32, i32, i64, kernel
 
 ROWS_PER_CHUNK = 64  # rows summed by one block of the parameter-gradient kernel
 
 
-def layernorm_forward(x, weight, bias, eps: float):
-    """``(y, xhat, rstd)`` for x (..., C) and weight, bias (C,); rstd has shape (..., 1)."""
+_FORWARD = {"float32": "layernorm_forward", "float16": "layernorm_forward_f16", "bfloat16": "layernorm_forward_bf16"}
+
+
+def layernorm_forward(x, weight, bias, eps: float, out_dtype: str = "float32"):
+    """``(y, xhat, rstd)`` for x (..., C) and weight, bias (C,); rstd has shape (..., 1).
+
+    ``out_dtype`` float16 or bfloat16: y is written in it (the float32 y rounded once, to nearest even:
+    :mod:`minipeft.amp_layernorm`); xhat and rstd stay float32."""
     cp = cupy()
     C = x.shape[-1]
     n_rows = x.size // C if C else 0
     weight, bias = cp.ascontiguousarray(weight), cp.ascontiguousarray(bias)
-    y, xhat = cp.empty_like(x), cp.empty_like(x)
+    y_dtype = np.float32 if out_dtype == "float32" else device_dtype(out_dtype)
+    y, xhat = cp.empty(x.shape, dtype=y_dtype), cp.empty_like(x)
     rstd = cp.empty(x.shape[:-1] + (1,), dtype=cp.float32)        # (..., 1)
     if n_rows:
         grid = -(-n_rows * 32 // 256)                                   # one warp per row
-        kernel("layernorm.cu", "layernorm_forward")((grid,), (256,), (
+        kernel("layernorm.cu", _FORWARD[out_dtype])((grid,), (256,), (
             x, weight, bias, f32(eps), i64(n_rows), i32(C), y, xhat, rstd))
     return y, xhat, rstd
 

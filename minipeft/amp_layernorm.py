@@ -1,0 +1,80 @@
+"""A layer norm whose output is read in 16 bits: its result written in the compute dtype under autocast.
+
+torch.autocast keeps ``layer_norm`` in float32 (Micikevicius et al. 2018, §3.3: reductions in float32),
+and so does :mod:`minipeft.amp`: the statistics, xhat and the affine map are float32. But when the
+only reader of the output is a linear layer, that layer rounds it to the compute dtype at once (its
+16-bit GEMM operand, :func:`minipeft.amp.to_compute`). Then the float32 output is written, read back,
+rounded and written again: a pass over (N, C) that changes nothing. Here the layer norm writes the
+rounded values itself::
+
+    y16 = round(xhat * w + b)        the float32 y of the layer norm, rounded once to nearest even
+
+bit for bit what the linear layer would have made of the float32 y, so the step's numbers do not
+change at all. The backward is the layer norm's: the rounding is autocast's cast, whose gradient is
+passed on as it is (the consumer's dL/dy comes back in float32). xhat and rstd are saved as by the
+float32 layer norm, so the saved bytes do not change either.
+
+GPT asks for it (:class:`minipeft.gpt.Block`) only where the consumer reads 16 bits anyway
+(:func:`reads_16bit`): a plain ``nn.Linear`` (``c_attn``, ``c_fc``, the LM head). A PEFT layer in its
+place (LoRA, an adapter, a 4-bit base ...) gets the float32 output as before.
+
+Two ways to run it, chosen per call: the kernel (float32 CuPy x, kernels on: ``layernorm.cu``'s
+16-bit entry points, one pass), and the twin (the float32 layer norm, then
+:func:`minipeft.amp.to_compute`: a CuPy 16-bit array, or on NumPy float32 values on the 16-bit grid).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .amp import autocast_dtype, to_compute
+from .engine import Tensor
+from .fast import enabled, on_gpu
+from .ops.norm_act import LayerNorm, layer_norm
+
+
+def uses_kernel(x, weight, bias) -> bool:
+    """True where ``layernorm.cu`` writes the 16-bit output: float32 C-contiguous CuPy arrays, kernels on."""
+    return (enabled() and all(on_gpu(a) and a.dtype == np.float32 for a in (x, weight, bias))
+            and x.flags.c_contiguous)
+
+
+class AmpLayerNormOut16(LayerNorm):
+    """:class:`~minipeft.ops.norm_act.LayerNorm` whose output is rounded to the active autocast dtype
+    (module docstring); saves what the float32 layer norm saves."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dt = autocast_dtype(x, weight)
+        if not uses_kernel(x, weight, bias):
+            return to_compute(LayerNorm.forward(ctx, x, weight, bias, eps), dt)
+        from .kernels import layernorm  # lazy: CuPy only
+
+        nx, nw = ctx.needs_input_grad[:2]
+        y, xhat, rstd = layernorm.layernorm_forward(x, weight, bias, eps, out_dtype=dt)
+        ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        # the saved arrays are those of LayerNorm (the twin) or FusedLayerNorm (the kernel): one backward serves
+        from .kernels.functions import FusedLayerNorm  # the kernels' backward on CuPy, else the reference's
+
+        return FusedLayerNorm.backward(ctx, g) if on_gpu(g) and enabled() else LayerNorm.backward(ctx, g)
+
+
+def reads_16bit(module) -> bool:
+    """True for a module that reads its input in 16 bits under autocast and does nothing else with it:
+    a plain ``nn.Linear`` (its GEMM operand). PEFT layers, which also add, scale or drop the input in
+    float32, are not."""
+    from .nn import Linear  # lazy: nn imports this module's users
+
+    return type(module) is Linear
+
+
+def layer_norm_output_16bit(x, weight, bias, eps: float = 1e-5):
+    """``F.layer_norm`` for a layer norm whose output is read in 16 bits: under a 16-bit autocast (float32
+    operands) it runs as :class:`AmpLayerNormOut16`; otherwise it is ``F.layer_norm`` itself."""
+    arrays = (t.data if isinstance(t, Tensor) else t for t in (x, weight, bias))
+    if any(a.dtype != np.float32 for a in arrays) or autocast_dtype() is None:
+        return layer_norm(x, weight, bias, eps)
+    return AmpLayerNormOut16.apply(x, weight, bias, eps)

@@ -1,0 +1,184 @@
+"""The 16-bit-output layer norm (minipeft.amp_layernorm): the float32 layer norm rounded once, with the
+float32 layer norm's backward and saved arrays; GPT asks for it only where a plain Linear is the one reader.
+
+On the CPU the output is float32 values on the 16-bit grid, and a whole GPT step is bit for bit the step
+without it (the Linear would have rounded the same values). On the GPU (``gpu`` tests) the kernel writes a
+float16 / bfloat16 array, bit for bit the float32 kernel's output cast to 16 bits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from minipeft import amp, amp_layernorm, nn
+from minipeft import functional as F
+from minipeft import gpt as gpt_module
+from minipeft.amp_layernorm import AmpLayerNormOut16, layer_norm_output_16bit, reads_16bit
+from minipeft.backend import to_numpy
+from minipeft.engine import Tensor
+from minipeft.gpt import GPT, GPTConfig
+from minipeft.peft import LoraConfig, get_peft_model
+
+MODES = ["float16", "bfloat16"]
+
+
+def _ln_inputs(xp, shape=(3, 5, 48), seed=0):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    w = (1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    b = (0.1 * rng.standard_normal(shape[-1])).astype(np.float32)
+    return [Tensor(xp.asarray(a), requires_grad=True) for a in (x, w, b)]
+
+
+def _forward_backward(fn, xp, mode, seed=0):
+    """``fn(x, w, b)`` read by a Linear (its consumer), under autocast; the output and every gradient."""
+    x, w, b = _ln_inputs(xp, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    W = Tensor(xp.asarray((0.2 * rng.standard_normal((24, x.shape[-1]))).astype(np.float32)), requires_grad=True)
+    g = xp.asarray(rng.standard_normal(x.shape[:-1] + (24,)).astype(np.float32))
+    with amp.autocast(mode):
+        y = fn(x, w, b)
+        out = F.linear(y, W)  # (..., 24) float32
+    out.backward(g)
+    return y.data, x.grad, w.grad, b.grad, W.grad
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_output_is_the_float32_layer_norm_rounded_once_and_the_backward_is_its(mode):
+    y16, *g16 = _forward_backward(lambda x, w, b: layer_norm_output_16bit(x, w, b, 1e-5), np, mode)
+    y32, *g32 = _forward_backward(lambda x, w, b: F.layer_norm(x, w, b, 1e-5), np, mode)
+    assert y16.dtype == np.float32 and np.array_equal(y16, amp.round_to_compute(y32, mode))
+    assert not np.array_equal(y16, y32)  # it did round: the values are not all on the grid already
+    for a, b in zip(g16, g32):  # the rounding passes the gradient on as it is; the Linear rounds y so anyway
+        assert np.array_equal(a, b)
+
+
+def test_without_autocast_it_is_the_float32_layer_norm():
+    x, w, b = _ln_inputs(np)
+    assert np.array_equal(layer_norm_output_16bit(x, w, b).data, F.layer_norm(x, w, b).data)
+    with amp.autocast("float32"):
+        assert np.array_equal(layer_norm_output_16bit(x, w, b).data, F.layer_norm(x, w, b).data)
+
+
+def test_only_a_plain_linear_reads_16bit():
+    lin = nn.Linear(4, 3, rng=0)
+    assert reads_16bit(lin)
+    assert not reads_16bit(nn.LayerNorm(4)) and not reads_16bit(None)
+
+
+def _model():
+    return GPT(GPTConfig(vocab_size=61, block_size=32, n_layer=2, n_head=2, n_embd=32), seed=0)
+
+
+def _step(model, idx, mode, monkeypatch=None, **kw):
+    calls = []
+    inner = AmpLayerNormOut16.forward
+
+    def counting(ctx, *args):
+        calls.append(args[0].shape)
+        return inner(ctx, *args)
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(AmpLayerNormOut16, "forward", staticmethod(counting))
+    for p in model.parameters():
+        p.grad = None
+    with amp.autocast(mode):
+        out = model(idx, targets=idx, **kw)
+    out.loss.backward()
+    grads = [None if p.grad is None else to_numpy(p.grad).copy() for p in model.parameters()]
+    if monkeypatch is not None:
+        monkeypatch.setattr(AmpLayerNormOut16, "forward", staticmethod(inner))
+    return out.loss.item(), grads, len(calls)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gpt_step_is_bit_for_bit_the_step_without_it(mode, monkeypatch):
+    model = _model()
+    idx = np.random.default_rng(0).integers(0, 61, (2, 12))
+    loss, grads, n = _step(model, idx, mode, monkeypatch)
+    assert n == 2 * 2 + 1  # ln_1 and ln_2 of both blocks, ln_f
+    monkeypatch.setattr(gpt_module, "reads_16bit", lambda m: False)
+    loss0, grads0, n0 = _step(model, idx, mode, monkeypatch)
+    assert n0 == 0 and loss == loss0
+    assert all(np.array_equal(a, b) for a, b in zip(grads, grads0))
+
+
+def test_not_asked_for_a_peft_reader_nor_a_kept_hidden_state(monkeypatch):
+    idx = np.random.default_rng(1).integers(0, 61, (2, 12))
+    model = _model()
+    *_, n = _step(model, idx, "bfloat16", monkeypatch, output_hidden_states=True)
+    assert n == 4  # ln_f's output is a hidden state someone reads in float32
+    peft = get_peft_model(_model(), LoraConfig(r=4, target_modules=["c_attn"]))
+    with amp.autocast("bfloat16"):
+        calls = []
+        inner = AmpLayerNormOut16.forward
+        monkeypatch.setattr(AmpLayerNormOut16, "forward",
+                            staticmethod(lambda ctx, *a: calls.append(a[0].shape) or inner(ctx, *a)))
+        peft(idx, targets=idx).loss.backward()
+    assert len(calls) == 2 + 1  # ln_2 (c_fc plain) of each block and ln_f; not ln_1 (c_attn has LoRA)
+
+
+def test_a_replaced_layer_norm_is_called_as_before():
+    """Houlsby adapters train per-adapter copies of the layer norms: a wrapper that takes x alone."""
+    model = _model()
+    block = model.transformer.h[0]
+
+    class Wrapped(nn.Module):
+        def __init__(self, ln):
+            super().__init__()
+            self.ln = ln
+
+        def forward(self, x):
+            return self.ln(x)
+
+    block.ln_1 = Wrapped(block.ln_1)
+    idx = np.random.default_rng(2).integers(0, 61, (1, 8))
+    with amp.autocast("float16"):
+        assert np.isfinite(model(idx, targets=idx).loss.item())
+
+
+# ---------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kernels", ["1", "0"])
+def test_gpu_output_is_16bit_and_the_float32_kernel_cast(mode, kernels, cp, monkeypatch):
+    """The kernel (and, with MINIPEFT_KERNELS=0, the twin) writes a float16 / bfloat16 array equal, bit for
+    bit, to the float32 layer norm's output cast to 16 bits; the gradients are the float32 layer norm's."""
+    monkeypatch.setenv("MINIPEFT_KERNELS", kernels)
+    y16, *g16 = _forward_backward(lambda x, w, b: layer_norm_output_16bit(x, w, b, 1e-5), cp, mode, seed=4)
+    y32, *g32 = _forward_backward(lambda x, w, b: F.layer_norm(x, w, b, 1e-5), cp, mode, seed=4)
+    assert y16.dtype == amp.device_dtype(mode)
+    assert cp.array_equal(y16.view(cp.uint16), y32.astype(amp.device_dtype(mode)).view(cp.uint16))
+    for a, b in zip(g16, g32):
+        assert a.dtype == b.dtype == cp.float32 and cp.array_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", MODES)
+def test_gpu_gpt_step_casts_no_layer_norm_output_and_is_the_same_step(mode, cp, monkeypatch):
+    """A GPT step on the GPU: the layer norms feed their Linears 16-bit arrays (no float32 -> 16-bit cast of
+    a (B, T, C) activation is left), and the loss and every gradient are those of the step without it."""
+    model = _model().to("cuda")
+    idx = np.random.default_rng(5).integers(0, 61, (2, 12))
+    casts = []
+    inner = amp.cast_16bit
+
+    def counting(a, dtype, n=None, axis=-1):
+        casts.append(a.shape)
+        return inner(a, dtype, n, axis)
+
+    monkeypatch.setattr(amp, "cast_16bit", counting)
+    loss, grads, n = _step(model, idx, mode, monkeypatch)
+    act = [s for s in casts if s[-1] == 32 and len(s) == 3]  # (B, T, C) float32 activations cast to 16 bits
+    assert n == 5 and act == []
+    monkeypatch.setattr(gpt_module, "reads_16bit", lambda m: False)
+    casts.clear()
+    loss0, grads0, n0 = _step(model, idx, mode, monkeypatch)
+    assert n0 == 0 and len([s for s in casts if s[-1] == 32 and len(s) == 3]) == 5
+    assert loss == loss0 and all(np.array_equal(a, b) for a, b in zip(grads, grads0))
+
+
+def test_module_docstring_names_the_reader_rule():
+    assert "plain ``nn.Linear``" in amp_layernorm.__doc__
