@@ -15,7 +15,7 @@ passed on as it is (the consumer's dL/dy comes back in float32). xhat and rstd a
 float32 layer norm, so the saved bytes do not change either.
 
 GPT asks for it (:class:`minipeft.gpt.Block`) only where the consumer reads 16 bits anyway
-(:func:`reads_16bit`): a plain ``nn.Linear`` (``c_attn``, ``c_fc``, the LM head). A PEFT layer in its
+(:func:`minipeft.gpt.reads_16bit`): a plain ``nn.Linear`` (``c_attn``, ``c_fc``, the LM head). A PEFT layer in its
 place (LoRA, an adapter, a 4-bit base ...) gets the float32 output as before.
 
 Two ways to run it, chosen per call: the kernel (float32 CuPy x, kernels on: ``layernorm.cu``'s
@@ -60,15 +60,6 @@ class AmpLayerNormOut16(LayerNorm):
         from .kernels.functions import FusedLayerNorm  # the kernels' backward on CuPy, else the reference's
 
         return FusedLayerNorm.backward(ctx, g) if on_gpu(g) and enabled() else LayerNorm.backward(ctx, g)
-
-
-def reads_16bit(module) -> bool:
-    """True for a module that reads its input in 16 bits under autocast and does nothing else with it:
-    a plain ``nn.Linear`` (its GEMM operand). PEFT layers, which also add, scale or drop the input in
-    float32, are not."""
-    from .nn import Linear  # lazy: nn imports this module's users
-
-    return type(module) is Linear
 
 
 def layer_norm_output_16bit(x, weight, bias, eps: float = 1e-5):

@@ -36,7 +36,6 @@ import numpy as np
 from . import decoding
 from . import functional as F
 from .checkpointing import checkpoint
-from .amp_layernorm import reads_16bit
 from .atomic import atomic_directory, recover
 from .backend import to_numpy, xp_of
 from .capture import capturing  # recorded into a CUDA graph: the caller checks the ids
@@ -194,6 +193,13 @@ class MLP(Module):
     def forward(self, x):
         h = F.gelu(self.c_fc(x))  # (B, T, 4C)
         return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+def reads_16bit(module) -> bool:
+    """True for a module that reads its input in 16 bits under autocast and does nothing else with it: a
+    plain ``nn.Linear`` (its GEMM operand). PEFT layers, which also add, scale or drop the input in
+    float32, are not."""
+    return type(module) is Linear
 
 
 def _norm(ln, x, reader):

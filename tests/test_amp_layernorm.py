@@ -13,10 +13,10 @@ import pytest
 from minipeft import amp, amp_layernorm, nn
 from minipeft import functional as F
 from minipeft import gpt as gpt_module
-from minipeft.amp_layernorm import AmpLayerNormOut16, layer_norm_output_16bit, reads_16bit
+from minipeft.amp_layernorm import AmpLayerNormOut16, layer_norm_output_16bit
 from minipeft.backend import to_numpy
 from minipeft.engine import Tensor
-from minipeft.gpt import GPT, GPTConfig
+from minipeft.gpt import GPT, GPTConfig, reads_16bit
 from minipeft.peft import LoraConfig, get_peft_model
 
 MODES = ["float16", "bfloat16"]
