@@ -133,13 +133,12 @@ def variant_name(variant) -> str:
 
 
 # The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), the staged
-# kernel (sm_90+: bulk stores from shared memory) as the default, at 8 KiB tiles and with the next
-# tile's loads in flight (a1); then the same with the tiles dealt out in turn (i1), with and without a
-# one-tile L2 prefetch. (Streaming hints, 4 stages and prefetching 2+ tiles ahead measured no faster
-# on the H200: benchmarks/results/h200-2026-12-02/staged/; a1 within 1% of the default either way:
-# ../results/h200-2026-12-03/.)
-DEFAULT_SWEEP = ("c4u4s0,b16k2p0s0,b8k2p0s0,b8k3p0s0a1,"
-                 "b16k2p0s0i1,b8k2p0s0i1,b8k3p0s0i1,b16k2p0s0a1i1,b8k3p0s0a1i1,b8k3p1s0a1i1")
+# kernel (sm_90+: bulk stores from shared memory) with the tiles dealt out in turn (i1, the default on
+# the H200) at both tile sizes, with 3 stages and with the next tile's loads in flight (a1), and, to
+# see what i1 buys, the contiguous shares at both tile sizes. (Streaming hints, 4 stages and
+# prefetching 2+ tiles ahead measured no faster on the H200: benchmarks/results/h200-2026-12-02/staged/;
+# a1 within 1% either way, i1 3-5 points of the copy rate faster: ../results/h200-2026-12-03/.)
+DEFAULT_SWEEP = "c4u4s0,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,b8k3p0s0a1i1,b16k2p0s0,b8k2p0s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

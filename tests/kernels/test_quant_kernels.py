@@ -233,7 +233,7 @@ DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s, STAGED=0) for c, u, s i
 DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, PREFETCH=p, STREAMING=s, AHEAD=a, INTERLEAVE=i)
                      for t, k, p, s, a, i in [(16384, 2, 0, 0, 0, 0), (16384, 2, 2, 1, 0, 0), (8192, 2, 1, 0, 0, 0),
                                               (8192, 3, 4, 0, 0, 0), (8192, 4, 3, 1, 0, 0), (16384, 2, 0, 0, 1, 0),
-                                              (8192, 2, 0, 0, 1, 0), (8192, 3, 1, 1, 1, 0), (16384, 2, 0, 0, 0, 1),
+                                              (8192, 2, 0, 0, 1, 0), (8192, 3, 1, 1, 1, 0), (16384, 2, 0, 0, 0, 1), (8192, 2, 0, 0, 0, 1),
                                               (8192, 3, 1, 0, 1, 1)]]
 
 
