@@ -52,7 +52,7 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the staged kernel: 8 KiB tiles, two buffers, no L2
 # prefetch, the tiles dealt out in turn (b8k2p0s0i1), the fastest whole call of the sweep on the H200, or
-# within 0.5% of it, at both shapes, both 16-bit outputs, with and without double quantization
+# within 0.5 points of the copy rate of it, at both shapes, both 16-bit outputs, with and without double quantization
 # (benchmarks/results/h200-2026-12-03/README.md; 16 KiB tiles in contiguous shares before that: ../h200-2026-12-02/staged/).
 HOPPER_VARIANT = {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 2, "PREFETCH": 0, "INTERLEAVE": 1}
 
