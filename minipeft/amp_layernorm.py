@@ -15,8 +15,10 @@ passed on as it is (the consumer's dL/dy comes back in float32). xhat and rstd a
 float32 layer norm, so the saved bytes do not change either.
 
 GPT asks for it (:class:`minipeft.gpt.Block`) only where the consumer reads 16 bits anyway
-(:func:`minipeft.gpt.reads_16bit`): a plain ``nn.Linear`` (``c_attn``, ``c_fc``, the LM head). A PEFT layer in its
-place (LoRA, an adapter, a 4-bit base ...) gets the float32 output as before.
+(:func:`minipeft.gpt.reads_16bit`): a plain ``nn.Linear`` (``c_attn``, ``c_fc``, the LM head), or a LoRA
+layer whose fused op takes the input (``peft/lora_fused.py``: it too only rounds x to 16 bits, once for
+W0 and A). Any other PEFT layer in its place (LoRA with dropout in training, DoRA, an adapter, (IA)³ ...)
+gets the float32 output as before.
 
 Two ways to run it, chosen per call: the kernel (float32 CuPy x, kernels on: ``layernorm.cu``'s
 16-bit entry points, one pass), and the twin (the float32 layer norm, then

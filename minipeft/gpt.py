@@ -197,9 +197,13 @@ class MLP(Module):
 
 def reads_16bit(module) -> bool:
     """True for a module that reads its input in 16 bits under autocast and does nothing else with it: a
-    plain ``nn.Linear`` (its GEMM operand). PEFT layers, which also add, scale or drop the input in
-    float32, are not."""
-    return type(module) is Linear
+    plain ``nn.Linear`` (its GEMM operand), or a layer that says so itself (``reads_16bit_input()``: a
+    LoRA layer whose fused op takes the input). Other PEFT layers, which also add, scale or drop the
+    input in float32, are not."""
+    if type(module) is Linear:
+        return True
+    ask = getattr(module, "reads_16bit_input", None)
+    return bool(ask()) if callable(ask) else False
 
 
 def _norm(ln, x, reader):

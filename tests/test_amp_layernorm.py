@@ -10,14 +10,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minipeft import amp, amp_layernorm, nn
+from minipeft import amp, nn
 from minipeft import functional as F
 from minipeft import gpt as gpt_module
 from minipeft.amp_layernorm import AmpLayerNormOut16, layer_norm_output_16bit
 from minipeft.backend import to_numpy
 from minipeft.engine import Tensor
 from minipeft.gpt import GPT, GPTConfig, reads_16bit
-from minipeft.peft import LoraConfig, get_peft_model
+from minipeft.peft import LoraConfig, get_peft_model, get_qlora_model
 
 MODES = ["float16", "bfloat16"]
 
@@ -103,19 +103,44 @@ def test_gpt_step_is_bit_for_bit_the_step_without_it(mode, monkeypatch):
     assert all(np.array_equal(a, b) for a, b in zip(grads, grads0))
 
 
-def test_not_asked_for_a_peft_reader_nor_a_kept_hidden_state(monkeypatch):
+def test_not_asked_for_a_kept_hidden_state(monkeypatch):
     idx = np.random.default_rng(1).integers(0, 61, (2, 12))
-    model = _model()
-    *_, n = _step(model, idx, "bfloat16", monkeypatch, output_hidden_states=True)
+    *_, n = _step(_model(), idx, "bfloat16", monkeypatch, output_hidden_states=True)
     assert n == 4  # ln_f's output is a hidden state someone reads in float32
-    peft = get_peft_model(_model(), LoraConfig(r=4, target_modules=["c_attn"]))
-    with amp.autocast("bfloat16"):
-        calls = []
-        inner = AmpLayerNormOut16.forward
-        monkeypatch.setattr(AmpLayerNormOut16, "forward",
-                            staticmethod(lambda ctx, *a: calls.append(a[0].shape) or inner(ctx, *a)))
-        peft(idx, targets=idx).loss.backward()
-    assert len(calls) == 2 + 1  # ln_2 (c_fc plain) of each block and ln_f; not ln_1 (c_attn has LoRA)
+
+
+def _lora(dropout=0.0, qlora=False, targets=("c_attn", "c_fc", "c_proj"), device="cpu"):
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=list(targets))
+    base = _model().to(device)
+    return get_qlora_model(base, cfg, compute_dtype="bfloat16") if qlora else get_peft_model(base, cfg)
+
+
+@pytest.mark.parametrize("qlora", [False, True])
+def test_a_fused_lora_reader_gets_16bit_and_the_step_is_the_same(qlora, monkeypatch):
+    """LoRA's fused op (on a Linear or QLoRA's 4-bit base) only rounds x to 16 bits, once: the layer norms
+    before c_attn and c_fc write 16 bits, and the step (loss, every gradient) is the step without it."""
+    idx = np.random.default_rng(1).integers(0, 61, (2, 12))
+    model = _lora(qlora=qlora)
+    loss, grads, n = _step(model, idx, "bfloat16", monkeypatch)
+    assert n == 2 * 2 + 1
+    monkeypatch.setattr(gpt_module, "reads_16bit", lambda m: False)
+    loss0, grads0, n0 = _step(model, idx, "bfloat16", monkeypatch)
+    assert n0 == 0 and loss == loss0
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(grads, grads0))
+
+
+def test_not_asked_where_lora_runs_its_reference(monkeypatch):
+    """Dropout in training, or MINIPEFT_KERNELS=0 (no fused op): the LoRA layer adds and drops its input in
+    float32, so ln_1 and ln_2 stay float32; ln_f (read by the plain LM head) still writes 16 bits."""
+    idx = np.random.default_rng(1).integers(0, 61, (2, 12))
+    *_, n = _step(_lora(dropout=0.1), idx, "bfloat16", monkeypatch)
+    assert n == 1
+    monkeypatch.setenv("MINIPEFT_KERNELS", "0")
+    *_, n = _step(_lora(), idx, "bfloat16", monkeypatch)
+    assert n == 1
+    monkeypatch.delenv("MINIPEFT_KERNELS")
+    *_, n = _step(_lora(targets=("c_attn",)), idx, "bfloat16", monkeypatch)
+    assert n == 5  # c_fc stays a plain Linear
 
 
 def test_a_replaced_layer_norm_is_called_as_before():
@@ -182,5 +207,15 @@ def test_gpu_gpt_step_casts_no_layer_norm_output_and_is_the_same_step(mode, cp, 
     assert loss == loss0 and all(np.array_equal(a, b) for a, b in zip(grads, grads0))
 
 
-def test_module_docstring_names_the_reader_rule():
-    assert "plain ``nn.Linear``" in amp_layernorm.__doc__
+@pytest.mark.gpu
+@pytest.mark.parametrize("qlora", [False, True])
+def test_gpu_fused_lora_reads_the_16bit_layer_norm_and_the_step_is_the_same(qlora, cp, monkeypatch):
+    """On the GPU the fused LoRA op (on a Linear, or QLoRA's 4-bit base) takes the 16-bit layer-norm
+    output as it is; the loss and every gradient are the step's without it, bit for bit."""
+    idx = np.random.default_rng(6).integers(0, 61, (2, 12))
+    model = _lora(qlora=qlora, device="cuda")
+    loss, grads, n = _step(model, idx, "bfloat16", monkeypatch)
+    monkeypatch.setattr(gpt_module, "reads_16bit", lambda m: False)
+    loss0, grads0, n0 = _step(model, idx, "bfloat16", monkeypatch)
+    assert n == 5 and n0 == 0 and loss == loss0
+    assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(grads, grads0))

@@ -203,6 +203,12 @@ class LoraLayer(BaseTunerLayer):
     # ---- mixed-adapter batches (peft's adapter_names; mixed_batch.py)
     batch_adapters = None  # set by mixed_batch() for a call: the rows of each adapter (RowGroups), or None
 
+    def reads_16bit_input(self) -> bool:
+        """Under autocast, True where this layer only rounds its input to 16 bits (its fused op takes it,
+        ``lora_fused.reads_16bit``): GPT then has the layer norm before it write 16 bits itself
+        (:mod:`minipeft.amp_layernorm`)."""
+        return lora_fused.reads_16bit(self)
+
     def forward(self, x, *args, **kwargs):
         if self.batch_adapters is None or self.disable_adapters:
             return lora_forward(self, x, *args, **kwargs)

@@ -88,9 +88,27 @@ class LoraLinear(Function):
 
 
 def fused_applies(layer, x, *args, **kwargs) -> bool:
-    """One active plain-LoRA adapter, no dropout in training, x float32 on the adapter's device, and a
-    float32 Linear base or a Linear4bit that computes in the dtype the adapter does."""
-    if args or kwargs or layer.disable_adapters or layer.merged or not isinstance(x, Tensor):
+    """One active plain-LoRA adapter, no dropout in training, x float32 (or, under autocast, already in
+    its compute dtype: a 16-bit layer-norm output) on the adapter's device, and a float32 Linear base or
+    a Linear4bit that computes in the dtype the adapter does."""
+    if args or kwargs or not isinstance(x, Tensor):
+        return False
+    dt = autocast_dtype(x.data)
+    return _fusable(layer, dt) and (x.data.dtype == "float32" or dt is not None) and _same_device(layer, x.data)
+
+
+def reads_16bit(layer) -> bool:
+    """True where the fused op takes this layer's input under the active autocast, whatever its dtype: then
+    the input is only ever rounded to 16 bits (``x`` cast once for W0 and A), and a layer norm before it
+    may write it so (:mod:`minipeft.amp_layernorm`). Not with ``MINIPEFT_KERNELS=0`` (the reference runs)."""
+    return (fast.enabled() and layer.batch_adapters is None and _fusable(layer, autocast_dtype())
+            and _same_device(layer, layer.lora_A[layer.active_adapters[0]].weight.data))
+
+
+def _fusable(layer, dt) -> bool:
+    """:func:`fused_applies` but for the input: the layer's adapters, dropout, base and dtypes (``dt``: the
+    autocast dtype of the call, or None)."""
+    if layer.disable_adapters or layer.merged:
         return False
     active = [a for a in layer.active_adapters if a in layer.lora_A]
     if len(active) != 1 or len(layer.active_adapters) != 1:
@@ -102,12 +120,19 @@ def fused_applies(layer, x, *args, **kwargs) -> bool:
     base = layer.get_base_layer()
     if drop.p > 0 and drop.training:
         return False
-    arrays = [x.data, layer.lora_A[name].weight.data, layer.lora_B[name].weight.data]
+    arrays = [layer.lora_A[name].weight.data, layer.lora_B[name].weight.data]
     if type(base) is Linear:
         arrays.append(base.weight.data)
-    elif type(base) is not Linear4bit or base.compute_dtype not in ("float32", autocast_dtype(x.data) or "float32"):
+    elif type(base) is not Linear4bit or base.compute_dtype not in ("float32", dt or "float32"):
         return False  # another base, or a 4-bit layer computing in another dtype than the adapter
-    return all(a.dtype == "float32" for a in arrays) and len({type(a) for a in arrays + [base.weight.data]}) == 1
+    return all(a.dtype == "float32" for a in arrays)
+
+
+def _same_device(layer, x) -> bool:
+    """``x``, the adapter's weights and the base's weight are all NumPy or all CuPy arrays."""
+    name = layer.active_adapters[0]
+    arrays = [x, layer.lora_A[name].weight.data, layer.lora_B[name].weight.data, layer.get_base_layer().weight.data]
+    return len({type(a) for a in arrays}) == 1
 
 
 def fused_forward(layer, x, *args, **kwargs) -> Tensor:
