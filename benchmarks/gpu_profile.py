@@ -83,11 +83,14 @@ class OpTimer:
                         self._wrap(cls, meth, f"{cname}.{meth}")
         from minipeft.optim.core import Optimizer
 
-        self._wrap(Optimizer, "step", "optimizer.step", static=False)
+        self._wrap(Optimizer, "step", "optimizer.step")
 
-    def _wrap(self, cls, meth, name, static=True):
+    def _wrap(self, cls, meth, name):
+        """Time ``cls.meth`` (a staticmethod, a classmethod such as ``amp.AmpLinear.forward``, or a plain
+        method) between two CUDA events, and put it back as the same kind of method."""
         orig = cls.__dict__[meth]
-        fn = orig.__func__ if isinstance(orig, staticmethod) else orig
+        kind = type(orig) if isinstance(orig, (staticmethod, classmethod)) else None
+        fn = orig.__func__ if kind else orig
         cp, rec = self.cp, self.records
 
         def wrapper(*a, **k):
@@ -99,7 +102,7 @@ class OpTimer:
             rec.append((name, e0, e1))
             return out
 
-        setattr(cls, meth, staticmethod(wrapper) if static else wrapper)
+        setattr(cls, meth, kind(wrapper) if kind else wrapper)
         self.saved.append((cls, meth, orig))
 
     def restore(self):
