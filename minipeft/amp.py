@@ -23,7 +23,9 @@ Micikevicius et al. (2018), *Mixed Precision Training* (arXiv 1710.03740):
   inf/nan, double it after ``growth_interval`` clean steps (as NVIDIA Apex and PyTorch do).
   bfloat16 keeps float32's exponent range, so it trains without loss scaling.
 * Everything else (layer norm statistics, softmax, cross-entropy, GELU, the residual
-  stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32).
+  stream, gradients handed to the optimizer) stays float32 (§3.3: reductions in float32). A
+  layer norm whose one reader rounds its output to 16 bits anyway writes it rounded
+  (:mod:`minipeft.amp_layernorm`): the same bits, one pass fewer.
 
 How it runs here. Under ``with autocast("float16"):`` (or ``"bfloat16"``) the float32 2-D matrix products
 (``linear``, the LoRA branches, the LM head, 2-D ``matmul``) run as :class:`AmpLinear` and
