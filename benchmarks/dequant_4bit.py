@@ -23,8 +23,9 @@ launch alone), which shows the kernel's own bandwidth; ``mp-waves`` is the same 
 the grid of one sweep per CUDA block (several waves) instead of one wave of equal shares,
 to see what the one-wave grid buys.
 
-Kernel variants (``--variants``, a comma-separated list): ``cCHUNKuUNROLLsSTREAMING`` is the swept
-kernel (CHUNK packed bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1)
+Kernel variants (``--variants``, a comma-separated list): ``cCHUNKuUNROLLsSTREAMING[iINTERLEAVE]`` is the
+swept kernel (CHUNK packed bytes per load, UNROLL chunks per thread and sweep, STREAMING cache hints 0/1,
+``i1``: its sweeps dealt out to the CUDA blocks in turn)
 and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE]`` the staged one (sm_90+: TILE KiB of output per
 tile decoded into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2,
 ``a1``: the next tile's codes and absmax loaded into registers while a tile decodes, ``i1``: the tiles dealt
@@ -106,16 +107,17 @@ def parse_variants(text: str) -> list:
 
     variants = []
     for token in filter(None, (t.strip() for t in text.split(","))):
-        m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)", token)
+        m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)(?:i(\d+))?", token)
         b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?(?:i(\d+))?", token)
         if m is not None:
-            v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0))
+            v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0,
+                                        INTERLEAVE=int(m[4] or 0)))
         elif b is not None:
             v = dequantize_variant(dict(CHUNK=4, STAGED=1, TILE=1024 * int(b[1]), STAGES=int(b[2]),
                                         PREFETCH=int(b[3]), STREAMING=int(b[4]), AHEAD=int(b[5] or 0),
                                         INTERLEAVE=int(b[6] or 0)))
         else:
-            raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) nor "
+            raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING[iINTERLEAVE] (e.g. c16u2s1) nor "
                              "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE] (the staged kernel, e.g. "
                              "b16k2p0s0a1i1)")
         if v not in variants:
@@ -129,16 +131,17 @@ def variant_name(variant) -> str:
     if v.get("STAGED"):
         return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
                 + ("i1" if v.get("INTERLEAVE") else ""))
-    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
+    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}" + ("i1" if v.get("INTERLEAVE") else "")
 
 
-# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), the staged
+# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), also with
+# its sweeps dealt out in turn (i1: not yet measured, 2026-12-03), the staged
 # kernel (sm_90+: bulk stores from shared memory) with the tiles dealt out in turn (i1, the default on
 # the H200) at both tile sizes, with 3 stages and with the next tile's loads in flight (a1), and, to
 # see what i1 buys, the contiguous shares at both tile sizes. (Streaming hints, 4 stages and
 # prefetching 2+ tiles ahead measured no faster on the H200: benchmarks/results/h200-2026-12-02/staged/;
 # a1 within 1% either way, i1 3-5 points of the copy rate faster: ../results/h200-2026-12-03/.)
-DEFAULT_SWEEP = "c4u4s0,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,b8k3p0s0a1i1,b16k2p0s0,b8k2p0s0"
+DEFAULT_SWEEP = "c4u4s0,c4u4s0i1,c4u2s0i1,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,b8k3p0s0a1i1,b16k2p0s0,b8k2p0s0"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -159,6 +162,9 @@ typedef long long i64;
 #endif
 #ifndef STREAMING
 #define STREAMING 0
+#endif
+#ifndef INTERLEAVE
+#define INTERLEAVE 0
 #endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 constexpr int WORDS = CHUNK / 4;                 // 32-bit words of codes per chunk, 8 codes each
@@ -186,10 +192,14 @@ __device__ __forceinline__ u32 code(u32 w, int k) { return (w >> (8 * (k >> 1) +
 extern "C" __global__ void traffic_peer(const u8* __restrict__ packed, i64 n, u16* __restrict__ out) {
     const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + CHUNK - 1) / CHUNK;
     const i64 T = blockDim.x;
+#if INTERLEAVE
+    const i64 first = (i64)blockIdx.x * T * UNROLL, step = (i64)gridDim.x * T * UNROLL, end = chunks;
+#else
     const i64 share = ((chunks + gridDim.x - 1) / gridDim.x + T - 1) / T * T;
-    const i64 first = (i64)blockIdx.x * share;
+    const i64 first = (i64)blockIdx.x * share, step = T * UNROLL;
     const i64 end = first + share < chunks ? first + share : chunks;
-    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += T * UNROLL) {
+#endif
+    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += step) {
         u32 word[UNROLL][WORDS];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {       // every load of the sweep first

@@ -121,7 +121,7 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #define AHEAD 0       // STAGED: 1 loads the next tile's codes and absmax into registers while this tile decodes
 #endif
 #ifndef INTERLEAVE
-#define INTERLEAVE 0  // STAGED: 1 deals the tiles out in turn (block b: b, b + G, ...), 0 in contiguous shares
+#define INTERLEAVE 0  // 1 deals the sweeps (STAGED: the tiles) out in turn (block b: b, b + G, ...), 0 contiguous shares
 #endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
@@ -227,7 +227,8 @@ __device__ __forceinline__ void store8(void* __restrict__ out, i64 e0, i64 n, co
 // bytes; otherwise (CHUNK = 8 or 16, or float32) its lanes' 16-byte pieces lie one chunk's output
 // apart and the chunk's other stores fill the gaps. A thread loads all UNROLL chunks, then the UNROLL
 // block absmax (nested: code2[q2] * absmax2 + offset, a chain of two loads), and only then
-// decodes and stores, so no load waits behind a store.
+// decodes and stores, so no load waits behind a store. INTERLEAVE = 1 deals the sweeps out in turn
+// instead (block b of G takes sweeps b, b + G, ...), as the staged kernel below can.
 template <int OUT, bool NESTED>
 __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
                                 const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
@@ -241,12 +242,17 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     const i64 nbytes = (n + 1) >> 1, chunks = (nbytes + CHUNK - 1) / CHUNK;   // CHUNK packed bytes each
     const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
     const i64 T = blockDim.x;
+#if INTERLEAVE
+    const i64 first = (i64)blockIdx.x * T * UNROLL, step = (i64)gridDim.x * T * UNROLL;   // sweeps b, b + G, ...
+    const i64 end = chunks;
+#else
     const i64 share = ((chunks + gridDim.x - 1) / gridDim.x + T - 1) / T * T;   // whole warps
-    const i64 first = (i64)blockIdx.x * share;
+    const i64 first = (i64)blockIdx.x * share, step = T * UNROLL;
     const i64 end = first + share < chunks ? first + share : chunks;  // this CUDA block's [first, end)
+#endif
     const float off = NESTED ? __ldg(offset) : 0.0f;
 
-    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += T * UNROLL) {
+    for (i64 c0 = first + threadIdx.x; c0 < end; c0 += step) {
         u32 word[UNROLL][WORDS];
         float a[UNROLL];
 #pragma unroll

@@ -46,7 +46,7 @@ TILE = 16384           # staged: output bytes per tile, as TILE in the .cu
 STAGES = 2             # staged: tiles of shared memory in flight, as STAGES in the .cu
 PREFETCH = 0           # staged: tiles ahead prefetched into L2, as PREFETCH in the .cu
 AHEAD = 0              # staged: 1 loads the next tile's codes and absmax while a tile decodes, as AHEAD in the .cu
-INTERLEAVE = 0         # staged: 1 deals the tiles out to the CUDA blocks in turn, as INTERLEAVE in the .cu
+INTERLEAVE = 0         # 1 deals the sweeps (staged: the tiles) out to the CUDA blocks in turn, as INTERLEAVE in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
                 "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
@@ -63,7 +63,7 @@ def default_variant(device_id: int) -> dict:
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
 
 
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD", "INTERLEAVE"), ("UNROLL",)   # settings of one kernel body only
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL",)   # settings of one kernel body only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
                    "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4), "AHEAD": (0, 1),
                    "INTERLEAVE": (0, 1)}
@@ -185,11 +185,11 @@ def dequantize_variant(variant=None) -> tuple:
 
     ``variant`` is None (:data:`DEFAULT_VARIANT`) or a dict (or pairs) with any of ``CHUNK``
     (packed bytes per load: 4, 8 or 16), ``UNROLL`` (chunks per thread and sweep: 1 to 16),
-    ``STREAMING`` (0, or 1 for streaming cache hints) and ``STAGED`` (1: the staged kernel,
+    ``STREAMING`` (0, or 1 for streaming cache hints), ``INTERLEAVE`` (1: the sweeps, or the
+    staged kernel's tiles, dealt out to the CUDA blocks in turn) and ``STAGED`` (1: the staged kernel,
     sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, ``STAGES`` buffers, 2 to 4,
     ``STAGES * TILE <= 32768``, ``PREFETCH`` tiles ahead prefetched into L2, 0 to 4, and ``AHEAD``,
-    1 to load the next tile's codes and absmax into registers while a tile decodes, and ``INTERLEAVE``,
-    1 to deal the tiles out to the CUDA blocks in turn rather than in contiguous shares; it loads
+    1 to load the next tile's codes and absmax into registers while a tile decodes; it loads
     4 packed bytes per chunk and has no ``UNROLL``); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses

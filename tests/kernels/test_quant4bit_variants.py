@@ -44,7 +44,7 @@ def test_default_variant_and_missing_settings():
     (dict(STAGED=1, PREFETCH=5), "PREFETCH=5"),
     (dict(STAGED=0, AHEAD=1), "AHEAD"),
     (dict(STAGED=1, AHEAD=2), "AHEAD=2"),
-    (dict(STAGED=0, INTERLEAVE=1), "INTERLEAVE"),
+    (dict(STAGED=0, INTERLEAVE=2), "INTERLEAVE=2"),
     (dict(STAGED=1, INTERLEAVE=2), "INTERLEAVE=2"),
     (dict(STAGED=1, TILE=4096), "TILE=4096"),
     (dict(STAGED=2), "STAGED=2"),
@@ -64,6 +64,7 @@ def test_benchmark_tokens_round_trip():
     assert dict(variants[names.index("b8k3p0s0a1i1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 3,
                                                            "AHEAD": 1, "INTERLEAVE": 1}
     assert b.parse_variants("b16k2p0s0a0i0") == b.parse_variants("b16k2p0s0")   # i0 is the default
+    assert dict(variants[names.index("c4u2s0i1")]) == {**DEFAULT_VARIANT, "UNROLL": 2, "INTERLEAVE": 1}
     assert dict(variants[names.index("b8k4p3s1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 4,
                                                        "PREFETCH": 3, "STREAMING": 1}
     for bad in ("b16k3p2s0", "b4k2p2s0", "b16k2s0", "x4u4s0"):

@@ -223,13 +223,14 @@ def test_4bit_dequantize_launch_is_cached_on_the_state_until_its_arrays_change(c
 
 
 # Compile-time variants of the dequantize kernel (quant4bit.cu: CHUNK packed bytes per load,
-# UNROLL chunks per thread and sweep, STREAMING cache hints): the default and each load width
-# with a few unrolls, with and without the hints; and the staged kernel (STAGED=1, sm_90+: TILE
+# UNROLL chunks per thread and sweep, STREAMING cache hints, INTERLEAVE: sweeps dealt out in turn): the
+# default and each load width with a few unrolls, with and without the hints; and the staged kernel (STAGED=1, sm_90+: TILE
 # output bytes per bulk store, STAGES buffers, PREFETCH tiles ahead into L2, AHEAD: the next tile's
 # loads in flight while a tile decodes, INTERLEAVE: tiles dealt out in turn) at each tile size, numbers of stages and prefetch distances.
-DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s, STAGED=0) for c, u, s in
-                    [(4, 4, 0), (4, 1, 1), (4, 3, 0), (8, 1, 0), (8, 2, 1), (8, 4, 0),
-                     (16, 1, 0), (16, 1, 1), (16, 2, 1), (16, 4, 0)]]
+DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s, STAGED=0, INTERLEAVE=i) for c, u, s, i in
+                    [(4, 4, 0, 0), (4, 1, 1, 0), (4, 3, 0, 0), (8, 1, 0, 0), (8, 2, 1, 0), (8, 4, 0, 0),
+                     (16, 1, 0, 0), (16, 1, 1, 0), (16, 2, 1, 0), (16, 4, 0, 0), (4, 4, 0, 1), (4, 3, 0, 1),
+                     (16, 2, 1, 1)]]
 DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, PREFETCH=p, STREAMING=s, AHEAD=a, INTERLEAVE=i)
                      for t, k, p, s, a, i in [(16384, 2, 0, 0, 0, 0), (16384, 2, 2, 1, 0, 0), (8192, 2, 1, 0, 0, 0),
                                               (8192, 3, 4, 0, 0, 0), (8192, 4, 3, 1, 0, 0), (16384, 2, 0, 0, 1, 0),
@@ -241,7 +242,7 @@ def variant_id(v) -> str:
     if v.get("STAGED"):
         return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v["AHEAD"] else "")
                 + ("i1" if v["INTERLEAVE"] else ""))
-    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}"
+    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}" + ("i1" if v["INTERLEAVE"] else "")
 
 
 def needs_sm90_for(cp, variant):
