@@ -208,7 +208,7 @@ def reads_16bit(module) -> bool:
 
 def _norm(ln, x, reader):
     """``ln(x)``; under a 16-bit autocast written in 16 bits when ``ln`` is the plain LayerNorm and its one
-    reader, ``reader``, reads 16 bits anyway (a plain Linear: :mod:`minipeft.amp_layernorm`). ``reader`` None:
+    reader, ``reader``, reads 16 bits anyway (:func:`reads_16bit`, :mod:`minipeft.amp_layernorm`). ``reader`` None:
     someone else reads the output too (a hidden state kept, a wrapped sub-layer): float32, as always."""
     if reader is not None and type(ln) is LayerNorm and reads_16bit(reader):
         return ln(x, output_16bit=True)
