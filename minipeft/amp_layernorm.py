@@ -30,14 +30,14 @@ import numpy as np
 
 from .amp import autocast_dtype, to_compute
 from .engine import Tensor
-from .fast import enabled, on_gpu
+from .fast import enabled, float32_on_gpu, on_gpu
 from .ops.norm_act import LayerNorm, layer_norm
 
 
 def uses_kernel(x, weight, bias) -> bool:
-    """True where ``layernorm.cu`` writes the 16-bit output: float32 C-contiguous CuPy arrays, kernels on."""
-    return (enabled() and all(on_gpu(a) and a.dtype == np.float32 for a in (x, weight, bias))
-            and x.flags.c_contiguous)
+    """True where ``layernorm.cu`` writes the 16-bit output: float32 C-contiguous CuPy arrays (the float32
+    layer norm kernel's condition), kernels on."""
+    return enabled() and float32_on_gpu(x, weight, bias)
 
 
 class AmpLayerNormOut16(LayerNorm):
@@ -49,12 +49,9 @@ class AmpLayerNormOut16(LayerNorm):
         dt = autocast_dtype(x, weight)
         if not uses_kernel(x, weight, bias):
             return to_compute(LayerNorm.forward(ctx, x, weight, bias, eps), dt)
-        from .kernels import layernorm  # lazy: CuPy only
+        from .kernels.functions import FusedLayerNorm  # lazy: CuPy only
 
-        nx, nw = ctx.needs_input_grad[:2]
-        y, xhat, rstd = layernorm.layernorm_forward(x, weight, bias, eps, out_dtype=dt)
-        ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
-        return y
+        return FusedLayerNorm.forward(ctx, x, weight, bias, eps, out_dtype=dt)  # y in dt, the same saved arrays
 
     @staticmethod
     def backward(ctx, g):

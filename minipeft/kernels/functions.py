@@ -45,9 +45,10 @@ class FusedLayerNorm(LayerNorm):
     """Layer norm with one warp per row (``layernorm.cu``); saves ``xhat`` and ``rstd`` as the reference."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, out_dtype: str = "float32"):
+        """``out_dtype`` float16 / bfloat16: y written in it (:mod:`minipeft.amp_layernorm`); the same saved arrays."""
         nx, nw = ctx.needs_input_grad[:2]
-        y, xhat, rstd = layernorm.layernorm_forward(x, weight, bias, eps)
+        y, xhat, rstd = layernorm.layernorm_forward(x, weight, bias, eps, out_dtype)
         ctx.save_for_backward(xhat if (nx or nw) else None, rstd if nx else None, weight if nx else None)
         return y
 
