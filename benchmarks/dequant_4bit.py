@@ -30,7 +30,9 @@ and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE]`` the staged one (sm_
 tile decoded into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2,
 ``a1``: the next tile's codes and absmax loaded into registers while a tile decodes, ``i1``: the tiles dealt
 out to the CUDA blocks in turn, so that they all write one window of the output, instead of contiguous
-shares), see
+shares), and ``wUNROLLbWIDE_BLOCKS`` the wide one (a 16-byte load per lane, four 512-byte store instructions
+per warp and group of 1024 values, UNROLL groups per warp and step, one CUDA block per step, registers for
+WIDE_BLOCKS blocks per SM), see
 ``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
@@ -86,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
                          "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p0s0) "
+                         "or, wide, wUNROLLbWIDE_BLOCKS (e.g. w1b8) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -109,7 +112,10 @@ def parse_variants(text: str) -> list:
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)(?:i(\d+))?", token)
         b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?(?:i(\d+))?", token)
-        if m is not None:
+        w = re.fullmatch(r"w(\d+)b(\d+)", token)
+        if w is not None:
+            v = dequantize_variant(dict(WIDE=1, UNROLL=int(w[1]), WIDE_BLOCKS=int(w[2])))
+        elif m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0,
                                         INTERLEAVE=int(m[4] or 0)))
         elif b is not None:
@@ -117,9 +123,9 @@ def parse_variants(text: str) -> list:
                                         PREFETCH=int(b[3]), STREAMING=int(b[4]), AHEAD=int(b[5] or 0),
                                         INTERLEAVE=int(b[6] or 0)))
         else:
-            raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING[iINTERLEAVE] (e.g. c16u2s1) nor "
+            raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING[iINTERLEAVE] (e.g. c16u2s1), "
                              "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE] (the staged kernel, e.g. "
-                             "b16k2p0s0a1i1)")
+                             "b16k2p0s0a1i1) nor wUNROLLbWIDE_BLOCKS (the wide kernel, e.g. w1b8)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -128,20 +134,23 @@ def parse_variants(text: str) -> list:
 def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
+    if v.get("WIDE"):
+        return f"w{v['UNROLL']}b{v['WIDE_BLOCKS']}"
     if v.get("STAGED"):
         return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
                 + ("i1" if v.get("INTERLEAVE") else ""))
     return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}" + ("i1" if v.get("INTERLEAVE") else "")
 
 
-# The default sweep: the swept kernel at the best access shape of the first sweep (c4u4), also with
-# its sweeps dealt out in turn (i1: not yet measured, 2026-12-03), the staged
-# kernel (sm_90+: bulk stores from shared memory) with the tiles dealt out in turn (i1, the default on
-# the H200) at both tile sizes, with 3 stages and with the next tile's loads in flight (a1), and, to
-# see what i1 buys, the contiguous shares at both tile sizes. (Streaming hints, 4 stages and
-# prefetching 2+ tiles ahead measured no faster on the H200: benchmarks/results/h200-2026-12-02/staged/;
-# a1 within 1% either way, i1 3-5 points of the copy rate faster: ../results/h200-2026-12-03/.)
-DEFAULT_SWEEP = "c4u4s0,c4u4s0i1,c4u2s0i1,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,b8k3p0s0a1i1,b16k2p0s0,b8k2p0s0"
+# The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
+# decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/) at one and two groups per warp and step,
+# with registers for 8, 6 or 4 CUDA blocks per SM; the staged kernel (sm_90+: bulk stores from shared
+# memory) with the tiles dealt out in turn (i1, the default on the H200) at both tile sizes and with 3
+# stages; and the swept kernel with its sweeps in turn (c4u4s0i1). (Measured no faster on the H200:
+# streaming hints, 4 stages, prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead
+# a1, within 1% either way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape,
+# 5-20 points slower than the staged one (../results/h200-2026-12-03/).)
+DEFAULT_SWEEP = "w1b8,w1b6,w1b4,w2b6,w2b4,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,c4u4s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -412,7 +421,8 @@ def main(argv=None) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
-             if not dict(v)["STAGED"]}                                   # (the peer has the swept kernel's shape)
+             if not dict(v)["STAGED"] and not dict(v)["WIDE"]}          # (the swept kernel's shape; wide's peer:
+    #                                                                      dequant_traffic.py)
     speers = {key: staged_peer(cp, THREADS, i) for key, i in (("staged", 0), ("staged-i", 1))}   # sm_90+: else None
     for spec in args.shapes.split(","):
         shape = tuple(int(s) for s in spec.lower().split("x"))

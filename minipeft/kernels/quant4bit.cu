@@ -123,6 +123,9 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef INTERLEAVE
 #define INTERLEAVE 0  // 1 deals the sweeps (STAGED: the tiles) out in turn (block b: b, b + G, ...), 0 contiguous shares
 #endif
+#ifndef WIDE
+#define WIDE 0        // 1: the wide kernel (below): a warp loads 512 packed bytes at once, each store 512 contiguous bytes
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -133,6 +136,8 @@ static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
 static_assert(AHEAD == 0 || AHEAD == 1, "AHEAD is 0 or 1");
 static_assert(INTERLEAVE == 0 || INTERLEAVE == 1, "INTERLEAVE is 0 or 1");
+static_assert(WIDE == 0 || (WIDE == 1 && !STAGED && CHUNK == 16 && INTERLEAVE == 1 && !STREAMING),
+              "WIDE = 1 is the swept kernel's shape with CHUNK = 16, INTERLEAVE = 1, no streaming hints");
 
 // A chunk is WORDS little-endian 32-bit words of codes, 8 values each; each word becomes one
 // 16-byte store (float16, bfloat16; two for float32). A chunk's 2 * CHUNK <= 32 values start at
@@ -285,6 +290,53 @@ __device__ void dequantize_4bit(const u8* __restrict__ packed, i64 n, const floa
     }
 }
 
+// The decoding with fewer instructions, for finite absmax and table (decode_word below): flush in
+// one instruction, x * 1 with flush-to-zero (a subnormal x becomes the zero of its sign, anything
+// else but NaN is unchanged: flush's result), and two values rounded to 16 bits by one cvt (x2: the
+// same rounding as two cvt.rn, packed with `hi` in the upper half).
+__device__ __forceinline__ float flush1(float x) {
+    float r; asm("mul.rn.ftz.f32 %0, %1, 0f3F800000;" : "=f"(r) : "f"(x)); return r;
+}
+template <int OUT>
+__device__ __forceinline__ u32 pack16x2(float lo, float hi) {
+    u32 r;
+#if __CUDA_ARCH__ >= 800
+    if (OUT == OUT_BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    r = to16<OUT>(lo) | (to16<OUT>(hi) << 16);             // no cvt.rn.bf16x2 before sm_80: the same bits
+#endif
+    return r;
+}
+// One word of codes (8 values, even element in the high nibble) into `dst` (shared or global memory):
+// 16 bytes of 16-bit values or 32 of float32. `fast` (a and the table finite: no NaN can arise)
+// takes the short instructions above, else decode8/to16 as the swept kernel; the same bits. The staged
+// and the wide kernel decode with it.
+template <int OUT>
+__device__ __forceinline__ void decode_word(u32 word, float a, const float* tab, bool fast, uint4* dst) {
+    float v[8];
+    if (fast) {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+            const u32 byte = (word >> (8 * k)) & 0xFFu;
+            v[2 * k] = flush1(__fmul_rn(tab[byte >> 4], a));
+            v[2 * k + 1] = flush1(__fmul_rn(tab[byte & 0xFu], a));
+        }
+    } else {
+        decode8(word, a, tab, v);
+    }
+    if (OUT == OUT_F32) {
+        dst[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
+        dst[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
+    } else if (fast) {
+        dst[0] = make_uint4(pack16x2<OUT>(v[0], v[1]), pack16x2<OUT>(v[2], v[3]), pack16x2<OUT>(v[4], v[5]),
+                            pack16x2<OUT>(v[6], v[7]));
+    } else {
+        dst[0] = make_uint4(to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16), to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16),
+                            to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16), to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16));
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // The staged dequantizer (STAGED = 1; Hopper, sm_90+). The kernel above writes the output with
 // the SM's ordinary stores: every warp issues its 16-byte stores itself, and the same-traffic peer
@@ -337,48 +389,6 @@ __device__ __forceinline__ void prefetch_l2(const void* lo, const void* hi) {
     if (b > a) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(a), "r"((u32)(b - a)) : "memory");
 #endif
 }
-// The decoding with fewer instructions, for finite absmax and table (decode_word below): flush in
-// one instruction, x * 1 with flush-to-zero (a subnormal x becomes the zero of its sign, anything
-// else but NaN is unchanged: flush's result), and two values rounded to 16 bits by one cvt (x2: the
-// same rounding as two cvt.rn, packed with `hi` in the upper half).
-__device__ __forceinline__ float flush1(float x) {
-    float r; asm("mul.rn.ftz.f32 %0, %1, 0f3F800000;" : "=f"(r) : "f"(x)); return r;
-}
-template <int OUT>
-__device__ __forceinline__ u32 pack16x2(float lo, float hi) {
-    u32 r;
-    if (OUT == OUT_BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-// One word of codes (8 values, even element in the high nibble) into shared memory at `dst`:
-// 16 bytes of 16-bit values or 32 of float32. `fast` (a and the table finite: no NaN can arise)
-// takes the short instructions above, else decode8/to16 as the swept kernel; the same bits.
-template <int OUT>
-__device__ __forceinline__ void decode_word(u32 word, float a, const float* tab, bool fast, uint4* dst) {
-    float v[8];
-    if (fast) {
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-            const u32 byte = (word >> (8 * k)) & 0xFFu;
-            v[2 * k] = flush1(__fmul_rn(tab[byte >> 4], a));
-            v[2 * k + 1] = flush1(__fmul_rn(tab[byte & 0xFu], a));
-        }
-    } else {
-        decode8(word, a, tab, v);
-    }
-    if (OUT == OUT_F32) {
-        dst[0] = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]), __float_as_uint(v[3]));
-        dst[1] = make_uint4(__float_as_uint(v[4]), __float_as_uint(v[5]), __float_as_uint(v[6]), __float_as_uint(v[7]));
-    } else if (fast) {
-        dst[0] = make_uint4(pack16x2<OUT>(v[0], v[1]), pack16x2<OUT>(v[2], v[3]), pack16x2<OUT>(v[4], v[5]),
-                            pack16x2<OUT>(v[6], v[7]));
-    } else {
-        dst[0] = make_uint4(to16<OUT>(v[0]) | (to16<OUT>(v[1]) << 16), to16<OUT>(v[2]) | (to16<OUT>(v[3]) << 16),
-                            to16<OUT>(v[4]) | (to16<OUT>(v[5]) << 16), to16<OUT>(v[6]) | (to16<OUT>(v[7]) << 16));
-    }
-}
-
 __device__ __forceinline__ void fence_proxy_async() {      // shared-memory writes made visible to the TMA
 #if __CUDA_ARCH__ >= 900
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
@@ -488,12 +498,99 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 }
 #endif
 
-// One kernel name per output type and absmax kind; STAGED picks the body compiled into it.
+// ------------------------------------------------------------------------------------------
+// The wide dequantizer (WIDE = 1). benchmarks/dequant_traffic.py moves this kernel's traffic (one
+// byte read for four written) with no decoding in several access shapes; the fastest on the H200 was
+// the one below, ahead of the staged kernel's shape (results/h200-2026-12-03/f/). A warp takes groups
+// of 1024 values: it loads their 512 packed bytes with one 16-byte load per lane (lane l: words
+// 4l .. 4l + 3 of the group's 128) and writes their 2 KiB of 16-bit output with four store
+// instructions of 512 contiguous bytes each. Store k of lane l is the 8 values of word 32k + l, which
+// lane 8k + l/4 loaded: four warp shuffles bring it over. A CUDA block's warps take UNROLL groups
+// each per step, all loads (codes and absmax) before any store; the steps are dealt out to the blocks
+// in turn, and quant4bit.py launches one block per step (several waves: blocks start in order, so the
+// writes move through the output as one window, as a copy kernel's do). Every value is computed as in
+// the other kernels (decode_word): the same bits. A partial last group is read byte by byte and
+// stored without the shuffles (store8).
+#if WIDE
+template <int OUT, bool NESTED>
+__device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
+                                     const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
+                                     const float* __restrict__ code2, const float* __restrict__ absmax2,
+                                     const float* __restrict__ offset, int log2_bs, int log2_bs2,
+                                     void* __restrict__ out) {
+    constexpr int OW = OUT == OUT_F32 ? 2 : 1;              // 16-byte output pieces per word of codes
+    __shared__ float tab[16];
+    __shared__ float code2_s[NESTED ? 256 : 1];            // the nested absmax's 8-bit code
+    bool finite = true;
+    if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
+    if (NESTED)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
+    const bool tab_finite = __syncthreads_and(finite);     // (a barrier too)
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    const i64 nbytes = (n + 1) >> 1, groups = (nbytes + 511) >> 9;   // 512 packed bytes, 1024 values each
+    const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
+    const float off = NESTED ? __ldg(offset) : 0.0f;
+    const i64 per_step = (i64)warps * UNROLL;             // groups per CUDA block and step
+
+    for (i64 base = (i64)blockIdx.x * per_step; base < groups; base += (i64)gridDim.x * per_step) {
+        uint4 q[UNROLL];                                   // this lane's 16 packed bytes of each group
+        float a[UNROLL][4];                                // absmax (nested: absmax2) of word 32k + lane
+        u32 qa[UNROLL][4];                                 // nested: the absmax's 8-bit code
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const i64 g = base + (i64)u * warps + warp;    // the same for the whole warp
+            q[u] = g < groups && (g + 1) * 1024 <= n ? load_ro(reinterpret_cast<const uint4*>(packed) + g * 32 + lane)
+                                                     : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                i64 b = ((g * 128 + 32 * k + lane) * 8) >> log2_bs;
+                b = b < last_block ? b : last_block;       // past the end: stored nowhere
+                if (NESTED) { qa[u][k] = __ldg(qabsmax + b); a[u][k] = __ldg(absmax2 + (b >> log2_bs2)); }
+                else a[u][k] = __ldg(absmax + b);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const i64 g = base + (i64)u * warps + warp;
+            if (g >= groups) break;                        // warp-uniform, as every branch below
+#pragma unroll
+            for (int k = 0; k < 4; ++k) {
+                const i64 w = g * 128 + 32 * k + lane;     // the word of codes this lane stores
+                const float ab = NESTED ? nested_absmax_of(code2_s[qa[u][k]], a[u][k], off) : flush(a[u][k]);
+                if ((g + 1) * 1024 <= n) {                 // a whole group: word l % 4 of lane 8k + l / 4
+                    const int src = 8 * k + (lane >> 2), i = lane & 3;
+                    const u32 x = __shfl_sync(0xffffffffu, q[u].x, src), y = __shfl_sync(0xffffffffu, q[u].y, src);
+                    const u32 z = __shfl_sync(0xffffffffu, q[u].z, src), v = __shfl_sync(0xffffffffu, q[u].w, src);
+                    const u32 word = i == 0 ? x : i == 1 ? y : i == 2 ? z : v;
+                    decode_word<OUT>(word, ab, tab, tab_finite && isfinite(ab), reinterpret_cast<uint4*>(out) + w * OW);
+                } else if (w * 8 < n) {                    // the partial last group: byte by byte, no shuffles
+                    u32 word = 0u;
+#pragma unroll
+                    for (int j = 0; j < 4; ++j)
+                        if (w * 4 + j < nbytes) word |= (u32)packed[w * 4 + j] << (8 * j);
+                    float vals[8];
+                    decode8(word, ab, tab, vals);
+                    store8<OUT>(out, w * 8, n, vals);
+                }
+            }
+        }
+    }
+}
+#endif
+
+// One kernel name per output type and absmax kind; STAGED or WIDE picks the body compiled into it.
 #if STAGED
 #define DEQ4_BODY dequantize_4bit_staged
 // Registers for as many CUDA blocks per SM as shared memory allows (227 KiB): 6 with 32 KiB of stages
 // (<= 40 registers), 8, the most 256-thread blocks an SM runs, with 8 KiB tiles and 2 or 3 stages (<= 32).
 #define DEQ4_BOUNDS __launch_bounds__(256, STAGES * TILE <= 24576 ? 8 : 6)
+#elif WIDE
+#define DEQ4_BODY dequantize_4bit_wide
+#ifndef WIDE_BLOCKS
+#define WIDE_BLOCKS 8  // CUDA blocks per SM the registers must allow (8: <= 32 registers, the most 256-thread blocks an SM runs)
+#endif
+#define DEQ4_BOUNDS __launch_bounds__(256, WIDE_BLOCKS)
 #else
 #define DEQ4_BODY dequantize_4bit
 #define DEQ4_BOUNDS

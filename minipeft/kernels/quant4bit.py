@@ -47,8 +47,11 @@ STAGES = 2             # staged: tiles of shared memory in flight, as STAGES in 
 PREFETCH = 0           # staged: tiles ahead prefetched into L2, as PREFETCH in the .cu
 AHEAD = 0              # staged: 1 loads the next tile's codes and absmax while a tile decodes, as AHEAD in the .cu
 INTERLEAVE = 0         # 1 deals the sweeps (staged: the tiles) out to the CUDA blocks in turn, as INTERLEAVE in the .cu
+WIDE = 0               # 1: the wide kernel (512-byte loads and stores per warp instruction), as WIDE in the .cu
+WIDE_BLOCKS = 8        # wide: CUDA blocks per SM its registers must allow (4, 6 or 8), as WIDE_BLOCKS in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
-                "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE}   # the .cu's #define defaults
+                "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE, "WIDE": WIDE,
+                "WIDE_BLOCKS": WIDE_BLOCKS}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the staged kernel: 8 KiB tiles, two buffers, no L2
 # prefetch, the tiles dealt out in turn (b8k2p0s0i1), the fastest whole call of the sweep on the H200, or
@@ -63,10 +66,11 @@ def default_variant(device_id: int) -> dict:
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
 
 
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL",)   # settings of one kernel body only
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS")   # one body's only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
                    "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4), "AHEAD": (0, 1),
-                   "INTERLEAVE": (0, 1)}
+                   "INTERLEAVE": (0, 1), "WIDE": (0, 1), "WIDE_BLOCKS": (4, 6, 8)}
+_WIDE_DEFAULTS = {"CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1}   # what WIDE=1 implies unless given
 
 
 def _kernel(name: str):
@@ -190,7 +194,10 @@ def dequantize_variant(variant=None) -> tuple:
     sm_90+, with ``TILE`` output bytes per tile, 8192 or 16384, ``STAGES`` buffers, 2 to 4,
     ``STAGES * TILE <= 32768``, ``PREFETCH`` tiles ahead prefetched into L2, 0 to 4, and ``AHEAD``,
     1 to load the next tile's codes and absmax into registers while a tile decodes; it loads
-    4 packed bytes per chunk and has no ``UNROLL``); missing
+    4 packed bytes per chunk and has no ``UNROLL``) or ``WIDE`` (1: the wide kernel, one 16-byte
+    load per lane, each warp store instruction 512 contiguous bytes, one CUDA block per step; it
+    implies and needs ``CHUNK=16``, ``INTERLEAVE=1``, ``STREAMING=0``, with ``UNROLL`` 1 unless
+    given, and ``WIDE_BLOCKS``: 4, 6 or 8 CUDA blocks per SM its registers must allow); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
     differ). A tuple this function returned is returned at once (a set look-up), so a caller
@@ -203,7 +210,7 @@ def dequantize_variant(variant=None) -> tuple:
     if unknown:
         raise ValueError(f"unknown dequantize variant setting(s) {unknown}: expected any of "
                          f"{sorted(_VARIANT_VALUES)}, e.g. dict(CHUNK=16, UNROLL=2, STREAMING=1)")
-    full = {**DEFAULT_VARIANT, **given}
+    full = {**DEFAULT_VARIANT, **(_WIDE_DEFAULTS if given.get("WIDE") == 1 else {}), **given}
     for name, value in full.items():
         allowed = _VARIANT_VALUES[name]
         if isinstance(value, bool) or value not in allowed:
@@ -215,6 +222,12 @@ def dequantize_variant(variant=None) -> tuple:
         raise ValueError(f"dequantize variant setting(s) {wrong} apply only to the "
                          f"{'swept' if full['STAGED'] else 'staged'} kernel (STAGED={1 - full['STAGED']})")
     full.update({k: _CU_DEFAULTS[k] for k in other})
+    if not full["WIDE"] and given.get("WIDE_BLOCKS", WIDE_BLOCKS) != WIDE_BLOCKS:
+        raise ValueError("dequantize variant setting WIDE_BLOCKS applies only to the wide kernel (WIDE=1)")
+    if full["WIDE"] and (full["CHUNK"], full["INTERLEAVE"], full["STREAMING"]) != (16, 1, 0):
+        raise ValueError(f"the wide dequantize kernel (WIDE=1) loads CHUNK=16 bytes per lane, deals its steps out in "
+                         f"turn (INTERLEAVE=1) and takes no streaming hints (STREAMING=0), got CHUNK={full['CHUNK']}, "
+                         f"INTERLEAVE={full['INTERLEAVE']}, STREAMING={full['STREAMING']}")
     if full["STAGED"] and (full["CHUNK"] != 4 or full["STAGES"] * full["TILE"] > 32768):
         raise ValueError(f"the staged dequantize kernel loads CHUNK=4 bytes and keeps STAGES * TILE <= 32768 "
                          f"bytes of shared memory, got CHUNK={full['CHUNK']}, STAGES={full['STAGES']}, "
@@ -244,7 +257,8 @@ class DequantizeLaunch:
     kernel, no separate pass), the kernel, its grid and every argument but the output. A call
     allocates the output (or takes ``out``) and launches: what a frozen weight needs on every
     forward and backward. ``grid`` defaults to one wave (every CUDA block the device runs at
-    once, each an equal share, see ``quant4bit.cu``); any grid gives the same result.
+    once, each an equal share, see ``quant4bit.cu``; the wide kernel: one block per step); any
+    grid gives the same result.
     ``variant`` picks the kernel's compile-time memory-access shape (:func:`dequantize_variant`;
     None: the device's :func:`default_variant`), compiled once per variant; every variant gives the
     same bits.
@@ -295,9 +309,11 @@ class DequantizeLaunch:
         self.chunks = -(-((n + 1) // 2) // chunk)                      # CHUNK packed bytes each
         if self.variant["STAGED"]:                                     # tiles of TILE output bytes
             self.sweeps = -(-n // (self.variant["TILE"] // self.dtype.itemsize))
-        else:                                                          # sweeps of THREADS * UNROLL chunks
+        else:                                                          # sweeps of THREADS * UNROLL chunks (wide: steps)
             self.sweeps = -(-self.chunks // (THREADS * unroll))
-        if grid is None:                                               # one wave, or fewer blocks than that
+        if grid is None and self.variant["WIDE"]:                      # one CUDA block per step (several waves)
+            grid = self.sweeps
+        elif grid is None:                                             # one wave, or fewer blocks than that
             grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device, defines), self.sweeps)
         self.grid = (max(1, int(grid)),)
         self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))

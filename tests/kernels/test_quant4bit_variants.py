@@ -1,8 +1,8 @@
 """The dequantize kernel's compile-time variants are checked on the host (no GPU needed).
 
 ``minipeft.kernels.quant4bit.dequantize_variant`` turns a dict of settings into the sorted pairs
-that key a compile: the swept kernel (CHUNK, UNROLL, STREAMING) and the staged one (STAGED=1:
-TILE, STAGES, PREFETCH). A setting of the other kernel body is refused rather than silently compiled twice,
+that key a compile: the swept kernel (CHUNK, UNROLL, STREAMING, INTERLEAVE; WIDE=1: the wide shape), and the
+staged one (STAGED=1: TILE, STAGES, PREFETCH, AHEAD). A setting of the other kernel body is refused rather than silently compiled twice,
 and ``benchmarks/dequant_4bit.py``'s tokens name each variant once.
 """
 from __future__ import annotations
@@ -33,6 +33,10 @@ def test_default_variant_and_missing_settings():
         dict(STAGED=1, STREAMING=1, UNROLL=DEFAULT_VARIANT["UNROLL"]))
     v = dequantize_variant(dict(STAGED=1, TILE=8192, STAGES=4, PREFETCH=3))
     assert dequantize_variant(v) is v                                  # a checked tuple is taken as is
+    # WIDE=1 implies its shape: 16-byte chunks dealt out in turn, one group per warp and step unless given
+    assert dict(dequantize_variant(dict(WIDE=1))) == {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1,
+                                                      "INTERLEAVE": 1}
+    assert dict(dequantize_variant(dict(WIDE=1, UNROLL=4, WIDE_BLOCKS=4)))["UNROLL"] == 4
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -49,6 +53,12 @@ def test_default_variant_and_missing_settings():
     (dict(STAGED=1, TILE=4096), "TILE=4096"),
     (dict(STAGED=2), "STAGED=2"),
     (dict(STAGES=True), "STAGES"),
+    (dict(WIDE=1, CHUNK=4), "CHUNK=16"),
+    (dict(WIDE=1, INTERLEAVE=0), "INTERLEAVE=1"),
+    (dict(WIDE=1, STREAMING=1), "STREAMING=0"),
+    (dict(WIDE=1, STAGED=1), "WIDE"),
+    (dict(WIDE_BLOCKS=6), "WIDE_BLOCKS applies only"),
+    (dict(WIDE=1, WIDE_BLOCKS=5), "WIDE_BLOCKS=5"),
 ])
 def test_bad_variants_name_the_setting(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -57,16 +67,19 @@ def test_bad_variants_name_the_setting(bad, match):
 
 def test_benchmark_tokens_round_trip():
     b = bench()
-    variants = b.parse_variants(b.DEFAULT_SWEEP + ",b8k4p3s1,c16u2s1,b16k2p2s1a1,b16k2p0s0a0i0")
+    variants = b.parse_variants(b.DEFAULT_SWEEP + ",b8k4p3s1,c16u2s1,b8k3p0s0a1i1,c4u2s0i1,b16k2p2s1a1,b16k2p0s0a0i0")
     names = [b.variant_name(v) for v in variants]
-    assert names == b.DEFAULT_SWEEP.split(",") + ["b8k4p3s1", "c16u2s1", "b16k2p2s1a1"]
-    assert dict(variants[-1])["AHEAD"] == 1 and b.parse_variants("b8k3p1s0a0") == b.parse_variants("b8k3p1s0")
+    assert names == b.DEFAULT_SWEEP.split(",") + ["b8k4p3s1", "c16u2s1", "b8k3p0s0a1i1", "c4u2s0i1", "b16k2p2s1a1",
+                                                  "b16k2p0s0"]
+    assert dict(variants[-2])["AHEAD"] == 1 and b.parse_variants("b8k3p1s0a0") == b.parse_variants("b8k3p1s0")
     assert dict(variants[names.index("b8k3p0s0a1i1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 3,
                                                            "AHEAD": 1, "INTERLEAVE": 1}
     assert b.parse_variants("b16k2p0s0a0i0") == b.parse_variants("b16k2p0s0")   # i0 is the default
     assert dict(variants[names.index("c4u2s0i1")]) == {**DEFAULT_VARIANT, "UNROLL": 2, "INTERLEAVE": 1}
+    assert dict(b.parse_variants("w2b6")[0]) == {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 2,
+                                                 "INTERLEAVE": 1, "WIDE_BLOCKS": 6}
     assert dict(variants[names.index("b8k4p3s1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 4,
                                                        "PREFETCH": 3, "STREAMING": 1}
-    for bad in ("b16k3p2s0", "b4k2p2s0", "b16k2s0", "x4u4s0"):
+    for bad in ("b16k3p2s0", "b4k2p2s0", "b16k2s0", "x4u4s0", "w1b5", "w1"):
         with pytest.raises(ValueError):
             b.parse_variants(bad)

@@ -8,6 +8,9 @@ thresholds), every block size, float16 and float32. All tests need CuPy and a GP
 """
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -15,6 +18,8 @@ from minipeft.backend import to_numpy
 from minipeft.quant import blockwise as B
 from minipeft.quant import codes as C
 from minipeft.quant import int8 as I8
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "dequant_4bit.py"
 
 pytestmark = pytest.mark.gpu
 
@@ -226,7 +231,8 @@ def test_4bit_dequantize_launch_is_cached_on_the_state_until_its_arrays_change(c
 # UNROLL chunks per thread and sweep, STREAMING cache hints, INTERLEAVE: sweeps dealt out in turn): the
 # default and each load width with a few unrolls, with and without the hints; and the staged kernel (STAGED=1, sm_90+: TILE
 # output bytes per bulk store, STAGES buffers, PREFETCH tiles ahead into L2, AHEAD: the next tile's
-# loads in flight while a tile decodes, INTERLEAVE: tiles dealt out in turn) at each tile size, numbers of stages and prefetch distances.
+# loads in flight while a tile decodes, INTERLEAVE: tiles dealt out in turn) at each tile size, numbers of stages and prefetch distances;
+# and the wide kernel (WIDE=1: 512-byte warp loads and stores, one block per step) at 1, 2 and 4 groups per warp and step.
 DEQUANT_VARIANTS = [dict(CHUNK=c, UNROLL=u, STREAMING=s, STAGED=0, INTERLEAVE=i) for c, u, s, i in
                     [(4, 4, 0, 0), (4, 1, 1, 0), (4, 3, 0, 0), (8, 1, 0, 0), (8, 2, 1, 0), (8, 4, 0, 0),
                      (16, 1, 0, 0), (16, 1, 1, 0), (16, 2, 1, 0), (16, 4, 0, 0), (4, 4, 0, 1), (4, 3, 0, 1),
@@ -236,13 +242,15 @@ DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, PREFETCH=p, STREA
                                               (8192, 3, 4, 0, 0, 0), (8192, 4, 3, 1, 0, 0), (16384, 2, 0, 0, 1, 0),
                                               (8192, 2, 0, 0, 1, 0), (8192, 3, 1, 1, 1, 0), (16384, 2, 0, 0, 0, 1), (8192, 2, 0, 0, 0, 1),
                                               (8192, 3, 1, 0, 1, 1)]]
+DEQUANT_VARIANTS += [dict(WIDE=1, UNROLL=u, WIDE_BLOCKS=b) for u, b in [(1, 8), (2, 6), (4, 4)]]   # the wide kernel
 
 
 def variant_id(v) -> str:
-    if v.get("STAGED"):
-        return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v["AHEAD"] else "")
-                + ("i1" if v["INTERLEAVE"] else ""))
-    return f"c{v['CHUNK']}u{v['UNROLL']}s{v['STREAMING']}" + ("i1" if v["INTERLEAVE"] else "")
+    """The variant's token in benchmarks/dequant_4bit.py (its variant_name), e.g. b8k2p0s0i1 or w1b8."""
+    spec = importlib.util.spec_from_file_location("dequant_4bit_bench", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.variant_name(v)
 
 
 def needs_sm90_for(cp, variant):
@@ -307,8 +315,40 @@ def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, v
         # codes 4 bytes past a 512-byte boundary: aligned for 4-byte loads, not for 8- or 16-byte ones
         buf = cp.concatenate([cp.zeros(4, cp.uint8), packed.reshape(-1)])[4:]
         off = k4.DequantizeLaunch(buf, state, B.check_out_dtype("bfloat16", bfloat16=True), variant=variant)
-        assert off.copied_packed == (variant["CHUNK"] > 4)
+        assert off.copied_packed == (launch.variant["CHUNK"] > 4)
         assert_same(off(), ref, "unaligned codes")
+
+
+@pytest.mark.parametrize("variant", [None, dict(WIDE=1), dict(WIDE=1, UNROLL=2, WIDE_BLOCKS=4),
+                                     dict(STAGED=1, TILE=8192, INTERLEAVE=1), dict(CHUNK=4, UNROLL=4)],
+                         ids=lambda v: "default" if v is None else variant_id(v))
+def test_4bit_dequantize_non_finite_absmax_and_code(cp, k4, variant):
+    """Infinite and NaN absmax and products past the float16 range: for those blocks the staged and
+    wide kernels leave their short decoding for decode8's (quant4bit.cu, decode_word), and every kernel
+    gives the twin's values (NaN where the twin has NaN, whatever its payload)."""
+    if variant is not None:
+        needs_sm90_for(cp, variant)
+    rng = np.random.default_rng(5)
+    n, bs = 4 * 8192 + 1024 + 3, 64                                    # whole tiles and groups, then a partial one
+    packed = rng.integers(0, 256, size=((n + 1) // 2, 1), dtype=np.uint8)
+    n_blocks = -(-n // bs)
+    absmax = (rng.random(n_blocks) * 10).astype(np.float32)
+    pick = rng.random(n_blocks)
+    absmax[pick < 0.05] = np.inf
+    absmax[(pick >= 0.05) & (pick < 0.08)] = np.nan
+    absmax[(pick >= 0.08) & (pick < 0.15)] = 3e38                      # products past float16's range
+    for quant_type in ("nf4", "fp4"):
+        state = B.QuantState(absmax=absmax, shape=(n,), code=C.get_4bit_type(quant_type), blocksize=bs,
+                             quant_type=quant_type, dtype=np.dtype(np.float32))
+        dstate = state.to("cuda")
+        for out in (np.float16, "bfloat16", np.float32):
+            dt = B.check_out_dtype(out, bfloat16=True)
+            ref = to_numpy(B.dequantize_4bit(packed, state, dtype=out)).astype(np.float32)
+            got = to_numpy(k4.DequantizeLaunch(cp.asarray(packed), dstate, dt, variant=variant)()).astype(np.float32)
+            assert np.array_equal(np.isnan(got), np.isnan(ref)), f"{dt}: NaN where the twin has none, or not"
+            ok = ~np.isnan(ref)
+            assert np.isnan(ref).any() and np.isinf(ref).any()
+            assert_same(got[ok], ref[ok], f"{dt} finite and infinite values")
 
 
 def test_4bit_dequantize_bad_variant_raises(cp, k4):
