@@ -250,7 +250,8 @@ def variant_id(v) -> str:
     spec = importlib.util.spec_from_file_location("dequant_4bit_bench", BENCH)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    return mod.variant_name(v)
+    from minipeft.kernels.quant4bit import dequantize_variant
+    return mod.variant_name(dequantize_variant(v))                     # every setting, the defaults filled in
 
 
 def needs_sm90_for(cp, variant):
