@@ -37,7 +37,7 @@ WIDE_BLOCKS blocks per SM), see
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
 ``dequantize_4bit_cuda`` makes it), and its output is compared bit for bit with the default
-kernel's (the device's ``default_variant``: the staged kernel on sm_90+). Peers per shape show what
+kernel's (the device's ``default_variant``: the wide kernel on sm_90+). Peers per shape show what
 the traffic itself attains on this device: ``peer-traffic`` is a kernel of this file that reads the
 same packed bytes and writes the same 16-bit output in a swept variant's access shape, with the
 least work per value (each 4-bit code becomes the 16-bit integer it holds: no table, no absmax, no
@@ -49,10 +49,14 @@ attains at this size against the 1 GiB reference. The first two bound the dequan
 their shapes.
 
 Timing (METHOD.md): warm-up calls, then ``--reps`` repetitions of ``--inner`` back-to-back
-calls between two CUDA events (so the host's launch overhead overlaps the GPU work, as in
-a model's forward), the two libraries alternating repetition by repetition; median and
-interquartile range of the time per call. Both libraries run on the legacy default
-stream, so one pair of events times either.
+calls between two CUDA events, the two libraries alternating repetition by repetition; median and
+interquartile range of the time per call. Each repetition enqueues one call before its start event
+(since 2026-12-03), so the GPU is busy when it reaches the event and the host's launch overhead
+overlaps the GPU work, as in a model's forward, where earlier layers' kernels are queued; the row
+``minipeft-idle`` times the whole call the earlier way, the GPU idle at the start event until the
+first call's launch arrives. ``host us`` is the host's own time per call: a call whose host time
+exceeds its GPU time is host-bound, and the event timing shows it. Both libraries run on the legacy
+default stream, so one pair of events times either.
 
     python benchmarks/dequant_4bit.py
     python benchmarks/dequant_4bit.py --shapes 8192x8192,4096x11008 --reps 100 --json out.json
@@ -68,6 +72,7 @@ import platform
 import re
 import statistics
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # minipeft from this checkout
 
@@ -143,14 +148,15 @@ def variant_name(variant) -> str:
 
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
-# decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/) at one and two groups per warp and step,
-# with registers for 8, 6 or 4 CUDA blocks per SM; the staged kernel (sm_90+: bulk stores from shared
-# memory) with the tiles dealt out in turn (i1, the default on the H200) at both tile sizes and with 3
-# stages; and the swept kernel with its sweeps in turn (c4u4s0i1). (Measured no faster on the H200:
-# streaming hints, 4 stages, prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead
-# a1, within 1% either way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape,
-# 5-20 points slower than the staged one (../results/h200-2026-12-03/).)
-DEFAULT_SWEEP = "w1b8,w1b6,w1b4,w2b6,w2b4,b8k2p0s0i1,b16k2p0s0i1,b8k3p0s0i1,c4u4s0i1"
+# decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/; w1b4 the default on the H200) at one and
+# two groups per warp and step, with registers for 4, 6 or 8 CUDA blocks per SM; the staged kernel
+# (sm_90+: bulk stores from shared memory, the default before) with the tiles dealt out in turn at both
+# tile sizes; and the swept kernel with its sweeps in turn (c4u4s0i1). (Measured slower on the H200: the
+# wide kernel with 2 groups and 6 blocks or more (w2b6: register spills); streaming hints, 4 stages,
+# prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead a1, within 1% either
+# way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape, 5-20 points slower
+# than the staged one (../results/h200-2026-12-03/).)
+DEFAULT_SWEEP = "w1b4,w1b6,w1b8,w2b4,b8k2p0s0i1,b16k2p0s0i1,c4u4s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -332,22 +338,39 @@ def _quartiles(xs):
     return q[0], statistics.median(xs), q[2]
 
 
-def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int) -> dict:
-    """Seconds per call of each function: median and quartiles over ``reps`` event pairs."""
+def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, primed: bool = True,
+                     host: dict | None = None) -> dict:
+    """Seconds per call of each function: median and quartiles over ``reps`` event pairs.
+
+    ``primed``: one call is enqueued before the start event, so the GPU is still busy with it when it
+    reaches the start event and every timed call's host time (Python, allocation, launch) overlaps GPU
+    work, as in a model's forward, where the layers before have kernels queued. Unprimed, the GPU idles
+    from the start event until the first timed call's launch arrives, and that host time is counted
+    once per ``inner`` calls. ``host``, if given, receives each function's median host seconds per call
+    (the enqueueing loop on the host clock): above the GPU's time per call, the call is host-bound.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     torch.cuda.synchronize()
     times = {k: [] for k in fns}
+    host_times = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            if primed:
+                fn()
             start.record()
+            t0 = time.perf_counter()
             for _ in range(inner):
                 fn()
+            t1 = time.perf_counter()
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1e-3 / inner)
+            host_times[name].append((t1 - t0) / inner)
+    if host is not None:
+        host.update({k: statistics.median(v) for k, v in host_times.items()})
     return {k: _quartiles(v) for k, v in times.items()}
 
 
@@ -419,7 +442,7 @@ def main(argv=None) -> dict:
           f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
     rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    impls = ("bnb", "minipeft", "mp-kernel", "mp-waves")
+    impls = ("bnb", "minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
              if not dict(v)["STAGED"] and not dict(v)["WIDE"]}          # (the swept kernel's shape; wide's peer:
     #                                                                      dequant_traffic.py)
@@ -466,7 +489,11 @@ def main(argv=None) -> dict:
                     var[v] = (vl, same)
                     fns[("kernel", v)] = lambda vl=vl, vout=vout: vl(vout)
                     fns[("call", v)] = lambda v=v, pm=pm, qsm=qsm: cached_dequantize_launch(pm, qsm, out_name, v)()
-                t = time_alternating(fns, torch, args.warmup, args.reps, args.inner)
+                host = {}
+                t = time_alternating(fns, torch, args.warmup, args.reps, args.inner, host=host)
+                # the whole call again with the GPU idle at each start event (the timing before 2026-12-03)
+                t["minipeft-idle"] = time_alternating({"minipeft-idle": fns["minipeft"]}, torch, args.warmup,
+                                                      args.reps, args.inner, primed=False, host=host)["minipeft-idle"]
                 for impl in impls:
                     q1, med, q3 = t[impl]
                     gbs = (read + written) / med
@@ -475,8 +502,8 @@ def main(argv=None) -> dict:
                                  "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
                                  "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
                                  "frac_copy": gbs / copy_bw,
-                                 "speedup_vs_bnb": t["bnb"][1] / med,
-                                 "grid": {"minipeft": one_wave, "mp-kernel": one_wave,
+                                 "speedup_vs_bnb": t["bnb"][1] / med, "host_us": host[impl] * 1e6,
+                                 "grid": {"minipeft": one_wave, "minipeft-idle": one_wave, "mp-kernel": one_wave,
                                           "mp-waves": waves.grid[0]}.get(impl),
                                  "packed_equal_bnb": same_packed, "out_equal_bnb_same_state": same_out,
                                  "prepared_equal_call": same_prepared, "waves_equal_one_wave": same_waves})
@@ -489,7 +516,7 @@ def main(argv=None) -> dict:
                             "impl": f"variant-{kind}", "variant": dict(v), "median_us": med * 1e6,
                             "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
                             "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw, "speedup_vs_bnb": t["bnb"][1] / med,
-                            "grid": vl.grid[0], "equal_default_kernel": same})
+                            "host_us": host[(kind, v)] * 1e6, "grid": vl.grid[0], "equal_default_kernel": same})
                 del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, launch, expected, waves, waves_out, fns, var
             del Wq, ours_in
         # the peers: this shape's bytes with no arithmetic (read packed, write 16-bit), and the write alone
@@ -536,31 +563,33 @@ def main(argv=None) -> dict:
                               "peer_output_correct": pinfo[key][1] if kernel else None})
         del W, packed, nib, pfns, mout, csrc, cdst
 
-    print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'impl':>9} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
-          f"{'% copy':>7} {'mp/bnb':>7} {'bytes=':>7}")
+    print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'impl':>13} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
+          f"{'% copy':>7} {'mp/bnb':>7} {'host us':>8} {'bytes=':>7}")
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['out_dtype']:>8} {'yes' if r['double_quant'] else 'no':>3} "
-              f"{r['impl']:>9} {r['median_us']:10.1f} {r['q1_us']:6.1f}-{r['q3_us']:6.1f} "
-              f"{r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% {r['speedup_vs_bnb']:7.2f} "
+              f"{r['impl']:>13} {r['median_us']:10.1f} {r['q1_us']:6.1f}-{r['q3_us']:6.1f} "
+              f"{r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% {r['speedup_vs_bnb']:7.2f} {r['host_us']:8.1f} "
               f"{str(r['packed_equal_bnb'] and r['out_equal_bnb_same_state']):>7}")
     print("minipeft: dequantize_4bit_cuda(packed, state, dtype), the whole Python call (launch cached on the "
-          "state); mp-kernel: prepare_dequantize_4bit(...)() (the launch alone, one wave of equal shares); "
-          "mp-waves: the same kernel, one sweep per CUDA block (several waves)")
+          "state); minipeft-idle: the same, timed with the GPU idle at the start event (the first call's host "
+          "time counted once per --inner calls); mp-kernel: prepare_dequantize_4bit(...)() (the launch alone, the "
+          "default grid); mp-waves: the same kernel, one sweep per CUDA block (several waves); host us: the host's "
+          "time per call (enqueueing): a row whose host us exceeds its median is host-bound")
     print("mp/bnb: bitsandbytes' time / this row's (>1: minipeft faster); bytes=: packed bytes "
           "equal bnb's and minipeft's output from bnb's state equals bnb's, bit for bit")
 
     if variant_rows:
         print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'variant':>10} {'kernel us':>10} {'% copy':>7} "
-              f"{'call us':>9} {'% copy':>7} {'grid':>6} {'bits=':>6}")
+              f"{'call us':>9} {'% copy':>7} {'host us':>8} {'grid':>6} {'bits=':>6}")
         for rk, rc in zip(variant_rows[0::2], variant_rows[1::2]):     # kernel row, then call row
             name = variant_name(rk["variant"]) + ("*" if rk["variant"] == default else "")
             print(f"{'x'.join(map(str, rk['shape'])):>12} {rk['out_dtype']:>8} "
                   f"{'yes' if rk['double_quant'] else 'no':>3} {name:>10} {rk['median_us']:10.1f} "
                   f"{100 * rk['frac_copy']:6.1f}% {rc['median_us']:9.1f} {100 * rc['frac_copy']:6.1f}% "
-                  f"{rk['grid']:6d} {str(rk['equal_default_kernel']):>6}")
+                  f"{rc['host_us']:8.1f} {rk['grid']:6d} {str(rk['equal_default_kernel']):>6}")
         print("variant cCHUNKuUNROLLsSTREAMING (* the default): kernel = its DequantizeLaunch into a preallocated "
               "output (the launch alone); call = cached_dequantize_launch(packed, state, dtype, variant)() (the "
-              "whole call); bits=: its output equals the default kernel's, bit for bit")
+              "whole call; host us: its host time per call); bits=: its output equals the default kernel's, bit for bit")
     print(f"\n{'shape':>12} {'peer':>13} {'variant':>8} {'median us':>10} {'IQR us':>13} {'GB/s':>7} "
           f"{'% copy':>7} {'grid':>6} {'ok':>5}")
     for r in peer_rows:

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # minipeft from this checkout
@@ -74,34 +73,15 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def time_it(cp, fns: dict, warmup: int, reps: int, inner: int) -> dict:
-    """Median and quartiles of seconds per call, ``inner`` back-to-back calls between two events."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    cp.cuda.runtime.deviceSynchronize()
-    times = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start, end = cp.cuda.Event(), cp.cuda.Event()
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            end.synchronize()
-            times[name].append(cp.cuda.get_elapsed_time(start, end) * 1e-3 / inner)
-    out = {}
-    for k, v in times.items():
-        q = statistics.quantiles(v, n=4)
-        out[k] = (q[0], statistics.median(v), q[2])
-    return out
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     import cupy as cp
+    import torch
 
     import dequant_4bit as d4
+
+    def time_it(fns, warmup, reps, inner):                            # primed, as dequant_4bit.py times
+        return d4.time_alternating(fns, torch, warmup, reps, inner)
 
     props = cp.cuda.runtime.getDeviceProperties(0)
     meta = {"command": " ".join(["python", "benchmarks/dequant_traffic.py"] + list(sys.argv[1:] if argv is None else argv)),
@@ -112,7 +92,7 @@ def main(argv=None) -> dict:
     nbytes = args.copy_mib << 20
     src = cp.random.random(nbytes // 4, dtype=cp.float32)
     dst = cp.empty_like(src)
-    t = time_it(cp, {"copy": lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
+    t = time_it({"copy": lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
                                                                    cp.cuda.runtime.memcpyDeviceToDevice, 0)},
                 3, 10, 5)["copy"]
     copy_bw = 2 * nbytes / t[1]
@@ -165,7 +145,7 @@ def main(argv=None) -> dict:
                     s = cp.arange(128, dtype=cp.uint32).reshape(4, 32)       # (k, lane)
                     expect = (p[:, None, :, :] ^ s[None, :, :, None]).reshape(-1).view(cp.uint16)
                 assert bool((got == expect).all()), f"{name} wrote the wrong bytes"
-        t = time_it(cp, fns, args.warmup, args.reps, args.inner)
+        t = time_it(fns, args.warmup, args.reps, args.inner)
         moved = n // 2 + 2 * n
         print(f"\n{spec}: {moved / 1e6:.1f} MB moved (memset: {2 * n / 1e6:.1f} MB)")
         print(f"{'shape':>22}  {'median us':>9}  {'IQR us':>13}  {'% copy':>6}")

@@ -53,16 +53,17 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
                 "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE, "WIDE": WIDE,
                 "WIDE_BLOCKS": WIDE_BLOCKS}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
-# On sm_90+ (Hopper) a launch with no variant takes the staged kernel: 8 KiB tiles, two buffers, no L2
-# prefetch, the tiles dealt out in turn (b8k2p0s0i1), the fastest whole call of the sweep on the H200, or
-# within 0.5 points of the copy rate of it, at both shapes, both 16-bit outputs, with and without double quantization
-# (benchmarks/results/h200-2026-12-03/README.md; 16 KiB tiles in contiguous shares before that: ../h200-2026-12-02/staged/).
-HOPPER_VARIANT = {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 2, "PREFETCH": 0, "INTERLEAVE": 1}
+# On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
+# 4 CUDA blocks per SM (w1b4): on the H200 its launch is 3-5 points of the copy rate faster than the staged
+# kernel's (b8k2p0s0i1, the default before) at both shapes and 16-bit outputs, with and without double
+# quantization (benchmarks/results/h200-2026-12-03/README.md, calls f and g). Below sm_90 the swept kernel
+# stays the default: the wide one has not been measured there.
+HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 4}
 
 
 def default_variant(device_id: int) -> dict:
     """The variant a launch on ``device_id`` takes when none is given: :data:`HOPPER_VARIANT` on sm_90 or
-    newer (the staged kernel's bulk stores need the Tensor Memory Accelerator), else :data:`DEFAULT_VARIANT`."""
+    newer (measured there), else :data:`DEFAULT_VARIANT`."""
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
 
 
