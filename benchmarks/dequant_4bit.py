@@ -30,9 +30,9 @@ and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE]`` the staged one (sm_
 tile decoded into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2,
 ``a1``: the next tile's codes and absmax loaded into registers while a tile decodes, ``i1``: the tiles dealt
 out to the CUDA blocks in turn, so that they all write one window of the output, instead of contiguous
-shares), and ``wUNROLLbWIDE_BLOCKS`` the wide one (a 16-byte load per lane, four 512-byte store instructions
-per warp and group of 1024 values, UNROLL groups per warp and step, one CUDA block per step, registers for
-WIDE_BLOCKS blocks per SM), see
+shares), and ``wUNROLLbWIDE_BLOCKS[eWIDE_EARLY]`` the wide one (a 16-byte load per lane, four 512-byte store
+instructions per warp and group of 1024 values, UNROLL groups per warp and step, one CUDA block per step,
+registers for WIDE_BLOCKS blocks per SM, ``e1``: a block's first loads issued before its table and barrier), see
 ``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
@@ -93,7 +93,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
                          "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p0s0) "
-                         "or, wide, wUNROLLbWIDE_BLOCKS (e.g. w1b8) "
+                         "or, wide, wUNROLLbWIDE_BLOCKS[eWIDE_EARLY] (e.g. w1b4e1) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -117,9 +117,9 @@ def parse_variants(text: str) -> list:
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)(?:i(\d+))?", token)
         b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?(?:i(\d+))?", token)
-        w = re.fullmatch(r"w(\d+)b(\d+)", token)
+        w = re.fullmatch(r"w(\d+)b(\d+)(?:e(\d+))?", token)
         if w is not None:
-            v = dequantize_variant(dict(WIDE=1, UNROLL=int(w[1]), WIDE_BLOCKS=int(w[2])))
+            v = dequantize_variant(dict(WIDE=1, UNROLL=int(w[1]), WIDE_BLOCKS=int(w[2]), WIDE_EARLY=int(w[3] or 0)))
         elif m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0,
                                         INTERLEAVE=int(m[4] or 0)))
@@ -130,7 +130,7 @@ def parse_variants(text: str) -> list:
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING[iINTERLEAVE] (e.g. c16u2s1), "
                              "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE] (the staged kernel, e.g. "
-                             "b16k2p0s0a1i1) nor wUNROLLbWIDE_BLOCKS (the wide kernel, e.g. w1b8)")
+                             "b16k2p0s0a1i1) nor wUNROLLbWIDE_BLOCKS[eWIDE_EARLY] (the wide kernel, e.g. w1b4e1)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -140,7 +140,7 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("WIDE"):
-        return f"w{v['UNROLL']}b{v['WIDE_BLOCKS']}"
+        return f"w{v['UNROLL']}b{v['WIDE_BLOCKS']}" + ("e1" if v.get("WIDE_EARLY") else "")
     if v.get("STAGED"):
         return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
                 + ("i1" if v.get("INTERLEAVE") else ""))
@@ -149,14 +149,15 @@ def variant_name(variant) -> str:
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
 # decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/; w1b4 the default on the H200) at one and
-# two groups per warp and step, with registers for 4, 6 or 8 CUDA blocks per SM; the staged kernel
+# two groups per warp and step, with registers for 4 or 6 CUDA blocks per SM (8: spills, slower), with and
+# without its first loads before the table and barrier (e1); the staged kernel
 # (sm_90+: bulk stores from shared memory, the default before) with the tiles dealt out in turn at both
 # tile sizes; and the swept kernel with its sweeps in turn (c4u4s0i1). (Measured slower on the H200: the
 # wide kernel with 2 groups and 6 blocks or more (w2b6: register spills); streaming hints, 4 stages,
 # prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead a1, within 1% either
 # way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape, 5-20 points slower
 # than the staged one (../results/h200-2026-12-03/).)
-DEFAULT_SWEEP = "w1b4,w1b6,w1b8,w2b4,b8k2p0s0i1,b16k2p0s0i1,c4u4s0i1"
+DEFAULT_SWEEP = "w1b4,w1b4e1,w1b6,w1b6e1,w2b4,w2b4e1,b8k2p0s0i1,b16k2p0s0i1,c4u4s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

@@ -126,6 +126,9 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #ifndef WIDE
 #define WIDE 0        // 1: the wide kernel (below): a warp loads 512 packed bytes at once, each store 512 contiguous bytes
 #endif
+#ifndef WIDE_EARLY
+#define WIDE_EARLY 0  // WIDE: 1 issues a block's first loads before its shared-memory table and barrier
+#endif
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -136,6 +139,7 @@ static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
 static_assert(AHEAD == 0 || AHEAD == 1, "AHEAD is 0 or 1");
 static_assert(INTERLEAVE == 0 || INTERLEAVE == 1, "INTERLEAVE is 0 or 1");
+static_assert(WIDE_EARLY == 0 || WIDE_EARLY == 1, "WIDE_EARLY is 0 or 1");
 static_assert(WIDE == 0 || (WIDE == 1 && !STAGED && CHUNK == 16 && INTERLEAVE == 1 && !STREAMING),
               "WIDE = 1 is the swept kernel's shape with CHUNK = 16, INTERLEAVE = 1, no streaming hints");
 
@@ -510,7 +514,10 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 // in turn, and quant4bit.py launches one block per step (several waves: blocks start in order, so the
 // writes move through the output as one window, as a copy kernel's do). Every value is computed as in
 // the other kernels (decode_word): the same bits. A partial last group is read byte by byte and
-// stored without the shuffles (store8).
+// stored without the shuffles (store8). WIDE_EARLY = 1 sends a block's first loads out before its
+// table is in shared memory (the one barrier) and reads the nested absmax's code through the read-only
+// cache rather than copying it to shared memory, so that a block that lives for one step does not
+// spend its start waiting.
 #if WIDE
 template <int OUT, bool NESTED>
 __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
@@ -519,24 +526,18 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
                                      const float* __restrict__ offset, int log2_bs, int log2_bs2,
                                      void* __restrict__ out) {
     constexpr int OW = OUT == OUT_F32 ? 2 : 1;              // 16-byte output pieces per word of codes
-    __shared__ float tab[16];
-    __shared__ float code2_s[NESTED ? 256 : 1];            // the nested absmax's 8-bit code
-    bool finite = true;
-    if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
-    if (NESTED)
-        for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
-    const bool tab_finite = __syncthreads_and(finite);     // (a barrier too)
-
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     const i64 nbytes = (n + 1) >> 1, groups = (nbytes + 511) >> 9;   // 512 packed bytes, 1024 values each
     const i64 last_block = ((n + (1LL << log2_bs) - 1) >> log2_bs) - 1;
-    const float off = NESTED ? __ldg(offset) : 0.0f;
     const i64 per_step = (i64)warps * UNROLL;             // groups per CUDA block and step
 
-    for (i64 base = (i64)blockIdx.x * per_step; base < groups; base += (i64)gridDim.x * per_step) {
-        uint4 q[UNROLL];                                   // this lane's 16 packed bytes of each group
-        float a[UNROLL][4];                                // absmax (nested: absmax2) of word 32k + lane
-        u32 qa[UNROLL][4];                                 // nested: the absmax's 8-bit code
+    // A step's loads, kept raw so that nothing waits on them until its decoding: this lane's 16 packed
+    // bytes of each group, and per group and store k the absmax of word 32k + lane (nested: its 8-bit
+    // code and absmax2; code2 is applied at decode, through the read-only cache).
+    uint4 q[UNROLL];
+    float a[UNROLL][4];
+    u32 qa[UNROLL][4];
+    auto load_step = [&](i64 base) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const i64 g = base + (i64)u * warps + warp;    // the same for the whole warp
@@ -550,6 +551,24 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
                 else a[u][k] = __ldg(absmax + b);
             }
         }
+    };
+    // WIDE_EARLY: the first step's loads go out before the table and the barrier (a CUDA block here
+    // lives for one step, quant4bit.py's grid, and its loads need neither), and the nested absmax's
+    // code is read through the read-only cache instead of a copy in shared memory.
+    i64 base = (i64)blockIdx.x * per_step;
+    const i64 first = base;
+    if (WIDE_EARLY && base < groups) load_step(base);
+    __shared__ float tab[16];
+    __shared__ float code2_s[NESTED && !WIDE_EARLY ? 256 : 1];
+    bool finite = true;
+    if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
+    if (NESTED && !WIDE_EARLY)
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
+    const bool tab_finite = __syncthreads_and(finite);     // (a barrier too)
+    const float off = NESTED ? __ldg(offset) : 0.0f;
+
+    for (; base < groups; base += (i64)gridDim.x * per_step) {
+        if (!WIDE_EARLY || base != first) load_step(base);   // (WIDE_EARLY: the first step's are in flight)
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const i64 g = base + (i64)u * warps + warp;
@@ -557,7 +576,8 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const i64 w = g * 128 + 32 * k + lane;     // the word of codes this lane stores
-                const float ab = NESTED ? nested_absmax_of(code2_s[qa[u][k]], a[u][k], off) : flush(a[u][k]);
+                const float c2 = NESTED ? (WIDE_EARLY ? __ldg(code2 + qa[u][k]) : code2_s[qa[u][k]]) : 0.0f;
+                const float ab = NESTED ? nested_absmax_of(c2, a[u][k], off) : flush(a[u][k]);
                 if ((g + 1) * 1024 <= n) {                 // a whole group: word l % 4 of lane 8k + l / 4
                     const int src = 8 * k + (lane >> 2), i = lane & 3;
                     const u32 x = __shfl_sync(0xffffffffu, q[u].x, src), y = __shfl_sync(0xffffffffu, q[u].y, src);

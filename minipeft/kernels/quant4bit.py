@@ -49,9 +49,10 @@ AHEAD = 0              # staged: 1 loads the next tile's codes and absmax while 
 INTERLEAVE = 0         # 1 deals the sweeps (staged: the tiles) out to the CUDA blocks in turn, as INTERLEAVE in the .cu
 WIDE = 0               # 1: the wide kernel (512-byte loads and stores per warp instruction), as WIDE in the .cu
 WIDE_BLOCKS = 8        # wide: CUDA blocks per SM its registers must allow (4, 6 or 8), as WIDE_BLOCKS in the .cu
+WIDE_EARLY = 0         # wide: 1 issues a block's first loads before its table and barrier, as WIDE_EARLY in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
                 "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE, "WIDE": WIDE,
-                "WIDE_BLOCKS": WIDE_BLOCKS}   # the .cu's #define defaults
+                "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
 # 4 CUDA blocks per SM (w1b4): on the H200 its launch is 3-5 points of the copy rate faster than the staged
@@ -67,10 +68,10 @@ def default_variant(device_id: int) -> dict:
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
 
 
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS")   # one body's only
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS", "WIDE_EARLY")   # one body's only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
                    "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4), "AHEAD": (0, 1),
-                   "INTERLEAVE": (0, 1), "WIDE": (0, 1), "WIDE_BLOCKS": (4, 6, 8)}
+                   "INTERLEAVE": (0, 1), "WIDE": (0, 1), "WIDE_BLOCKS": (4, 6, 8), "WIDE_EARLY": (0, 1)}
 _WIDE_DEFAULTS = {"CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1}   # what WIDE=1 implies unless given
 
 
@@ -198,7 +199,8 @@ def dequantize_variant(variant=None) -> tuple:
     4 packed bytes per chunk and has no ``UNROLL``) or ``WIDE`` (1: the wide kernel, one 16-byte
     load per lane, each warp store instruction 512 contiguous bytes, one CUDA block per step; it
     implies and needs ``CHUNK=16``, ``INTERLEAVE=1``, ``STREAMING=0``, with ``UNROLL`` 1 unless
-    given, and ``WIDE_BLOCKS``: 4, 6 or 8 CUDA blocks per SM its registers must allow); missing
+    given, ``WIDE_BLOCKS``: 4, 6 or 8 CUDA blocks per SM its registers must allow, and ``WIDE_EARLY``,
+    1 to issue a block's first loads before its shared-memory table and barrier); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
     differ). A tuple this function returned is returned at once (a set look-up), so a caller
@@ -223,8 +225,9 @@ def dequantize_variant(variant=None) -> tuple:
         raise ValueError(f"dequantize variant setting(s) {wrong} apply only to the "
                          f"{'swept' if full['STAGED'] else 'staged'} kernel (STAGED={1 - full['STAGED']})")
     full.update({k: _CU_DEFAULTS[k] for k in other})
-    if not full["WIDE"] and given.get("WIDE_BLOCKS", WIDE_BLOCKS) != WIDE_BLOCKS:
-        raise ValueError("dequantize variant setting WIDE_BLOCKS applies only to the wide kernel (WIDE=1)")
+    for name in ("WIDE_BLOCKS", "WIDE_EARLY"):
+        if not full["WIDE"] and given.get(name, _CU_DEFAULTS[name]) != _CU_DEFAULTS[name]:
+            raise ValueError(f"dequantize variant setting {name} applies only to the wide kernel (WIDE=1)")
     if full["WIDE"] and (full["CHUNK"], full["INTERLEAVE"], full["STREAMING"]) != (16, 1, 0):
         raise ValueError(f"the wide dequantize kernel (WIDE=1) loads CHUNK=16 bytes per lane, deals its steps out in "
                          f"turn (INTERLEAVE=1) and takes no streaming hints (STREAMING=0), got CHUNK={full['CHUNK']}, "

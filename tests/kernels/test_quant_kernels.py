@@ -242,7 +242,8 @@ DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, PREFETCH=p, STREA
                                               (8192, 3, 4, 0, 0, 0), (8192, 4, 3, 1, 0, 0), (16384, 2, 0, 0, 1, 0),
                                               (8192, 2, 0, 0, 1, 0), (8192, 3, 1, 1, 1, 0), (16384, 2, 0, 0, 0, 1), (8192, 2, 0, 0, 0, 1),
                                               (8192, 3, 1, 0, 1, 1)]]
-DEQUANT_VARIANTS += [dict(WIDE=1, UNROLL=u, WIDE_BLOCKS=b) for u, b in [(1, 8), (2, 6), (4, 4)]]   # the wide kernel
+DEQUANT_VARIANTS += [dict(WIDE=1, UNROLL=u, WIDE_BLOCKS=b, WIDE_EARLY=e)                           # the wide kernel
+                     for u, b, e in [(1, 8, 0), (2, 6, 1), (4, 4, 0), (1, 4, 1)]]
 
 
 def variant_id(v) -> str:
@@ -320,7 +321,7 @@ def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, v
         assert_same(off(), ref, "unaligned codes")
 
 
-@pytest.mark.parametrize("variant", [None, dict(WIDE=1), dict(WIDE=1, UNROLL=2, WIDE_BLOCKS=4),
+@pytest.mark.parametrize("variant", [None, dict(WIDE=1), dict(WIDE=1, UNROLL=2, WIDE_BLOCKS=4, WIDE_EARLY=1),
                                      dict(STAGED=1, TILE=8192, INTERLEAVE=1), dict(CHUNK=4, UNROLL=4)],
                          ids=lambda v: "default" if v is None else variant_id(v))
 def test_4bit_dequantize_non_finite_absmax_and_code(cp, k4, variant):
