@@ -149,15 +149,15 @@ def variant_name(variant) -> str:
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
 # decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/; w1b4 the default on the H200) at one and
-# two groups per warp and step, with registers for 4 or 6 CUDA blocks per SM (8: spills, slower), with and
-# without its first loads before the table and barrier (e1); the staged kernel
-# (sm_90+: bulk stores from shared memory, the default before) with the tiles dealt out in turn at both
-# tile sizes; and the swept kernel with its sweeps in turn (c4u4s0i1). (Measured slower on the H200: the
-# wide kernel with 2 groups and 6 blocks or more (w2b6: register spills); streaming hints, 4 stages,
+# two groups per warp and step, with registers for 4, 6 or 8 CUDA blocks per SM, with and without its
+# first loads before the table and barrier (e1); and the staged kernel (sm_90+: bulk stores from shared
+# memory, the default before) with the tiles dealt out in turn at both tile sizes. (Measured slower on
+# the H200: the swept kernel with its sweeps in turn, c4u4s0i1 (../results/h200-2026-12-03/f/);
+# streaming hints, 4 stages,
 # prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead a1, within 1% either
 # way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape, 5-20 points slower
 # than the staged one (../results/h200-2026-12-03/).)
-DEFAULT_SWEEP = "w1b4,w1b4e1,w1b6,w1b6e1,w2b4,w2b4e1,b8k2p0s0i1,b16k2p0s0i1,c4u4s0i1"
+DEFAULT_SWEEP = "w1b4,w1b6,w1b8,w1b6e1,w1b8e1,w2b6,w2b4e1,b8k2p0s0i1,b16k2p0s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

@@ -519,6 +519,24 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 // cache rather than copying it to shared memory, so that a block that lives for one step does not
 // spend its start waiting.
 #if WIDE
+// The rare cases out of line, so that their registers do not count against the common path's:
+// decode_word's long decoding (a NaN or infinite absmax or table) and the partial last group's word.
+template <int OUT>
+__device__ __noinline__ void decode_word_slow(u32 word, float a, const float* tab, uint4* dst) {
+    decode_word<OUT>(word, a, tab, false, dst);
+}
+template <int OUT>
+__device__ __noinline__ void decode_word_tail(const u8* __restrict__ packed, i64 w, i64 n, float a, const float* tab,
+                                              void* __restrict__ out) {
+    const i64 nbytes = (n + 1) >> 1;
+    u32 word = 0u;
+    for (int j = 0; j < 4; ++j)                            // byte by byte: bytes past the end read as 0
+        if (w * 4 + j < nbytes) word |= (u32)packed[w * 4 + j] << (8 * j);
+    float vals[8];
+    decode8(word, a, tab, vals);
+    store8<OUT>(out, w * 8, n, vals);                      // no value past n
+}
+
 template <int OUT, bool NESTED>
 __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const float* __restrict__ decode,
                                      const float* __restrict__ absmax, const u8* __restrict__ qabsmax,
@@ -532,23 +550,25 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
     const i64 per_step = (i64)warps * UNROLL;             // groups per CUDA block and step
 
     // A step's loads, kept raw so that nothing waits on them until its decoding: this lane's 16 packed
-    // bytes of each group, and per group and store k the absmax of word 32k + lane (nested: its 8-bit
-    // code and absmax2; code2 is applied at decode, through the read-only cache).
+    // bytes of each group, and the absmax of the group's quantization block number `lane` (nested: its
+    // 8-bit code and absmax2). A group of 1024 values spans NB = 1024 / B blocks (B >= 32: at most 32;
+    // 1 when B >= 1024), so lanes 0 .. NB-1 load one each, and store k's lanes take theirs with a shuffle.
+    const int nb = log2_bs >= 10 ? 1 : 1 << (10 - log2_bs);
     uint4 q[UNROLL];
-    float a[UNROLL][4];
-    u32 qa[UNROLL][4];
+    float a[UNROLL];
+    u32 qa[UNROLL];
     auto load_step = [&](i64 base) {
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const i64 g = base + (i64)u * warps + warp;    // the same for the whole warp
             q[u] = g < groups && (g + 1) * 1024 <= n ? load_ro(reinterpret_cast<const uint4*>(packed) + g * 32 + lane)
                                                      : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-            for (int k = 0; k < 4; ++k) {
-                i64 b = ((g * 128 + 32 * k + lane) * 8) >> log2_bs;
-                b = b < last_block ? b : last_block;       // past the end: stored nowhere
-                if (NESTED) { qa[u][k] = __ldg(qabsmax + b); a[u][k] = __ldg(absmax2 + (b >> log2_bs2)); }
-                else a[u][k] = __ldg(absmax + b);
+            i64 b = ((g * 1024) >> log2_bs) + lane;
+            b = b < last_block ? b : last_block;           // past the end: stored nowhere
+            a[u] = 0.0f; qa[u] = 0u;
+            if (lane < nb) {
+                if (NESTED) { qa[u] = __ldg(qabsmax + b); a[u] = __ldg(absmax2 + (b >> log2_bs2)); }
+                else a[u] = __ldg(absmax + b);
             }
         }
     };
@@ -573,25 +593,22 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
         for (int u = 0; u < UNROLL; ++u) {
             const i64 g = base + (i64)u * warps + warp;
             if (g >= groups) break;                        // warp-uniform, as every branch below
+            const float c2 = NESTED ? (WIDE_EARLY ? __ldg(code2 + qa[u]) : code2_s[qa[u]]) : 0.0f;
+            const float block_ab = NESTED ? nested_absmax_of(c2, a[u], off) : flush(a[u]);   // lanes < nb: block `lane`
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const i64 w = g * 128 + 32 * k + lane;     // the word of codes this lane stores
-                const float c2 = NESTED ? (WIDE_EARLY ? __ldg(code2 + qa[u][k]) : code2_s[qa[u][k]]) : 0.0f;
-                const float ab = NESTED ? nested_absmax_of(c2, a[u][k], off) : flush(a[u][k]);
+                const float ab = __shfl_sync(0xffffffffu, block_ab, ((32 * k + lane) * 8) >> log2_bs);
                 if ((g + 1) * 1024 <= n) {                 // a whole group: word l % 4 of lane 8k + l / 4
                     const int src = 8 * k + (lane >> 2), i = lane & 3;
                     const u32 x = __shfl_sync(0xffffffffu, q[u].x, src), y = __shfl_sync(0xffffffffu, q[u].y, src);
                     const u32 z = __shfl_sync(0xffffffffu, q[u].z, src), v = __shfl_sync(0xffffffffu, q[u].w, src);
                     const u32 word = i == 0 ? x : i == 1 ? y : i == 2 ? z : v;
-                    decode_word<OUT>(word, ab, tab, tab_finite && isfinite(ab), reinterpret_cast<uint4*>(out) + w * OW);
+                    uint4* dst = reinterpret_cast<uint4*>(out) + w * OW;
+                    if (tab_finite && isfinite(ab)) decode_word<OUT>(word, ab, tab, true, dst);
+                    else decode_word_slow<OUT>(word, ab, tab, dst);
                 } else if (w * 8 < n) {                    // the partial last group: byte by byte, no shuffles
-                    u32 word = 0u;
-#pragma unroll
-                    for (int j = 0; j < 4; ++j)
-                        if (w * 4 + j < nbytes) word |= (u32)packed[w * 4 + j] << (8 * j);
-                    float vals[8];
-                    decode8(word, ab, tab, vals);
-                    store8<OUT>(out, w * 8, n, vals);
+                    decode_word_tail<OUT>(packed, w, n, ab, tab, out);
                 }
             }
         }
