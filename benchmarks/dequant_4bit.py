@@ -148,16 +148,14 @@ def variant_name(variant) -> str:
 
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
-# decoding: dequant_traffic.py, ../results/h200-2026-12-03/f/; w1b4 the default on the H200) at one and
-# two groups per warp and step, with registers for 4, 6 or 8 CUDA blocks per SM, with and without its
-# first loads before the table and barrier (e1); and the staged kernel (sm_90+: bulk stores from shared
-# memory, the default before) with the tiles dealt out in turn at both tile sizes. (Measured slower on
-# the H200: the swept kernel with its sweeps in turn, c4u4s0i1 (../results/h200-2026-12-03/f/);
-# streaming hints, 4 stages,
-# prefetching 2+ tiles ahead (../results/h200-2026-12-02/staged/); the read-ahead a1, within 1% either
-# way; contiguous shares, 3-5 points slower than i1; the swept kernel at any shape, 5-20 points slower
-# than the staged one (../results/h200-2026-12-03/).)
-DEFAULT_SWEEP = "w1b4,w1b6,w1b8,w1b6e1,w1b8e1,w2b6,w2b4e1,b8k2p0s0i1,b16k2p0s0i1"
+# decoding: dequant_traffic.py, ../results/h200-2026-12-03/; w1b6 the default on the H200) with registers
+# for 6, 8 or 4 CUDA blocks per SM, with its first loads before the table and barrier (e1), and two groups
+# per warp and step; and the staged kernel (sm_90+: bulk stores from shared memory, the default before)
+# with its tiles dealt out in turn. (Measured slower on the H200, ../results/h200-2026-12-03/: the wide
+# kernel with two groups and 6 blocks (w2b6), the swept kernel with its sweeps in turn (c4u4s0i1), the
+# staged kernel with 16 KiB tiles or the next tile's loads in flight (a1), contiguous shares (3-5 points);
+# and ../results/h200-2026-12-02/staged/: streaming hints, 4 stages, prefetching 2+ tiles ahead.)
+DEFAULT_SWEEP = "w1b6,w1b8,w1b4,w1b6e1,w1b8e1,w2b4e1,b8k2p0s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

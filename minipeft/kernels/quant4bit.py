@@ -55,11 +55,11 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
                 "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
-# 4 CUDA blocks per SM (w1b4): on the H200 its launch is 3-5 points of the copy rate faster than the staged
-# kernel's (b8k2p0s0i1, the default before) at both shapes and 16-bit outputs, with and without double
-# quantization (benchmarks/results/h200-2026-12-03/README.md, calls f and g). Below sm_90 the swept kernel
-# stays the default: the wide one has not been measured there.
-HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 4}
+# 6 CUDA blocks per SM (w1b6: 40 registers, no spills): on the H200 its launch runs at 85.1% of the copy rate at
+# 4096x11008 and 87.7-88.0% at 8192x8192, 4-6 points faster than the staged kernel (b8k2p0s0i1, the default
+# before), and 82.2-85.7% with double quantization (benchmarks/results/h200-2026-12-03/README.md, calls f-i).
+# Below sm_90 the swept kernel stays the default: the wide one has not been measured there.
+HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 6}
 
 
 def default_variant(device_id: int) -> dict:
