@@ -20,7 +20,9 @@
 // bfloat16) or two (float32), consecutive threads on consecutive chunks; a grid of one wave, each
 // CUDA block an equal share (see dequantize_4bit below). STAGED = 1 compiles the staged body
 // instead (sm_90+, dequantize_4bit_staged below): tiles decoded into shared memory, each written
-// with one bulk copy by the Tensor Memory Accelerator.
+// with one bulk copy by the Tensor Memory Accelerator. WIDE = 1 compiles the wide body
+// (dequantize_4bit_wide below, the default on sm_90+): 512-byte warp loads and 512-byte store
+// instructions, one CUDA block per step.
 
 #include "common.cuh"   // u8 u16 u32 i64, flush, h2f, f2h, load8, group_absmax, block_absmax, nested_absmax
 

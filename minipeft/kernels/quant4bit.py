@@ -55,9 +55,10 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
                 "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
-# 6 CUDA blocks per SM (w1b6: 40 registers, no spills): on the H200 its launch runs at 85.1% of the copy rate at
-# 4096x11008 and 87.7-88.0% at 8192x8192, 4-6 points faster than the staged kernel (b8k2p0s0i1, the default
-# before), and 82.2-85.7% with double quantization (benchmarks/results/h200-2026-12-03/README.md, calls f-i).
+# 6 CUDA blocks per SM (w1b6: 40 registers, no spills): on the H200 its launch runs at 85.1-85.7% of the copy
+# rate at 4096x11008 and 87.7-88.4% at 8192x8192, 4-6 points faster than the staged kernel (b8k2p0s0i1, the
+# default before), and 81.6-86.1% with double quantization (benchmarks/results/h200-2026-12-03/README.md,
+# calls h and i).
 # Below sm_90 the swept kernel stays the default: the wide one has not been measured there.
 HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 6}
 
