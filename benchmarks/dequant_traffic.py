@@ -89,13 +89,7 @@ def main(argv=None) -> dict:
             "device_name": props["name"].decode(), "sm_count": props["multiProcessorCount"], "cupy": cp.__version__}
     for k, v in meta.items():
         print(f"{k}: {v}")
-    nbytes = args.copy_mib << 20
-    src = cp.random.random(nbytes // 4, dtype=cp.float32)
-    dst = cp.empty_like(src)
-    t = time_it({"copy": lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, nbytes,
-                                                                   cp.cuda.runtime.memcpyDeviceToDevice, 0)},
-                3, 10, 5)["copy"]
-    copy_bw = 2 * nbytes / t[1]
+    copy_bw = d4.copy_bandwidth(cp, torch, args.copy_mib, 10)           # the reference, as dequant_4bit.py takes it
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written, {args.copy_mib} MiB)")
 
     sms = props["multiProcessorCount"]
