@@ -373,6 +373,14 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     return {k: _quartiles(v) for k, v in times.items()}
 
 
+def write_result(path, result: dict) -> dict:
+    """Write ``result`` as JSON to ``path`` (nothing when None) and return it: every dequantize benchmark's end."""
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 def copy_bandwidth(cp, torch, mib: int, reps: int) -> float:
     """Device-to-device cudaMemcpy of ``mib`` MiB: (read + written bytes) / median time."""
     nbytes = mib << 20
@@ -608,10 +616,7 @@ def main(argv=None) -> dict:
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
               "inner": args.inner, "default_variant": default,
               "variants": [dict(v) for v in args.variants], "rows": rows + variant_rows + peer_rows}
-    if args.json_out:
-        with open(args.json_out, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return write_result(args.json_out, result)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -97,10 +96,7 @@ def main(argv=None) -> dict:
             print(f"{name:>16} {med * 1e6:10.1f} {q1 * 1e6:6.1f}-{q3 * 1e6:6.1f} {100 * moved / med / copy_bw:6.1f}% "
                   f"{host[name] * 1e6:8.1f}")
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "shape": list(shape), "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return d4.write_result(args.json, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 
@@ -150,10 +149,7 @@ def main(argv=None) -> dict:
                          "q3_us": q3 * 1e6, "bytes": b, "frac_copy": frac})
             print(f"{name:>22}  {med * 1e6:9.1f}  {q1 * 1e6:6.1f}-{q3 * 1e6:6.1f}  {100 * frac:5.1f}%")
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "rows": rows}
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
+    return d4.write_result(args.json, result)
 
 
 if __name__ == "__main__":
