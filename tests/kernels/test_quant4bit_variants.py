@@ -87,3 +87,14 @@ def test_benchmark_tokens_round_trip():
     for bad in ("b16k3p2s0", "b4k2p2s0", "b16k2s0", "x4u4s0", "w1b5", "w1"):
         with pytest.raises(ValueError):
             b.parse_variants(bad)
+
+
+def test_benchmark_result_file(tmp_path):
+    """The dequantize benchmarks' JSON: written where asked, nothing written without a path."""
+    import json
+    b = bench()
+    result = {"device_name": "x", "rows": [{"frac_copy": 0.85}]}
+    assert b.write_result(None, result) is result
+    path = tmp_path / "out.json"
+    assert b.write_result(str(path), result) is result
+    assert json.loads(path.read_text(encoding="utf-8")) == result
