@@ -259,8 +259,7 @@ class DequantizeLaunch:
     """One checked dequantize launch of ``packed`` with ``quant_state`` into ``dtype`` (a NumPy dtype).
 
     Built once: the checks, the device tables, the nested absmax's arrays (decoded inside the
-    kernel, no separate pass), the kernel, its grid and every argument but the output (the arrays as
-    their device addresses, kept alive in ``arrays``). A call
+    kernel, no separate pass), the kernel, its grid and every argument but the output. A call
     allocates the output (or takes ``out``) and launches: what a frozen weight needs on every
     forward and backward. ``grid`` defaults to one wave (every CUDA block the device runs at
     once, each an equal share, see ``quant4bit.cu``; the wide kernel: one block per step); any
@@ -322,12 +321,7 @@ class DequantizeLaunch:
         elif grid is None:                                             # one wave, or fewer blocks than that
             grid = min(resident_blocks("quant4bit.cu", name, THREADS, self.device, defines), self.sweeps)
         self.grid = (max(1, int(grid)),)
-        # The frozen weight's arrays are passed as their device addresses (64-bit values, the pointer
-        # parameters' size), taken once: CuPy then packs plain numbers per call, not seven arrays (a
-        # few microseconds of the host's time per call). self.arrays keeps them alive while cached.
-        self.arrays = (aligned,) + ptrs
-        self.args = ((np.uint64(aligned.data.ptr), np.int64(n)) + tuple(np.uint64(a.data.ptr) for a in ptrs)
-                     + (np.int32(log2(bs)), np.int32(log2(bs2))))
+        self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
         self._empty = cp.empty
 
     def built_from(self, packed, quant_state) -> bool:
