@@ -374,10 +374,11 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
 
 
 def write_result(path, result: dict) -> dict:
-    """Write ``result`` as JSON to ``path`` (nothing when None) and return it: every dequantize benchmark's end."""
+    """Write ``result`` as JSON to ``path`` (nothing when None) and return it: every dequantize benchmark's end.
+    Written as the project saves files (``minipeft.atomic``): a killed run leaves the previous file whole."""
     if path:
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(result, f, indent=1)
+        from minipeft.atomic import write_text_atomic
+        write_text_atomic(path, json.dumps(result, indent=1))
     return result
 
 

@@ -98,3 +98,6 @@ def test_benchmark_result_file(tmp_path):
     path = tmp_path / "out.json"
     assert b.write_result(str(path), result) is result
     assert json.loads(path.read_text(encoding="utf-8")) == result
+    newer = {**result, "rows": []}
+    b.write_result(str(path), newer)                                   # an existing file is replaced whole
+    assert json.loads(path.read_text(encoding="utf-8")) == newer
