@@ -30,9 +30,11 @@ and ``bTILEkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE]`` the staged one (sm_
 tile decoded into shared memory and written by one bulk copy, STAGES buffers, PREFETCH tiles ahead into L2,
 ``a1``: the next tile's codes and absmax loaded into registers while a tile decodes, ``i1``: the tiles dealt
 out to the CUDA blocks in turn, so that they all write one window of the output, instead of contiguous
-shares), and ``wUNROLLbWIDE_BLOCKS[eWIDE_EARLY]`` the wide one (a 16-byte load per lane, four 512-byte store
+shares), and ``wUNROLLbWIDE_BLOCKS[eWIDE_EARLY][pPDL]`` the wide one (a 16-byte load per lane, four 512-byte store
 instructions per warp and group of 1024 values, UNROLL groups per warp and step, one CUDA block per step,
-registers for WIDE_BLOCKS blocks per SM, ``e1``: a block's first loads issued before its table and barrier), see
+registers for WIDE_BLOCKS blocks per SM, ``e1``/``e2``: a block's first loads issued before its table and barrier,
+the nested code read through the read-only cache / from shared memory, ``p1``/``p2``: launched with programmatic
+dependent launch, the kernel waiting for the one before at its start / after its first loads), see
 ``minipeft/kernels/quant4bit.cu``. Each is timed as ``variant-kernel`` (its ``DequantizeLaunch``
 into a preallocated output, the launch alone) and ``variant-call``
 (``cached_dequantize_launch(packed, state, dtype, variant)()``, the whole call as
@@ -56,7 +58,8 @@ overlaps the GPU work, as in a model's forward, where earlier layers' kernels ar
 ``minipeft-idle`` times the whole call the earlier way, the GPU idle at the start event until the
 first call's launch arrives. ``host us`` is the host's own time per call: a call whose host time
 exceeds its GPU time is host-bound, and the event timing shows it. Both libraries run on the legacy
-default stream, so one pair of events times either.
+default stream, so one pair of events times either. ``--no-bnb`` leaves bitsandbytes' call out of the
+timed rounds (its state still checks the bits), to see minipeft's rows on their own.
 
     python benchmarks/dequant_4bit.py
     python benchmarks/dequant_4bit.py --shapes 8192x8192,4096x11008 --reps 100 --json out.json
@@ -93,8 +96,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--variants", default=DEFAULT_SWEEP,
                     help="comma-separated dequantize kernel variants cCHUNKuUNROLLsSTREAMING (e.g. c16u2s1) "
                          "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p0s0) "
-                         "or, wide, wUNROLLbWIDE_BLOCKS[eWIDE_EARLY] (e.g. w1b4e1) "
+                         "or, wide, wUNROLLbWIDE_BLOCKS[eWIDE_EARLY][pPDL] (e.g. w1b4e1, w1b6p1) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
+    ap.add_argument("--no-bnb", action="store_true",
+                    help="leave bitsandbytes' call out of the timing (its state still checks the bits): minipeft's "
+                         "rows timed on their own")
     ap.add_argument("--json", dest="json_out", default=None, help="also write the results here")
     args = ap.parse_args(argv)
     if not set(args.out_dtypes.split(",")) <= {"float16", "bfloat16"}:
@@ -117,9 +123,10 @@ def parse_variants(text: str) -> list:
     for token in filter(None, (t.strip() for t in text.split(","))):
         m = re.fullmatch(r"c(\d+)u(\d+)s(\d+)(?:i(\d+))?", token)
         b = re.fullmatch(r"b(\d+)k(\d+)p(\d+)s(\d+)(?:a(\d+))?(?:i(\d+))?", token)
-        w = re.fullmatch(r"w(\d+)b(\d+)(?:e(\d+))?", token)
+        w = re.fullmatch(r"w(\d+)b(\d+)(?:e(\d+))?(?:p(\d+))?", token)
         if w is not None:
-            v = dequantize_variant(dict(WIDE=1, UNROLL=int(w[1]), WIDE_BLOCKS=int(w[2]), WIDE_EARLY=int(w[3] or 0)))
+            v = dequantize_variant(dict(WIDE=1, UNROLL=int(w[1]), WIDE_BLOCKS=int(w[2]), WIDE_EARLY=int(w[3] or 0),
+                                        PDL=int(w[4] or 0)))
         elif m is not None:
             v = dequantize_variant(dict(CHUNK=int(m[1]), UNROLL=int(m[2]), STREAMING=int(m[3]), STAGED=0,
                                         INTERLEAVE=int(m[4] or 0)))
@@ -130,7 +137,7 @@ def parse_variants(text: str) -> list:
         else:
             raise ValueError(f"{token!r} is neither cCHUNKuUNROLLsSTREAMING[iINTERLEAVE] (e.g. c16u2s1), "
                              "bTILEKIBkSTAGESpPREFETCHsSTREAMING[aAHEAD][iINTERLEAVE] (the staged kernel, e.g. "
-                             "b16k2p0s0a1i1) nor wUNROLLbWIDE_BLOCKS[eWIDE_EARLY] (the wide kernel, e.g. w1b4e1)")
+                             "b16k2p0s0a1i1) nor wUNROLLbWIDE_BLOCKS[eWIDE_EARLY][pPDL] (the wide kernel, e.g. w1b4e1, w1b6p1)")
         if v not in variants:
             variants.append(v)
     return variants
@@ -140,7 +147,8 @@ def variant_name(variant) -> str:
     """A variant (pairs or dict) as its ``--variants`` token, e.g. ``c16u2s1``."""
     v = dict(variant)
     if v.get("WIDE"):
-        return f"w{v['UNROLL']}b{v['WIDE_BLOCKS']}" + ("e1" if v.get("WIDE_EARLY") else "")
+        return (f"w{v['UNROLL']}b{v['WIDE_BLOCKS']}" + (f"e{v['WIDE_EARLY']}" if v.get("WIDE_EARLY") else "")
+                + (f"p{v['PDL']}" if v.get("PDL") else ""))
     if v.get("STAGED"):
         return (f"b{v['TILE'] // 1024}k{v['STAGES']}p{v['PREFETCH']}s{v['STREAMING']}" + ("a1" if v.get("AHEAD") else "")
                 + ("i1" if v.get("INTERLEAVE") else ""))
@@ -450,7 +458,8 @@ def main(argv=None) -> dict:
           f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
     rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    impls = ("bnb", "minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
+    impls = ("minipeft", "minipeft-idle", "mp-kernel", "mp-waves") if args.no_bnb else (
+        "bnb", "minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
              if not dict(v)["STAGED"] and not dict(v)["WIDE"]}          # (the swept kernel's shape; wide's peer:
     #                                                                      dequant_traffic.py)
@@ -483,10 +492,10 @@ def main(argv=None) -> dict:
                 waves = DequantizeLaunch(pm, qsm, np.dtype(out_name), grid=launch.sweeps)
                 waves_out = waves()
                 same_waves = bool((waves(waves_out).view(cp.uint16) == expected).all())
-                fns = {"bnb": lambda pb=pb, qsb=qsb: F.dequantize_4bit(pb, qsb),   # arrays bound now
-                       "minipeft": lambda pm=pm, qsm=qsm: dequantize_4bit_cuda(pm, qsm, out_name),
+                fns = {} if args.no_bnb else {"bnb": lambda pb=pb, qsb=qsb: F.dequantize_4bit(pb, qsb)}   # bound now
+                fns.update({"minipeft": lambda pm=pm, qsm=qsm: dequantize_4bit_cuda(pm, qsm, out_name),
                        "mp-kernel": prepared,
-                       "mp-waves": lambda waves=waves, waves_out=waves_out: waves(waves_out)}
+                       "mp-waves": lambda waves=waves, waves_out=waves_out: waves(waves_out)})
                 # each variant: its launch alone into its own output, and the whole call through the cache
                 var = {}
                 for v in args.variants:
@@ -510,7 +519,8 @@ def main(argv=None) -> dict:
                                  "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
                                  "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
                                  "frac_copy": gbs / copy_bw,
-                                 "speedup_vs_bnb": t["bnb"][1] / med, "host_us": host[impl] * 1e6,
+                                 "speedup_vs_bnb": None if args.no_bnb else t["bnb"][1] / med,
+                                 "host_us": host[impl] * 1e6,
                                  "grid": {"minipeft": one_wave, "minipeft-idle": one_wave, "mp-kernel": one_wave,
                                           "mp-waves": waves.grid[0]}.get(impl),
                                  "packed_equal_bnb": same_packed, "out_equal_bnb_same_state": same_out,
@@ -523,7 +533,8 @@ def main(argv=None) -> dict:
                             "shape": list(shape), "out_dtype": out_name, "double_quant": dq,
                             "impl": f"variant-{kind}", "variant": dict(v), "median_us": med * 1e6,
                             "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
-                            "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw, "speedup_vs_bnb": t["bnb"][1] / med,
+                            "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw,
+                            "speedup_vs_bnb": None if args.no_bnb else t["bnb"][1] / med,
                             "host_us": host[(kind, v)] * 1e6, "grid": vl.grid[0], "equal_default_kernel": same})
                 del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, launch, expected, waves, waves_out, fns, var
             del Wq, ours_in
@@ -576,14 +587,15 @@ def main(argv=None) -> dict:
     for r in rows:
         print(f"{'x'.join(map(str, r['shape'])):>12} {r['out_dtype']:>8} {'yes' if r['double_quant'] else 'no':>3} "
               f"{r['impl']:>13} {r['median_us']:10.1f} {r['q1_us']:6.1f}-{r['q3_us']:6.1f} "
-              f"{r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% {r['speedup_vs_bnb']:7.2f} {r['host_us']:8.1f} "
+              f"{r['GB_s']:7.0f} {100 * r['frac_copy']:6.1f}% "
+              f"{'-' if r['speedup_vs_bnb'] is None else format(r['speedup_vs_bnb'], '.2f'):>7} {r['host_us']:8.1f} "
               f"{str(r['packed_equal_bnb'] and r['out_equal_bnb_same_state']):>7}")
     print("minipeft: dequantize_4bit_cuda(packed, state, dtype), the whole Python call (launch cached on the "
           "state); minipeft-idle: the same, timed with the GPU idle at the start event (the first call's host "
           "time counted once per --inner calls); mp-kernel: prepare_dequantize_4bit(...)() (the launch alone, the "
           "default grid); mp-waves: the same kernel, one sweep per CUDA block (several waves); host us: the host's "
           "time per call (enqueueing): a row whose host us exceeds its median is host-bound")
-    print("mp/bnb: bitsandbytes' time / this row's (>1: minipeft faster); bytes=: packed bytes "
+    print("mp/bnb: bitsandbytes' time / this row's (>1: minipeft faster; -: --no-bnb); bytes=: packed bytes "
           "equal bnb's and minipeft's output from bnb's state equals bnb's, bit for bit")
 
     if variant_rows:
@@ -615,7 +627,7 @@ def main(argv=None) -> dict:
 
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
-              "inner": args.inner, "default_variant": default,
+              "inner": args.inner, "bnb_timed": not args.no_bnb, "default_variant": default,
               "variants": [dict(v) for v in args.variants], "rows": rows + variant_rows + peer_rows}
     return write_result(args.json_out, result)
 

@@ -129,8 +129,11 @@ enum OutType { OUT_F32, OUT_F16, OUT_BF16 };
 #define WIDE 0        // 1: the wide kernel (below): a warp loads 512 packed bytes at once, each store 512 contiguous bytes
 #endif
 #ifndef WIDE_EARLY
-#define WIDE_EARLY 0  // WIDE: 1 issues a block's first loads before its shared-memory table and barrier
-#endif
+#define WIDE_EARLY 0  // WIDE: 1 issues a block's first loads before its shared-memory table and barrier (nested:
+#endif                // code2 read through the read-only cache); 2 the same with code2 copied to shared memory
+#ifndef PDL
+#define PDL 0         // WIDE, sm_90+: programmatic dependent launch (quant4bit.py launches with the attribute):
+#endif                // 1 waits for the kernel before at the start, 2 issues the first loads before waiting
 static_assert(CHUNK == 4 || CHUNK == 8 || CHUNK == 16, "CHUNK is 4, 8 or 16 packed bytes");
 static_assert(UNROLL >= 1 && UNROLL <= 16, "UNROLL is 1 to 16 chunks");
 static_assert(STREAMING == 0 || STREAMING == 1, "STREAMING is 0 or 1");
@@ -141,7 +144,8 @@ static_assert(STAGES >= 2 && STAGES <= 4 && STAGES * TILE <= 32768, "STAGES is 2
 static_assert(PREFETCH >= 0 && PREFETCH <= 4, "PREFETCH is 0 to 4 tiles");
 static_assert(AHEAD == 0 || AHEAD == 1, "AHEAD is 0 or 1");
 static_assert(INTERLEAVE == 0 || INTERLEAVE == 1, "INTERLEAVE is 0 or 1");
-static_assert(WIDE_EARLY == 0 || WIDE_EARLY == 1, "WIDE_EARLY is 0 or 1");
+static_assert(WIDE_EARLY >= 0 && WIDE_EARLY <= 2, "WIDE_EARLY is 0, 1 or 2");
+static_assert(PDL >= 0 && PDL <= 2 && (PDL == 0 || WIDE == 1), "PDL is 0, 1 or 2, and only for the wide kernel");
 static_assert(WIDE == 0 || (WIDE == 1 && !STAGED && CHUNK == 16 && INTERLEAVE == 1 && !STREAMING),
               "WIDE = 1 is the swept kernel's shape with CHUNK = 16, INTERLEAVE = 1, no streaming hints");
 
@@ -519,7 +523,7 @@ __device__ void dequantize_4bit_staged(const u8* __restrict__ packed, i64 n, con
 // stored without the shuffles (store8). WIDE_EARLY = 1 sends a block's first loads out before its
 // table is in shared memory (the one barrier) and reads the nested absmax's code through the read-only
 // cache rather than copying it to shared memory, so that a block that lives for one step does not
-// spend its start waiting.
+// spend its start waiting; WIDE_EARLY = 2 sends them out first and still copies the code.
 #if WIDE
 // The rare cases out of line, so that their registers do not count against the common path's:
 // decode_word's long decoding (a NaN or infinite absmax or table) and the partial last group's word.
@@ -575,27 +579,45 @@ __device__ void dequantize_4bit_wide(const u8* __restrict__ packed, i64 n, const
         }
     };
     // WIDE_EARLY: the first step's loads go out before the table and the barrier (a CUDA block here
-    // lives for one step, quant4bit.py's grid, and its loads need neither), and the nested absmax's
-    // code is read through the read-only cache instead of a copy in shared memory.
+    // lives for one step, quant4bit.py's grid, and its loads need neither); 1 also reads the nested
+    // absmax's code through the read-only cache instead of a copy in shared memory.
+    // PDL (programmatic dependent launch, sm_90+, quant4bit.py launches with the attribute): the kernel
+    // after this one may place its blocks once every block of this one has started, and
+    // griddepcontrol.wait returns once the kernel before has finished and its writes are visible.
+    // PDL = 1 waits before any memory access: correct whatever ran before. PDL = 2 first issues the
+    // first step's loads of codes and absmax: correct only if the kernel before did not write them (a
+    // frozen weight quantized earlier), a measured variant, never a default. Launched plainly, both
+    // instructions return at once.
+#if PDL
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#if PDL == 1
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#endif
     i64 base = (i64)blockIdx.x * per_step;
     const i64 first = base;
-    if (WIDE_EARLY && base < groups) load_step(base);
+    constexpr bool early = WIDE_EARLY != 0 || PDL == 2;
+    if (early && base < groups) load_step(base);
+#if PDL == 2
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
     __shared__ float tab[16];
-    __shared__ float code2_s[NESTED && !WIDE_EARLY ? 256 : 1];
+    constexpr bool code2_shared = NESTED && WIDE_EARLY != 1;
+    __shared__ float code2_s[code2_shared ? 256 : 1];
     bool finite = true;
     if (threadIdx.x < 16) { tab[threadIdx.x] = decode[threadIdx.x]; finite = isfinite(tab[threadIdx.x]); }
-    if (NESTED && !WIDE_EARLY)
+    if (code2_shared)
         for (int i = threadIdx.x; i < 256; i += blockDim.x) code2_s[i] = code2[i];
     const bool tab_finite = __syncthreads_and(finite);     // (a barrier too)
     const float off = NESTED ? __ldg(offset) : 0.0f;
 
     for (; base < groups; base += (i64)gridDim.x * per_step) {
-        if (!WIDE_EARLY || base != first) load_step(base);   // (WIDE_EARLY: the first step's are in flight)
+        if (!early || base != first) load_step(base);      // (early: the first step's are in flight)
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const i64 g = base + (i64)u * warps + warp;
             if (g >= groups) break;                        // warp-uniform, as every branch below
-            const float c2 = NESTED ? (WIDE_EARLY ? __ldg(code2 + qa[u]) : code2_s[qa[u]]) : 0.0f;
+            const float c2 = NESTED ? (code2_shared ? code2_s[qa[u]] : __ldg(code2 + qa[u])) : 0.0f;
             const float block_ab = NESTED ? nested_absmax_of(c2, a[u], off) : flush(a[u]);   // lanes < nb: block `lane`
 #pragma unroll
             for (int k = 0; k < 4; ++k) {

@@ -34,6 +34,7 @@ from ..quant.state import (DECODE_4BIT, QuantState, check_4bit_state, check_bloc
                            check_out_dtype, check_quant_type_4bit)
 from ._module import aligned_to, as_f32, compute_capability, kernel, log2, resident_blocks
 from ._module import cupy as _cupy
+from .pdl import DependentLaunch
 from .quant8bit import double_quantize_cuda, nested_arrays
 
 THREADS = 256          # threads per CUDA block (quantize: more when blocksize/8 > 256)
@@ -49,10 +50,11 @@ AHEAD = 0              # staged: 1 loads the next tile's codes and absmax while 
 INTERLEAVE = 0         # 1 deals the sweeps (staged: the tiles) out to the CUDA blocks in turn, as INTERLEAVE in the .cu
 WIDE = 0               # 1: the wide kernel (512-byte loads and stores per warp instruction), as WIDE in the .cu
 WIDE_BLOCKS = 8        # wide: CUDA blocks per SM its registers must allow (4, 6 or 8), as WIDE_BLOCKS in the .cu
-WIDE_EARLY = 0         # wide: 1 issues a block's first loads before its table and barrier, as WIDE_EARLY in the .cu
+WIDE_EARLY = 0         # wide: 1 or 2 issue a block's first loads before its table and barrier, as WIDE_EARLY in the .cu
+PDL = 0                # wide, sm_90+: 1 or 2 launch with programmatic dependent launch (pdl.py), as PDL in the .cu
 _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGED": STAGED, "TILE": TILE,
                 "STAGES": STAGES, "PREFETCH": PREFETCH, "AHEAD": AHEAD, "INTERLEAVE": INTERLEAVE, "WIDE": WIDE,
-                "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY}   # the .cu's #define defaults
+                "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY, "PDL": PDL}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
 # 6 CUDA blocks per SM (w1b6: 40 registers, no spills): on the H200 its launch runs at 85.1-85.7% of the copy
@@ -69,10 +71,11 @@ def default_variant(device_id: int) -> dict:
     return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
 
 
-_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS", "WIDE_EARLY")   # one body's only
+_ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS", "WIDE_EARLY", "PDL")   # one body's only
 _VARIANT_VALUES = {"CHUNK": (4, 8, 16), "UNROLL": tuple(range(1, 17)), "STREAMING": (0, 1), "STAGED": (0, 1),
                    "TILE": (8192, 16384), "STAGES": (2, 3, 4), "PREFETCH": (0, 1, 2, 3, 4), "AHEAD": (0, 1),
-                   "INTERLEAVE": (0, 1), "WIDE": (0, 1), "WIDE_BLOCKS": (4, 6, 8), "WIDE_EARLY": (0, 1)}
+                   "INTERLEAVE": (0, 1), "WIDE": (0, 1), "WIDE_BLOCKS": (4, 6, 8), "WIDE_EARLY": (0, 1, 2),
+                   "PDL": (0, 1, 2)}
 _WIDE_DEFAULTS = {"CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1}   # what WIDE=1 implies unless given
 
 
@@ -200,8 +203,12 @@ def dequantize_variant(variant=None) -> tuple:
     4 packed bytes per chunk and has no ``UNROLL``) or ``WIDE`` (1: the wide kernel, one 16-byte
     load per lane, each warp store instruction 512 contiguous bytes, one CUDA block per step; it
     implies and needs ``CHUNK=16``, ``INTERLEAVE=1``, ``STREAMING=0``, with ``UNROLL`` 1 unless
-    given, ``WIDE_BLOCKS``: 4, 6 or 8 CUDA blocks per SM its registers must allow, and ``WIDE_EARLY``,
-    1 to issue a block's first loads before its shared-memory table and barrier); missing
+    given, ``WIDE_BLOCKS``: 4, 6 or 8 CUDA blocks per SM its registers must allow, ``WIDE_EARLY``,
+    1 or 2 to issue a block's first loads before its shared-memory table and barrier (1: the nested
+    absmax's code read through the read-only cache, 2: from shared memory), and ``PDL``, sm_90+, 1 or 2
+    to launch with programmatic dependent launch, :mod:`minipeft.kernels.pdl` (1: the kernel waits for
+    the one before at its start; 2: after issuing its first loads, correct only when the kernel before
+    did not write the codes or absmax: a measured variant)); missing
     names take :data:`DEFAULT_VARIANT`'s values, and a setting of the other kernel body is
     refused. Every variant gives the same bits (``quant4bit.cu``: only the memory accesses
     differ). A tuple this function returned is returned at once (a set look-up), so a caller
@@ -226,7 +233,7 @@ def dequantize_variant(variant=None) -> tuple:
         raise ValueError(f"dequantize variant setting(s) {wrong} apply only to the "
                          f"{'swept' if full['STAGED'] else 'staged'} kernel (STAGED={1 - full['STAGED']})")
     full.update({k: _CU_DEFAULTS[k] for k in other})
-    for name in ("WIDE_BLOCKS", "WIDE_EARLY"):
+    for name in ("WIDE_BLOCKS", "WIDE_EARLY", "PDL"):
         if not full["WIDE"] and given.get(name, _CU_DEFAULTS[name]) != _CU_DEFAULTS[name]:
             raise ValueError(f"dequantize variant setting {name} applies only to the wide kernel (WIDE=1)")
     if full["WIDE"] and (full["CHUNK"], full["INTERLEAVE"], full["STREAMING"]) != (16, 1, 0):
@@ -307,9 +314,11 @@ class DequantizeLaunch:
             bs2 = 256
             ptrs = (decode, absmax, aligned, decode, absmax, decode)     # unused slots: any pointer
         defines = _variant_defines(pairs)                              # none for the .cu's defaults
-        if self.variant["STAGED"] and compute_capability(self.device) < 90:
-            raise ValueError(f"the staged dequantize kernel (STAGED=1) needs an sm_90 (Hopper) or newer GPU; "
-                             f"device {self.device} is sm_{compute_capability(self.device)}: use STAGED=0")
+        for setting, plain in (("STAGED", "STAGED=0"), ("PDL", "PDL=0")):
+            if self.variant[setting] and compute_capability(self.device) < 90:
+                raise ValueError(f"the dequantize kernel's {setting}={self.variant[setting]} needs an sm_90 (Hopper) "
+                                 f"or newer GPU; device {self.device} is sm_{compute_capability(self.device)}: "
+                                 f"use {plain}")
         self.kernel = kernel("quant4bit.cu", name, self.device, defines)
         self.chunks = -(-((n + 1) // 2) // chunk)                      # CHUNK packed bytes each
         if self.variant["STAGED"]:                                     # tiles of TILE output bytes
@@ -323,6 +332,7 @@ class DequantizeLaunch:
         self.grid = (max(1, int(grid)),)
         self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
         self._empty = cp.empty
+        self._dependent = DependentLaunch(self.kernel, self.grid[0], THREADS, self.args) if self.variant["PDL"] else None
 
     def built_from(self, packed, quant_state) -> bool:
         """True while every array and setting it was built from is the very same object."""
@@ -333,7 +343,10 @@ class DequantizeLaunch:
         C-contiguous CuPy array of that shape and this dtype starting on a 16-byte boundary."""
         if out is None:
             out = self._empty(self.shape, dtype=self.dtype)            # shape of the original
-        self.kernel(self.grid, (THREADS,), self.args + (out,))
+        if self._dependent is not None:                                # PDL: through cuLaunchKernelEx
+            self._dependent(out)
+        else:
+            self.kernel(self.grid, (THREADS,), self.args + (out,))
         return out
 
 

@@ -59,7 +59,9 @@ def test_default_variant_and_missing_settings():
     (dict(WIDE=1, STAGED=1), "WIDE"),
     (dict(WIDE_BLOCKS=6), "WIDE_BLOCKS applies only"),
     (dict(WIDE_EARLY=1), "WIDE_EARLY applies only"),
-    (dict(WIDE=1, WIDE_EARLY=2), "WIDE_EARLY=2"),
+    (dict(WIDE=1, WIDE_EARLY=3), "WIDE_EARLY=3"),
+    (dict(PDL=1), "PDL applies only"),
+    (dict(WIDE=1, PDL=3), "PDL=3"),
     (dict(WIDE=1, WIDE_BLOCKS=5), "WIDE_BLOCKS=5"),
 ])
 def test_bad_variants_name_the_setting(bad, match):
@@ -82,6 +84,8 @@ def test_benchmark_tokens_round_trip():
                                                  "INTERLEAVE": 1, "WIDE_BLOCKS": 6}
     assert dict(b.parse_variants("w1b4e1")[0])["WIDE_EARLY"] == 1 and b.parse_variants("w1b4e0") == b.parse_variants("w1b4")
     assert [b.variant_name(v) for v in b.parse_variants("w1b4e1,w2b6e0")] == ["w1b4e1", "w2b6"]
+    assert [b.variant_name(v) for v in b.parse_variants("w1b6e2p1,w1b6p2,w1b6p0")] == ["w1b6e2p1", "w1b6p2", "w1b6"]
+    assert dict(b.parse_variants("w1b6e2p1")[0])["PDL"] == 1
     assert dict(variants[names.index("b8k4p3s1")]) == {**DEFAULT_VARIANT, "STAGED": 1, "TILE": 8192, "STAGES": 4,
                                                        "PREFETCH": 3, "STREAMING": 1}
     for bad in ("b16k3p2s0", "b4k2p2s0", "b16k2s0", "x4u4s0", "w1b5", "w1"):

@@ -242,8 +242,9 @@ DEQUANT_VARIANTS += [dict(CHUNK=4, STAGED=1, TILE=t, STAGES=k, PREFETCH=p, STREA
                                               (8192, 3, 4, 0, 0, 0), (8192, 4, 3, 1, 0, 0), (16384, 2, 0, 0, 1, 0),
                                               (8192, 2, 0, 0, 1, 0), (8192, 3, 1, 1, 1, 0), (16384, 2, 0, 0, 0, 1), (8192, 2, 0, 0, 0, 1),
                                               (8192, 3, 1, 0, 1, 1)]]
-DEQUANT_VARIANTS += [dict(WIDE=1, UNROLL=u, WIDE_BLOCKS=b, WIDE_EARLY=e)                           # the wide kernel
-                     for u, b, e in [(1, 8, 0), (2, 6, 1), (4, 4, 0), (1, 4, 1)]]
+DEQUANT_VARIANTS += [dict(WIDE=1, UNROLL=u, WIDE_BLOCKS=b, WIDE_EARLY=e, PDL=p)                    # the wide kernel
+                     for u, b, e, p in [(1, 8, 0, 0), (2, 6, 1, 0), (4, 4, 0, 0), (1, 4, 1, 0), (1, 6, 2, 0),
+                                        (2, 4, 2, 1), (1, 6, 0, 1), (1, 6, 0, 2)]]   # PDL: dependent launches
 
 
 def variant_id(v) -> str:
@@ -256,10 +257,10 @@ def variant_id(v) -> str:
 
 
 def needs_sm90_for(cp, variant):
-    """Skip a staged variant below sm_90, where quant4bit.py refuses it (tested below)."""
+    """Skip a staged or PDL variant below sm_90, where quant4bit.py refuses it (tested below)."""
     from minipeft.kernels._module import compute_capability
-    if variant.get("STAGED") and compute_capability(cp.cuda.runtime.getDevice()) < 90:
-        pytest.skip("the staged dequantize kernel needs sm_90 or newer")
+    if (variant.get("STAGED") or variant.get("PDL")) and compute_capability(cp.cuda.runtime.getDevice()) < 90:
+        pytest.skip("the staged dequantize kernel and dependent launches need sm_90 or newer")
 
 
 @pytest.mark.parametrize("variant", DEQUANT_VARIANTS, ids=variant_id)
@@ -319,6 +320,39 @@ def test_4bit_dequantize_variant_through_the_cache_and_unaligned_codes(cp, k4, v
         off = k4.DequantizeLaunch(buf, state, B.check_out_dtype("bfloat16", bfloat16=True), variant=variant)
         assert off.copied_packed == (launch.variant["CHUNK"] > 4)
         assert_same(off(), ref, "unaligned codes")
+
+
+@pytest.mark.parametrize("pdl", [1, 2])
+def test_4bit_dequantize_dependent_launches_in_a_row(cp, k4, pdl):
+    """PDL (programmatic dependent launch): each launch's start overlaps the end of the one before and
+    waits before it stores, so launches in a row into one output leave the last one's values, whatever
+    the kernels before wrote; with PDL=1 a dequantize right after the quantize that wrote its codes
+    (no synchronization between) reads the new codes."""
+    variant = dict(WIDE=1, WIDE_BLOCKS=6, PDL=pdl)
+    needs_sm90_for(cp, variant)
+    dt = B.check_out_dtype("bfloat16", bfloat16=True)
+    shape = (1024, 4160)                                               # 520 CUDA blocks: more than fit at once
+    weights = []
+    for seed, compress in ((21, False), (22, True), (23, False)):
+        packed, state = k4.quantize_4bit_cuda(cp.asarray(make_input(seed, shape, np.float32, 64)), 64, "nf4", compress)
+        weights.append((packed, state, k4.DequantizeLaunch(packed, state, dt)()))   # the plain launch's values
+    cp.cuda.Device().synchronize()
+    launches = [k4.DequantizeLaunch(p, s, dt, variant=variant) for p, s, _ in weights]
+    assert all(launch._dependent is not None for launch in launches)
+    out = cp.empty(shape, dtype=dt)
+    for _ in range(3):
+        for launch in launches:                                        # three weights in turn into one output
+            launch(out)
+        assert_same(out, weights[-1][2], f"PDL={pdl}: the last launch's values")
+    for launch, (_, _, ref) in zip(launches, weights):                 # fresh outputs, back to back
+        assert_same(launch(), ref, f"PDL={pdl}: a fresh output")
+    if pdl == 1:
+        for seed in (31, 32, 33):                                      # quantize, then dequantize at once
+            x = make_input(seed, shape, np.float32, 64)
+            packed, state = k4.quantize_4bit_cuda(cp.asarray(x), 64, "nf4", True)
+            got = k4.DequantizeLaunch(packed, state, dt, variant=variant)()
+            rpacked, rstate = B.quantize_4bit(x, blocksize=64, quant_type="nf4", compress_statistics=True)
+            assert_same(got, B.dequantize_4bit(rpacked, rstate, dtype="bfloat16"), f"after the quantize, seed {seed}")
 
 
 @pytest.mark.parametrize("variant", [None, dict(WIDE=1), dict(WIDE=1, UNROLL=2, WIDE_BLOCKS=4, WIDE_EARLY=1),

@@ -1,0 +1,85 @@
+"""Launch a compiled kernel with programmatic dependent launch (PDL, sm_90+), through ``cuLaunchKernelEx``.
+
+Two kernels in one stream normally run one after the other: the second's blocks are placed only
+once the first has finished, and its loads start only then. With the launch attribute
+``CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION`` the second kernel may be placed as soon as
+every block of the first has executed ``griddepcontrol.launch_dependents`` (or exited); it then
+calls ``griddepcontrol.wait``, which returns when the first kernel has finished and its writes are
+visible (CUDA Programming Guide, "Programmatic Dependent Launch and Synchronization"). The start of
+one kernel thus overlaps the end of the one before. A kernel launched this way must wait before it
+touches memory the kernel before may write; ``quant4bit.cu``'s ``PDL`` variants do.
+
+CuPy launches a ``RawKernel`` without launch attributes, so this module calls the driver's
+``cuLaunchKernelEx`` through :mod:`ctypes`, with the function handle CuPy compiled and loaded. The
+structures below are ``CUlaunchConfig`` and ``CUlaunchAttribute`` of ``cuda.h`` (CUDA 12.0+).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import numpy as np
+
+from ._module import cupy as _cupy
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6   # CUlaunchAttributeID: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _AttributeValue(ctypes.Union):    # CUlaunchAttributeValue: a 64-byte union
+    _fields_ = [("pad", ctypes.c_char * 64), ("flag", ctypes.c_int)]
+
+
+class _Attribute(ctypes.Structure):     # CUlaunchAttribute: the id, padded to 8 bytes, then the value
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _AttributeValue)]
+
+
+class _Config(ctypes.Structure):        # CUlaunchConfig
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_Attribute)), ("numAttrs", ctypes.c_uint)]
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    lib = ctypes.CDLL("libcuda.so.1")
+    f = lib.cuLaunchKernelEx
+    f.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = ctypes.c_int
+    return f
+
+
+def _slot(arg):
+    """One kernel argument as the ctypes value whose bytes the launch copies."""
+    if hasattr(arg, "data") and hasattr(arg.data, "ptr"):             # a CuPy array: its device address
+        return ctypes.c_void_p(arg.data.ptr)
+    if isinstance(arg, np.int64):
+        return ctypes.c_int64(int(arg))
+    if isinstance(arg, np.int32):
+        return ctypes.c_int32(int(arg))
+    raise TypeError(f"a dependent launch takes CuPy arrays, np.int64 and np.int32 arguments, got {type(arg).__name__}")
+
+
+class DependentLaunch:
+    """``function`` (a CuPy ``RawKernel`` from :func:`minipeft.kernels._module.kernel`) launched with
+    programmatic dependent launch on ``grid`` x ``block`` threads, with ``args`` fixed and one last
+    argument, an output array, given per call. The arrays in ``args`` are kept alive here.
+    """
+
+    def __init__(self, function, grid: int, block: int, args: tuple):
+        self._function = function.kernel.ptr                          # the CUfunction CuPy loaded
+        self._args = args                                             # kept alive: the launch reads their addresses
+        self._slots = [_slot(a) for a in args] + [ctypes.c_void_p(0)]
+        self._params = (ctypes.c_void_p * len(self._slots))(*[ctypes.addressof(v) for v in self._slots])
+        self._attribute = _Attribute(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+        self._attribute.value.flag = 1
+        self._config = _Config(int(grid), 1, 1, int(block), 1, 1, 0, None, ctypes.pointer(self._attribute), 1)
+        self._launch = _launch_kernel_ex()
+        self._stream = _cupy().cuda.get_current_stream
+
+    def __call__(self, out) -> None:
+        self._slots[-1].value = out.data.ptr
+        self._config.hStream = self._stream().ptr or None              # 0: the legacy default stream
+        err = self._launch(ctypes.byref(self._config), self._function, self._params, None)
+        if err:
+            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err} (CUDA driver API)")
