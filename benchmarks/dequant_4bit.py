@@ -156,14 +156,16 @@ def variant_name(variant) -> str:
 
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
-# decoding: dequant_traffic.py, ../results/h200-2026-12-03/; w1b6 the default on the H200) with registers
-# for 6, 8 or 4 CUDA blocks per SM, with its first loads before the table and barrier (e1), and two groups
-# per warp and step; and the staged kernel (sm_90+: bulk stores from shared memory, the default before)
-# with its tiles dealt out in turn. (Measured slower on the H200, ../results/h200-2026-12-03/: the wide
-# kernel with two groups and 6 blocks (w2b6), the swept kernel with its sweeps in turn (c4u4s0i1), the
-# staged kernel with 16 KiB tiles or the next tile's loads in flight (a1), contiguous shares (3-5 points);
-# and ../results/h200-2026-12-02/staged/: streaming hints, 4 stages, prefetching 2+ tiles ahead.)
-DEFAULT_SWEEP = "w1b6,w1b8,w1b4,w1b6e1,w1b8e1,w2b4e1,b8k2p0s0i1"
+# decoding: dequant_traffic.py, ../results/h200-2026-12-03/; w1b8p1 the default on the H200) with registers
+# for 8 or 6 CUDA blocks per SM, launched with programmatic dependent launch (p1; p2: the first loads before
+# the wait, correct only after a kernel that did not write the codes) and plainly; and the staged kernel
+# (sm_90+: bulk stores from shared memory, the default before w1b6) with its tiles dealt out in turn.
+# (Measured slower on the H200, ../results/h200-2026-12-03/: the wide kernel with its first loads before the
+# table (e1, e2), with 4 blocks per SM or two groups per warp and step (w1b4, w2b4e1, w2b6), the swept kernel
+# with its sweeps in turn (c4u4s0i1), the staged kernel with 16 KiB tiles or the next tile's loads in flight
+# (a1), contiguous shares (3-5 points); and ../results/h200-2026-12-02/staged/: streaming hints, 4 stages,
+# prefetching 2+ tiles ahead.)
+DEFAULT_SWEEP = "w1b8p1,w1b6p1,w1b8p2,w1b8,w1b6,b8k2p0s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""

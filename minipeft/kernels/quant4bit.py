@@ -57,12 +57,14 @@ _CU_DEFAULTS = {"CHUNK": CHUNK, "UNROLL": UNROLL, "STREAMING": STREAMING, "STAGE
                 "WIDE_BLOCKS": WIDE_BLOCKS, "WIDE_EARLY": WIDE_EARLY, "PDL": PDL}   # the .cu's #define defaults
 DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it by default
 # On sm_90+ (Hopper) a launch with no variant takes the wide kernel, one group per warp and step, registers for
-# 6 CUDA blocks per SM (w1b6: 40 registers, no spills): on the H200 its launch runs at 85.1-85.7% of the copy
-# rate at 4096x11008 and 87.7-88.4% at 8192x8192, 4-6 points faster than the staged kernel (b8k2p0s0i1, the
-# default before), and 81.6-86.1% with double quantization (benchmarks/results/h200-2026-12-03/README.md,
-# calls h and i).
-# Below sm_90 the swept kernel stays the default: the wide one has not been measured there.
-HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 6}
+# 8 CUDA blocks per SM (w1b8: 32 registers, no spills in its 16-bit kernels), launched with programmatic dependent
+# launch (PDL=1: each kernel waits at its start for the one before, so it is correct whatever ran before; a
+# dequantize launched right after another one places its blocks while that one ends). On the H200, calls in a
+# row ran at 88.9-91.6% of the copy rate without double quantization and 85.9-91.0% with it at 4096x11008 and
+# 8192x8192, against 85.0-88.9% and 82.3-85.7% for the same kernel launched plainly (w1b6, the default before;
+# benchmarks/results/h200-2026-12-03/README.md, call l). Below sm_90 the swept kernel stays the default: the
+# wide one has not been measured there, and PDL needs sm_90.
+HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 8, "PDL": 1}
 
 
 def default_variant(device_id: int) -> dict:

@@ -328,7 +328,7 @@ def test_4bit_dequantize_dependent_launches_in_a_row(cp, k4, pdl):
     waits before it stores, so launches in a row into one output leave the last one's values, whatever
     the kernels before wrote; with PDL=1 a dequantize right after the quantize that wrote its codes
     (no synchronization between) reads the new codes."""
-    variant = dict(WIDE=1, WIDE_BLOCKS=6, PDL=pdl)
+    variant = dict(WIDE=1, WIDE_BLOCKS=8, PDL=pdl)
     needs_sm90_for(cp, variant)
     dt = B.check_out_dtype("bfloat16", bfloat16=True)
     shape = (1024, 4160)                                               # 520 CUDA blocks: more than fit at once
