@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 
 import numpy as np
 
@@ -63,7 +64,9 @@ def _slot(arg):
 class DependentLaunch:
     """``function`` (a CuPy ``RawKernel`` from :func:`minipeft.kernels._module.kernel`) launched with
     programmatic dependent launch on ``grid`` x ``block`` threads, with ``args`` fixed and one last
-    argument, an output array, given per call. The arrays in ``args`` are kept alive here.
+    argument, an output array, given per call. The arrays in ``args`` are kept alive here. A call
+    writes the output's address and the current stream into structures it reuses, under a lock, so two
+    threads may share one launch.
     """
 
     def __init__(self, function, grid: int, block: int, args: tuple):
@@ -76,10 +79,12 @@ class DependentLaunch:
         self._config = _Config(int(grid), 1, 1, int(block), 1, 1, 0, None, ctypes.pointer(self._attribute), 1)
         self._launch = _launch_kernel_ex()
         self._stream = _cupy().cuda.get_current_stream
+        self._lock = threading.Lock()
 
     def __call__(self, out) -> None:
-        self._slots[-1].value = out.data.ptr
-        self._config.hStream = self._stream().ptr or None              # 0: the legacy default stream
-        err = self._launch(ctypes.byref(self._config), self._function, self._params, None)
+        with self._lock:
+            self._slots[-1].value = out.data.ptr
+            self._config.hStream = self._stream().ptr or None          # 0: the legacy default stream
+            err = self._launch(ctypes.byref(self._config), self._function, self._params, None)
         if err:
             raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err} (CUDA driver API)")
