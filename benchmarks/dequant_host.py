@@ -13,7 +13,11 @@ event pair), on one quantized weight (NF4, block size 64, no double quantization
   does not slow the GPU;
 - ``empty+launch``: ``cp.empty`` of the output, then the launch into it (the allocation alone added);
 - ``cached-call``: ``cached_dequantize_launch(packed, state, dtype)()`` (look-up, allocation, launch);
-- ``whole-call``: ``dequantize_4bit_cuda(packed, state, dtype)``.
+- ``whole-call``: ``dequantize_4bit_cuda(packed, state, dtype)``;
+- where the default launches with programmatic dependent launch (``PDL``, sm_90+): ``plain-launch``, the same
+  kernel launched plainly (``PDL=0``); ``gemm``, a float16 ``--gemm`` x ``--gemm`` matrix product (cuBLAS,
+  which does not let the next kernel start early); ``gemm+launch`` and ``gemm+plain-launch``, that product
+  followed by the launch: what PDL gains where the kernel before is not a dequantize, as in a forward pass.
 
     python benchmarks/dequant_host.py --json out.json
 """
@@ -34,6 +38,8 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--inners", default="10,50", help="calls per event pair, comma-separated")
     ap.add_argument("--spins", default="10,20,30,40", help="host spin times in µs, comma-separated")
+    ap.add_argument("--gemm", type=int, default=2048, help="size of the square float16 matrix product of the "
+                    "gemm rows (0: none)")
     ap.add_argument("--json", default=None)
     return ap.parse_args(argv)
 
@@ -52,8 +58,8 @@ def main(argv=None) -> dict:
 
     import dequant_4bit as d4
     from minipeft.backend import bfloat16_dtype
-    from minipeft.kernels.quant4bit import (cached_dequantize_launch, default_variant, dequantize_4bit_cuda,
-                                            quantize_4bit_cuda)
+    from minipeft.kernels.quant4bit import (DequantizeLaunch, cached_dequantize_launch, default_variant,
+                                            dequantize_4bit_cuda, quantize_4bit_cuda)
 
     bfloat16_dtype()
     props = cp.cuda.runtime.getDeviceProperties(0)
@@ -79,9 +85,22 @@ def main(argv=None) -> dict:
     fns["empty+launch"] = lambda: launch(cp.empty(shape, dtype=launch.dtype))
     fns["cached-call"] = lambda: cached_dequantize_launch(packed, state, "bfloat16")()
     fns["whole-call"] = lambda: dequantize_4bit_cuda(packed, state, "bfloat16")
+    dequantize_only = set(fns)                                         # rows whose bytes are the dequantize's
+    if launch.variant.get("PDL"):
+        plain = DequantizeLaunch(packed, state, launch.dtype, variant={**launch.variant, "PDL": 0})
+        fns["plain-launch"] = lambda: plain(out)
+        dequantize_only.add("plain-launch")
+        if args.gemm:
+            a = cp.random.standard_normal((args.gemm, args.gemm), dtype=cp.float32).astype(cp.float16)
+            c = cp.empty_like(a)
+            fns["gemm"] = lambda: cp.matmul(a, a, out=c)
+            fns["gemm+launch"] = lambda: (cp.matmul(a, a, out=c), launch(out))
+            fns["gemm+plain-launch"] = lambda: (cp.matmul(a, a, out=c), plain(out))
     for name, fn in fns.items():                                       # every row writes the same bits
         r = fn()
-        got = out if not isinstance(r, cp.ndarray) else r
+        if name == "gemm":
+            continue
+        got = r if isinstance(r, cp.ndarray) and r.shape == shape else out
         assert bool((got.view(cp.uint16) == expected).all()), f"{name}: not the launch's output"
     moved = n // 2 + 4 * -(-n // 64) + 2 * n
     rows = []
@@ -89,12 +108,13 @@ def main(argv=None) -> dict:
         host = {}
         t = d4.time_alternating(fns, torch, 3, args.reps, inner, host=host)
         print(f"\n--inner {inner}: {args.shape}, NF4, bfloat16 output, {moved / 1e6:.1f} MB moved per call")
-        print(f"{'row':>16} {'median us':>10} {'IQR us':>13} {'% copy':>7} {'host us':>8}")
+        print(f"{'row':>17} {'median us':>10} {'IQR us':>13} {'% copy':>7} {'host us':>8}")
         for name, (q1, med, q3) in t.items():
+            frac = moved / med / copy_bw if name in dequantize_only else None   # (gemm rows: time only)
             rows.append({"inner": inner, "row": name, "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
-                         "host_us": host[name] * 1e6, "frac_copy": moved / med / copy_bw})
-            print(f"{name:>16} {med * 1e6:10.1f} {q1 * 1e6:6.1f}-{q3 * 1e6:6.1f} {100 * moved / med / copy_bw:6.1f}% "
-                  f"{host[name] * 1e6:8.1f}")
+                         "host_us": host[name] * 1e6, "frac_copy": frac})
+            pct = "-" if frac is None else f"{100 * frac:.1f}%"
+            print(f"{name:>17} {med * 1e6:10.1f} {q1 * 1e6:6.1f}-{q3 * 1e6:6.1f} {pct:>7} {host[name] * 1e6:8.1f}")
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "shape": list(shape), "rows": rows}
     return d4.write_result(args.json, result)
 
