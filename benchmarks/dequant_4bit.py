@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -98,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "or, staged (sm_90+), bTILEKIBkSTAGESpPREFETCHsSTREAMING (e.g. b16k2p0s0) "
                          "or, wide, wUNROLLbWIDE_BLOCKS[eWIDE_EARLY][pPDL] (e.g. w1b4e1, w1b6p1) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
+    ap.add_argument("--gc-off", action="store_true",
+                    help="Python's garbage collector off while each repetition's calls are enqueued (as timeit)")
     ap.add_argument("--no-bnb", action="store_true",
                     help="leave bitsandbytes' call out of the timing (its state still checks the bits): minipeft's "
                          "rows timed on their own")
@@ -348,7 +351,7 @@ def _quartiles(xs):
 
 
 def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, primed: bool = True,
-                     host: dict | None = None) -> dict:
+                     host: dict | None = None, gc_off: bool = False) -> dict:
     """Seconds per call of each function: median and quartiles over ``reps`` event pairs.
 
     ``primed``: one call is enqueued before the start event, so the GPU is still busy with it when it
@@ -357,6 +360,8 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     from the start event until the first timed call's launch arrives, and that host time is counted
     once per ``inner`` calls. ``host``, if given, receives each function's median host seconds per call
     (the enqueueing loop on the host clock): above the GPU's time per call, the call is host-bound.
+    ``gc_off``: Python's garbage collector is off while the calls are enqueued (collected between
+    repetitions), as ``timeit`` does, so that a collection does not stall the host mid-repetition.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -367,14 +372,21 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     for _ in range(reps):
         for name, fn in fns.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if primed:
-                fn()
-            start.record()
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            t1 = time.perf_counter()
-            end.record()
+            if gc_off:
+                gc.collect()
+                gc.disable()
+            try:
+                if primed:
+                    fn()
+                start.record()
+                t0 = time.perf_counter()
+                for _ in range(inner):
+                    fn()
+                t1 = time.perf_counter()
+                end.record()
+            finally:
+                if gc_off:
+                    gc.enable()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1e-3 / inner)
             host_times[name].append((t1 - t0) / inner)
@@ -509,10 +521,11 @@ def main(argv=None) -> dict:
                     fns[("kernel", v)] = lambda vl=vl, vout=vout: vl(vout)
                     fns[("call", v)] = lambda v=v, pm=pm, qsm=qsm: cached_dequantize_launch(pm, qsm, out_name, v)()
                 host = {}
-                t = time_alternating(fns, torch, args.warmup, args.reps, args.inner, host=host)
+                t = time_alternating(fns, torch, args.warmup, args.reps, args.inner, host=host, gc_off=args.gc_off)
                 # the whole call again with the GPU idle at each start event (the timing before 2026-12-03)
                 t["minipeft-idle"] = time_alternating({"minipeft-idle": fns["minipeft"]}, torch, args.warmup,
-                                                      args.reps, args.inner, primed=False, host=host)["minipeft-idle"]
+                                                      args.reps, args.inner, primed=False, host=host,
+                                                      gc_off=args.gc_off)["minipeft-idle"]
                 for impl in impls:
                     q1, med, q3 = t[impl]
                     gbs = (read + written) / med
@@ -629,7 +642,7 @@ def main(argv=None) -> dict:
 
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
-              "inner": args.inner, "bnb_timed": not args.no_bnb, "default_variant": default,
+              "inner": args.inner, "bnb_timed": not args.no_bnb, "gc_off": args.gc_off, "default_variant": default,
               "variants": [dict(v) for v in args.variants], "rows": rows + variant_rows + peer_rows}
     return write_result(args.json_out, result)
 
