@@ -61,7 +61,7 @@ DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it
 # launch (PDL=1: each kernel waits at its start for the one before, so it is correct whatever ran before; a
 # dequantize launched right after another one places its blocks while that one ends). On the H200, calls in a
 # row ran at 88.9-91.6% of the copy rate without double quantization and 85.9-91.0% with it at 4096x11008 and
-# 8192x8192, against 85.0-88.9% and 82.3-85.7% for the same kernel launched plainly (w1b6, the default before;
+# 8192x8192, against 85.4-88.7% and 82.3-85.6% for w1b6 launched plainly (the default before;
 # benchmarks/results/h200-2026-12-03/README.md, call l). Below sm_90 the swept kernel stays the default: the
 # wide one has not been measured there, and PDL needs sm_90.
 HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 8, "PDL": 1}
