@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "or, wide, wUNROLLbWIDE_BLOCKS[eWIDE_EARLY][pPDL] (e.g. w1b4e1, w1b6p1) "
                          f"(default {DEFAULT_SWEEP}; '' for none)")
     ap.add_argument("--gc-off", action="store_true",
-                    help="Python's garbage collector off while each repetition's calls are enqueued (as timeit)")
+                    help="Python's garbage collector off during the timed repetitions (as timeit)")
     ap.add_argument("--no-bnb", action="store_true",
                     help="leave bitsandbytes' call out of the timing (its state still checks the bits): minipeft's "
                          "rows timed on their own")
@@ -360,8 +360,9 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     from the start event until the first timed call's launch arrives, and that host time is counted
     once per ``inner`` calls. ``host``, if given, receives each function's median host seconds per call
     (the enqueueing loop on the host clock): above the GPU's time per call, the call is host-bound.
-    ``gc_off``: Python's garbage collector is off while the calls are enqueued (collected between
-    repetitions), as ``timeit`` does, so that a collection does not stall the host mid-repetition.
+    ``gc_off``: Python's garbage collector is collected once, then off for all the timed repetitions,
+    as ``timeit`` does, so that no collection stalls the host mid-repetition. (Collecting before every
+    repetition instead made call o's run, results/h200-2026-12-03/, too slow to finish one shape in 90 s.)
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -369,13 +370,14 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     torch.cuda.synchronize()
     times = {k: [] for k in fns}
     host_times = {k: [] for k in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            if gc_off:
-                gc.collect()
-                gc.disable()
-            try:
+    was_enabled = gc.isenabled()
+    if gc_off:
+        gc.collect()
+        gc.disable()
+    try:
+        for _ in range(reps):
+            for name, fn in fns.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 if primed:
                     fn()
                 start.record()
@@ -384,12 +386,12 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
                     fn()
                 t1 = time.perf_counter()
                 end.record()
-            finally:
-                if gc_off:
-                    gc.enable()
-            end.synchronize()
-            times[name].append(start.elapsed_time(end) * 1e-3 / inner)
-            host_times[name].append((t1 - t0) / inner)
+                end.synchronize()
+                times[name].append(start.elapsed_time(end) * 1e-3 / inner)
+                host_times[name].append((t1 - t0) / inner)
+    finally:
+        if gc_off and was_enabled:
+            gc.enable()
     if host is not None:
         host.update({k: statistics.median(v) for k, v in host_times.items()})
     return {k: _quartiles(v) for k, v in times.items()}

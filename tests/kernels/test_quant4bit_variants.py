@@ -105,3 +105,53 @@ def test_benchmark_result_file(tmp_path):
     newer = {**result, "rows": []}
     b.write_result(str(path), newer)                                   # an existing file is replaced whole
     assert json.loads(path.read_text(encoding="utf-8")) == newer
+
+
+class _FakeEvent:
+    """A CUDA event of the fake torch below: records the host clock; elapsed_time in milliseconds."""
+
+    def __init__(self, enable_timing=True):
+        self.t = None
+
+    def record(self):
+        import time
+        self.t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.t - self.t) * 1e3
+
+
+class _FakeTorch:
+    class cuda:
+        Event = _FakeEvent
+
+        @staticmethod
+        def synchronize():
+            pass
+
+
+def test_time_alternating_gc_off_keeps_the_collector_off_while_timing():
+    """--gc-off: the collector is off during every timed call and on again afterwards (also after an
+    error); without it the collector stays as it was."""
+    import gc
+    b = bench()
+    seen = []
+    fns = {"a": lambda: seen.append(("a", gc.isenabled())), "b": lambda: seen.append(("b", gc.isenabled()))}
+    assert gc.isenabled()
+    host = {}
+    t = b.time_alternating(fns, _FakeTorch, warmup=0, reps=3, inner=2, host=host, gc_off=True)
+    assert set(t) == {"a", "b"} == set(host) and all(q1 <= med <= q3 for q1, med, q3 in t.values())
+    assert len(seen) == 2 * 3 * (2 + 1) and not any(on for _, on in seen)   # primed call + inner calls, collector off
+    assert gc.isenabled()
+    seen.clear()
+    b.time_alternating(fns, _FakeTorch, warmup=0, reps=2, inner=1)
+    assert all(on for _, on in seen)
+
+    def boom():
+        raise RuntimeError("a failing call")
+    with pytest.raises(RuntimeError, match="failing"):
+        b.time_alternating({"x": boom}, _FakeTorch, warmup=0, reps=1, inner=1, gc_off=True)
+    assert gc.isenabled()
