@@ -397,6 +397,15 @@ def time_alternating(fns: dict, torch, warmup: int, reps: int, inner: int, prime
     return {k: _quartiles(v) for k, v in times.items()}
 
 
+def bytes_read(n: int, blocksize: int, double_quant: bool) -> int:
+    """Bytes a dequantize of ``n`` values reads (DESIGN.md, "Performance and memory"): the packed codes
+    and the absmax, float32 per block, or, nested: one uint8 per block, a float32 per 256 blocks, the
+    256-entry code and the offset."""
+    n_blocks = -(-n // blocksize)
+    absmax = n_blocks + 4 * -(-n_blocks // 256) + 4 * 256 + 4 if double_quant else 4 * n_blocks
+    return (n + 1) // 2 + absmax
+
+
 def write_result(path, result: dict) -> dict:
     """Write ``result`` as JSON to ``path`` (nothing when None) and return it: every dequantize benchmark's end.
     Written as the project saves files (``minipeft.atomic``): a killed run leaves the previous file whole."""
@@ -497,8 +506,7 @@ def main(argv=None) -> dict:
                                                          out_name)
                 same_out = bool((cp.from_dlpack(ref.view(torch.int16)).reshape(-1)
                                  == ours_on_bnb_state.view(cp.int16).reshape(-1)).all())
-                n_blocks = -(-n // args.blocksize)
-                read = pm.nbytes + (n_blocks + 4 * -(-n_blocks // 256) + 4 * 256 + 4 if dq else 4 * n_blocks)
+                read = bytes_read(n, args.blocksize, dq)
                 written = 2 * n
                 prepared = prepare_dequantize_4bit(pm, qsm, out_name)
                 launch = cached_dequantize_launch(pm, qsm, out_name)

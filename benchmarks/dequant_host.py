@@ -5,7 +5,8 @@ At 4096x11008 the default dequantize's launch takes about 32 µs on the H200 and
 measured 0.5-3 µs slower than the launch alone in the runs where the host was slower
 (``results/h200-2026-12-03/README.md``, calls h and i). This script takes the whole call apart. Every row
 is timed as ``dequant_4bit.py`` times (one call enqueued before each start event, ``--inner`` calls per
-event pair), on one quantized weight (NF4, block size 64, no double quantization, bfloat16 output):
+event pair), on one quantized weight (NF4, block size 64, bfloat16 output; ``--double-quant``: with double
+quantization):
 
 - ``launch``: the cached launch into one preallocated output (the launch alone);
 - ``launch+spin{X}``: the same, then the host spins X µs before the next call (host time alone, no
@@ -38,6 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--inners", default="10,50", help="calls per event pair, comma-separated")
     ap.add_argument("--spins", default="10,20,30,40", help="host spin times in µs, comma-separated")
+    ap.add_argument("--double-quant", action="store_true", help="the weight with double quantization")
     ap.add_argument("--gemm", type=int, default=2048, help="size of the square float16 matrix product of the "
                     "gemm rows (0: none)")
     ap.add_argument("--json", default=None)
@@ -75,7 +77,7 @@ def main(argv=None) -> dict:
     shape = tuple(int(s) for s in args.shape.lower().split("x"))
     n = shape[0] * shape[1]
     x = cp.random.standard_normal(n, dtype=cp.float32).reshape(shape)
-    packed, state = quantize_4bit_cuda(x, 64, "nf4", False)
+    packed, state = quantize_4bit_cuda(x, 64, "nf4", args.double_quant)
     launch = cached_dequantize_launch(packed, state, "bfloat16")
     out = launch()
     expected = out.view(cp.uint16).copy()
@@ -102,12 +104,13 @@ def main(argv=None) -> dict:
             continue
         got = r if isinstance(r, cp.ndarray) and r.shape == shape else out
         assert bool((got.view(cp.uint16) == expected).all()), f"{name}: not the launch's output"
-    moved = n // 2 + 4 * -(-n // 64) + 2 * n
+    moved = d4.bytes_read(n, 64, args.double_quant) + 2 * n
     rows = []
     for inner in (int(s) for s in args.inners.split(",")):
         host = {}
         t = d4.time_alternating(fns, torch, 3, args.reps, inner, host=host)
-        print(f"\n--inner {inner}: {args.shape}, NF4, bfloat16 output, {moved / 1e6:.1f} MB moved per call")
+        print(f"\n--inner {inner}: {args.shape}, NF4{' + double quantization' if args.double_quant else ''}, "
+              f"bfloat16 output, {moved / 1e6:.1f} MB moved per call")
         print(f"{'row':>17} {'median us':>10} {'IQR us':>13} {'% copy':>7} {'host us':>8}")
         for name, (q1, med, q3) in t.items():
             frac = moved / med / copy_bw if name in dequantize_only else None   # (gemm rows: time only)
@@ -115,7 +118,8 @@ def main(argv=None) -> dict:
                          "host_us": host[name] * 1e6, "frac_copy": frac})
             pct = "-" if frac is None else f"{100 * frac:.1f}%"
             print(f"{name:>17} {med * 1e6:10.1f} {q1 * 1e6:6.1f}-{q3 * 1e6:6.1f} {pct:>7} {host[name] * 1e6:8.1f}")
-    result = {**meta, "copy_GB_s": copy_bw / 1e9, "shape": list(shape), "rows": rows}
+    result = {**meta, "copy_GB_s": copy_bw / 1e9, "shape": list(shape), "double_quant": args.double_quant,
+              "rows": rows}
     return d4.write_result(args.json, result)
 
 

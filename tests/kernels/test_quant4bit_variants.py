@@ -155,3 +155,13 @@ def test_time_alternating_gc_off_keeps_the_collector_off_while_timing():
     with pytest.raises(RuntimeError, match="failing"):
         b.time_alternating({"x": boom}, _FakeTorch, warmup=0, reps=1, inner=1, gc_off=True)
     assert gc.isenabled()
+
+
+def test_bytes_read_counts_codes_and_absmax():
+    """The bytes a dequantize reads, as the benchmarks count them: codes, then float32 absmax per block,
+    or nested one byte per block, a float32 per 256 blocks, the 256-entry code and the offset."""
+    b = bench()
+    n = 4096 * 11008                                                   # 704,512 blocks of 64
+    assert b.bytes_read(n, 64, False) == n // 2 + 4 * (n // 64)
+    assert b.bytes_read(n, 64, True) == n // 2 + n // 64 + 4 * 2752 + 4 * 256 + 4
+    assert b.bytes_read(65, 64, False) == 33 + 4 * 2                  # an odd length: a half byte and a second block
