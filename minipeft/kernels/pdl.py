@@ -41,13 +41,27 @@ class _Config(ctypes.Structure):        # CUlaunchConfig
                 ("attrs", ctypes.POINTER(_Attribute)), ("numAttrs", ctypes.c_uint)]
 
 
+DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")   # the CUDA driver: Linux, then Windows
+
+
 @functools.lru_cache(maxsize=None)
 def _launch_kernel_ex():
-    lib = ctypes.CDLL("libcuda.so.1")
-    f = lib.cuLaunchKernelEx
-    f.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    f.restype = ctypes.c_int
-    return f
+    """The driver's ``cuLaunchKernelEx`` (CUDA 12.0+), its argument types set."""
+    for name in DRIVER_LIBRARIES:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        try:
+            f = lib.cuLaunchKernelEx
+        except AttributeError:
+            raise OSError(f"the CUDA driver {name} has no cuLaunchKernelEx: programmatic dependent launch needs "
+                          "a CUDA 12.0 or newer driver; update the driver, or launch with PDL=0") from None
+        f.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        f.restype = ctypes.c_int
+        return f
+    raise OSError(f"the CUDA driver library was not found (tried {', '.join(DRIVER_LIBRARIES)}): programmatic "
+                  "dependent launch calls it directly; install the NVIDIA driver, or launch with PDL=0")
 
 
 def _slot(arg):

@@ -24,3 +24,17 @@ def test_slots_take_the_kernels_argument_types():
     assert isinstance(pdl._slot(np.int32(-3)), ctypes.c_int32) and pdl._slot(np.int32(-3)).value == -3
     with pytest.raises(TypeError, match="np.int64 and np.int32"):
         pdl._slot(3)                                                   # a Python int: its width is unknown
+
+
+def test_a_missing_driver_is_named_with_the_remedy():
+    """Without the CUDA driver (this CPU machine), asking for cuLaunchKernelEx names the libraries tried
+    and the way out (PDL=0)."""
+    for name in pdl.DRIVER_LIBRARIES:
+        try:
+            ctypes.CDLL(name)
+        except OSError:
+            continue
+        pytest.skip(f"{name} is present: a driver is installed")
+    pdl._launch_kernel_ex.cache_clear()
+    with pytest.raises(OSError, match=r"libcuda\.so\.1.*PDL=0"):
+        pdl._launch_kernel_ex()
