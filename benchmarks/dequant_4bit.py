@@ -483,8 +483,7 @@ def main(argv=None) -> dict:
           f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
     rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
-    impls = ("minipeft", "minipeft-idle", "mp-kernel", "mp-waves") if args.no_bnb else (
-        "bnb", "minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
+    impls = ("bnb",) * (not args.no_bnb) + ("minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
     peers = {v: traffic_peer(cp, v, THREADS) for v in args.variants   # compiled once per variant
              if not dict(v)["STAGED"] and not dict(v)["WIDE"]}          # (the swept kernel's shape; wide's peer:
     #                                                                      dequant_traffic.py)

@@ -316,11 +316,11 @@ class DequantizeLaunch:
             bs2 = 256
             ptrs = (decode, absmax, aligned, decode, absmax, decode)     # unused slots: any pointer
         defines = _variant_defines(pairs)                              # none for the .cu's defaults
-        for setting, plain in (("STAGED", "STAGED=0"), ("PDL", "PDL=0")):
+        for setting in ("STAGED", "PDL"):
             if self.variant[setting] and compute_capability(self.device) < 90:
                 raise ValueError(f"the dequantize kernel's {setting}={self.variant[setting]} needs an sm_90 (Hopper) "
                                  f"or newer GPU; device {self.device} is sm_{compute_capability(self.device)}: "
-                                 f"use {plain}")
+                                 f"use {setting}=0")
         self.kernel = kernel("quant4bit.cu", name, self.device, defines)
         self.chunks = -(-((n + 1) // 2) // chunk)                      # CHUNK packed bytes each
         if self.variant["STAGED"]:                                     # tiles of TILE output bytes

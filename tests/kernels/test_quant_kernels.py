@@ -335,7 +335,8 @@ def test_4bit_dequantize_dependent_launches_in_a_row(cp, k4, pdl):
     weights = []
     for seed, compress in ((21, False), (22, True), (23, False)):
         packed, state = k4.quantize_4bit_cuda(cp.asarray(make_input(seed, shape, np.float32, 64)), 64, "nf4", compress)
-        weights.append((packed, state, k4.DequantizeLaunch(packed, state, dt)()))   # the plain launch's values
+        plain = k4.DequantizeLaunch(packed, state, dt, variant={**variant, "PDL": 0})
+        weights.append((packed, state, plain()))                       # the plain launch's values
     cp.cuda.Device().synchronize()
     launches = [k4.DequantizeLaunch(p, s, dt, variant=variant) for p, s, _ in weights]
     assert all(launch._dependent is not None for launch in launches)
