@@ -54,8 +54,12 @@ def load_run(path: str) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno}); was the run interrupted? Run "
                          "benchmarks/dequant_4bit.py --json again") from None
-    if not isinstance(run, dict) or not isinstance(run.get("rows"), list) or "device_name" not in run:
-        raise ValueError(f"{path}: not a JSON of benchmarks/dequant_4bit.py (no 'rows' and 'device_name')")
+    rows = run.get("rows") if isinstance(run, dict) else None
+    if (not isinstance(rows, list) or "device_name" not in run
+            or not all(isinstance(r, dict) and {"impl", "shape", "out_dtype", "double_quant", "frac_copy"} <= set(r)
+                       for r in rows)):
+        raise ValueError(f"{path}: not a JSON of benchmarks/dequant_4bit.py (it has 'device_name' and 'rows' "
+                         "with 'impl', 'shape', 'out_dtype', 'double_quant' and 'frac_copy')")
     return run
 
 

@@ -79,6 +79,11 @@ def test_bad_input_names_the_file_and_the_remedy(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         m.main([str(other)])
     assert "not a JSON of benchmarks/dequant_4bit.py" in str(e.value)
+    host = tmp_path / "host.json"                                      # dequant_host.py's rows have no 'impl'
+    host.write_text(json.dumps({"device_name": "NVIDIA H200", "rows": [{"row": "launch", "median_us": 30.5}]}))
+    with pytest.raises(SystemExit) as e:
+        m.main([good, str(host)])
+    assert "host.json: not a JSON of benchmarks/dequant_4bit.py" in str(e.value)
     with pytest.raises(SystemExit) as e:
         m.main([str(tmp_path / "missing.json")])
     assert "missing.json: cannot read it" in str(e.value)
