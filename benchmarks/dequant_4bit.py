@@ -159,16 +159,17 @@ def variant_name(variant) -> str:
 
 
 # The default sweep: the wide kernel (the access shape that moved this traffic fastest with no
-# decoding: dequant_traffic.py, ../results/h200-2026-12-03/; w1b8p1 the default on the H200) with registers
-# for 8 or 6 CUDA blocks per SM, launched with programmatic dependent launch (p1; p2: the first loads before
-# the wait, correct only after a kernel that did not write the codes) and plainly; and the staged kernel
-# (sm_90+: bulk stores from shared memory, the default before w1b6) with its tiles dealt out in turn.
+# decoding: dequant_traffic.py, ../results/h200-2026-12-03/; w1b8p1 the default on the H200, w1b8e2p1 for float16
+# output with double quantization) with registers for 8 or 6 CUDA blocks per SM, launched with programmatic
+# dependent launch (p1; p2: the first loads before the wait, correct only after a kernel that did not write the
+# codes) and plainly; and the staged kernel (sm_90+: bulk stores from shared memory, the default before w1b6)
+# with its tiles dealt out in turn.
 # (Measured slower on the H200, ../results/h200-2026-12-03/: the wide kernel with its first loads before the
-# table (e1, e2), with 4 blocks per SM or two groups per warp and step (w1b4, w2b4e1, w2b6), the swept kernel
-# with its sweeps in turn (c4u4s0i1), the staged kernel with 16 KiB tiles or the next tile's loads in flight
-# (a1), contiguous shares (3-5 points); and ../results/h200-2026-12-02/staged/: streaming hints, 4 stages,
-# prefetching 2+ tiles ahead.)
-DEFAULT_SWEEP = "w1b8p1,w1b6p1,w1b8p2,w1b8,w1b6,b8k2p0s0i1"
+# table (e1; e2 but for float16 output with double quantization), w1b6p1 (call m), with 4 blocks per SM or two
+# groups per warp and step (w1b4, w2b4e1, w2b6), the swept kernel with its sweeps in turn (c4u4s0i1), the staged
+# kernel with 16 KiB tiles or the next tile's loads in flight (a1), contiguous shares (3-5 points); and
+# ../results/h200-2026-12-02/staged/: streaming hints, 4 stages, prefetching 2+ tiles ahead.)
+DEFAULT_SWEEP = "w1b8p1,w1b8e2p1,w1b8p2,w1b8,w1b6,b8k2p0s0i1"
 
 # The traffic peer: dequantize_4bit's bytes and access shape, with the least work per value.
 PEER_SOURCE = r"""
@@ -478,9 +479,14 @@ def main(argv=None) -> dict:
     copy_bw = copy_bandwidth(cp, torch, args.copy_mib, max(10, args.reps // 2))
     print(f"device-to-device copy: {copy_bw / 1e9:.0f} GB/s (read + written, {args.copy_mib} MiB)")
 
-    default = default_variant(cp.cuda.runtime.getDevice())                # what a launch with no variant takes
-    print(f"default variant: {variant_name(default)}; variants timed: "
-          f"{', '.join(variant_name(v) for v in args.variants) or 'none'}")
+    device = cp.cuda.runtime.getDevice()
+    default = default_variant(device)                                  # what a launch with no variant takes,
+    tuned = {(o, dq): default_variant(device, o, dq) for o in args.out_dtypes.split(",") for dq in (False, True)}
+    tuned = {k: v for k, v in tuned.items() if v != default}           # but for these (output dtype, nested)
+    print(f"default variant: {variant_name(default)}"
+          + "".join(f" ({o}{' with double quantization' if dq else ''}: {variant_name(v)})"
+                    for (o, dq), v in tuned.items())
+          + f"; variants timed: {', '.join(variant_name(v) for v in args.variants) or 'none'}")
     rows, variant_rows, peer_rows = [], [], []
     gen = torch.Generator(device="cuda").manual_seed(args.seed)
     impls = ("bnb",) * (not args.no_bnb) + ("minipeft", "minipeft-idle", "mp-kernel", "mp-waves")
@@ -496,6 +502,7 @@ def main(argv=None) -> dict:
             Wq = W.to(getattr(torch, out_name))                        # what bitsandbytes quantizes
             ours_in = cp.from_dlpack(Wq if out_name == "float16" else Wq.float())   # the same values
             for dq in (False, True):
+                config_default = tuned.get((out_name, dq), default)   # the kernel a launch with no variant takes
                 pb, qsb = F.quantize_4bit(Wq, blocksize=args.blocksize, compress_statistics=dq,
                                           quant_type=args.quant_type)
                 pm, qsm = quantize_4bit_cuda(ours_in, args.blocksize, args.quant_type, dq)
@@ -539,7 +546,7 @@ def main(argv=None) -> dict:
                     q1, med, q3 = t[impl]
                     gbs = (read + written) / med
                     rows.append({"shape": list(shape), "out_dtype": out_name, "double_quant": dq,
-                                 "impl": impl, "variant": None if impl == "bnb" else default,
+                                 "impl": impl, "variant": None if impl == "bnb" else config_default,
                                  "median_us": med * 1e6, "q1_us": q1 * 1e6, "q3_us": q3 * 1e6,
                                  "bytes_read": read, "bytes_written": written, "GB_s": gbs / 1e9,
                                  "frac_copy": gbs / copy_bw,
@@ -559,7 +566,8 @@ def main(argv=None) -> dict:
                             "q1_us": q1 * 1e6, "q3_us": q3 * 1e6, "bytes_read": read, "bytes_written": written,
                             "GB_s": gbs / 1e9, "frac_copy": gbs / copy_bw,
                             "speedup_vs_bnb": None if args.no_bnb else t["bnb"][1] / med,
-                            "host_us": host[(kind, v)] * 1e6, "grid": vl.grid[0], "equal_default_kernel": same})
+                            "host_us": host[(kind, v)] * 1e6, "grid": vl.grid[0], "equal_default_kernel": same,
+                            "is_default": dict(v) == config_default})
                 del pb, qsb, pm, qsm, ref, ours_on_bnb_state, prepared, launch, expected, waves, waves_out, fns, var
             del Wq, ours_in
         # the peers: this shape's bytes with no arithmetic (read packed, write 16-bit), and the write alone
@@ -626,7 +634,7 @@ def main(argv=None) -> dict:
         print(f"\n{'shape':>12} {'out':>8} {'DQ':>3} {'variant':>10} {'kernel us':>10} {'% copy':>7} "
               f"{'call us':>9} {'% copy':>7} {'host us':>8} {'grid':>6} {'bits=':>6}")
         for rk, rc in zip(variant_rows[0::2], variant_rows[1::2]):     # kernel row, then call row
-            name = variant_name(rk["variant"]) + ("*" if rk["variant"] == default else "")
+            name = variant_name(rk["variant"]) + ("*" if rk["is_default"] else "")
             print(f"{'x'.join(map(str, rk['shape'])):>12} {rk['out_dtype']:>8} "
                   f"{'yes' if rk['double_quant'] else 'no':>3} {name:>10} {rk['median_us']:10.1f} "
                   f"{100 * rk['frac_copy']:6.1f}% {rc['median_us']:9.1f} {100 * rc['frac_copy']:6.1f}% "
@@ -652,6 +660,7 @@ def main(argv=None) -> dict:
     result = {**meta, "copy_GB_s": copy_bw / 1e9, "blocksize": args.blocksize,
               "quant_type": args.quant_type, "warmup": args.warmup, "reps": args.reps,
               "inner": args.inner, "bnb_timed": not args.no_bnb, "gc_off": args.gc_off, "default_variant": default,
+              "default_tuned": [{"out_dtype": o, "double_quant": dq, "variant": v} for (o, dq), v in tuned.items()],
               "variants": [dict(v) for v in args.variants], "rows": rows + variant_rows + peer_rows}
     return write_result(args.json_out, result)
 

@@ -65,12 +65,23 @@ DEFAULT_VARIANT = dict(_CU_DEFAULTS)   # the swept kernel as the .cu compiles it
 # benchmarks/results/h200-2026-12-03/README.md, call l). Below sm_90 the swept kernel stays the default: the
 # wide one has not been measured there, and PDL needs sm_90.
 HOPPER_VARIANT = {**DEFAULT_VARIANT, "WIDE": 1, "CHUNK": 16, "UNROLL": 1, "INTERLEAVE": 1, "WIDE_BLOCKS": 8, "PDL": 1}
+# Settings that differ from HOPPER_VARIANT for one (output dtype, double quantization). float16 output with
+# double quantization: the first loads before the table (WIDE_EARLY=2, e2), 0.5-0.9 points of the copy rate
+# faster on the H200 in calls in a row (85.5-85.9% against 84.9-85.0% at 4096x11008, 88.9-89.2% against
+# 87.9-88.1% at 8192x8192), where bfloat16 output is 1.2-1.5 points slower with it and neither changes without
+# double quantization (benchmarks/results/h200-2026-12-03/README.md, call u). The kernels differ only in the
+# conversion instruction; why the two output types respond oppositely is not established.
+HOPPER_TUNED = {("float16", True): {"WIDE_EARLY": 2}}
 
 
-def default_variant(device_id: int) -> dict:
+def default_variant(device_id: int, dtype=None, nested: bool = False) -> dict:
     """The variant a launch on ``device_id`` takes when none is given: :data:`HOPPER_VARIANT` on sm_90 or
-    newer (measured there), else :data:`DEFAULT_VARIANT`."""
-    return dict(HOPPER_VARIANT if compute_capability(device_id) >= 90 else DEFAULT_VARIANT)
+    newer (measured there), with :data:`HOPPER_TUNED`'s settings for output ``dtype`` (a dtype or its name;
+    None: none) and ``nested`` (double quantization); else :data:`DEFAULT_VARIANT`."""
+    if compute_capability(device_id) < 90:
+        return dict(DEFAULT_VARIANT)
+    name = dtype if dtype is None or isinstance(dtype, str) else np.dtype(dtype).name
+    return {**HOPPER_VARIANT, **HOPPER_TUNED.get((name, bool(nested)), {})}
 
 
 _ONLY_STAGED, _ONLY_SWEPT = ("TILE", "STAGES", "PREFETCH", "AHEAD"), ("UNROLL", "WIDE", "WIDE_BLOCKS", "WIDE_EARLY", "PDL")   # one body's only
@@ -274,8 +285,8 @@ class DequantizeLaunch:
     once, each an equal share, see ``quant4bit.cu``; the wide kernel: one block per step); any
     grid gives the same result.
     ``variant`` picks the kernel's compile-time memory-access shape (:func:`dequantize_variant`;
-    None: the device's :func:`default_variant`), compiled once per variant; every variant gives the
-    same bits.
+    None: :func:`default_variant` of the device, output dtype and nesting), compiled once per
+    variant; every variant gives the same bits.
     """
 
     def __init__(self, packed, quant_state, dtype, grid: int | None = None, variant=None):
@@ -283,7 +294,9 @@ class DequantizeLaunch:
         self.device = cp.cuda.runtime.getDevice()
         qs = quant_state
         self.sources = _sources(packed, qs)
-        pairs = dequantize_variant(default_variant(self.device) if variant is None else variant)
+        if variant is None:                                            # this device's, output type's and nesting's
+            variant = default_variant(self.device, np.dtype(dtype).name, qs.nested)
+        pairs = dequantize_variant(variant)
         self.variant = dict(pairs)                                     # {"CHUNK": .., "STAGED": .., ...}
         chunk, unroll = self.variant["CHUNK"], self.variant["UNROLL"]
         bs = int(qs.blocksize)

@@ -24,6 +24,26 @@ def bench():
     return mod
 
 
+def test_default_variant_per_device_output_dtype_and_nesting(monkeypatch):
+    """sm_90+: HOPPER_VARIANT, with HOPPER_TUNED's settings for (output dtype, double quantization); older: the .cu's."""
+    import numpy as np
+
+    from minipeft.kernels import quant4bit as q
+
+    monkeypatch.setattr(q, "compute_capability", lambda device_id: 90)
+    assert q.default_variant(0) == q.HOPPER_VARIANT
+    assert q.default_variant(0, "bfloat16", True) == q.HOPPER_VARIANT
+    assert q.default_variant(0, "float16", False) == q.HOPPER_VARIANT
+    tuned = q.default_variant(0, "float16", True)
+    assert tuned == {**q.HOPPER_VARIANT, "WIDE_EARLY": 2} and tuned["PDL"] == 1
+    assert q.default_variant(0, np.float16, True) == tuned == q.default_variant(0, np.dtype("float16"), True)
+    assert dict(q.dequantize_variant(tuned)) == tuned                  # a valid variant as it stands
+    q.default_variant(0, "float16", True)["PDL"] = 0                   # a copy: HOPPER_VARIANT is not changed
+    assert q.HOPPER_VARIANT["PDL"] == 1 and q.HOPPER_TUNED[("float16", True)] == {"WIDE_EARLY": 2}
+    monkeypatch.setattr(q, "compute_capability", lambda device_id: 80)
+    assert q.default_variant(0, "float16", True) == DEFAULT_VARIANT
+
+
 def test_default_variant_and_missing_settings():
     assert dict(dequantize_variant(None)) == DEFAULT_VARIANT
     staged = dict(dequantize_variant(dict(STAGED=1)))

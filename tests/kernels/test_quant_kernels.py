@@ -190,7 +190,7 @@ def test_4bit_dequantize_any_grid_gives_the_same_bits(cp, k4, grid):
             dt = B.check_out_dtype(out, bfloat16=True)
             launch = k4.DequantizeLaunch(packed, state, dt, grid=grid)
             assert launch.grid == (grid,)
-            assert launch.variant == k4.default_variant(cp.cuda.runtime.getDevice())   # wide on sm_90+
+            assert launch.variant == k4.default_variant(cp.cuda.runtime.getDevice(), dt, compress)   # wide on sm_90+
             assert_same(launch(), B.dequantize_4bit(rpacked, rstate, dtype=out), f"grid {grid} {out}")
 
 
