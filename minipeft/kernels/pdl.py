@@ -64,6 +64,29 @@ def _launch_kernel_ex():
                   "dependent launch calls it directly; install the NVIDIA driver, or launch with PDL=0")
 
 
+@functools.lru_cache(maxsize=None)
+def _driver_error_name():
+    """The driver's ``cuGetErrorName`` (``CUresult`` -> its name), or None where it cannot be had."""
+    for name in DRIVER_LIBRARIES:
+        try:
+            f = ctypes.CDLL(name).cuGetErrorName
+        except (OSError, AttributeError):
+            continue
+        f.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+        f.restype = ctypes.c_int
+        return f
+    return None
+
+
+def error_name(err: int) -> str:
+    """``CUresult`` ``err`` as the driver names it (``CUDA_ERROR_INVALID_HANDLE``), else as a number."""
+    f = _driver_error_name()
+    text = ctypes.c_char_p()
+    if f is not None and f(int(err), ctypes.byref(text)) == 0 and text.value:
+        return f"{text.value.decode()} ({int(err)})"
+    return f"CUresult {int(err)}"
+
+
 def _slot(arg):
     """One kernel argument as the ctypes value whose bytes the launch copies."""
     if hasattr(arg, "data") and hasattr(arg.data, "ptr"):             # a CuPy array: its device address
@@ -80,10 +103,15 @@ class DependentLaunch:
     programmatic dependent launch on ``grid`` x ``block`` threads, with ``args`` fixed and one last
     argument, an output array, given per call. The arrays in ``args`` are kept alive here. A call
     writes the output's address and the current stream into structures it reuses, under a lock, so two
-    threads may share one launch.
+    threads may share one launch. ``device`` is the device the function was loaded on and the arrays
+    live on (default: the current one); a call checks that it is still current and holds the output,
+    which CuPy checks for its own launches and the driver would report only as an invalid handle or a
+    fault.
     """
 
-    def __init__(self, function, grid: int, block: int, args: tuple):
+    def __init__(self, function, grid: int, block: int, args: tuple, device: int | None = None):
+        self._device = _cupy().cuda.runtime.getDevice() if device is None else int(device)
+        self._current_device = _cupy().cuda.runtime.getDevice
         self._function = function.kernel.ptr                          # the CUfunction CuPy loaded
         self._args = args                                             # kept alive: the launch reads their addresses
         self._slots = [_slot(a) for a in args] + [ctypes.c_void_p(0)]
@@ -96,9 +124,14 @@ class DependentLaunch:
         self._lock = threading.Lock()
 
     def __call__(self, out) -> None:
+        current, out_device = self._current_device(), out.device.id
+        if current != self._device or out_device != self._device:
+            raise ValueError(f"this dependent launch was built on GPU {self._device}, but the current device is "
+                             f"{current} and the output is on {out_device}: call it inside "
+                             f"`with cupy.cuda.Device({self._device}):` with an output allocated there")
         with self._lock:
             self._slots[-1].value = out.data.ptr
             self._config.hStream = self._stream().ptr or None          # 0: the legacy default stream
             err = self._launch(ctypes.byref(self._config), self._function, self._params, None)
         if err:
-            raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err} (CUDA driver API)")
+            raise RuntimeError(f"cuLaunchKernelEx failed with {error_name(err)} (CUDA driver API)")

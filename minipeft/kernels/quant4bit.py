@@ -347,7 +347,8 @@ class DequantizeLaunch:
         self.grid = (max(1, int(grid)),)
         self.args = (aligned, np.int64(n)) + ptrs + (np.int32(log2(bs)), np.int32(log2(bs2)))
         self._empty = cp.empty
-        self._dependent = DependentLaunch(self.kernel, self.grid[0], THREADS, self.args) if self.variant["PDL"] else None
+        self._dependent = (DependentLaunch(self.kernel, self.grid[0], THREADS, self.args, self.device)
+                           if self.variant["PDL"] else None)
 
     def built_from(self, packed, quant_state) -> bool:
         """True while every array and setting it was built from is the very same object."""

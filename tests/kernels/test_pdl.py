@@ -38,3 +38,47 @@ def test_a_missing_driver_is_named_with_the_remedy():
     pdl._launch_kernel_ex.cache_clear()
     with pytest.raises(OSError, match=r"libcuda\.so\.1.*PDL=0"):
         pdl._launch_kernel_ex()
+
+
+class _FakeCupy:
+    """What DependentLaunch asks CuPy for: the current device and stream."""
+
+    def __init__(self, device):
+        cuda = type("cuda", (), {})()
+        cuda.runtime = type("runtime", (), {"getDevice": staticmethod(lambda: self.device)})()
+        cuda.get_current_stream = lambda: type("stream", (), {"ptr": 0})()
+        self.cuda, self.device = cuda, device
+
+
+def _fake_array(device, ptr=0x1000):
+    return type("array", (), {"data": type("data", (), {"ptr": ptr})(), "device": type("dev", (), {"id": device})()})()
+
+
+def test_a_call_checks_its_device_and_names_the_drivers_error(monkeypatch):
+    """The launch was built for one GPU: a call with another device current, or an output on another one,
+    is refused with the remedy (CuPy checks this for its own launches); a failed cuLaunchKernelEx names
+    the CUresult."""
+    fake = _FakeCupy(device=0)
+    launched = []
+
+    def launch_kernel_ex(config, function, params, extra):
+        launched.append((config._obj.gridDimX, config._obj.hStream))
+        return fake.result
+
+    fake.result = 0
+    monkeypatch.setattr(pdl, "_cupy", lambda: fake)
+    monkeypatch.setattr(pdl, "_launch_kernel_ex", lambda: launch_kernel_ex)
+    function = type("fn", (), {"kernel": type("k", (), {"ptr": 0xF00})()})()
+    launch = pdl.DependentLaunch(function, 7, 256, (_fake_array(0), np.int64(5)), device=0)
+    launch(_fake_array(0, 0x2000))
+    assert launched == [(7, None)] and launch._slots[-1].value == 0x2000
+    with pytest.raises(ValueError, match=r"built on GPU 0.*output is on 1.*cupy\.cuda\.Device\(0\)"):
+        launch(_fake_array(1))
+    fake.device = 1                                                    # another device current
+    with pytest.raises(ValueError, match=r"current device is 1"):
+        launch(_fake_array(0))
+    assert len(launched) == 1                                          # neither refused call reached the driver
+    fake.device, fake.result = 0, 400
+    with pytest.raises(RuntimeError, match=r"cuLaunchKernelEx failed with .*400"):
+        launch(_fake_array(0))
+    assert pdl.DependentLaunch(function, 1, 32, (), device=None)._device == 0   # default: the current device
