@@ -224,8 +224,8 @@ def main(argv=None):
         del mini
         server_rows(args, torch, cfg, state, sync_m, sync_t, res)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=1)
+        from minipeft.atomic import write_text_atomic        # a killed run leaves the old file whole
+        write_text_atomic(args.json_out, json.dumps(res, indent=1))
     return res
 
 

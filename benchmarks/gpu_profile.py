@@ -292,8 +292,8 @@ def main(argv=None):
         print_mode(r, args.top)
         out["modes"].append(r)
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(out, f, indent=1)
+        from minipeft.atomic import write_text_atomic        # a killed run leaves the old file whole
+        write_text_atomic(args.json_out, json.dumps(out, indent=1))
     return out
 
 

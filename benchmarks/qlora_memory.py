@@ -208,7 +208,8 @@ def main(argv=None):
             fitted = name
         print(f"\nlargest GPT shape whose QLoRA step fits: {fitted}")
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=1))
+        from minipeft.atomic import write_text_atomic        # a killed run leaves the old file whole
+        write_text_atomic(a.json, json.dumps(rows, indent=1))
     return rows
 
 

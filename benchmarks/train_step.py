@@ -734,8 +734,8 @@ def main(argv=None) -> dict:
     res["loadavg_end"] = _loadavg()
     print(f"loadavg_end: {res['loadavg_end']}")
     if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(res, f, indent=2)
+        from minipeft.atomic import write_text_atomic        # a killed run leaves the old file whole
+        write_text_atomic(args.json_out, json.dumps(res, indent=2))
         print(f"wrote {args.json_out}")
     return res
 
