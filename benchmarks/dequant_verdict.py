@@ -27,7 +27,7 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # minipeft from this checkout
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # dequant_4bit.py beside this file
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -80,7 +80,7 @@ def verdict(runs: dict, threshold: float = 0.85, min_runs: int = 3) -> dict:
                          f"{detail}")
     whole = {name: fractions(r, "minipeft") for name, r in runs.items()}
     launch = {name: fractions(r, "mp-kernel") for name, r in runs.items()}
-    configs = sorted({c for w in whole.values() for c in w}, key=lambda c: (c[0], c[1], c[2]))
+    configs = sorted({c for w in whole.values() for c in w})          # (shape, out_dtype, double_quant)
     if not configs:
         raise ValueError(f"no 'minipeft' (whole call) rows in {', '.join(runs)}")
     rows = []
@@ -130,10 +130,8 @@ def main(argv=None) -> dict:
     except ValueError as e:
         sys.exit(f"dequant_verdict.py: {e}")
     print(report(v))
-    if args.json_out:                                                  # a killed run leaves the old file whole
-        from minipeft.atomic import write_text_atomic
-        write_text_atomic(args.json_out, json.dumps(v, indent=1))
-    return v
+    from dequant_4bit import write_result                             # atomic, as every dequantize benchmark's
+    return write_result(args.json_out, v)
 
 
 if __name__ == "__main__":

@@ -45,37 +45,42 @@ DRIVER_LIBRARIES = ("libcuda.so.1", "libcuda.so", "nvcuda.dll")   # the CUDA dri
 
 
 @functools.lru_cache(maxsize=None)
-def _launch_kernel_ex():
-    """The driver's ``cuLaunchKernelEx`` (CUDA 12.0+), its argument types set."""
+def _driver():
+    """``(name, library)`` of the first CUDA driver library of :data:`DRIVER_LIBRARIES` that loads, or None."""
     for name in DRIVER_LIBRARIES:
         try:
-            lib = ctypes.CDLL(name)
+            return name, ctypes.CDLL(name)
         except OSError:
             continue
-        try:
-            f = lib.cuLaunchKernelEx
-        except AttributeError:
-            raise OSError(f"the CUDA driver {name} has no cuLaunchKernelEx: programmatic dependent launch needs "
-                          "a CUDA 12.0 or newer driver; update the driver, or launch with PDL=0") from None
-        f.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        f.restype = ctypes.c_int
-        return f
-    raise OSError(f"the CUDA driver library was not found (tried {', '.join(DRIVER_LIBRARIES)}): programmatic "
-                  "dependent launch calls it directly; install the NVIDIA driver, or launch with PDL=0")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _launch_kernel_ex():
+    """The driver's ``cuLaunchKernelEx`` (CUDA 12.0+), its argument types set."""
+    if _driver() is None:
+        raise OSError(f"the CUDA driver library was not found (tried {', '.join(DRIVER_LIBRARIES)}): programmatic "
+                      "dependent launch calls it directly; install the NVIDIA driver, or launch with PDL=0")
+    name, lib = _driver()
+    try:
+        f = lib.cuLaunchKernelEx
+    except AttributeError:
+        raise OSError(f"the CUDA driver {name} has no cuLaunchKernelEx: programmatic dependent launch needs "
+                      "a CUDA 12.0 or newer driver; update the driver, or launch with PDL=0") from None
+    f.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = ctypes.c_int
+    return f
 
 
 @functools.lru_cache(maxsize=None)
 def _driver_error_name():
     """The driver's ``cuGetErrorName`` (``CUresult`` -> its name), or None where it cannot be had."""
-    for name in DRIVER_LIBRARIES:
-        try:
-            f = ctypes.CDLL(name).cuGetErrorName
-        except (OSError, AttributeError):
-            continue
+    driver = _driver()
+    f = getattr(driver[1], "cuGetErrorName", None) if driver is not None else None
+    if f is not None:
         f.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
         f.restype = ctypes.c_int
-        return f
-    return None
+    return f
 
 
 def error_name(err: int) -> str:

@@ -295,7 +295,7 @@ class DequantizeLaunch:
         qs = quant_state
         self.sources = _sources(packed, qs)
         if variant is None:                                            # this device's, output type's and nesting's
-            variant = default_variant(self.device, np.dtype(dtype).name, qs.nested)
+            variant = default_variant(self.device, dtype, qs.nested)
         pairs = dequantize_variant(variant)
         self.variant = dict(pairs)                                     # {"CHUNK": .., "STAGED": .., ...}
         chunk, unroll = self.variant["CHUNK"], self.variant["UNROLL"]

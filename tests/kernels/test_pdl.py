@@ -82,3 +82,38 @@ def test_a_call_checks_its_device_and_names_the_drivers_error(monkeypatch):
     with pytest.raises(RuntimeError, match=r"cuLaunchKernelEx failed with .*400"):
         launch(_fake_array(0))
     assert pdl.DependentLaunch(function, 1, 32, (), device=None)._device == 0   # default: the current device
+
+
+def test_the_driver_is_looked_up_once_for_both_functions(monkeypatch):
+    """The first library of DRIVER_LIBRARIES that loads gives cuLaunchKernelEx and cuGetErrorName; one without
+    cuLaunchKernelEx (a pre-12.0 driver) is named with the remedy."""
+    class Fn:                                                          # a ctypes function: argtypes, restype set
+        def __call__(self, err, out):
+            out._obj.value = b"CUDA_ERROR_INVALID_HANDLE"
+            return 0
+
+    loaded = []
+
+    def cdll(name):
+        loaded.append(name)
+        if name == "libcuda.so.1":
+            raise OSError(name)
+        return type("lib", (), {"cuLaunchKernelEx": Fn(), "cuGetErrorName": Fn()})()
+
+    for f in (pdl._driver, pdl._launch_kernel_ex, pdl._driver_error_name):
+        f.cache_clear()
+    monkeypatch.setattr(pdl.ctypes, "CDLL", cdll)
+    try:
+        launch = pdl._launch_kernel_ex()
+        assert launch.restype is ctypes.c_int and len(launch.argtypes) == 4
+        assert pdl.error_name(400) == "CUDA_ERROR_INVALID_HANDLE (400)"
+        assert loaded == ["libcuda.so.1", "libcuda.so"]                # tried in order, loaded once for both
+        monkeypatch.setattr(pdl.ctypes, "CDLL", lambda name: type("old", (), {})())
+        for f in (pdl._driver, pdl._launch_kernel_ex, pdl._driver_error_name):
+            f.cache_clear()
+        with pytest.raises(OSError, match=r"libcuda\.so\.1 has no cuLaunchKernelEx.*PDL=0"):
+            pdl._launch_kernel_ex()
+        assert pdl.error_name(7) == "CUresult 7"                       # no cuGetErrorName: the number
+    finally:
+        for f in (pdl._driver, pdl._launch_kernel_ex, pdl._driver_error_name):
+            f.cache_clear()
